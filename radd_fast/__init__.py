@@ -1,0 +1,11 @@
+"""radd-fast: a fast, faithful implementation of RADD (arXiv 2406.03736)."""
+from .checkpoint import CheckpointError, load_model
+from .config import PRESETS, ConfigError, ModelConfig, NoiseConfig, RADDConfig
+from .ema import ExponentialMovingAverage
+from .model import RADD
+from .noise import GeometricNoise, LogLinearNoise, get_noise
+
+__version__ = "0.1.0"
+
+__all__ = ["RADD", "RADDConfig", "ModelConfig", "NoiseConfig", "PRESETS", "ConfigError", "CheckpointError",
+           "load_model", "get_noise", "LogLinearNoise", "GeometricNoise", "ExponentialMovingAverage"]

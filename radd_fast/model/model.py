@@ -1,0 +1,147 @@
+"""RADD: the time-independent transformer of the published ``ddit_wot`` model.
+
+``model(indices)`` returns log p(x0_i = v | x_t) in the published layout
+(log_softmax over columns [0, V-1), MASK column raw); ``logits`` the raw
+logits; ``hidden`` the residual stream before the output head, which the fused
+loss and the sparse-head sampler use to run the head only where it is needed.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import RADDConfig, parse_dtype
+from .layers import DDiTBlock, DDitFinalLayer, EmbeddingLayer, Rotary
+from .ops import get_ops
+
+
+class RADD(nn.Module):
+    """The published architecture (spec 2). Example::
+
+        cfg = RADDConfig(tokens=255, model=PRESETS["tiny"])
+        model = RADD(cfg)
+        logp = model(torch.randint(0, 256, (2, 16)))  # [2, 16, 256]
+    """
+
+    def __init__(self, config: RADDConfig | dict, backend: str | None = None, dtype=None):
+        super().__init__()
+        if not isinstance(config, RADDConfig):
+            config = RADDConfig.from_dict(config)
+        self.config = config
+        m = config.model
+        self.vocab_embed = EmbeddingLayer(m.hidden_size, config.vocab_size)
+        self.rotary_emb = Rotary(m.head_dim)
+        self.blocks = nn.ModuleList(DDiTBlock(m.hidden_size, m.n_heads, m.dropout) for _ in range(m.n_blocks))
+        self.output_layer = DDitFinalLayer(m.hidden_size, config.vocab_size)
+        self.use_checkpoint = m.use_checkpoint
+        self.validate_inputs = True
+        self.backend = "reference"
+        self._dtype_override = parse_dtype(dtype)
+        self.set_backend(backend or m.backend)
+
+    # -- settings -------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.mask_id
+
+    @property
+    def length(self) -> int:
+        return self.config.model.length
+
+    def set_backend(self, backend: str) -> "RADD":
+        """Swap every block's norm / rotary / attention between 'reference' and 'fast'."""
+        ops = get_ops(backend)
+        self.backend = backend
+        for module in self.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
+        return self
+
+    def set_compute_dtype(self, dtype) -> "RADD":
+        self._dtype_override = parse_dtype(dtype)
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Autocast dtype of the blocks and head. On CPU fp32 unless asked (the published
+        autocast is CUDA-only); on CUDA the config's dtype (reference) or bf16 (fast)."""
+        if self._dtype_override is not None:
+            return self._dtype_override
+        if self.vocab_embed.embedding.device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if self.backend == "fast" else parse_dtype(self.config.model.dtype)
+
+    def autocast(self):
+        dtype = self.compute_dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.vocab_embed.embedding.device.type, dtype=dtype)
+
+    # -- forward passes -------------------------------------------------------------------------
+    def check_indices(self, indices: torch.Tensor) -> None:
+        """Clear errors for inputs the embedding would otherwise reject deep inside a kernel."""
+        if indices.dim() != 2 or indices.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"indices must be an int64 tensor [B, T], got {indices.dtype} {tuple(indices.shape)}")
+        if indices.shape[1] > self.length:
+            raise ValueError(f"sequence length {indices.shape[1]} exceeds the model's length {self.length} (model.length)")
+        if not self.validate_inputs or torch.compiler.is_compiling() or indices.numel() == 0:
+            return
+        lo, hi = torch.aminmax(indices)
+        if lo.item() < 0 or hi.item() >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}) (vocab size incl. MASK), "
+                             f"got min {lo.item()} max {hi.item()}: vocab mismatch between data and model?")
+
+    def hidden(self, indices: torch.Tensor) -> torch.Tensor:
+        """Residual stream after the last block: [B, T] int -> [B, T, d] (fp32)."""
+        self.check_indices(indices)
+        x = self.vocab_embed(indices)
+        cos, sin = self.rotary_emb(indices.shape[1], x.device)
+        with self.autocast():
+            for block in self.blocks:
+                if self.use_checkpoint and self.training:
+                    x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                else:
+                    x = block(x, cos, sin)
+        return x
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + output projection: [..., d] -> raw logits [..., V] (compute dtype)."""
+        with self.autocast():
+            return self.output_layer(h)
+
+    def logits(self, indices: torch.Tensor) -> torch.Tensor:
+        """Raw logits [B, T, V]."""
+        return self.head(self.hidden(indices))
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """Published output: [B, T, V] fp32, columns [0, V-1) log-softmaxed, MASK column raw."""
+        return logits_to_log_probs(self.logits(indices))
+
+    def log_probs_at(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probs over the V-1 real tokens at selected rows only: h [N, d] -> [N, V-1] fp32."""
+        return self.head(h)[..., :-1].float().log_softmax(-1)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_pretrained(self, folder) -> None:
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(self, folder)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        from ..checkpoint import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+
+def logits_to_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Raw [.., V] logits -> the published layout: log_softmax over [0, V-1), MASK column kept raw."""
+    logits = logits.float()
+    return torch.cat([F.log_softmax(logits[..., :-1], dim=-1), logits[..., -1:]], dim=-1)

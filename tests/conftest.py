@@ -1,0 +1,30 @@
+"""Test session set-up.
+
+Without a GPU the Triton kernels are exercised through the interpreter, which
+Triton reads from the environment at import time: set it before anything
+imports triton.
+"""
+import os
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import torch
+
+    torch.manual_seed(0)
+    yield
