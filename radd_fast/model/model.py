@@ -129,6 +129,22 @@ class RADD(nn.Module):
         """Log-probs over the V-1 real tokens at selected rows only: h [N, d] -> [N, V-1] fp32."""
         return self.head(h)[..., :-1].float().log_softmax(-1)
 
+    def target_log_probs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets) at selected rows: h [N, d] (from ``hidden``), targets [N] -> [N] fp32.
+
+        The fast backend never builds the [N, V] logits: the fused linear + log-softmax kernel
+        keeps an online log-sum-exp over vocabulary tiles. The reference is the published
+        computation (full log-softmax over the V-1 real tokens, then gather).
+        """
+        if self.backend == "fast":
+            from ..kernels.linear_log_softmax import linear_log_softmax_gather
+
+            dtype = self.compute_dtype
+            hn = self.output_layer.norm_final(h).to(dtype)
+            w, b = self.output_layer.linear.weight[:-1], self.output_layer.linear.bias[:-1]
+            return linear_log_softmax_gather(hn, w.to(dtype), b.to(dtype), targets)[0]
+        return self.log_probs_at(h).gather(-1, targets[:, None]).squeeze(-1)
+
     # -- checkpoints ----------------------------------------------------------------------------
     def save_pretrained(self, folder) -> None:
         from ..checkpoint import save_pretrained
