@@ -1,0 +1,19 @@
+# Developer entry points. `make test` is the command CI runs (see README).
+PY ?= python
+
+.PHONY: test lint bench bench-quick gpu-check
+
+test:
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider --benchmark-disable
+
+lint:
+	$(PY) -m ruff check radd_fast tests benchmarks train.py sample.py eval.py
+
+bench-quick:
+	TRITON_INTERPRET=1 $(PY) -m benchmarks.run --quick
+
+bench:
+	$(PY) -m benchmarks.run
+
+gpu-check:
+	bash benchmarks/gpu_check
