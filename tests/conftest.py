@@ -28,3 +28,11 @@ def _seed_everything():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def device():
+    """Where kernels are tested: the GPU when present, else CPU tensors through the Triton interpreter."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
