@@ -1,0 +1,81 @@
+"""Run every benchmark module side by side and print one markdown table per module.
+
+    python -m benchmarks.run [--quick] [--only layer_norm,attention] [--out DIR]
+
+Each ``benchmarks/bench_<name>.py`` exposes ``run(device, quick) -> list[dict]``.
+Results go to ``DIR/<name>.json`` plus ``DIR/summary.md``. A module that fails is
+reported (with its traceback) and the command exits non-zero at the end, so one
+broken benchmark neither hides the others nor passes silently.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+MODULES = ["layer_norm", "rotary", "attention", "linear_log_softmax", "model", "sampling", "e2e"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0]}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU-friendly)")
+    ap.add_argument("--only", default="", help="comma-separated module names (default: all)")
+    ap.add_argument("--out", default="benchmarks/out", help="folder for JSON and the markdown summary")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or MODULES
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    summary, failed = [f"# Benchmarks ({'quick' if args.quick else 'full'})\n", f"`{json.dumps(env)}`\n"], []
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            module = importlib.import_module(f"benchmarks.bench_{name}")
+            rows = module.run(torch.device(args.device), args.quick)
+        except Exception:  # report and continue: the other benchmarks still run; exit code says it failed
+            failed.append(name)
+            summary.append(f"## {name}: FAILED\n```\n{traceback.format_exc()}```\n")
+            print(summary[-1], flush=True)
+            continue
+        (out / f"{name}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
+        summary.append(f"## {name} ({time.perf_counter() - t0:.0f} s)\n\n" + markdown_table(rows))
+        print(summary[-1], flush=True)
+    (out / "summary.md").write_text("\n".join(summary))
+    if failed:
+        print(f"FAILED benchmarks: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
