@@ -3,7 +3,8 @@
     python -m benchmarks.run [--quick] [--only layer_norm,attention] [--out DIR]
 
 Each ``benchmarks/bench_<name>.py`` exposes ``run(device, quick) -> list[dict]``.
-Results go to ``DIR/<name>.json`` plus ``DIR/summary.md``. A module that fails is
+Results go to ``DIR/results.json`` (every row, with the environment) plus
+``DIR/summary.md``. A module that fails is
 reported (with its traceback) and the command exits non-zero at the end, so one
 broken benchmark neither hides the others nor passes silently.
 """
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     summary, failed = [f"# Benchmarks ({'quick' if args.quick else 'full'})\n", f"`{json.dumps(env)}`\n"], []
+    results = {"env": env, "quick": args.quick, "modules": {}}
     for name in names:
         t0 = time.perf_counter()
         try:
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
             summary.append(f"## {name}: FAILED\n```\n{traceback.format_exc()}```\n")
             print(summary[-1], flush=True)
             continue
-        (out / f"{name}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
+        results["modules"][name] = rows
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         summary.append(f"## {name} ({time.perf_counter() - t0:.0f} s)\n\n" + markdown_table(rows))
         print(summary[-1], flush=True)
     (out / "summary.md").write_text("\n".join(summary))

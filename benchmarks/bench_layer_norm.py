@@ -1,0 +1,156 @@
+"""Benchmark LayerNormWot (and the fused residual form) against eager and torch.compile.
+
+    python benchmarks/bench_layer_norm.py            # CUDA sweep, markdown table
+    python benchmarks/bench_layer_norm.py --quick    # tiny shapes, ours + eager (CPU: interpreter)
+
+Providers: ours (Triton), eager (the published LayerNormWot in PyTorch), compile
+(torch.compile of eager). Modes: fwd, bwd, fwd+bwd. Time is the median (do_bench on
+CUDA, perf_counter on CPU, where interpreter timings mean nothing); GB/s uses the ideal
+bytes below (each tensor read or written once), so it is comparable across providers.
+"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+from radd_fast.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref  # noqa: E402
+
+
+def _eager_ln(x, w, b, out_dtype):
+    return layer_norm_ref(x, w, b).to(out_dtype)
+
+
+def _eager_add_ln(x, delta, w, b, out_dtype):
+    new_x, normed = add_layer_norm_ref(x, delta, w, b)
+    return new_x, normed.to(out_dtype)
+
+
+def _ours_ln(x, w, b, out_dtype):
+    return layer_norm(x, w, b, out_dtype=out_dtype)
+
+
+def _ours_add_ln(x, delta, w, b, out_dtype):
+    return add_layer_norm(x, delta, w, b, out_dtype=out_dtype)
+
+
+def _bytes(op, mode, n, d, s_x, s_y, s_w=4):
+    """Ideal traffic. layer_norm fwd: read x, write y, w+b, mean+rstd (8 B/row);
+    bwd: read x, dy, mean+rstd, w, write dx, dw, db.
+    add_layer_norm (s_y = delta's and normed's size, x/new_x fp32 = s_x) fwd: read x, delta,
+    write new_x, normed; bwd: read dnew_x, dnormed, new_x, mean+rstd, w, write dx, ddelta, dw, db."""
+    if op == "layer_norm":
+        fwd = n * d * (s_x + s_y) + 2 * d * s_w + 8 * n
+        bwd = n * d * (s_x + s_y + s_x) + 8 * n + 3 * d * s_w
+    else:
+        fwd = n * d * (2 * s_x + 2 * s_y) + 2 * d * s_w + 8 * n
+        bwd = n * d * (3 * s_x + 2 * s_y) + 8 * n + 3 * d * s_w
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def _timer(device):
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def cpu_median(fn, reps=1):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return cpu_median
+
+
+def _peak_mb(fn, device):
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _bench_one(op, provider, fn, inputs, n, d, s_x, s_y, label, device, timer):
+    rows = []
+    leaves = [t for t in inputs if t.requires_grad]
+
+    def fwd():
+        return fn(*inputs)
+
+    outs = fwd()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def bwd():
+        torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+
+    def fwd_bwd():
+        o = fwd()
+        torch.autograd.grad(o if isinstance(o, tuple) else (o,), leaves, grads)
+
+    for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+        ms = timer(f)
+        rows.append(dict(op=op, shape=f"[{n}, {d}]", dtype=label, provider=provider, mode=mode, ms=ms,
+                         gbps=_bytes(op, mode, n, d, s_x, s_y) / ms / 1e6, peak_mb=_peak_mb(f, device)))
+    return rows
+
+
+def run(device, quick: bool) -> list:
+    """Rows of {op, shape, dtype, provider, mode, ms, gbps, peak_mb}."""
+    device = torch.device(device)
+    timer = _timer(device)
+    cuda = device.type == "cuda"
+    if quick or not cuda:
+        shapes, dtypes = [(8, 64)], [("fp32", torch.float32, torch.float32)]
+    else:
+        shapes = [(n, d) for n in (4096, 32768) for d in (768, 1024)]
+        # x dtype -> normed dtype: all-bf16, and the model's fp32 stream -> bf16 GEMM input
+        dtypes = [("bf16", torch.bfloat16, torch.bfloat16), ("fp32->bf16", torch.float32, torch.bfloat16)]
+    rows = []
+    for n, d in shapes:
+        for label, x_dtype, y_dtype in dtypes:
+            s_x, s_y = torch.finfo(x_dtype).bits // 8, torch.finfo(y_dtype).bits // 8
+            x = torch.randn(n, d, device=device, dtype=x_dtype, requires_grad=True)
+            delta = torch.randn(n, d, device=device, dtype=y_dtype, requires_grad=True)
+            w = torch.ones(d, device=device, requires_grad=True)
+            b = torch.ones(d, device=device, requires_grad=True)
+            providers = [("ours", _ours_ln, _ours_add_ln), ("eager", _eager_ln, _eager_add_ln)]
+            if cuda and not quick and (n, d) == (32768, 768):  # compile: the target shape only (compile time)
+                providers.append(("compile", torch.compile(_eager_ln), torch.compile(_eager_add_ln)))
+            for provider, ln_fn, add_fn in providers:
+                rows += _bench_one("layer_norm", provider, lambda x, w, b: ln_fn(x, w, b, y_dtype), (x, w, b),
+                                   n, d, s_x, s_y, label, device, timer)
+                if x_dtype == torch.float32:  # the fused form as the model calls it: fp32 stream
+                    rows += _bench_one("add_layer_norm", provider,
+                                       lambda x, dl, w, b: add_fn(x, dl, w, b, y_dtype), (x, delta, w, b),
+                                       n, d, s_x, s_y, label, device, timer)
+    return rows
+
+
+def to_markdown(rows) -> str:
+    lines = ["| op | shape | dtype | provider | mode | ms | GB/s | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['mode']} | "
+                     f"{r['ms']:.4f} | {r['gbps']:.1f} | {r['peak_mb']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (what the CPU runs)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if torch.cuda.is_available():
+        print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    print(to_markdown(run(args.device, args.quick)))
