@@ -18,6 +18,16 @@ Memory: peak torch.cuda.max_memory_allocated above the inputs during one call,
 outputs, saved activations and the x / W / b gradients included.
 
     python -m benchmarks.bench_linear_log_softmax [--quick] [--sweep]
+
+Result, NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, N=16384 d=768 C=50257 bf16,
+default tiles (128x256x64, 8 warps, 3 stages) and 128 MiB backward chunks:
+| provider  | mode    | ms   | TFLOP/s (model) | peak extra MiB | speed-up vs eager |
+| ours      | fwd     | 2.77 | 456             | 25             | 6.9x              |
+| ours      | fwd+bwd | 10.9 | 349             | 299            | 3.9x              |
+| reference | fwd     | 19.1 | 66              | 6280           | 1                 |
+| reference | fwd+bwd | 41.9 | 91              | 12600          | 1                 |
+| compiled  | fwd     | 4.54 | 278             | 1650           | 4.2x              |
+| compiled  | fwd+bwd | 19.6 | 194             | 7860           | 2.1x              |
 """
 import argparse
 import os
@@ -112,8 +122,8 @@ def sweep(quick: bool = False) -> list:
     logp0, lse0 = linear_log_softmax_gather_forward(x, w, b, t, validate=False)
     grads0 = linear_log_softmax_gather_backward(up, None, x, w, b, t, lse0)
     rows = []
-    fwd_cfgs = [TileConfig(128, 256, 64, num_warps=8, num_stages=3), TileConfig(128, 128, 64, num_warps=8, num_stages=4),
-                TileConfig(128, 128, 64, num_warps=4, num_stages=4), TileConfig(64, 256, 64, num_warps=4, num_stages=4)]
+    fwd_cfgs = [TileConfig(128, 256, 64, num_warps=8, num_stages=3), TileConfig(128, 256, 64, num_warps=8, num_stages=4),
+                TileConfig(256, 128, 64, num_warps=8, num_stages=3), TileConfig(128, 128, 64, num_warps=4, num_stages=4)]
     for cfg in fwd_cfgs:
         try:
             logp, _ = linear_log_softmax_gather_forward(x, w, b, t, validate=False, config=cfg)
@@ -122,9 +132,9 @@ def sweep(quick: bool = False) -> list:
         except Exception as e:  # a config that fails to compile (e.g. shared memory) is reported, not fatal
             err, ms = repr(e)[:80], float("nan")
         rows.append(dict(kernel="fwd", config=cfg, ms=ms, rel_err_vs_default=err))
-    bwd_runs = [(TileConfig(128, 128, 64, num_warps=8, num_stages=3), 256), (TileConfig(128, 128, 64, num_warps=8, num_stages=3), 128),
-                (TileConfig(128, 256, 64, num_warps=8, num_stages=3), 256), (TileConfig(128, 128, 64, num_warps=4, num_stages=4), 256),
-                (TileConfig(64, 128, 64, num_warps=4, num_stages=4), 256)]
+    big = TileConfig(128, 256, 64, num_warps=8, num_stages=3)
+    bwd_runs = [(big, 256), (big, 128), (big, 64), (TileConfig(128, 256, 64, num_warps=8, num_stages=4), 128),
+                (TileConfig(256, 128, 64, num_warps=8, num_stages=3), 128), (TileConfig(128, 128, 64, num_warps=8, num_stages=3), 128)]
     for cfg, chunk_mib in bwd_runs:
         chunk = chunk_mib * 2**20
         try:
