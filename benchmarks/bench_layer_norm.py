@@ -111,6 +111,10 @@ def run(device, quick: bool) -> list:
     device = torch.device(device)
     timer = _timer(device)
     cuda = device.type == "cuda"
+    if cuda:  # compiled backwards donate buffers, which forbids retain_graph (our "bwd" timing)
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
     if quick or not cuda:
         shapes, dtypes = [(8, 64)], [("fp32", torch.float32, torch.float32)]
     else:

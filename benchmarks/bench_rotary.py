@@ -73,6 +73,10 @@ def run(device, quick: bool) -> list:
     device = torch.device(device)
     timer = _timer(device)
     cuda = device.type == "cuda"
+    if cuda:  # compiled backwards donate buffers, which forbids retain_graph (our "bwd" timing)
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
     if quick or not cuda:
         shapes, dtypes = [(1, 5, 2, 16)], [torch.float32]
     else:  # small (h 12) and medium (h 16) model, hd 64, batch x 1024 tokens

@@ -142,7 +142,8 @@ class RADD(nn.Module):
             dtype = self.compute_dtype
             hn = self.output_layer.norm_final(h).to(dtype)
             w, b = self.output_layer.linear.weight[:-1], self.output_layer.linear.bias[:-1]
-            return linear_log_softmax_gather(hn, w.to(dtype), b.to(dtype), targets)[0]
+            # validate=False: no host sync per call; callers (losses, eval) check token ids up front.
+            return linear_log_softmax_gather(hn, w.to(dtype), b.to(dtype), targets, validate=False)[0]
         return self.log_probs_at(h).gather(-1, targets[:, None]).squeeze(-1)
 
     # -- checkpoints ----------------------------------------------------------------------------
