@@ -1,0 +1,69 @@
+"""Process-group set-up from the torchrun environment, and the few collectives the loop needs.
+
+One process: no process group. ``torchrun --nproc_per_node N``: NCCL when CUDA
+is present (one GPU per local rank), gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistEnv:
+    """Read RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun) and join the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistEnv(rank, local_rank, world, dev)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.world > 1:
+        dist.all_reduce(t)
+        t = t / env.world
+    return t
+
+
+def all_gather_rows(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """[n] on each rank -> [world, n] on the CPU (rank order), via the group's device."""
+    if env.world == 1:
+        return t[None].cpu()
+    src = t.to(env.device)
+    out = [torch.empty_like(src) for _ in range(env.world)]
+    dist.all_gather(out, src)
+    return torch.stack(out).cpu()
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,273 @@
+"""The training loop (spec 8) as a function: ``train(config, run_dir) -> history``.
+
+One process or torchrun DDP (NCCL on GPU, gloo on CPU). Each step: ``accum``
+micro-batches per rank, the loss averaged over the global batch, one optimizer
+update (warmup, clipping, loss scaling for fp16), an EMA update. Checkpoints
+(state.py) go to ``checkpoints-meta/checkpoint.pth`` every
+``snapshot_freq_for_preemption`` steps and ``checkpoints/checkpoint_<step>.pth``
+every ``snapshot_freq``; a run folder that holds a meta checkpoint is resumed.
+
+Reproducibility: before each micro-batch every generator is seeded from
+(seed, step, index of the micro-batch in the global batch). The masks, times and
+dropout of a step therefore do not depend on the number of ranks or on where a run
+was interrupted: N straight steps and N/2 + resume give the same losses and
+weights on CPU, and 2 ranks x accum 1 matches 1 rank x accum 2 up to float
+summation order. (The RNG states are still saved per rank, as published.)
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import ConfigError, parse_dtype
+from ..data import ResumableLoader, check_batch_split, get_tokenizer, load_blocks
+from ..ema import ExponentialMovingAverage
+from ..losses import get_loss_fn
+from ..model import RADD
+from ..noise import get_noise
+from .config import RunConfig
+from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
+from .metrics import Metrics, flops_per_token, peak_flops
+from .optim import apply_update, build_optimizer, unscale_and_clip
+from .snapshot import snapshot_samples
+from .state import META, SNAPSHOTS, atomic_save, build_checkpoint, capture_rng, load_checkpoint, restore
+
+log = logging.getLogger("radd_fast.training")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN / inf; the update was not applied."""
+
+
+class LossModule(nn.Module):
+    """The loss as a module, so that DDP (which hooks ``forward``) sees the whole computation."""
+
+    def __init__(self, model: RADD, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)  # [B] per-sequence loss
+
+
+def seed_for(seed: int, step: int, micro: int, stream: str = "train") -> None:
+    """Seed every generator (CPU and all CUDA devices) from (seed, step, micro-batch, stream)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{stream}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = parse_dtype(name)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError("training.dtype=fp16 needs CUDA (loss scaling); use fp32 or bf16 on CPU")
+    return dtype
+
+
+def train(config, run_dir, device: str | None = None) -> dict:
+    """Train, or resume when ``run_dir`` holds ``checkpoints-meta/checkpoint.pth``.
+
+    config: a RunConfig, or the nested dict / Hydra config of configs/config.yaml.
+    Returns ``{"step", "losses": [(step, loss)], "eval_losses": [(step, loss)]}`` (losses of this call).
+    Example::
+
+        cfg = OmegaConf.to_container(OmegaConf.load("configs/config.yaml")) | {...}
+        history = train(cfg, "runs/tiny")
+    """
+    cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    owns_group = not torch.distributed.is_initialized()
+    env = init_distributed(device)
+    run_dir = Path(run_dir)
+    handler = _setup_logging(run_dir, env)
+    try:
+        return _train(cfg, run_dir, env)
+    finally:
+        if handler is not None:
+            logging.getLogger("radd_fast").removeHandler(handler)
+            handler.close()
+        if owns_group:
+            cleanup(env)
+
+
+def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
+    t = cfg.training
+    check_batch_split(t.batch_size, env.world, t.accum)  # fail before any data is touched
+    if cfg.data.valid and t.eval_freq:
+        check_batch_split(cfg.eval.batch_size, env.world, t.accum, "eval.batch_size")
+    device = env.device
+    dtype = resolve_dtype(t.dtype, device)
+    if env.is_main:
+        _write_config(cfg, run_dir)
+
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > cfg.model.tokens:
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {tokenizer.vocab_size} ids but tokens = "
+                          f"{cfg.model.tokens}: set tokens={tokenizer.vocab_size}")
+    length = cfg.model.model.length
+    train_loader = ResumableLoader(_blocks(cfg, cfg.data.train, "train", tokenizer, env), t.batch_size, t.seed,
+                                   env.rank, env.world, t.accum, device)
+    valid_loader = None
+    if cfg.data.valid and t.eval_freq:
+        valid_loader = ResumableLoader(_blocks(cfg, cfg.data.valid, "validation", tokenizer, env),
+                                       cfg.eval.batch_size, t.seed + 1, env.rank, env.world, t.accum, device,
+                                       what="eval.batch_size")
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = RADD(cfg.model).to(device)
+    model.set_compute_dtype(dtype)
+    if t.compile:
+        for block in model.blocks:
+            block.compile()
+    noise = get_noise(cfg.model).to(device)
+    params = list(model.parameters())
+    ema = ExponentialMovingAverage(params, t.ema)
+    optimizer = build_optimizer(params, cfg.optim, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    step = 0
+    if (run_dir / META).exists():
+        ckpt = load_checkpoint(run_dir / META, device)
+        step = restore(ckpt, model, ema, optimizer, scaler, env)
+        train_loader.load_state_dict(ckpt["data"]["train"])
+        if valid_loader is not None and "valid" in ckpt["data"]:
+            valid_loader.load_state_dict(ckpt["data"]["valid"])
+        del ckpt
+        log.info("resumed %s at step %d", run_dir, step)
+
+    loss_kw = dict(sampling_eps=t.sampling_eps, loss_type=t.loss_type, time_sampler=t.time_sampler)
+    loss_fn = get_loss_fn(noise, model.vocab_size, train=True, **loss_kw)
+    eval_fn = get_loss_fn(noise, model.vocab_size, train=False, **loss_kw)
+    step_module = LossModule(model, loss_fn)
+    if env.world > 1:
+        step_module = DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
+
+    tokens_per_step = t.batch_size * length
+    fpt, peak = flops_per_token(model, length), peak_flops(device, dtype)
+    log.info("model: %.2fM parameters, %s, %d rank(s), global batch %d x %d tokens, %s",
+             sum(p.numel() for p in params) / 1e6, dtype, env.world, t.batch_size, length, t.loss_type)
+    metrics = Metrics(run_dir, env.is_main, t.n_iters, step, t.progress, cfg.logging.tensorboard,
+                      cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.raw)
+
+    def save(path: Path) -> None:
+        data = {"train": train_loader.state_dict()}
+        if valid_loader is not None:
+            data["valid"] = valid_loader.state_dict()
+        ckpt = build_checkpoint(model, ema, optimizer, scaler, step, data, capture_rng(env), env.world)
+        if env.is_main:
+            atomic_save(ckpt, path)
+
+    history = {"losses": [], "eval_losses": []}
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < t.n_iters:
+            loss = _accumulate(step_module, train_loader.next_step(), scaler, step, t.seed, env)
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss} at step {step + 1}: stopping before the update; the last "
+                                         f"good checkpoint is {run_dir / META}")
+            step += 1
+            grad_norm = unscale_and_clip(optimizer, scaler, params, step, cfg.optim)
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips the step
+                raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}: stopping before the update; "
+                                         f"the last good checkpoint is {run_dir / META}")
+            apply_update(optimizer, scaler)
+            ema.update(params)
+            history["losses"].append((step, loss))
+            window_steps += 1
+            metrics.progress(1, loss=loss)
+
+            if step % t.log_freq == 0 or step == t.n_iters:
+                elapsed = time.perf_counter() - window_start
+                tok_s = tokens_per_step * window_steps / elapsed
+                record = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                          "tokens_per_s": tok_s, "mfu": fpt * tok_s / (peak * env.world) if peak else None}
+                metrics.log(step, **record)
+                metrics.progress(0, loss=loss, tok_s=tok_s, **({"mfu": record["mfu"]} if peak else {}))
+                log.info("step %d: loss %.4f, %.0f tokens/s", step, loss, tok_s)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
+                save(run_dir / META)
+            if valid_loader is not None and step % t.eval_freq == 0:
+                eval_loss = _evaluate(model, ema, eval_fn, valid_loader, step, t.seed, env)
+                history["eval_losses"].append((step, eval_loss))
+                metrics.log(step, eval_loss=eval_loss)
+                log.info("step %d: evaluation loss %.4f", step, eval_loss)
+            if step % t.snapshot_freq == 0 or step == t.n_iters:
+                save(run_dir / SNAPSHOTS / f"checkpoint_{step}.pth")
+                if t.snapshot_sampling:
+                    seed_for(t.seed, step, env.rank, "sample")
+                    snapshot_samples(model, ema, noise, tokenizer, cfg, step, run_dir, env, metrics)
+                barrier(env)
+    finally:
+        metrics.close()
+    history["step"] = step
+    return history
+
+
+def _accumulate(step_module, micro_batches, scaler, step: int, seed: int, env: DistEnv) -> float:
+    """Forward + backward over this rank's micro-batches; returns the global mean loss (one sync)."""
+    total = torch.zeros((), device=env.device, dtype=torch.float64)
+    n = len(micro_batches)
+    for j, (micro, x) in enumerate(micro_batches):
+        seed_for(seed, step, micro)
+        sync = j == n - 1 or env.world == 1
+        with contextlib.nullcontext() if sync else step_module.no_sync():
+            loss = step_module(x).mean()
+            scaler.scale(loss / n).backward()
+        total += loss.detach()
+    return all_reduce_mean(total / n, env).item()
+
+
+@torch.no_grad()
+def _evaluate(model, ema, eval_fn, loader, step: int, seed: int, env: DistEnv) -> float:
+    """Mean loss over one global evaluation batch, under the EMA weights (as published)."""
+    total = torch.zeros((), device=env.device, dtype=torch.float64)
+    micro_batches = loader.next_step()
+    with ema.average_parameters(list(model.parameters())):
+        for micro, x in micro_batches:
+            seed_for(seed, step, micro, "eval")
+            total += eval_fn(model, x).mean()
+    model.train()
+    return all_reduce_mean(total / len(micro_batches), env).item()
+
+
+def _blocks(cfg: RunConfig, source: str, split: str, tokenizer, env: DistEnv):
+    """Rank 0 tokenises and caches first; the others then read the cache."""
+    kw = dict(tokenizer=tokenizer, length=cfg.model.model.length, cache_dir=cfg.data.cache_dir,
+              num_proc=cfg.data.num_proc)
+    if env.is_main:
+        blocks = load_blocks(source, split, **kw)
+    barrier(env)
+    if not env.is_main:
+        blocks = load_blocks(source, split, **kw)
+    return blocks
+
+
+def _write_config(cfg: RunConfig, run_dir: Path) -> None:
+    """Hydra writes .hydra/config.yaml; a run started from Python gets one too (load_model reads it)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg.raw, sort_keys=False))
+
+
+def _setup_logging(run_dir: Path, env: DistEnv):
+    """Rank 0 appends the package's log lines to <run>/logs (published name)."""
+    if not env.is_main:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg = logging.getLogger("radd_fast")
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    return handler
