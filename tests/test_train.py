@@ -13,8 +13,8 @@ from radd_fast.config import ConfigError
 from radd_fast.data import DataError
 from radd_fast.training import NonFiniteLossError, train
 from radd_fast.training import loop as loop_module
-from radd_fast.training.optim import lr_at
 from radd_fast.training.config import OptimConfig
+from radd_fast.training.optim import lr_at
 from tests.train_helpers import assert_same_state, load_meta, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,6 @@
 """Data: tokenizers, the published detokenizers, token-block datasets and a resumable sharded loader."""
 from .datasets import HF_CORPORA, DataError, TokenBlocks, load_blocks, load_token_stream
-from .detokenizers import (DETOKENIZERS, lambada_detokenizer, lm1b_detokenizer, ptb_detokenizer,
-                           wikitext_detokenizer)
+from .detokenizers import DETOKENIZERS, lambada_detokenizer, lm1b_detokenizer, ptb_detokenizer, wikitext_detokenizer
 from .loader import ResumableLoader, check_batch_split
 from .tokenizers import ByteTokenizer, HFTokenizer, get_tokenizer
 
