@@ -1,0 +1,216 @@
+"""Attention: the Triton kernel (forward + dqkv, fused rotary) and SDPA against attention_ref.
+
+On CPU the Triton kernels run through the interpreter (tests/conftest.py), so
+shapes are small; bf16/fp16 run only on CUDA.
+"""
+import pytest
+import torch
+
+from radd_fast.kernels import flash_attention as fa
+from radd_fast.kernels.attention import (
+    IMPLS,
+    apply_rotary_ref,
+    attention,
+    attention_ref,
+    get_attention_impl,
+    set_attention_impl,
+)
+from tests.helpers import assert_close, assert_within_torch_error, poison_like
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="bf16/fp16 need CUDA: the interpreter's low-precision tl.dot is wrong")
+
+
+def rotary_tables(T: int, hd: int, device=DEVICE):
+    """cos, sin: [T, hd/2] fp32, as the model builds them (RADD_SPEC 2.2), unique half only."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def make_qkv(B, T, h, hd, dtype=torch.float32, device=DEVICE):
+    return torch.randn(B, T, 3, h, hd, device=device, dtype=dtype)
+
+
+def grads(fn, qkv, dout):
+    x = qkv.detach().requires_grad_(True)
+    out = fn(x)
+    (g,) = torch.autograd.grad(out, x, dout)
+    return out.detach(), g
+
+
+# ----------------------------------------------------------------------------- triton, fp32
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+@pytest.mark.parametrize("hd", [32, 64])
+@pytest.mark.parametrize("T", [1, 7, 13, 64, 67])
+def test_triton_matches_reference_fp32(T, hd, rotary):
+    B, h = 2, 2
+    qkv = make_qkv(B, T, h, hd)
+    cos, sin = rotary_tables(T, hd) if rotary else (None, None)
+    dout = torch.randn(B, T, h, hd, device=DEVICE)
+    out, dqkv = grads(lambda x: attention(x, impl="triton", cos=cos, sin=sin), qkv, dout)
+    ref, dref = grads(lambda x: attention_ref(x, cos, sin), qkv, dout)
+    assert_close(out, ref, atol=1e-4, rtol=1e-4, name="out")
+    assert_close(dqkv, dref, atol=1e-4, rtol=1e-4, name="dqkv")
+
+
+@pytest.mark.parametrize("hd", [48, 96])
+def test_triton_padded_head_dims(hd):
+    # hd/2 = 24, 48 are not powers of two: padded, masked tiles.
+    B, T, h = 1, 19, 1
+    qkv = make_qkv(B, T, h, hd)
+    cos, sin = rotary_tables(T, hd)
+    dout = torch.randn(B, T, h, hd, device=DEVICE)
+    out, dqkv = grads(lambda x: attention(x, impl="triton", cos=cos, sin=sin), qkv, dout)
+    ref, dref = grads(lambda x: attention_ref(x, cos, sin), qkv, dout)
+    assert_close(out, ref, atol=1e-4, rtol=1e-4, name="out")
+    assert_close(dqkv, dref, atol=1e-4, rtol=1e-4, name="dqkv")
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_launchers_write_every_element(rotary):
+    # Poisoned (NaN) outputs: any element the kernels skip fails the comparison.
+    B, T, h, hd = 1, 23, 2, 32
+    qkv = make_qkv(B, T, h, hd)
+    cos, sin = rotary_tables(T, hd) if rotary else (None, None)
+    out = poison_like(torch.empty(B, T, h, hd, device=DEVICE))
+    out_, lse = fa.flash_attention_forward(qkv, cos, sin, out=out)
+    assert out_ is out
+    assert_close(out, attention_ref(qkv, cos, sin), atol=1e-4, rtol=1e-4, name="out")
+    # lse is in log2 units of the scaled scores
+    q, k, _ = qkv.unbind(2)
+    if rotary:
+        q, k = apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
+    lse_ref = torch.einsum("bthd,bshd->bhts", q, k).div(hd**0.5).logsumexp(-1) / torch.log(torch.tensor(2.0))
+    assert_close(lse, lse_ref, atol=1e-4, rtol=1e-4, name="lse")
+
+    dout = torch.randn_like(out)
+    dqkv = fa.flash_attention_backward(dout, qkv, out, lse, cos, sin, dqkv=poison_like(qkv))
+    _, dref = grads(lambda x: attention_ref(x, cos, sin), qkv, dout)
+    assert_close(dqkv, dref, atol=1e-4, rtol=1e-4, name="dqkv")
+
+
+def test_triton_strided_qkv_and_gradient():
+    # qkv a view with padded heads (stride_h != hd) and a transposed dout: no copies needed.
+    B, T, h, hd = 2, 9, 2, 32
+    big = make_qkv(B, T, h, hd + 16)
+    qkv = big[..., :hd]
+    assert not qkv.is_contiguous()
+    dout = torch.randn(B, h, T, hd, device=DEVICE).transpose(1, 2)
+    out, dqkv = grads(lambda x: attention(x, impl="triton"), qkv, dout)
+    ref, dref = grads(attention_ref, qkv, dout)
+    assert_close(out, ref, atol=1e-4, rtol=1e-4, name="out")
+    assert_close(dqkv, dref, atol=1e-4, rtol=1e-4, name="dqkv")
+
+
+def test_triton_op_under_torch_compile():
+    # Fake + autograd registrations let the op sit in a compiled graph, backward included.
+    B, T, h, hd = 1, 8, 2, 32
+    qkv = make_qkv(B, T, h, hd)
+    cos, sin = rotary_tables(T, hd)
+    dout = torch.randn(B, T, h, hd, device=DEVICE)
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    fn = torch.compile(lambda x: attention(x, impl="triton", cos=cos, sin=sin) * 2.0, backend=backend, fullgraph=True)
+    out, dqkv = grads(fn, qkv, dout)
+    ref, dref = grads(lambda x: attention_ref(x, cos, sin) * 2.0, qkv, dout)
+    assert_close(out, ref, atol=1e-4, rtol=1e-4, name="out")
+    assert_close(dqkv, dref, atol=1e-4, rtol=1e-4, name="dqkv")
+
+
+def test_triton_op_registration_opcheck():
+    qkv = make_qkv(1, 5, 1, 32)
+    cos, sin = rotary_tables(5, 32)
+    torch.library.opcheck(torch.ops.radd_fast.flash_attn_fwd.default, (qkv, cos, sin),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- other impls
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+@pytest.mark.parametrize("impl", ["sdpa", "reference", "auto"])
+def test_impls_match_reference_fp32(impl, rotary):
+    B, T, h, hd = 2, 33, 3, 32
+    qkv = make_qkv(B, T, h, hd)
+    cos, sin = rotary_tables(T, hd) if rotary else (None, None)
+    dout = torch.randn(B, T, h, hd, device=DEVICE)
+    out, dqkv = grads(lambda x: attention(x, impl=impl, cos=cos, sin=sin), qkv, dout)
+    ref, dref = grads(lambda x: attention_ref(x, cos, sin), qkv, dout)
+    assert out.dtype == qkv.dtype
+    assert_close(out, ref, atol=1e-4, rtol=1e-4, name="out")
+    assert_close(dqkv, dref, atol=1e-4, rtol=1e-4, name="dqkv")
+
+
+def test_rotary_ref_matches_spec_full_width_form():
+    # Spec form: emb = cat(freqs, freqs); y = x * cos(emb) + rot(x) * sin(emb).
+    T, hd = 11, 32
+    x = torch.randn(2, T, 3, hd, device=DEVICE)
+    cos, sin = rotary_tables(T, hd)
+    cos_full, sin_full = torch.cat((cos, cos), -1)[:, None], torch.cat((sin, sin), -1)[:, None]
+    x1, x2 = x.chunk(2, -1)
+    expected = x * cos_full + torch.cat((-x2, x1), -1) * sin_full
+    assert_close(apply_rotary_ref(x, cos, sin), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_impl_setting():
+    assert get_attention_impl() == "auto"
+    try:
+        set_attention_impl("sdpa")
+        assert get_attention_impl() == "sdpa"
+        with pytest.raises(ValueError, match="valid: " + ", ".join(IMPLS)):
+            set_attention_impl("xformers")
+    finally:
+        set_attention_impl("auto")
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "shape, kwargs, match",
+    [
+        ((1, 4, 3, 2, 24), {"impl": "triton"}, "head dims that are multiples of 16 in \\[32, 128\\]"),
+        ((1, 4, 3, 2, 256), {"impl": "triton"}, "head_dim=256"),
+        ((4, 3, 2, 32), {}, "qkv must be \\[B, T, 3, h, hd\\]"),
+        ((1, 4, 2, 2, 32), {}, "qkv must be \\[B, T, 3, h, hd\\]"),
+        ((1, 4, 3, 2, 32), {"impl": "nope"}, "unknown attention impl 'nope'; valid: auto, flash_attn"),
+        ((1, 4, 3, 2, 32), {"cos": "bad"}, "cos must be \\[T, hd/2\\]"),
+        ((1, 4, 3, 2, 32), {"cos": "only"}, "both cos and sin"),
+    ],
+)
+def test_errors(shape, kwargs, match):
+    qkv = torch.randn(*shape, device=DEVICE)
+    if kwargs.get("cos") == "bad":
+        kwargs = {"cos": torch.ones(4, 32, device=DEVICE), "sin": torch.ones(4, 32, device=DEVICE)}
+    elif kwargs.get("cos") == "only":
+        kwargs = {"cos": torch.ones(4, 16, device=DEVICE)}
+    with pytest.raises(ValueError, match=match):
+        attention(qkv, **kwargs)
+
+
+def test_error_dtype():
+    with pytest.raises(ValueError, match="floating point"):
+        attention(torch.ones(1, 4, 3, 2, 32, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="float64"):
+        attention(torch.ones(1, 4, 3, 2, 32, dtype=torch.float64, device=DEVICE), impl="triton")
+
+
+# ----------------------------------------------------------------------------- CUDA, low precision
+@cuda_only
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, T, h, hd", [(2, 1, 2, 64), (2, 67, 3, 64), (2, 257, 2, 128), (4, 1024, 12, 64), (1, 200, 2, 96)])
+def test_triton_low_precision_cuda(B, T, h, hd, dtype, rotary):
+    qkv32 = make_qkv(B, T, h, hd)
+    qkv = qkv32.to(dtype)
+    cos, sin = rotary_tables(T, hd) if rotary else (None, None)
+    dout = torch.randn(B, T, h, hd, device=DEVICE, dtype=dtype)
+    out, dqkv = grads(lambda x: attention(x, impl="triton", cos=cos, sin=sin), qkv, dout)
+    ref, dref = grads(lambda x: attention_ref(x, cos, sin), qkv.float(), dout.float())
+    tout, tdqkv = grads(lambda x: attention(x, impl="sdpa", cos=cos, sin=sin), qkv, dout)
+    assert_within_torch_error(out, ref, tout, name="out")
+    assert_within_torch_error(dqkv, dref, tdqkv, name="dqkv")
+
+
+@cuda_only
+def test_auto_picks_a_fast_impl_on_cuda():
+    qkv = make_qkv(1, 64, 2, 64, dtype=torch.bfloat16)
+    out = attention(qkv)
+    assert_within_torch_error(out, attention_ref(qkv.float()), attention(qkv, impl="sdpa"), name="auto")
