@@ -135,21 +135,20 @@ def _validate(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torc
             check(t.device == qkv.device, f"{name} is on {t.device}, qkv on {qkv.device}")
 
 
-def _triton_ok(qkv: torch.Tensor) -> bool:
-    hd = qkv.shape[-1]
-    return (qkv.dtype in fa.DTYPES and fa.MIN_HEAD_DIM <= hd <= fa.MAX_HEAD_DIM
-            and hd % fa.HEAD_DIM_MULTIPLE == 0 and fa.triton_runs_on(qkv) and qkv.is_cuda)
-
-
 def _flash_attn_ok(qkv: torch.Tensor) -> bool:
     return (_flash_attn_qkvpacked_func is not None and qkv.is_cuda
             and qkv.dtype in (torch.float16, torch.bfloat16) and qkv.shape[-1] <= 256 and qkv.shape[-1] % 8 == 0)
 
 
 def _pick_impl(qkv: torch.Tensor) -> str:
-    """The "auto" choice. Preference table (to be confirmed by benchmarks/bench_attention.py):
-    CUDA bf16/fp16: flash_attn > sdpa > triton; CUDA fp32: sdpa (efficient kernel);
-    CPU: sdpa (the interpreter is far too slow to be chosen automatically)."""
+    """The "auto" choice, from a preference table.
+
+    NOT YET MEASURED (no GPU time was available when this was written): run
+    ``python -m benchmarks.bench_attention`` on the target card and reorder.
+    Until then: CUDA bf16/fp16: flash_attn > sdpa (PyTorch picks flash / cuDNN /
+    efficient); CUDA fp32: sdpa; CPU: sdpa (the Triton interpreter is only for
+    tests, so "triton" on CPU must be asked for explicitly).
+    """
     if qkv.is_cuda and _flash_attn_ok(qkv):
         return "flash_attn"
     return "sdpa"
@@ -174,8 +173,7 @@ def _attention_flash_attn(qkv, cos, sin):
 
 
 def _attention_triton(qkv, cos, sin):
-    fa.check_head_dim(qkv.shape[-1])
-    fa.check_inputs(qkv, cos, sin)
+    fa.check_inputs(qkv, cos, sin)  # before tracing/launching: clear errors, not deep in the op
     out, _ = _flash_attn_fwd(qkv, cos, sin)
     return out
 
@@ -185,7 +183,8 @@ def attention(qkv: torch.Tensor, impl: Optional[str] = None, cos: Optional[torch
     """Non-causal attention: qkv [B, T, 3, h, hd] -> out [B, T, h, hd] in qkv.dtype.
 
     impl: one of ``IMPLS``; None uses ``get_attention_impl()`` ("auto" unless set).
-    cos, sin: optional [T, hd/2] fp32 rotary tables (half-split convention), applied to q, k.
+    cos, sin: optional [T, hd/2] fp32 rotary tables (half-split convention), applied to q, k;
+        the triton impl treats them as constants (returns no gradient for them).
 
     >>> qkv = torch.randn(2, 16, 3, 4, 32)
     >>> attention(qkv, impl="sdpa").shape

@@ -339,11 +339,15 @@ _INTERPRETER_FWD = FwdConfig(16, 16, 1, 1)
 _INTERPRETER_BWD = BwdConfig(16, 16, 1, 1, 16, 16, 1, 1)
 
 
-# Register budget (ptxas for sm_90, bf16, rotary on, no spills unless noted):
-#   fwd  128x64, 8 warps: 158 regs (hd 64), 249 (hd 128); 4 warps: 226 / 255.
-#   dkdv 32x128, 8 warps: 236 (hd 64); hd 128 spills at 128 keys, 32x64 8 warps ~0.
-#   dq   128x32, 8 warps: 171 (hd 64), 255 (hd 128).
-# fp32 uses IEEE FMA dots (no tensor cores, correctness path only): small tiles.
+# Tiles chosen from ptxas reports for sm_90 (Triton 3.9 compiling ahead of time
+# on a machine without a GPU; all use wgmma; NOT yet timed on a GPU: run
+# benchmarks/bench_attention.py --sweep and update). bf16, regs/thread:
+#   fwd  128x64, 8 warps: hd 64 126 (rotary 158), hd 128 255/249; 4 warps: 255 / 226.
+#   dkdv 32x128, 8 warps: hd 64 197 (rotary 236); at hd >= 96, 128 keys spill,
+#        32x64 keys 8 warps spills 32 B with rotary, 0 without.
+#   dq   128x32, 8 warps: hd 64 128 (rotary 171); hd >= 96: 64x64, 8 warps, no spill.
+# fp32 uses IEEE FMA dots (no tensor cores; a correctness path, auto never picks
+# it): small tiles, which keep the spills near zero.
 def default_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdConfig:
     if device.type == "cpu":
         return _INTERPRETER_FWD

@@ -45,7 +45,7 @@ def grads(fn, qkv, dout):
 @pytest.mark.parametrize("hd", [32, 64])
 @pytest.mark.parametrize("T", [1, 7, 13, 64, 67])
 def test_triton_matches_reference_fp32(T, hd, rotary):
-    B, h = 2, 2
+    B, h = (2, 2) if T < 64 else (1, 2)  # the interpreter's cost grows with B*h*T^2
     qkv = make_qkv(B, T, h, hd)
     cos, sin = rotary_tables(T, hd) if rotary else (None, None)
     dout = torch.randn(B, T, h, hd, device=DEVICE)
