@@ -13,9 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radd_fast.data import ByteTokenizer, HFTokenizer
-from radd_fast.evaluation import score_samples, unigram_entropy
-from radd_fast.evaluation.gen_ppl import load_scorer, token_nll
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from radd_fast.data import ByteTokenizer, HFTokenizer  # noqa: E402
+from radd_fast.evaluation import score_samples, unigram_entropy  # noqa: E402
+from radd_fast.evaluation.gen_ppl import load_scorer, token_nll  # noqa: E402
 
 CORPUS = ["the cat sat on the mat and the dog sat on the log. ", "a quick brown fox jumps over a lazy dog! "]
 TEXTS = ["the cat sat on the log", "a lazy fox jumps over the mat and the dog sat on a cat", "dog dog dog"]

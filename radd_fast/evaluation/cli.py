@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache_dir", default="data", help="where tokenised corpora are cached")
     ap.add_argument("--max_batches", type=int, default=None, help="stop after this many batches per rank")
     ap.add_argument("--token_budget", type=int, default=None, help="tokens per forward on the fast engine")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model body (static shapes)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     # Generative perplexity.
     ap.add_argument("--gen_ppl", default=None, metavar="SAMPLES.jsonl",
@@ -153,6 +154,10 @@ def evaluate_rank(rank: int, world: int, device: torch.device, args, blocks: tor
     if loaded is None:
         loaded = load_model(args.model_path, device=device, backend=args.engine, dtype=args.dtype)
     model, noise = loaded
+    if args.compile:
+        from .ppl import compile_body
+
+        compile_body(model)
     batches = shard(list(blocks.split(args.batch_size)), rank, world)
     torch.manual_seed(args.seed + rank)
     res = evaluate_ppl(model, noise, batches, loss_type=args.loss_type, mc_timesteps=args.monte_carlo_timesteps,

@@ -183,6 +183,17 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
                      batch_losses=batch_losses, seconds=seconds, mc_per_forward=k)
 
 
+def compile_body(model):
+    """torch.compile the transformer body (``model.hidden``) of a model used for evaluation only.
+
+    Shapes are static per run ([k B, L]; a smaller last batch or last chunk of draws compiles once
+    more); the masked-row gather and the fused head stay eager. The range check on the inputs is
+    switched off (its host sync would break the graph). Returns the model (changed in place)."""
+    model.validate_inputs = False
+    model.hidden = torch.compile(model.hidden, dynamic=False)
+    return model
+
+
 # -- helpers -----------------------------------------------------------------------------------------
 def _device(model) -> torch.device:
     return next(model.parameters()).device
