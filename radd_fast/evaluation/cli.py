@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--work_dir", default=".", help="folder for the JSON results")
     # Additions.
     ap.add_argument("--tokenizer", default=None,
-                    help="'bytes' or a hub tokenizer name (default: gpt2 for a 50257-token model, bytes for 256)")
+                    help="'bytes', a hub name or a folder (default: the checkpoint config's 'tokenizer', else "
+                         "gpt2 for a 50257-token model, bytes for 256)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise draws (rank r uses seed + r)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="compute dtype override: bf16, fp16 or fp32")
@@ -79,12 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- data ----------------------------------------------------------------------------------------------
-def default_tokenizer(tokens: int) -> str:
-    if tokens == 50257:
-        return "gpt2"
-    if tokens == 256:
-        return "bytes"
-    raise EvalError(f"the model has {tokens} tokens, which matches no default tokenizer: pass --tokenizer")
+# Model token count -> the tokenizer with exactly that many ids, for checkpoints whose config names none.
+TOKENIZER_BY_SIZE = {50257: "gpt2", 256: "bytes"}
+
+
+def default_tokenizer(config) -> str:
+    """The run config's ``tokenizer`` entry when it has one (training writes it), else by vocabulary size."""
+    name = config.extra.get("tokenizer") or TOKENIZER_BY_SIZE.get(config.tokens)
+    if name is None:
+        raise EvalError(f"the model has {config.tokens} tokens and its config names no tokenizer: pass --tokenizer")
+    return str(name)
 
 
 def check_dataset(dataset: str) -> None:
@@ -136,7 +141,7 @@ def prepare(args):
         args.length = model.length
     elif args.length > model.length:
         raise EvalError(f"--length {args.length} is larger than the model's length {model.length} (model.length)")
-    args.tokenizer = args.tokenizer or default_tokenizer(model.config.tokens)
+    args.tokenizer = args.tokenizer or default_tokenizer(model.config)
     blocks = load_blocks(args.valid_dataset, args.tokenizer, args.length, args.split, args.cache_dir)
     if int(blocks.max()) >= model.config.tokens:
         raise EvalError(f"token id {int(blocks.max())} from tokenizer {args.tokenizer!r} is outside the model's "
