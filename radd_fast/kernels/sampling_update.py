@@ -1,0 +1,384 @@
+# Fused absorbing-state update for the sampler: draw the revealed tokens and write them into x.
+#
+# What: for N revealed positions with final-normed hidden rows h [N, d], classes
+#   W [C, d], b [C] (only classes [0, n_vocab) take part: callers pass
+#   n_vocab = V - 1 so the MASK column never wins), Gumbel noise g [N, n_vocab]:
+#     token[i] = argmax_v (h_i . W_v + b_v + g_iv)        (Gumbel-max = a draw from softmax)
+#     x[dst[i]] = token[i]                                  (the absorbing-state update)
+#   `head_sample_update` does this from h (the `direct` strategy: logits never
+#   exist); `logits_sample_update` does it from given logits [N, n_vocab] that a
+#   top-k / top-p filter already set to -inf outside the kept set.
+#
+# How: `_head_argmax_kernel` runs over (row tile x vocabulary split): each program
+#   walks its vocab tiles, builds a [BLOCK_N, BLOCK_V] logits tile with tl.dot
+#   (fp32 accumulation), adds bias and noise, and keeps a running (max, argmax).
+#   A [N, SPLITS] table of partials is merged by `_finalize_kernel`, which also
+#   writes x. Splitting the vocabulary keeps the GPU busy when N is small (a
+#   sampler step reveals ~N = batch x L / E-NFE positions, often < 256).
+#
+# Noise: by default generated inside the kernels from Philox (tl.randint4x) keyed
+#   by `seed`, at offset row * n_vocab + col, so nothing of size [N, n_vocab]
+#   is ever stored. `gumbel_noise` materialises exactly that noise for the
+#   references and tests; `noise=` passes explicit noise instead. fp64=True draws
+#   53-bit uniforms and adds them to fp64 scores (fp32 Gumbel tops out at ~16.6,
+#   which truncates the noise tail; lower precision lowers the effective
+#   temperature). Launches with N * n_vocab >= 2^31 are split into row chunks with
+#   derived keys (the Philox offset is int32).
+#
+# Memory traffic saved (direct, N = 128, V = 50257, d = 768, bf16): the unfused
+#   head writes + reads [N, V] logits in bf16, fp32 log-softmax and probs
+#   (~100 MB) and a same-sized noise tensor; here W is read once per row tile
+#   (77 MB for 128 rows at BLOCK_N = 128) and only [N, SPLITS] partials are stored.
+#
+# Limits: h, W, b the same dtype (fp32 / bf16 / fp16); fp32 uses IEEE dot products;
+#   any d (the kernel loops over d); dst int64 indices into a flat int64 x. Ties
+#   resolve to the lowest class index like torch.argmax. Without Triton (CPU and
+#   no interpreter) the public functions run the `*_ref` path with noise from a
+#   torch.Generator seeded by `seed` (same distribution, different numbers).
+from __future__ import annotations
+
+import torch
+
+from radd_fast.kernels.utils import HAS_TRITON, check, next_power_of_2, triton_runs_on
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_OFFSET = 2**31 - 1
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _gumbel(key, offsets, FP64: tl.constexpr):
+        # Standard Gumbel noise -log(-log(u)), u in (0, 1) strictly (no +-inf).
+        r0, r1, _r2, _r3 = tl.randint4x(key, offsets)
+        r0 = r0.to(tl.uint32, bitcast=True)
+        if FP64:
+            r1 = r1.to(tl.uint32, bitcast=True)
+            hi = (r0 >> 5).to(tl.float64)  # 27 bits
+            lo = (r1 >> 6).to(tl.float64)  # 26 bits
+            u = (hi * 67108864.0 + lo + 0.5) * 1.1102230246251565e-16  # (53-bit int + 1/2) / 2^53
+        else:
+            u = ((r0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # (23-bit int + 1/2) / 2^23
+        return -tl.log(-tl.log(u))
+
+    @triton.jit
+    def _gumbel_noise_kernel(
+        out_ptr,  # [N, n_vocab] fp32 / fp64
+        key, N, n_vocab,
+        stride_out,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, FP64: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        g = _gumbel(key, rows[:, None] * n_vocab + cols[None, :], FP64)
+        ok = (rows < N)[:, None] & (cols < n_vocab)[None, :]
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], g, mask=ok)
+
+    @triton.jit
+    def _head_argmax_kernel(
+        h_ptr,  # [N, D] final-normed hidden rows
+        w_ptr,  # [C, D] class weights; classes >= n_vocab are never read
+        b_ptr,  # [C] bias
+        noise_ptr,  # [N, n_vocab] explicit Gumbel noise (read only when NOISE_GIVEN)
+        val_ptr,  # [N, SPLITS] best score of each vocabulary split (fp32 / fp64)
+        idx_ptr,  # [N, SPLITS] int32 class of that score
+        key, N, D, n_vocab, tiles_per_split,
+        stride_h, stride_w, stride_noise, stride_part,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        NOISE_GIVEN: tl.constexpr, FP64: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        rows_ld = tl.where(row_ok, rows, 0).to(tl.int64)
+        ks = tl.arange(0, BLOCK_D)
+        score_dtype = tl.float64 if FP64 else tl.float32
+        best = tl.full((BLOCK_N,), float("-inf"), score_dtype)
+        best_idx = tl.zeros((BLOCK_N,), tl.int32)
+        col0 = pid_s * tiles_per_split * BLOCK_V
+        for t in range(0, tiles_per_split):
+            cols = col0 + t * BLOCK_V + tl.arange(0, BLOCK_V)
+            col_ok = cols < n_vocab
+            cols_ld = tl.where(col_ok, cols, 0).to(tl.int64)
+            acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                h_ptrs = h_ptr + rows_ld[:, None] * stride_h + (d0 + ks)[None, :]  # [BLOCK_N, BLOCK_D]
+                w_ptrs = w_ptr + cols_ld[:, None] * stride_w + (d0 + ks)[None, :]  # [BLOCK_V, BLOCK_D]
+                if EVEN_D:
+                    a = tl.load(h_ptrs)
+                    b = tl.load(w_ptrs)
+                else:
+                    k_ok = (d0 + ks) < D
+                    a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            logits = acc + tl.load(b_ptr + cols_ld).to(tl.float32)[None, :]
+            if NOISE_GIVEN:
+                g = tl.load(noise_ptr + rows_ld[:, None] * stride_noise + cols_ld[None, :])
+            else:
+                g = _gumbel(key, rows[:, None] * n_vocab + cols[None, :], FP64)
+            score = logits.to(score_dtype) + g.to(score_dtype)
+            score = tl.where(col_ok[None, :], score, float("-inf"))
+            tile_best = tl.max(score, axis=1)
+            tile_idx = tl.argmax(score, axis=1).to(tl.int32) + col0 + t * BLOCK_V
+            better = tile_best > best  # strict: an earlier tile wins ties (torch.argmax order)
+            best = tl.where(better, tile_best, best)
+            best_idx = tl.where(better, tile_idx, best_idx)
+        part = rows_ld * stride_part + pid_s
+        tl.store(val_ptr + part, best, mask=row_ok)
+        tl.store(idx_ptr + part, best_idx, mask=row_ok)
+
+    @triton.jit
+    def _finalize_kernel(
+        val_ptr,  # [N, SPLITS] partial best scores
+        idx_ptr,  # [N, SPLITS] int32 partial best classes
+        dst_ptr,  # [N] int64 flat positions in x (read only when HAS_DST)
+        x_ptr,  # [M] int64 flat token buffer (written only when HAS_DST)
+        tok_ptr,  # [N] int64 sampled tokens
+        N, SPLITS,
+        stride_part,
+        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_DST: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        s = tl.arange(0, BLOCK_S)
+        ok = row_ok[:, None] & (s < SPLITS)[None, :]
+        v = tl.load(val_ptr + rows64[:, None] * stride_part + s[None, :], mask=ok, other=float("-inf"))
+        best_s = tl.argmax(v, axis=1)  # first split holding the maximum = lowest class index
+        tok = tl.load(idx_ptr + rows64 * stride_part + best_s, mask=row_ok, other=0).to(tl.int64)
+        tl.store(tok_ptr + rows64, tok, mask=row_ok)
+        if HAS_DST:
+            dst = tl.load(dst_ptr + rows64, mask=row_ok, other=0)
+            tl.store(x_ptr + dst, tok, mask=row_ok)
+
+    @triton.jit
+    def _logits_argmax_kernel(
+        logits_ptr,  # [N, n_vocab] fp32 logits (-inf = filtered out)
+        noise_ptr,  # [N, n_vocab] explicit Gumbel noise (read only when NOISE_GIVEN)
+        dst_ptr,  # [N] int64 flat positions in x (read only when HAS_DST)
+        x_ptr,  # [M] int64 flat token buffer (written only when HAS_DST)
+        tok_ptr,  # [N] int64 sampled tokens
+        key, N, n_vocab,
+        stride_l, stride_noise,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+        NOISE_GIVEN: tl.constexpr, FP64: tl.constexpr, HAS_DST: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        rows_ld = tl.where(row_ok, rows, 0).to(tl.int64)
+        score_dtype = tl.float64 if FP64 else tl.float32
+        best = tl.full((BLOCK_N,), float("-inf"), score_dtype)
+        best_idx = tl.zeros((BLOCK_N,), tl.int32)
+        for v0 in range(0, n_vocab, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < n_vocab
+            cols_ld = tl.where(col_ok, cols, 0).to(tl.int64)
+            logit = tl.load(logits_ptr + rows_ld[:, None] * stride_l + cols_ld[None, :])
+            if NOISE_GIVEN:
+                g = tl.load(noise_ptr + rows_ld[:, None] * stride_noise + cols_ld[None, :])
+            else:
+                g = _gumbel(key, rows[:, None] * n_vocab + cols[None, :], FP64)
+            score = tl.where(col_ok[None, :], logit.to(score_dtype) + g.to(score_dtype), float("-inf"))
+            tile_best = tl.max(score, axis=1)
+            tile_idx = tl.argmax(score, axis=1).to(tl.int32) + v0
+            better = tile_best > best  # strict: an earlier tile wins ties (torch.argmax order)
+            best = tl.where(better, tile_best, best)
+            best_idx = tl.where(better, tile_idx, best_idx)
+        tok = best_idx.to(tl.int64)
+        tl.store(tok_ptr + rows_ld, tok, mask=row_ok)
+        if HAS_DST:
+            dst = tl.load(dst_ptr + rows_ld, mask=row_ok, other=0)
+            tl.store(x_ptr + dst, tok, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: well-spread 63-bit keys from (seed, chunk) pairs."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def row_chunks(n_rows: int, n_vocab: int, seed: int) -> list[tuple[int, int, int]]:
+    """(row_begin, row_end, philox_key) per launch: row * n_vocab + col must fit in int32.
+
+    The single-chunk case keys Philox with ``seed`` itself, so callers can reason about it."""
+    per = max(1, _MAX_OFFSET // max(1, n_vocab) - 256)  # margin: masked lanes past the last row stay in range
+    if n_rows <= per:
+        return [(0, n_rows, int(seed) & 0x7FFFFFFFFFFFFFFF)]
+    return [(r0, min(n_rows, r0 + per), _mix64(int(seed) * 1_000_003 + c)) for c, r0 in enumerate(range(0, n_rows, per))]
+
+
+def _check_noise(noise, n_rows: int, n_vocab: int, fp64: bool, device) -> None:
+    check(tuple(noise.shape) == (n_rows, n_vocab), f"noise must be [N={n_rows}, n_vocab={n_vocab}], got {tuple(noise.shape)}")
+    want = torch.float64 if fp64 else torch.float32
+    check(noise.dtype == want, f"noise must be {want} (fp64={fp64}), got {noise.dtype}")
+    check(noise.device == device, f"noise on {noise.device}, inputs on {device}")
+    check(noise.stride(-1) == 1 or n_vocab <= 1, "noise needs unit stride along the vocabulary")
+
+
+def _check_dst(dst, x_flat, n_rows: int, device) -> None:
+    check((dst is None) == (x_flat is None), "pass both dst and x_flat (to write into x) or neither")
+    if dst is None:
+        return
+    check(dst.dtype == torch.int64 and tuple(dst.shape) == (n_rows,), f"dst must be int64 [N={n_rows}], got {dst.dtype} {tuple(dst.shape)}")
+    check(x_flat.dtype == torch.int64 and x_flat.dim() == 1 and x_flat.is_contiguous(),
+          f"x_flat must be a contiguous 1-D int64 tensor, got {x_flat.dtype} {tuple(x_flat.shape)}")
+    check(dst.device == device and x_flat.device == device, "dst, x_flat and the inputs must share a device")
+    check(dst.is_contiguous(), "dst must be contiguous")
+
+
+def _check_head(h, weight, bias, n_vocab: int) -> None:
+    check(h.dim() == 2 and weight.dim() == 2, f"h must be [N, d] and weight [C, d], got {tuple(h.shape)}, {tuple(weight.shape)}")
+    check(h.shape[1] == weight.shape[1], f"h [N, d={h.shape[1]}] and weight [C, d={weight.shape[1]}] disagree on d")
+    check(h.dtype in _DTYPES and weight.dtype == h.dtype and bias.dtype == h.dtype,
+          f"h, weight, bias must share one of {_DTYPES}, got {h.dtype}, {weight.dtype}, {bias.dtype}; cast explicitly")
+    check(tuple(bias.shape) == (weight.shape[0],), f"bias must be [C={weight.shape[0]}], got {tuple(bias.shape)}")
+    check(1 <= n_vocab <= weight.shape[0], f"n_vocab must be in [1, C={weight.shape[0]}], got {n_vocab}")
+    check(h.device == weight.device == bias.device, "h, weight, bias on different devices")
+    check(h.stride(1) == 1 and weight.stride(1) == 1 and bias.is_contiguous(), "h, weight need unit stride along d; bias contiguous")
+
+
+def gumbel_noise(n_rows: int, n_vocab: int, seed: int, device, fp64: bool = False) -> torch.Tensor:
+    """The noise the kernels draw for ``seed``, materialised: [n_rows, n_vocab] fp32 (fp64 if ``fp64``)."""
+    dtype = torch.float64 if fp64 else torch.float32
+    out = torch.empty(n_rows, n_vocab, dtype=dtype, device=device)
+    if n_rows == 0:
+        return out
+    if not triton_runs_on(out):
+        return _torch_gumbel(n_rows, n_vocab, seed, out.device, dtype)
+    bn = 16 if out.is_cuda else 128
+    bv = min(1024 if out.is_cuda else 256, max(16, next_power_of_2(n_vocab)))
+    for r0, r1, key in row_chunks(n_rows, n_vocab, seed):
+        grid = (triton.cdiv(r1 - r0, bn), triton.cdiv(n_vocab, bv))
+        _gumbel_noise_kernel[grid](out[r0:r1], key, r1 - r0, n_vocab, out.stride(0), BLOCK_N=bn, BLOCK_V=bv, FP64=fp64)
+    return out
+
+
+def _torch_gumbel(n_rows, n_vocab, seed, device, dtype) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+    u = torch.rand(n_rows, n_vocab, generator=gen, device=device, dtype=dtype)
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
+
+
+def _head_blocks(n_rows: int, d: int, n_vocab: int, fp64: bool, device) -> tuple[int, int, int, int]:
+    if device.type != "cuda":  # interpreter: fewer, larger programs
+        block_n = min(128, max(16, next_power_of_2(n_rows)))
+    else:
+        block_n = 16 if n_rows <= 16 else 32 if (n_rows <= 32 or fp64) else 64
+    block_v = min(128, max(16, next_power_of_2(n_vocab)))
+    block_d = min(64, max(16, next_power_of_2(d)))
+    tiles = triton.cdiv(n_vocab, block_v)
+    if device.type == "cuda":  # enough programs to fill the SMs when N is small
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = min(tiles, max(1, triton.cdiv(4 * sms, triton.cdiv(n_rows, block_n))))
+    else:
+        splits = 1
+    return block_n, block_v, block_d, triton.cdiv(tiles, triton.cdiv(tiles, splits))
+
+
+def head_sample_update(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_vocab: int,
+                       dst: torch.Tensor | None = None, x_flat: torch.Tensor | None = None, seed: int = 0,
+                       noise: torch.Tensor | None = None, fp64: bool = False) -> torch.Tensor:
+    """Sample token[i] ~ softmax(h_i W[:n_vocab]^T + b[:n_vocab]) by Gumbel-max; write x_flat[dst[i]] = token[i].
+
+    h: [N, d] final-normed rows (same dtype as weight [C, d] and bias [C]); dst: [N] int64 into the
+    1-D int64 ``x_flat`` (optional); noise: explicit [N, n_vocab] Gumbel noise, else Philox keyed by
+    ``seed``. Returns tokens [N] int64. Example::
+
+        tok = head_sample_update(hn, W, b, n_vocab=W.shape[0] - 1, dst=flat_pos, x_flat=x.view(-1), seed=7)
+    """
+    _check_head(h, weight, bias, n_vocab)
+    N, D = h.shape
+    _check_dst(dst, x_flat, N, h.device)
+    if noise is not None:
+        _check_noise(noise, N, n_vocab, fp64, h.device)
+    tokens = torch.empty(N, dtype=torch.int64, device=h.device)
+    if N == 0:
+        return tokens
+    if not triton_runs_on(h):
+        if noise is None:
+            noise = _torch_gumbel(N, n_vocab, seed, h.device, torch.float64 if fp64 else torch.float32)
+        return head_sample_update_ref(h, weight, bias, n_vocab, dst, x_flat, noise, fp64)
+    bn, bv, bd, splits = _head_blocks(N, D, n_vocab, fp64, h.device)
+    tiles_per_split = triton.cdiv(triton.cdiv(n_vocab, bv), splits)
+    vals = torch.empty(N, splits, dtype=torch.float64 if fp64 else torch.float32, device=h.device)
+    idx = torch.empty(N, splits, dtype=torch.int32, device=h.device)
+    for r0, r1, key in row_chunks(N, n_vocab, seed) if noise is None else [(0, N, 0)]:
+        nz = noise[r0:r1] if noise is not None else vals  # vals: an unused placeholder pointer
+        _head_argmax_kernel[(triton.cdiv(r1 - r0, bn), splits)](
+            h[r0:r1], weight, bias, nz, vals[r0:r1], idx[r0:r1],
+            key, r1 - r0, D, n_vocab, tiles_per_split,
+            h.stride(0), weight.stride(0), nz.stride(0), vals.stride(0),
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, NOISE_GIVEN=noise is not None, FP64=fp64, EVEN_D=D % bd == 0,
+            num_warps=4,
+        )
+    fb = 64
+    _finalize_kernel[(triton.cdiv(N, fb),)](
+        vals, idx, dst if dst is not None else tokens, x_flat if x_flat is not None else tokens, tokens,
+        N, splits, vals.stride(0), BLOCK_N=fb, BLOCK_S=max(2, next_power_of_2(splits)), HAS_DST=dst is not None,
+    )
+    return tokens
+
+
+def logits_sample_update(logits: torch.Tensor, dst: torch.Tensor | None = None, x_flat: torch.Tensor | None = None,
+                         seed: int = 0, noise: torch.Tensor | None = None, fp64: bool = False) -> torch.Tensor:
+    """Sample token[i] ~ softmax(logits[i]) by Gumbel-max (-inf logits never win); write x_flat[dst[i]].
+
+    logits: [N, n_vocab] fp32 (e.g. top-k / top-p filtered); dst, x_flat, seed, noise as in
+    ``head_sample_update``. Returns tokens [N] int64.
+    """
+    check(logits.dim() == 2 and logits.dtype == torch.float32, f"logits must be fp32 [N, n_vocab], got {logits.dtype} {tuple(logits.shape)}")
+    check(logits.stride(1) == 1 or logits.shape[1] <= 1, "logits need unit stride along the vocabulary")
+    N, n_vocab = logits.shape
+    check(n_vocab >= 1, "logits need at least one class")
+    _check_dst(dst, x_flat, N, logits.device)
+    if noise is not None:
+        _check_noise(noise, N, n_vocab, fp64, logits.device)
+    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
+    if N == 0:
+        return tokens
+    if not triton_runs_on(logits):
+        if noise is None:
+            noise = _torch_gumbel(N, n_vocab, seed, logits.device, torch.float64 if fp64 else torch.float32)
+        return logits_sample_update_ref(logits, dst, x_flat, noise, fp64)
+    bn = 16 if logits.is_cuda else 128  # interpreter: fewer, larger programs
+    bv = min(256, max(16, next_power_of_2(n_vocab)))
+    for r0, r1, key in row_chunks(N, n_vocab, seed) if noise is None else [(0, N, 0)]:
+        nz = noise[r0:r1] if noise is not None else logits[r0:r1]  # logits: an unused placeholder pointer
+        d = dst[r0:r1] if dst is not None else tokens[r0:r1]
+        _logits_argmax_kernel[(triton.cdiv(r1 - r0, bn),)](
+            logits[r0:r1], nz, d, x_flat if x_flat is not None else tokens, tokens[r0:r1],
+            key, r1 - r0, n_vocab, logits.stride(0), nz.stride(0),
+            BLOCK_N=bn, BLOCK_V=bv, NOISE_GIVEN=noise is not None, FP64=fp64, HAS_DST=dst is not None, num_warps=4,
+        )
+    return tokens
+
+
+# ----------------------------------------------------------------------------
+# PyTorch references (the oracle of the tests; the CPU fallback)
+# ----------------------------------------------------------------------------
+def logits_sample_update_ref(logits, dst, x_flat, noise, fp64: bool = False) -> torch.Tensor:
+    """argmax(logits + noise) in fp32 (fp64), first index on ties; writes x_flat[dst] when given."""
+    dtype = torch.float64 if fp64 else torch.float32
+    tokens = (logits.to(dtype) + noise.to(dtype)).argmax(dim=-1)
+    if dst is not None:
+        x_flat[dst] = tokens
+    return tokens
+
+
+def head_sample_update_ref(h, weight, bias, n_vocab: int, dst, x_flat, noise, fp64: bool = False) -> torch.Tensor:
+    """The unfused head: fp32 logits h @ W[:n_vocab]^T + b[:n_vocab], then ``logits_sample_update_ref``."""
+    logits = h.float() @ weight[:n_vocab].float().t() + bias[:n_vocab].float()
+    return logits_sample_update_ref(logits, dst, x_flat, noise, fp64)

@@ -1,0 +1,129 @@
+"""The reveal schedule (spec 5): which position of which row is revealed at which step.
+
+A masked token's chance to be revealed at step i (the "update rate") depends only
+on the noise schedule, never on the model output (spec 5.1-5.3). So the whole
+schedule can be drawn up front: each free token draws its reveal step from the
+categorical P(step i) = rate_i * prod_{j<i} (1 - rate_j) (the last step reveals
+everything left). A row needs a model evaluation only at its distinct reveal
+steps, numbered here 0..K-1 ("groups"); K is the row's E-NFE.
+
+Example::
+
+    rates = update_rates(noise, steps=1024, method="tweedie")         # [1024] float64
+    step = draw_reveal_steps(rates, free)                              # [R, L], -1 where fixed
+    group, K = group_steps(step)                                       # group ranks, E-NFE per row
+"""
+from __future__ import annotations
+
+import torch
+
+DIFFUSION_METHODS = ("tweedie", "euler")
+METHODS = DIFFUSION_METHODS + ("ordered",)
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; expected one of {METHODS}")
+    return method
+
+
+def check_steps(steps) -> int:
+    if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return int(steps)
+
+
+def update_rates(noise, steps: int, method: str, eps: float = 1e-5, device=None) -> torch.Tensor:
+    """Per-step reveal probability of a still-masked token: [steps] float64, last entry 1.
+
+    t_i = linspace(1, eps, steps + 1)[i], dt = (1 - eps) / steps (published). Rates are clamped
+    to [0, 1]: a rate above 1 (euler with few steps) reveals every token, as in the published code.
+    """
+    steps = check_steps(steps)
+    t = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64, device=device)[:-1]
+    dt = (1.0 - eps) / steps
+    sigma, dsigma = noise(t)
+    move = -torch.expm1(-sigma)  # 1 - exp(-sigma(t)): probability of being masked at t
+    if method == "tweedie":
+        sigma_next = noise(t - dt)[0]
+        rate = (torch.exp(-sigma_next) - torch.exp(-sigma)) / move
+    elif method == "euler":
+        rate = dt * dsigma * torch.exp(-sigma) / move
+    else:
+        raise ValueError(f"update rates exist for {DIFFUSION_METHODS}, got method {method!r}")
+    rate = rate.to(torch.float64).clamp(0.0, 1.0)
+    rate[-1] = 1.0
+    return rate
+
+
+def step_distribution(rates: torch.Tensor) -> torch.Tensor:
+    """P(a token is revealed at step i) for every step: [steps] float64, sums to 1."""
+    survive = torch.cumprod(1.0 - rates, dim=0)
+    before = torch.cat([survive.new_ones(1), survive[:-1]])
+    return before * rates
+
+
+def draw_reveal_steps(rates: torch.Tensor, free: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Reveal step of every free token by inverse-CDF sampling: free [R, L] bool -> [R, L] int64, -1 where fixed."""
+    cdf = torch.cumsum(step_distribution(rates), dim=0)
+    cdf[-1] = 1.0  # rounding: u < 1 always lands on a step
+    u = torch.rand(free.shape, dtype=torch.float64, device=free.device, generator=generator)
+    step = torch.searchsorted(cdf, u, right=True).clamp_(max=rates.numel() - 1)
+    return torch.where(free, step, torch.full_like(step, -1))
+
+
+def group_steps(step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank of each token's reveal step among its row's distinct reveal steps.
+
+    step [R, L] int (-1 = never revealed) -> group [R, L] int32 (-1 kept), K [R] int64
+    (the number of distinct steps = the evaluations the row needs, its E-NFE).
+    """
+    if step.numel() == 0:
+        return step.to(torch.int32), step.new_zeros(step.shape[0])
+    sorted_step, order = step.sort(dim=1)
+    new = torch.ones_like(sorted_step, dtype=torch.bool)
+    new[:, 1:] = sorted_step[:, 1:] != sorted_step[:, :-1]
+    new &= sorted_step >= 0
+    rank = new.cumsum(dim=1, dtype=torch.int32) - 1  # -1 for the fixed tokens sorted first
+    group = torch.empty_like(rank).scatter_(1, order, rank)
+    return group, new.sum(dim=1)
+
+
+def ordered_groups(free: torch.Tensor, steps: int, order: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any-order AR schedule (spec 5.5): free positions revealed in ``order``, in ``steps`` chunks.
+
+    free [R, L] bool; order: a permutation of range(L) shared by all rows (fixed positions in it are
+    skipped), or None for a random one (per row, or one for all rows when ``shared``, as published).
+    The n free positions of a row are split into K = min(steps, n) contiguous chunks of the order
+    (one position per step when steps >= n). Returns (group [R, L] int32, -1 where fixed; K [R]).
+    """
+    R, L = free.shape
+    device = free.device
+    if order is None:
+        keys = torch.rand(1 if shared else R, L, device=device, generator=generator).expand(R, L)
+    else:
+        order = torch.as_tensor(order, device=device).long().flatten()
+        if order.numel() != L or not torch.equal(order.sort().values, torch.arange(L, device=device)):
+            raise ValueError(f"order must be a permutation of range({L}), got {order.numel()} entries")
+        keys = torch.empty(L, device=device).scatter_(0, order, torch.arange(L, device=device, dtype=torch.float32))
+        keys = keys.expand(R, L)
+    keys = keys.masked_fill(~free, float("inf"))
+    rank = torch.empty(R, L, dtype=torch.int64, device=device)
+    rank.scatter_(1, keys.argsort(dim=1), torch.arange(L, device=device).expand(R, L).contiguous())
+    n_free = free.sum(dim=1, keepdim=True)
+    K = n_free.clamp(max=check_steps(steps))
+    group = (rank * K) // n_free.clamp(min=1)
+    group = torch.where(free, group, torch.full_like(group, -1)).to(torch.int32)
+    return group, K.squeeze(1)
+
+
+def expected_enfe(steps: int, n_free: int) -> float:
+    """E-NFE of a row with n_free masked tokens and loglinear noise: N (1 - (1 - 1/N)^L) (spec 5)."""
+    return steps * (1.0 - (1.0 - 1.0 / steps) ** n_free)
+
+
+def expected_enfe_exact(rates: torch.Tensor, n_free: int) -> float:
+    """E-NFE for any rates: sum_i 1 - (1 - P(step i))^n_free (the loglinear formula up to O(eps))."""
+    p = step_distribution(rates)
+    return float((1.0 - (1.0 - p) ** n_free).sum())
