@@ -88,10 +88,12 @@ class RevealSampler:
         self.strategy, self.para, self.dtype = strategy, para, dtype
         self.n_vocab = model.vocab_size - 1  # the MASK column never takes part
         linear = model.output_layer.linear
-        self.use_kernels = triton_runs_on(linear.weight) if use_kernels is None else use_kernels
-        if self.use_kernels and not triton_runs_on(linear.weight):
-            raise ValueError("use_kernels=True needs CUDA tensors or TRITON_INTERPRET=1")
         cdtype = model.compute_dtype
+        if use_kernels is None:  # the interpreter mis-reads 16-bit tl.dot tiles: fp32 only off CUDA
+            use_kernels = triton_runs_on(linear.weight) and (linear.weight.is_cuda or cdtype == torch.float32)
+        if use_kernels and not triton_runs_on(linear.weight):
+            raise ValueError("use_kernels=True needs CUDA tensors or TRITON_INTERPRET=1")
+        self.use_kernels = use_kernels
         # The autocast head sees W, b in the compute dtype; cast once, not per evaluation.
         self.weight = linear.weight.detach().to(cdtype).contiguous()
         self.bias = linear.bias.detach().to(cdtype).contiguous()
