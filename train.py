@@ -26,7 +26,7 @@ OmegaConf.register_new_resolver(
     else new, replace=True)
 
 if int(os.environ.get("RANK", "0")) != 0:  # ranks > 0 write nothing of Hydra's
-    sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=."]
+    sys.argv[1:1] = ["hydra.output_subdir=null", "hydra.run.dir=."]
 
 
 def resume_config(load_dir: str):

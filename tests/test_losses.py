@@ -258,13 +258,18 @@ def test_train_flag_sets_model_mode():
 # ---- the fused head ----------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("radd_fast.kernels.linear_log_softmax") is None,
                     reason="radd_fast/kernels/linear_log_softmax.py (fused head) not present yet")
-@pytest.mark.parametrize("loss_type", ["t_DSE", "lambda_DCE", "k_DCE"])
-def test_fast_head_loss_matches_reference(loss_type):
+@pytest.mark.parametrize("loss_type,whole_model", [("t_DSE", False), ("lambda_DCE", False), ("k_DCE", False),
+                                                   ("lambda_DCE", True)])
+def test_fast_backend_loss_matches_reference(loss_type, whole_model):
     """backend='fast' routes the masked rows through the fused linear + log-softmax kernel
-    (Triton interpreter on CPU): same values and gradients as the reference head, fp32."""
+    (Triton interpreter on CPU): same values and gradients as the reference, fp32. First the
+    head alone (blocks stay reference), then the whole fast model (Triton blocks too)."""
     ref, noise = make_model(tokens=50, length=8), LogLinearNoise(EPS)
     fast = make_model(tokens=50, length=8)
-    fast.backend = "fast"  # the head only: blocks stay reference, the loss head is what is under test
+    if whole_model:
+        fast.set_backend("fast")
+    else:
+        fast.backend = "fast"  # the head only: the loss head is what is under test
     batch = torch.randint(0, 50, (3, 8))
     values, gs = [], []
     for model in (ref, fast):

@@ -79,6 +79,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(straight_run, tmp_p
     monkeypatch.setattr(loop_module, "_accumulate", real)
     rest = train(tiny_config(tmp_path), tmp_path / "run")
     assert rest["losses"] == straight["losses"][4:]
+    assert rest["eval_losses"] == straight["eval_losses"][2:]  # the validation position resumed too
     assert_same_state(load_meta(tmp_path / "run"), load_meta(run))
 
 

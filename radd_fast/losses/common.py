@@ -24,8 +24,7 @@ def check_batch(model, batch: torch.Tensor, token_dim: int) -> None:
         raise ValueError(f"batch is empty: shape {tuple(batch.shape)}")
     if L > model.length:
         raise ValueError(f"sequence length {L} exceeds the model's length {model.length} (model.length)")
-    lo, hi = torch.aminmax(batch)
-    lo, hi = lo.item(), hi.item()
+    lo, hi = torch.stack(torch.aminmax(batch)).tolist()  # one host sync
     if lo < 0 or hi >= token_dim - 1:
         raise ValueError(f"clean tokens must be in [0, {token_dim - 1}) (the mask id is {token_dim - 1}, "
                          f"V = token_dim = {token_dim}); got min {lo} max {hi}")

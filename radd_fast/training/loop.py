@@ -167,9 +167,10 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
             atomic_save(ckpt, path)
 
     history = {"losses": [], "eval_losses": []}
-    window_start, window_steps = time.perf_counter(), 0
+    window_time, window_steps = 0.0, 0  # training time only: evaluation, checkpoints, samples excluded
     try:
         while step < t.n_iters:
+            step_start = time.perf_counter()
             loss = _accumulate(step_module, train_loader.next_step(), scaler, step, t.seed, env)
             if not math.isfinite(loss):
                 raise NonFiniteLossError(f"loss is {loss} at step {step + 1}: stopping before the update; the last "
@@ -182,25 +183,26 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
             apply_update(optimizer, scaler)
             ema.update(params)
             history["losses"].append((step, loss))
+            window_time += time.perf_counter() - step_start  # the loss .item() synced the device already
             window_steps += 1
             metrics.progress(1, loss=loss)
 
             if step % t.log_freq == 0 or step == t.n_iters:
-                elapsed = time.perf_counter() - window_start
-                tok_s = tokens_per_step * window_steps / elapsed
+                tok_s = tokens_per_step * window_steps / window_time
                 record = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                           "tokens_per_s": tok_s, "mfu": fpt * tok_s / (peak * env.world) if peak else None}
                 metrics.log(step, **record)
                 metrics.progress(0, loss=loss, tok_s=tok_s, **({"mfu": record["mfu"]} if peak else {}))
                 log.info("step %d: loss %.4f, %.0f tokens/s", step, loss, tok_s)
-                window_start, window_steps = time.perf_counter(), 0
-            if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
-                save(run_dir / META)
+                window_time, window_steps = 0.0, 0
+            # Evaluation first: a checkpoint of this step then holds the validation position after it.
             if valid_loader is not None and step % t.eval_freq == 0:
                 eval_loss = _evaluate(model, ema, eval_fn, valid_loader, step, t.seed, env)
                 history["eval_losses"].append((step, eval_loss))
                 metrics.log(step, eval_loss=eval_loss)
                 log.info("step %d: evaluation loss %.4f", step, eval_loss)
+            if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
+                save(run_dir / META)
             if step % t.snapshot_freq == 0 or step == t.n_iters:
                 save(run_dir / SNAPSHOTS / f"checkpoint_{step}.pth")
                 if t.snapshot_sampling:
