@@ -6,8 +6,15 @@ import torch
 from radd_fast import GeometricNoise, LogLinearNoise
 from radd_fast.sampling.batching import plan_ticks
 from radd_fast.sampling.conditioning import initial_state, text_conditioning
-from radd_fast.sampling.schedule import (draw_reveal_steps, expected_enfe, expected_enfe_exact, group_steps,
-                                         ordered_groups, step_distribution, update_rates)
+from radd_fast.sampling.schedule import (
+    draw_reveal_steps,
+    expected_enfe,
+    expected_enfe_exact,
+    group_steps,
+    ordered_groups,
+    step_distribution,
+    update_rates,
+)
 from radd_fast.sampling.strategies import check_strategy, filter_logits, sample_logits
 
 from .test_sampling_utils import ALPHA, two_sample_chi2

@@ -30,8 +30,16 @@ import torch
 from .batching import plan_ticks
 from .conditioning import initial_state
 from .evaluator import BodyRunner, RevealSampler, compact, tick_key
-from .schedule import (DIFFUSION_METHODS, check_method, check_steps, draw_reveal_steps, expected_enfe_exact,
-                       group_steps, ordered_groups, update_rates)
+from .schedule import (
+    DIFFUSION_METHODS,
+    check_method,
+    check_steps,
+    draw_reveal_steps,
+    expected_enfe_exact,
+    group_steps,
+    ordered_groups,
+    update_rates,
+)
 from .strategies import check_strategy
 from .strategies import sampling_dtype as parse_sampling_dtype
 

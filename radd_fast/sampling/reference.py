@@ -138,11 +138,18 @@ class DiffusionSampler(Sampler):
         return x
 
     def _direct_draw(self, logp: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
-        """Published direct step: Gumbel-max over [p(v) * rate for v < V-1] + [1 - rate for MASK]."""
+        """Published direct step: Gumbel-max over [p(v) * rate for v < V-1] + [1 - rate for MASK].
+
+        The MASK column is scored apart (same argmax; ties go to the real token, as argmax over the
+        concatenation would) and the noise is added in place: peak memory one [M, V-1] copy + noise."""
         dtype = self._dtype
-        scores = torch.cat([logp.to(dtype) + torch.log(rate).to(dtype),
-                            torch.log1p(-rate).to(dtype).expand(logp.shape[0], 1)], dim=-1)
-        return (scores + gumbel(scores.shape, dtype, scores.device, self.generator)).argmax(dim=-1)
+        scores = logp.to(dtype, copy=True)
+        scores += torch.log(rate).to(dtype)
+        scores += gumbel(scores.shape, dtype, scores.device, self.generator)
+        best, token = scores.max(dim=-1)
+        del scores
+        stay = torch.log1p(-rate).to(dtype) + gumbel(best.shape, dtype, best.device, self.generator)
+        return torch.where(stay > best, torch.full_like(token, self.mask_id), token)
 
 
 class OrderedSampler(Sampler):

@@ -65,7 +65,7 @@ def filter_logits(logits: torch.Tensor, strategy: str, para=None) -> torch.Tenso
 def gumbel(shape, dtype: torch.dtype, device, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard Gumbel noise, drawn on ``device`` (never on the host and copied)."""
     u = torch.rand(shape, dtype=dtype, device=device, generator=generator)
-    return -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
+    return u.clamp_min_(torch.finfo(dtype).tiny).log_().neg_().log_().neg_()  # in place: one buffer
 
 
 def sample_logits(logits: torch.Tensor, strategy: str, para=None, generator: torch.Generator | None = None,

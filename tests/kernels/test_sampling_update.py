@@ -4,8 +4,14 @@ import math
 import pytest
 import torch
 
-from radd_fast.kernels.sampling_update import (gumbel_noise, head_sample_update, head_sample_update_ref,
-                                               logits_sample_update, logits_sample_update_ref, row_chunks)
+from radd_fast.kernels.sampling_update import (
+    gumbel_noise,
+    head_sample_update,
+    head_sample_update_ref,
+    logits_sample_update,
+    logits_sample_update_ref,
+    row_chunks,
+)
 from radd_fast.kernels.utils import triton_runs_on
 
 from ..helpers import poison_like
