@@ -96,7 +96,8 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
              buckets: bool = True, wave_size: int | None = None) -> tuple[torch.Tensor, SamplingStats]:
     """Sample ``num_samples`` sequences: returns (tokens [num_samples, length] int64 on the model's device, stats).
 
-    method: 'tweedie' | 'euler' (need ``noise``) | 'ordered' (any-order AR, ``order`` or random per row);
+    method: 'tweedie' | 'euler' (need ``noise``) | 'ordered' (any-order AR: ``order``, a permutation of
+    range(length) shared by all rows, or by default a random order per row; ``steps`` chunks of it);
     strategy: 'direct' | 'top_p' | 'top_k' with ``strategy_para`` (p or k); conditioning: see
     conditioning.py (fixed tokens, never changed); batch_size: rows in flight per evaluation;
     seed: deterministic output on one device; sampling_dtype: 'float32' | 'float64' Gumbel noise;
@@ -156,8 +157,8 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     if bool((out == model.mask_id).any()):
         raise RuntimeError("internal error: MASK tokens left after sampling (the plan and the schedule disagree)")
     enfe = torch.cat(enfe) if enfe else torch.zeros(0, dtype=torch.int64)
-    stats = SamplingStats(enfe=enfe, enfe_theory=_theory(rates, init, model.mask_id), wall_time=wall, num_samples=num_samples,
-                          length=length, steps=steps, cuda_graphs=len(body.graphs), **totals)
+    stats = SamplingStats(enfe=enfe, enfe_theory=_theory(rates, init, model.mask_id), wall_time=wall,
+                          num_samples=num_samples, length=length, steps=steps, cuda_graphs=len(body.graphs), **totals)
     if progress:
         print(f"E-NFE {stats.enfe_mean:.1f} per sample | {stats.tokens_per_s:,.0f} tokens/s | "
               f"{stats.samples_per_s:.2f} samples/s | {wall:.2f} s")
