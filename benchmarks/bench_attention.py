@@ -14,11 +14,10 @@ installed, "reference" on CPU only.
 """
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from benchmarks.timing import grad_calls, median_ms
 from radd_fast.kernels import flash_attention as fa
 from radd_fast.kernels.attention import _flash_attn_ok, attention, attention_ref
 
@@ -35,20 +34,6 @@ FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
 def flops(B, T, h, hd, mode):
     return 4 * B * h * T * T * hd * FLOP_FACTOR[mode]
-
-
-def bench_ms(fn, device, grad_to_none=None) -> float:
-    """Median milliseconds: CUDA events via do_bench; a host clock on CPU."""
-    if device == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def rotary_tables(T, hd, device):
@@ -82,13 +67,8 @@ def _sdpa_with(backend, qkv):
 
 def _time_modes(fn, qkv, device):
     """ms per mode for out = fn(qkv); the backward replays one saved graph."""
-    x = qkv.detach().requires_grad_(True)
-    out = fn(x)
-    dout = torch.randn_like(out)
-    fwd = bench_ms(lambda: fn(x), device)
-    bwd = bench_ms(lambda: out.backward(dout, retain_graph=True), device, grad_to_none=[x])
-    both = bench_ms(lambda: fn(x).backward(dout), device, grad_to_none=[x])
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
+    calls = grad_calls(fn, (qkv.detach().requires_grad_(True),))
+    return {mode: median_ms(call, device) for mode, call in calls.items()}
 
 
 def run(device: str = "cuda", quick: bool = False) -> list:
@@ -151,7 +131,7 @@ def _dq_part(c):
 
 def _sweep_row(mode, cfg, fn, n_flops, device):
     try:
-        ms = bench_ms(fn, device)
+        ms = median_ms(fn, device)
     except Exception as e:  # out of shared memory / registers for this tile: reported in the table
         return dict(mode=mode, config=str(cfg), ms=float("nan"), tflops=float("nan"), error=type(e).__name__)
     return dict(mode=mode, config=str(cfg), ms=ms, tflops=n_flops / ms * 1e-9)

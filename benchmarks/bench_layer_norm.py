@@ -1,7 +1,7 @@
 """Benchmark LayerNormWot (and the fused residual form) against eager and torch.compile.
 
-    python benchmarks/bench_layer_norm.py            # CUDA sweep, markdown table
-    python benchmarks/bench_layer_norm.py --quick    # tiny shapes, ours + eager (CPU: interpreter)
+    python -m benchmarks.bench_layer_norm            # CUDA sweep, markdown table
+    python -m benchmarks.bench_layer_norm --quick    # tiny shapes, ours + eager (CPU: interpreter)
 
 Providers: ours (Triton), eager (the published LayerNormWot in PyTorch), compile
 (torch.compile of eager). Modes: fwd, bwd, fwd+bwd. Time is the median (do_bench on
@@ -10,14 +10,18 @@ bytes below (each tensor read or written once), so it is comparable across provi
 """
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
+from benchmarks.timing import (  # noqa: E402
+    allow_retain_graph_under_compile,
+    bandwidth_rows,
+    bandwidth_table,
+    grad_calls,
+)
 from radd_fast.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref  # noqa: E402
 
 
@@ -52,69 +56,12 @@ def _bytes(op, mode, n, d, s_x, s_y, s_w=4):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def _timer(device):
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_median(fn, reps=1):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return cpu_median
-
-
-def _peak_mb(fn, device):
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def _bench_one(op, provider, fn, inputs, n, d, s_x, s_y, label, device, timer):
-    rows = []
-    leaves = [t for t in inputs if t.requires_grad]
-
-    def fwd():
-        return fn(*inputs)
-
-    outs = fwd()
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    grads = [torch.randn_like(o) for o in outs]
-
-    def bwd():
-        torch.autograd.grad(outs, leaves, grads, retain_graph=True)
-
-    def fwd_bwd():
-        o = fwd()
-        torch.autograd.grad(o if isinstance(o, tuple) else (o,), leaves, grads)
-
-    for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
-        ms = timer(f)
-        rows.append(dict(op=op, shape=f"[{n}, {d}]", dtype=label, provider=provider, mode=mode, ms=ms,
-                         gbps=_bytes(op, mode, n, d, s_x, s_y) / ms / 1e6, peak_mb=_peak_mb(f, device)))
-    return rows
-
-
 def run(device, quick: bool) -> list:
     """Rows of {op, shape, dtype, provider, mode, ms, gbps, peak_mb}."""
     device = torch.device(device)
-    timer = _timer(device)
     cuda = device.type == "cuda"
-    if cuda:  # compiled backwards donate buffers, which forbids retain_graph (our "bwd" timing)
-        import torch._functorch.config as functorch_config
-
-        functorch_config.donated_buffer = False
+    if cuda:
+        allow_retain_graph_under_compile()
     if quick or not cuda:
         shapes, dtypes = [(8, 64)], [("fp32", torch.float32, torch.float32)]
     else:
@@ -133,21 +80,14 @@ def run(device, quick: bool) -> list:
             if cuda and not quick and (n, d) == (32768, 768):  # compile: the target shape only (compile time)
                 providers.append(("compile", torch.compile(_eager_ln), torch.compile(_eager_add_ln)))
             for provider, ln_fn, add_fn in providers:
-                rows += _bench_one("layer_norm", provider, lambda x, w, b: ln_fn(x, w, b, y_dtype), (x, w, b),
-                                   n, d, s_x, s_y, label, device, timer)
+                runs = [("layer_norm", lambda x, w, b: ln_fn(x, w, b, y_dtype), (x, w, b))]
                 if x_dtype == torch.float32:  # the fused form as the model calls it: fp32 stream
-                    rows += _bench_one("add_layer_norm", provider,
-                                       lambda x, dl, w, b: add_fn(x, dl, w, b, y_dtype), (x, delta, w, b),
-                                       n, d, s_x, s_y, label, device, timer)
+                    runs.append(("add_layer_norm", lambda x, dl, w, b: add_fn(x, dl, w, b, y_dtype), (x, delta, w, b)))
+                for op, fn, inputs in runs:
+                    rows += bandwidth_rows(grad_calls(fn, inputs), device,
+                                           lambda mode, op=op: _bytes(op, mode, n, d, s_x, s_y), cpu_reps=1,
+                                           op=op, shape=f"[{n}, {d}]", dtype=label, provider=provider)
     return rows
-
-
-def to_markdown(rows) -> str:
-    lines = ["| op | shape | dtype | provider | mode | ms | GB/s | peak MB |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['mode']} | "
-                     f"{r['ms']:.4f} | {r['gbps']:.1f} | {r['peak_mb']:.1f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
@@ -157,4 +97,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if torch.cuda.is_available():
         print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
-    print(to_markdown(run(args.device, args.quick)))
+    print(bandwidth_table(run(args.device, args.quick)))

@@ -1,7 +1,7 @@
 """Benchmark the packed-qkv rotary kernel against eager and torch.compile.
 
-    python benchmarks/bench_rotary.py            # CUDA sweep, markdown table
-    python benchmarks/bench_rotary.py --quick    # tiny shapes, ours + eager (CPU: interpreter)
+    python -m benchmarks.bench_rotary            # CUDA sweep, markdown table
+    python -m benchmarks.bench_rotary --quick    # tiny shapes, ours + eager (CPU: interpreter)
 
 Providers: ours (Triton), eager (the published formula in qkv's dtype), compile
 (torch.compile of eager). Modes: fwd, bwd, fwd+bwd; op ``rotary_qkv_`` is the in-place
@@ -10,14 +10,18 @@ where interpreter timings mean nothing); GB/s from the ideal bytes in ``_bytes``
 """
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
+from benchmarks.timing import (  # noqa: E402
+    allow_retain_graph_under_compile,
+    bandwidth_rows,
+    bandwidth_table,
+    grad_calls,
+)
 from radd_fast.kernels.rotary import apply_rotary_qkv, rotary_tables  # noqa: E402
 
 
@@ -39,44 +43,12 @@ def _bytes(op, mode, B, T, h, hd, s):
     return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}[mode]
 
 
-def _timer(device):
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_median(fn, reps=1):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return cpu_median
-
-
-def _peak_mb(fn, device):
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def run(device, quick: bool) -> list:
     """Rows of {op, shape, dtype, provider, mode, ms, gbps, peak_mb}."""
     device = torch.device(device)
-    timer = _timer(device)
     cuda = device.type == "cuda"
-    if cuda:  # compiled backwards donate buffers, which forbids retain_graph (our "bwd" timing)
-        import torch._functorch.config as functorch_config
-
-        functorch_config.donated_buffer = False
+    if cuda:
+        allow_retain_graph_under_compile()
     if quick or not cuda:
         shapes, dtypes = [(1, 5, 2, 16)], [torch.float32]
     else:  # small (h 12) and medium (h 16) model, hd 64, batch x 1024 tokens
@@ -93,37 +65,18 @@ def run(device, quick: bool) -> list:
             if cuda and not quick:
                 providers.append(("compile", torch.compile(_eager)))
             for provider, fn in providers:
-                y = fn(qkv, cos, sin)
-                dy = torch.randn_like(y)
-                modes = (
-                    ("fwd", lambda: fn(qkv, cos, sin)),
-                    ("bwd", lambda: torch.autograd.grad(y, qkv, dy, retain_graph=True)),
-                    ("fwd+bwd", lambda: torch.autograd.grad(fn(qkv, cos, sin), qkv, dy)),
-                )
-                for mode, f in modes:
-                    ms = timer(f)
-                    rows.append(dict(op="rotary_qkv", shape=shape, dtype=label, provider=provider, mode=mode, ms=ms,
-                                     gbps=_bytes("rotary_qkv", mode, B, T, h, hd, s) / ms / 1e6,
-                                     peak_mb=_peak_mb(f, device)))
+                rows += bandwidth_rows(grad_calls(fn, (qkv, cos, sin)), device,
+                                       lambda mode: _bytes("rotary_qkv", mode, B, T, h, hd, s), cpu_reps=1,
+                                       op="rotary_qkv", shape=shape, dtype=label, provider=provider)
             work = qkv.detach().clone()
 
             def inplace():
                 with torch.no_grad():
                     apply_rotary_qkv(work, cos, sin, inplace=True)
 
-            ms = timer(inplace)
-            rows.append(dict(op="rotary_qkv_", shape=shape, dtype=label, provider="ours", mode="fwd", ms=ms,
-                             gbps=_bytes("rotary_qkv_", "fwd", B, T, h, hd, s) / ms / 1e6,
-                             peak_mb=_peak_mb(inplace, device)))
+            rows += bandwidth_rows({"fwd": inplace}, device, lambda mode: _bytes("rotary_qkv_", mode, B, T, h, hd, s),
+                                   cpu_reps=1, op="rotary_qkv_", shape=shape, dtype=label, provider="ours")
     return rows
-
-
-def to_markdown(rows) -> str:
-    lines = ["| op | shape | dtype | provider | mode | ms | GB/s | peak MB |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['mode']} | "
-                     f"{r['ms']:.4f} | {r['gbps']:.1f} | {r['peak_mb']:.1f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
@@ -133,4 +86,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if torch.cuda.is_available():
         print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
-    print(to_markdown(run(args.device, args.quick)))
+    print(bandwidth_table(run(args.device, args.quick)))
