@@ -1,9 +1,14 @@
 """Comparison helpers shared by the tests: errors relative to PyTorch's own."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 POISON = float("nan")
+# Kernel tests run on the GPU when present, else on CPU tensors through the Triton interpreter.
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="bf16/fp16 need CUDA: the Triton interpreter is unreliable for half types")
 
 
 def poison_like(t: torch.Tensor) -> torch.Tensor:

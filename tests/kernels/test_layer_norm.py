@@ -15,11 +15,8 @@ from radd_fast.kernels.layer_norm import (
     layer_norm_forward,
     layer_norm_ref,
 )
-from tests.helpers import assert_close, assert_within_torch_error, poison_like
+from tests.helpers import DEVICE, HAS_CUDA, assert_close, assert_within_torch_error, needs_cuda, poison_like
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="bf16/fp16 need CUDA: the Triton interpreter is unreliable for half types")
 ROWS = [1, 7, 13]
 DIMS = [64, 96, 768]
 

@@ -14,11 +14,8 @@ from radd_fast.kernels.rotary import (
     rotary_qkv_forward,
     rotary_tables,
 )
-from tests.helpers import assert_close, assert_within_torch_error, poison_like
+from tests.helpers import DEVICE, HAS_CUDA, assert_close, assert_within_torch_error, needs_cuda, poison_like
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="bf16/fp16 need CUDA: the Triton interpreter is unreliable for half types")
 # (B, T, h, hd): T = 1 and primes, odd head counts, head dims whose half is not a power of two
 SHAPES = [(1, 1, 1, 32), (2, 7, 3, 64), (1, 13, 12, 64), (2, 5, 2, 96), (1, 3, 5, 16)]
 
