@@ -125,14 +125,9 @@ def _validate(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torc
     check(isinstance(qkv, torch.Tensor) and qkv.dim() == 5 and qkv.shape[2] == 3,
           f"qkv must be [B, T, 3, h, hd]; got shape {tuple(qkv.shape)}")
     check(qkv.is_floating_point(), f"qkv must be floating point; got {qkv.dtype}")
-    B, T, _, h, hd = qkv.shape
+    hd = qkv.shape[-1]
     check(hd % 2 == 0 and hd > 0, f"head dim must be even; got {hd}")
-    check((cos is None) == (sin is None), "pass both cos and sin, or neither")
-    if cos is not None:
-        for name, t in (("cos", cos), ("sin", sin)):
-            check(t.shape == (T, hd // 2), f"{name} must be [T, hd/2] = [{T}, {hd // 2}]; got {tuple(t.shape)}")
-            check(t.dtype == torch.float32, f"{name} must be float32; got {t.dtype}")
-            check(t.device == qkv.device, f"{name} is on {t.device}, qkv on {qkv.device}")
+    fa.check_rotary_tables(qkv, cos, sin)
 
 
 def _flash_attn_ok(qkv: torch.Tensor) -> bool:

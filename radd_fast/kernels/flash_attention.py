@@ -373,6 +373,17 @@ def check_head_dim(head_dim: int) -> None:
           f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]; got head_dim={head_dim}")
 
 
+def check_rotary_tables(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
+    """cos, sin: both None, or both [T, hd/2] float32 on qkv's device (qkv: [B, T, 3, h, hd])."""
+    T, hd = qkv.shape[1], qkv.shape[-1]
+    check((cos is None) == (sin is None), "pass both cos and sin, or neither")
+    if cos is not None:
+        for name, t in (("cos", cos), ("sin", sin)):
+            check(t.shape == (T, hd // 2), f"{name} must be [T, hd/2] = [{T}, {hd // 2}]; got {tuple(t.shape)}")
+            check(t.dtype == torch.float32, f"{name} must be float32; got {t.dtype}")
+            check(t.device == qkv.device, f"{name} is on {t.device}, qkv on {qkv.device}")
+
+
 def check_inputs(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
     """Shape/dtype/layout checks shared by the launchers (raise ValueError)."""
     check(qkv.dim() == 5 and qkv.shape[2] == 3,
@@ -383,12 +394,9 @@ def check_inputs(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor 
     check(B * h > 0 and T > 0, f"empty qkv {tuple(qkv.shape)}")
     check_head_dim(hd)
     check(T * qkv.stride(1) < 2**31, "one sequence of qkv must span fewer than 2**31 elements")
-    check((cos is None) == (sin is None), "pass both cos and sin, or neither")
+    check_rotary_tables(qkv, cos, sin)
     if cos is not None:
         for name, t in (("cos", cos), ("sin", sin)):
-            check(t.shape == (T, hd // 2), f"{name} must be [T, hd/2] = [{T}, {hd // 2}]; got {tuple(t.shape)}")
-            check(t.dtype == torch.float32, f"{name} must be float32; got {t.dtype}")
-            check(t.device == qkv.device, f"{name} is on {t.device}, qkv on {qkv.device}")
             check(t.stride(-1) == 1, f"{name} must have unit stride on its last dim")
         check(cos.stride(0) == sin.stride(0), "cos and sin must share their row stride")
     check(triton_runs_on(qkv), f"triton attention cannot run on {qkv.device} "
@@ -478,6 +486,6 @@ def flash_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.T
 
 
 __all__ = [
-    "BwdConfig", "FwdConfig", "check_head_dim", "check_inputs", "default_bwd_config", "default_fwd_config",
-    "flash_attention_backward", "flash_attention_forward", "interpreter_on",
+    "BwdConfig", "FwdConfig", "check_head_dim", "check_inputs", "check_rotary_tables", "default_bwd_config",
+    "default_fwd_config", "flash_attention_backward", "flash_attention_forward", "interpreter_on",
 ]
