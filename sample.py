@@ -23,8 +23,6 @@ from radd_fast.sampling import METHODS, STRATEGIES, DiffusionSampler, OrderedSam
 from radd_fast.sampling.conditioning import initial_state, projection
 from radd_fast.sampling.strategies import check_strategy
 
-TOKENIZER_BY_SIZE = {50257: "gpt2", 256: "bytes"}
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,14 +77,10 @@ def parse_infill(p: argparse.ArgumentParser, spec: str) -> tuple[int, str]:
 
 
 def load_tokenizer(name: str | None, config):
-    from radd_fast.data.tokenizers import get_tokenizer
+    from radd_fast.data.tokenizers import default_tokenizer_name, get_tokenizer
 
     if name is None:
-        name = config.extra.get("tokenizer") or TOKENIZER_BY_SIZE.get(config.tokens)
-        if isinstance(name, dict):
-            name = name.get("name")
-        if name is None:
-            raise ValueError(f"the model has {config.tokens} tokens and its config names no tokenizer: pass --tokenizer")
+        name = default_tokenizer_name(config)
     tok = get_tokenizer(str(name))
     if tok.vocab_size > config.tokens:
         raise ValueError(f"tokenizer {name!r} has {tok.vocab_size} ids but the model only {config.tokens} tokens")

@@ -6,13 +6,16 @@
   local folder, loaded with ``transformers.AutoTokenizer``.
 
 ``identity`` is a string that changes whenever the token ids would: it keys the
-token cache (datasets.py).
+token cache (datasets.py). ``default_tokenizer_name`` picks the tokenizer of a
+checkpoint's config for the sampling and evaluation CLIs.
 """
 from __future__ import annotations
 
 import hashlib
 
 EOS_TEXT = "<|endoftext|>"
+# Model token count -> the tokenizer with exactly that many ids, for checkpoints whose config names none.
+TOKENIZER_BY_SIZE = {50257: "gpt2", 256: "bytes"}
 
 
 class ByteTokenizer:
@@ -73,3 +76,15 @@ def get_tokenizer(name: str):
     if name == "bytes":
         return ByteTokenizer()
     return HFTokenizer(name)
+
+
+def default_tokenizer_name(config) -> str:
+    """The tokenizer of a model config (``RADDConfig``): its ``tokenizer`` entry when it has one
+    (training writes it; a ``{name: ...}`` section also works), else by vocabulary size
+    (``TOKENIZER_BY_SIZE``). Raises ValueError when neither applies."""
+    name = config.extra.get("tokenizer") or TOKENIZER_BY_SIZE.get(config.tokens)
+    if isinstance(name, dict):
+        name = name.get("name")
+    if name is None:
+        raise ValueError(f"the model has {config.tokens} tokens and its config names no tokenizer: pass --tokenizer")
+    return str(name)

@@ -80,18 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- data ----------------------------------------------------------------------------------------------
-# Model token count -> the tokenizer with exactly that many ids, for checkpoints whose config names none.
-TOKENIZER_BY_SIZE = {50257: "gpt2", 256: "bytes"}
-
-
-def default_tokenizer(config) -> str:
-    """The run config's ``tokenizer`` entry when it has one (training writes it), else by vocabulary size."""
-    name = config.extra.get("tokenizer") or TOKENIZER_BY_SIZE.get(config.tokens)
-    if name is None:
-        raise EvalError(f"the model has {config.tokens} tokens and its config names no tokenizer: pass --tokenizer")
-    return str(name)
-
-
 def check_dataset(dataset: str) -> None:
     if not Path(dataset).expanduser().exists() and dataset not in HF_DATASETS:
         raise EvalError(f"unknown dataset {dataset!r}: expected one of {', '.join(HF_DATASETS)} "
@@ -134,6 +122,7 @@ def prepare(args):
     """Load the checkpoint (on the device for one rank, else on CPU for its config), take the length and
     tokenizer defaults from it, then the data blocks. Returns (args, blocks, (model, noise) or None)."""
     from ..checkpoint import load_model
+    from ..data.tokenizers import default_tokenizer_name
 
     device = args.device if args.ngpus == 1 else "cpu"
     model, noise = load_model(args.model_path, device=device, backend=args.engine, dtype=args.dtype)
@@ -141,7 +130,10 @@ def prepare(args):
         args.length = model.length
     elif args.length > model.length:
         raise EvalError(f"--length {args.length} is larger than the model's length {model.length} (model.length)")
-    args.tokenizer = args.tokenizer or default_tokenizer(model.config)
+    try:
+        args.tokenizer = args.tokenizer or default_tokenizer_name(model.config)
+    except ValueError as e:  # the config names no tokenizer and the vocabulary size fits none
+        raise EvalError(str(e)) from e
     blocks = load_blocks(args.valid_dataset, args.tokenizer, args.length, args.split, args.cache_dir)
     if int(blocks.max()) >= model.config.tokens:
         raise EvalError(f"token id {int(blocks.max())} from tokenizer {args.tokenizer!r} is outside the model's "
