@@ -4,7 +4,7 @@ PY ?= python
 .PHONY: test lint bench bench-quick gpu-check
 
 test:
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider --benchmark-disable
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -p no:cacheprovider --benchmark-disable
 
 lint:
 	$(PY) -m ruff check radd_fast tests benchmarks train.py sample.py eval.py
