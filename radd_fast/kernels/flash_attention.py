@@ -49,6 +49,19 @@ LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
+    def _load_cos_sin(COS, SIN, offs_r, offs_h, T, stride_cs, HALF: tl.constexpr, EVEN: tl.constexpr):
+        # the fp32 [R, BLOCK_HALF] cos and sin tiles of rows offs_r, zero outside.
+        cs_off = offs_r[:, None] * stride_cs + offs_h[None, :]
+        if EVEN:
+            c = tl.load(COS + cs_off)
+            s = tl.load(SIN + cs_off)
+        else:
+            mask = (offs_r[:, None] < T) & (offs_h[None, :] < HALF)
+            c = tl.load(COS + cs_off, mask=mask, other=0.0)
+            s = tl.load(SIN + cs_off, mask=mask, other=0.0)
+        return c, s
+
+    @triton.jit
     def _load_half_pair(base, COS, SIN, offs_r, offs_h, T, stride_t, stride_cs,
                         HALF: tl.constexpr, ROTARY: tl.constexpr, EVEN: tl.constexpr):
         # base: the (b, head, q|k) slice; returns the two halves [R, BLOCK_HALF]
@@ -62,13 +75,7 @@ if HAS_TRITON:
             x1 = tl.load(ptr1, mask=mask, other=0.0)
             x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0)
         if ROTARY:
-            cs_off = offs_r[:, None] * stride_cs + offs_h[None, :]
-            if EVEN:
-                c = tl.load(COS + cs_off)
-                s = tl.load(SIN + cs_off)
-            else:
-                c = tl.load(COS + cs_off, mask=mask, other=0.0)
-                s = tl.load(SIN + cs_off, mask=mask, other=0.0)
+            c, s = _load_cos_sin(COS, SIN, offs_r, offs_h, T, stride_cs, HALF, EVEN)
             a = x1.to(tl.float32)
             b = x2.to(tl.float32)
             x1 = (a * c - b * s).to(x1.dtype)
@@ -82,13 +89,7 @@ if HAS_TRITON:
         # w.r.t. the un-rotated input: the transpose of the rotation.
         mask = (offs_r[:, None] < T) & (offs_h[None, :] < HALF)
         if ROTARY:
-            cs_off = offs_r[:, None] * stride_cs + offs_h[None, :]
-            if EVEN:
-                c = tl.load(COS + cs_off)
-                s = tl.load(SIN + cs_off)
-            else:
-                c = tl.load(COS + cs_off, mask=mask, other=0.0)
-                s = tl.load(SIN + cs_off, mask=mask, other=0.0)
+            c, s = _load_cos_sin(COS, SIN, offs_r, offs_h, T, stride_cs, HALF, EVEN)
             g1, g2 = g1 * c + g2 * s, g2 * c - g1 * s
         ptr1 = base + offs_r[:, None] * stride_t + offs_h[None, :]
         if EVEN:
@@ -107,6 +108,25 @@ if HAS_TRITON:
             return tl.load(ptrs, mask=(offs_r[:, None] < T) & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
     @triton.jit
+    def _qkv_bases(QKV, pid_bh, H, stride_qb, stride_qh, stride_q3):
+        # pid_bh = b * H + head -> (b, head) in int64 and the q, k, v slices of QKV for them.
+        b = (pid_bh // H).to(tl.int64)
+        head = (pid_bh % H).to(tl.int64)
+        q_base = QKV + b * stride_qb + head * stride_qh
+        return b, head, q_base, q_base + stride_q3, q_base + 2 * stride_q3
+
+    @triton.jit
+    def _load_lse_delta(lse_row, delta_row, offs_m, T, EVEN: tl.constexpr):
+        # the fp32 lse and delta of query rows offs_m (lse_row, delta_row: this (b, head)'s [T] rows).
+        if EVEN:
+            lse = tl.load(lse_row + offs_m)
+            delta = tl.load(delta_row + offs_m)
+        else:  # +inf lse makes the padded queries' probabilities exactly 0
+            lse = tl.load(lse_row + offs_m, mask=offs_m < T, other=float("inf"))
+            delta = tl.load(delta_row + offs_m, mask=offs_m < T, other=0.0)
+        return lse, delta
+
+    @triton.jit
     def _attn_fwd_kernel(
         QKV,  # [B, T, 3, H, HEAD_DIM], last stride 1
         COS, SIN,  # [T, HALF] fp32 (unused unless ROTARY)
@@ -121,11 +141,7 @@ if HAS_TRITON:
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        head = (pid_bh % H).to(tl.int64)
-        q_base = QKV + b * stride_qb + head * stride_qh
-        k_base = q_base + stride_q3
-        v_base = q_base + 2 * stride_q3
+        b, head, q_base, k_base, v_base = _qkv_bases(QKV, pid_bh, H, stride_qb, stride_qh, stride_q3)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n0 = tl.arange(0, BLOCK_N)
@@ -205,11 +221,7 @@ if HAS_TRITON:
         # and dK = dS^T Q need no transposed score tiles.
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        head = (pid_bh % H).to(tl.int64)
-        q_base = QKV + b * stride_qb + head * stride_qh
-        k_base = q_base + stride_q3
-        v_base = q_base + 2 * stride_q3
+        b, head, q_base, k_base, v_base = _qkv_bases(QKV, pid_bh, H, stride_qb, stride_qh, stride_q3)
         do_base = DOUT + b * stride_db + head * stride_dh
         row_base = pid_bh.to(tl.int64) * T
 
@@ -227,12 +239,7 @@ if HAS_TRITON:
             offs_m = start_m + offs_m0
             q1, q2 = _load_half_pair(q_base, COS, SIN, offs_m, offs_h, T, stride_qt, stride_cs, HALF, ROTARY, EVEN)
             do = _load_rows(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m, offs_d, T, HEAD_DIM, EVEN)
-            if EVEN:
-                lse = tl.load(LSE + row_base + offs_m)
-                delta = tl.load(DELTA + row_base + offs_m)
-            else:  # +inf lse makes the padded query columns' probabilities exactly 0
-                lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=float("inf"))
-                delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
+            lse, delta = _load_lse_delta(LSE + row_base, DELTA + row_base, offs_m, T, EVEN)
             st = tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
             st = tl.dot(k2, tl.trans(q2), st, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
             pt = tl.exp2(st * qk_scale - lse[None, :])
@@ -269,11 +276,7 @@ if HAS_TRITON:
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        head = (pid_bh % H).to(tl.int64)
-        q_base = QKV + b * stride_qb + head * stride_qh
-        k_base = q_base + stride_q3
-        v_base = q_base + 2 * stride_q3
+        b, head, q_base, k_base, v_base = _qkv_bases(QKV, pid_bh, H, stride_qb, stride_qh, stride_q3)
         row_base = pid_bh.to(tl.int64) * T
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -284,12 +287,7 @@ if HAS_TRITON:
         q1, q2 = _load_half_pair(q_base, COS, SIN, offs_m, offs_h, T, stride_qt, stride_cs, HALF, ROTARY, EVEN)
         do = _load_rows(DOUT + b * stride_db + head * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
                         offs_m, offs_d, T, HEAD_DIM, EVEN)
-        if EVEN:
-            lse = tl.load(LSE + row_base + offs_m)
-            delta = tl.load(DELTA + row_base + offs_m)
-        else:
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=float("inf"))
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
+        lse, delta = _load_lse_delta(LSE + row_base, DELTA + row_base, offs_m, T, EVEN)
         dq1 = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
         dq2 = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
         for start_n in range(0, T, BLOCK_N):
