@@ -8,7 +8,6 @@ Providers: ours (Triton), eager (the published LayerNormWot in PyTorch), compile
 CUDA, perf_counter on CPU, where interpreter timings mean nothing); GB/s uses the ideal
 bytes below (each tensor read or written once), so it is comparable across providers.
 """
-import argparse
 import os
 
 import torch
@@ -18,8 +17,8 @@ if not torch.cuda.is_available():
 
 from benchmarks.timing import (  # noqa: E402
     allow_retain_graph_under_compile,
+    bandwidth_main,
     bandwidth_rows,
-    bandwidth_table,
     grad_calls,
 )
 from radd_fast.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref  # noqa: E402
@@ -91,10 +90,4 @@ def run(device, quick: bool) -> list:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (what the CPU runs)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    if torch.cuda.is_available():
-        print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
-    print(bandwidth_table(run(args.device, args.quick)))
+    bandwidth_main(run, __doc__.splitlines()[0])

@@ -7,6 +7,7 @@ prove the benchmark runs, never speed).
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -97,3 +98,14 @@ def bandwidth_table(rows: list[dict]) -> str:
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['mode']} | "
                      f"{r['ms']:.4f} | {r['gbps']:.1f} | {peak} |")
     return "\n".join(lines)
+
+
+def bandwidth_main(run: Callable[[str, bool], list[dict]], description: str) -> None:
+    """Command line of a ``bandwidth_rows`` benchmark: ``[--quick] [--device D]``; prints its table."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (what the CPU runs)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if torch.cuda.is_available():
+        print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    print(bandwidth_table(run(args.device, args.quick)))
