@@ -73,6 +73,7 @@ def _time_modes(fn, qkv, device):
 
 def run(device: str = "cuda", quick: bool = False) -> list:
     """Rows: impl, B, T, h, hd, dtype, mode, ms (median), tflops."""
+    device = torch.device(device).type  # benchmarks.run passes a torch.device; compare by type below
     if device == "cuda":
         dtype = torch.bfloat16
         # RADD small (h 12) and medium (h 16) at hd 64; one hd 128 point.
