@@ -104,6 +104,20 @@ def test_load_model_fast_backend_matches_published(tmp_path, device):
             assert_close(model(x).cpu(), published_log_probs(state, h, x.cpu()), atol=1e-4, rtol=1e-4)
 
 
+def test_fast_model_traces_under_compile_on_cpu(device):
+    """aot_eager traces the same graph inductor would get (inductor + interpreter on CPU is minutes)."""
+    if device.type != "cpu":
+        pytest.skip("CPU tracing check; CUDA runs the inductor test below")
+    ref, fast = _pair(device, seed=4)
+    x = torch.randint(0, TOKENS + 1, (2, 9), device=device)
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=False)
+    out = compiled(x)
+    out.sum().backward()
+    with torch.no_grad():
+        assert_close(out, ref(x), atol=1e-4, rtol=1e-4, name="compiled forward")
+    assert all(p.grad is not None for p in fast.blocks.parameters())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the Triton ops is checked on CUDA "
                     "(inductor + interpreter on CPU is minutes per graph)")
 def test_fast_model_compiles_and_matches(device):
