@@ -1,7 +1,7 @@
 # Developer entry points. `make test` is the command CI runs (see README).
 PY ?= python
 
-.PHONY: test lint bench bench-quick gpu-check
+.PHONY: test lint bench bench-quick bench-micro gpu-check
 
 test:
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -p no:cacheprovider --benchmark-disable
@@ -17,3 +17,6 @@ bench:
 
 gpu-check:
 	bash benchmarks/gpu_check
+
+bench-micro:
+	$(PY) -m pytest benchmarks/test_micro_kernels.py -p no:cacheprovider --benchmark-group-by=group
