@@ -178,3 +178,29 @@ def test_published_hub_weights(monkeypatch):  # pragma: no cover - network
     with torch.no_grad():
         top = model(masked)[0, 5, :-1].topk(20).indices.tolist()
     assert ids[0, 5].item() in top, f"'{tok.decode(ids[0, 5])}' not among the top-20 {tok.decode(top)}"
+
+
+def test_push_to_hub_uploads_the_hub_layout(monkeypatch, tmp_path, published):
+    cfg, state = published
+    model, _ = load_model(_write_hub(tmp_path / "hub", cfg, state))
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            seen["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            seen["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path):
+            from pathlib import Path
+
+            seen["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            return f"https://hub.example/{repo_id}/commit/1"
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = model.push_to_hub("me/radd-tiny", private=True, token="t")
+    assert url.endswith("/commit/1") and seen["repo"] == ("me/radd-tiny", True, True) and seen["token"] == "t"
+    assert seen["files"] == ["config.json", "model.safetensors"]
