@@ -21,7 +21,7 @@ def ar_nll(model, batch: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     for i in range(L):
         x = mask_order_suffix(batch, rank, i, model.mask_id)
         pos = order[:, i]
-        h = model.hidden(x)[rows, pos]  # [B, d]: only the row generated at this step
+        h = model.hidden(x, check=False)[rows, pos]  # [B, d]: only the row generated at this step
         nll = nll - model.target_log_probs(h, batch[rows, pos])
     return nll
 

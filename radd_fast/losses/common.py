@@ -37,7 +37,7 @@ def masked_target_log_probs(model, clean: torch.Tensor, perturbed: torch.Tensor)
     N = number of MASK tokens in ``perturbed``, in row-major order.
     """
     seq, pos = (perturbed == model.mask_id).nonzero(as_tuple=True)
-    h = model.hidden(perturbed)  # [B, L, d]
+    h = model.hidden(perturbed, check=False)  # [B, L, d]; check_batch already validated the tokens
     return model.target_log_probs(h[seq, pos], clean[seq, pos]), seq
 
 

@@ -99,9 +99,14 @@ class RADD(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}) (vocab size incl. MASK), "
                              f"got min {lo.item()} max {hi.item()}: vocab mismatch between data and model?")
 
-    def hidden(self, indices: torch.Tensor) -> torch.Tensor:
-        """Residual stream after the last block: [B, T] int -> [B, T, d] (fp32)."""
-        self.check_indices(indices)
+    def hidden(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Residual stream after the last block: [B, T] int -> [B, T, d] (fp32).
+
+        ``check=False`` skips the token-range check (a host sync) for callers that already
+        validated the tokens, e.g. the losses, which check the clean batch once.
+        """
+        if check:
+            self.check_indices(indices)
         x = self.vocab_embed(indices)
         cos, sin = self.rotary_emb(indices.shape[1], x.device)
         with self.autocast():
