@@ -326,10 +326,13 @@ def head_sample_update(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, NOISE_GIVEN=noise is not None, FP64=fp64, EVEN_D=D % bd == 0,
             num_warps=8 if bn * bv >= 8192 else 4,  # Philox keeps 4 words per score element live
         )
-    fb = 64
+    # Merge tile: at most 8192 partials per program (64 per thread at 4 warps): a fixed 64-row
+    # tile against up to 512 splits spilled registers in the sm_90 build (ptxas -v, triton 3.6).
+    fs = max(2, next_power_of_2(splits))
+    fb = max(2, min(64, next_power_of_2(N), 8192 // fs))
     _finalize_kernel[(triton.cdiv(N, fb),)](
         vals, idx, dst if dst is not None else tokens, x_flat if x_flat is not None else tokens, tokens,
-        N, splits, vals.stride(0), BLOCK_N=fb, BLOCK_S=max(2, next_power_of_2(splits)), HAS_DST=dst is not None,
+        N, splits, vals.stride(0), BLOCK_N=fb, BLOCK_S=fs, HAS_DST=dst is not None,
     )
     return tokens
 
