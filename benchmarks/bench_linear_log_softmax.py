@@ -30,13 +30,10 @@ default tiles (128x256x64, 8 warps, 3 stages) and 128 MiB backward chunks:
 | compiled  | fwd+bwd | 19.6 | 194             | 7860           | 2.1x              |
 """
 import argparse
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
+# benchmarks/__init__.py turns the Triton interpreter on where there is no GPU.
 from benchmarks.timing import median_ms, peak_memory_mb  # noqa: E402
 from radd_fast.kernels.linear_log_softmax import (  # noqa: E402
     TileConfig,

@@ -8,13 +8,10 @@ Providers: ours (Triton), eager (the published formula in qkv's dtype), compile
 inference call (fwd only). Time is the median (do_bench on CUDA, perf_counter on CPU,
 where interpreter timings mean nothing); GB/s from the ideal bytes in ``_bytes``.
 """
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
+# benchmarks/__init__.py turns the Triton interpreter on where there is no GPU.
 from benchmarks.timing import (  # noqa: E402
     allow_retain_graph_under_compile,
     bandwidth_main,
