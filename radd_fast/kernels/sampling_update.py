@@ -268,6 +268,13 @@ def gumbel_noise(n_rows: int, n_vocab: int, seed: int, device, fp64: bool = Fals
     return out
 
 
+def _fallback_noise(noise, n_rows, n_vocab, seed, device, fp64: bool) -> torch.Tensor:
+    """The CPU fallback's Gumbel noise: the caller's, else torch's generator keyed by ``seed``."""
+    if noise is not None:
+        return noise
+    return _torch_gumbel(n_rows, n_vocab, seed, device, torch.float64 if fp64 else torch.float32)
+
+
 def _torch_gumbel(n_rows, n_vocab, seed, device, dtype) -> torch.Tensor:
     gen = torch.Generator(device=device).manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
     u = torch.rand(n_rows, n_vocab, generator=gen, device=device, dtype=dtype)
@@ -310,8 +317,7 @@ def head_sample_update(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if N == 0:
         return tokens
     if not triton_runs_on(h):
-        if noise is None:
-            noise = _torch_gumbel(N, n_vocab, seed, h.device, torch.float64 if fp64 else torch.float32)
+        noise = _fallback_noise(noise, N, n_vocab, seed, h.device, fp64)
         return head_sample_update_ref(h, weight, bias, n_vocab, dst, x_flat, noise, fp64)
     bn, bv, bd, splits = _head_blocks(N, D, n_vocab, fp64, h.device)
     tiles_per_split = triton.cdiv(triton.cdiv(n_vocab, bv), splits)
@@ -355,8 +361,7 @@ def logits_sample_update(logits: torch.Tensor, dst: torch.Tensor | None = None, 
     if N == 0:
         return tokens
     if not triton_runs_on(logits):
-        if noise is None:
-            noise = _torch_gumbel(N, n_vocab, seed, logits.device, torch.float64 if fp64 else torch.float32)
+        noise = _fallback_noise(noise, N, n_vocab, seed, logits.device, fp64)
         return logits_sample_update_ref(logits, dst, x_flat, noise, fp64)
     bn = 16 if logits.is_cuda else 128  # interpreter: fewer, larger programs
     bv = min(256, max(16, next_power_of_2(n_vocab)))
