@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import RADDConfig, parse_dtype
+from .errors import UserError
 from .model import RADD
 from .noise import Noise, get_noise
 
@@ -28,7 +29,7 @@ RUN_CHECKPOINT = Path("checkpoints-meta") / "checkpoint.pth"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is missing, malformed, or does not match the model."""
 
 

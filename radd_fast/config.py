@@ -12,13 +12,15 @@ from typing import Any, Mapping
 
 import torch
 
+from .errors import UserError
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 NOISE_TYPES = ("loglinear", "geometric")
 BACKENDS = ("reference", "fast")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value is missing or invalid."""
 
 

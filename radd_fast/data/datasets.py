@@ -28,12 +28,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..errors import UserError
 from .detokenizers import DETOKENIZERS
 
 CACHE_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source is unknown, unreadable, or too small."""
 
 

@@ -33,12 +33,13 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
+from ..errors import UserError
 from .ppl import LOSS_TYPES, check_loss_type
 
 HF_DATASETS = ("lambada", "wikitext2", "wikitext103", "ptb", "lm1b")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A user-facing problem with the arguments or the data (printed without a traceback)."""
 
 

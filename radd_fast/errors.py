@@ -1,0 +1,65 @@
+"""The one error type for what a user got wrong, and the CLI edge that reports it.
+
+Every user-facing error of the package (a bad flag, a missing or corrupt file,
+a config value out of range) is a ``UserError``: ``ConfigError``,
+``CheckpointError``, ``DataError`` and the CLIs' own errors subclass it. Each
+CLI's ``main`` goes through ``run_cli``, which prints ``error: <message>`` on
+one line and exits with code 2; ``RADD_DEBUG=1`` (or ``--debug``) shows the
+traceback instead. Library errors (safetensors, json, zip) are wrapped into a
+``UserError`` naming the file where they are raised, never passed through raw.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+USAGE_EXIT_CODE = 2
+
+
+class UserError(ValueError):
+    """Something the user can fix: the message names the problem and the file or flag at fault.
+
+    A ValueError subclass, so code that catches ValueError (and the published API's callers)
+    keeps working.
+    """
+
+
+def debug_requested(argv: Sequence[str] | None = None) -> bool:
+    """True when ``RADD_DEBUG=1`` is set or ``--debug`` is among the arguments."""
+    args = sys.argv[1:] if argv is None else argv
+    return os.environ.get("RADD_DEBUG", "0") not in ("", "0") or "--debug" in args
+
+
+def strip_debug_flag(argv: Sequence[str] | None) -> list[str]:
+    """The arguments without ``--debug`` (each CLI accepts it without declaring it)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return [a for a in args if a != "--debug"]
+
+
+def one_line(error: BaseException) -> str:
+    """``error: <message>`` with the message folded onto one line."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"error: {text}"
+
+
+def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(args)`` and turn a ``UserError`` into one line on stderr and exit code 2.
+
+    Anything else is a bug and keeps its traceback. ``KeyboardInterrupt`` exits with 130
+    after one line, so an interrupted run does not print a traceback either.
+    """
+    debug = debug_requested(argv)
+    args = strip_debug_flag(argv)
+    try:
+        return main(args)
+    except UserError as e:
+        if debug:
+            raise
+        print(one_line(e), file=sys.stderr)
+        return USAGE_EXIT_CODE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
