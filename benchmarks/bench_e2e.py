@@ -17,8 +17,8 @@ Sections (each row names its section, size and provider):
 Writes ``e2e.json`` (environment, settings, rows), ``e2e.md`` (one table per section) and PNG plots
 (benchmarks/plots.py; skipped with a message without matplotlib) into --out.
 Sizes: quick = d 32, 1 block, L 32, 256 tokens (CPU, about a minute); small = d 768 x 12 blocks, medium =
-d 1024 x 24 blocks, both V = 50258, L = 1024 (GPU). FLOPs per token (forward): 2 x matmul params +
-4 x n_blocks x T x d (attention); a training step is 3x. MFU = achieved / the card's dense bf16 peak.
+d 1024 x 24 blocks, both V = 50258, L = 1024 (GPU). FLOPs per token: ``radd_fast.flops`` (the project's one
+count); a training step is 3x forward. MFU = achieved / the card's dense bf16 peak.
 On CPU the fast provider uses the fast backend's PyTorch fallbacks (the Triton interpreter is
 switched off for the run: interpreted kernels take minutes and time nothing real).
 """
@@ -37,6 +37,7 @@ import torch
 
 from radd_fast import PRESETS, RADD, RADDConfig, get_noise
 from radd_fast.config import ModelConfig
+from radd_fast.flops import forward_flops_per_token, peak_flops
 
 from .timing import median_ms, sync
 
@@ -63,8 +64,6 @@ PLANS = {
     "small": Plan((1, 4, 8, 16), 8, 5, (64, 256, 1024, 4096), 4, 16, 16, 16),
     "medium": Plan((4, 8), 4, 5, (64, 256, 1024, 4096), 4, 16, 16, 16),
 }
-# Dense bf16 / fp16 tensor-core peak (FLOP/s) by card name, for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
 def size_config(size: str) -> RADDConfig:
@@ -96,19 +95,6 @@ def providers(cfg: RADDConfig, device: torch.device, compile: bool = False) -> d
         comp.hidden = torch.compile(comp.hidden)
         out["fast+compile"] = comp
     return out
-
-
-def forward_flops_per_token(model: RADD, T: int) -> float:
-    m = model.config.model
-    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n)
-    return 2.0 * matmul + 4.0 * m.n_blocks * T * m.hidden_size
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def _reset_peak(device) -> int:

@@ -3,8 +3,8 @@
 RADD-small (d 768, 12 blocks, 12 heads, V 50258) at B=32, T=1024, bf16 on a GPU;
 a tiny model on CPU (quick). The backward runs from a masked-token NLL on the
 published output (full [B, T, V] log-softmax), identical for every provider.
-FLOPs per token (forward): 2 * N_matmul_params + 4 * n_blocks * T * d (q k^T and
-att v); forward + backward = 3x that. TFLOP/s and tokens/s derive from these.
+FLOPs per token: ``radd_fast.flops.forward_flops_per_token`` (forward + backward = 3x).
+TFLOP/s and tokens/s derive from it.
 """
 from __future__ import annotations
 
@@ -12,14 +12,9 @@ import torch
 
 from radd_fast import PRESETS, RADD, RADDConfig
 from radd_fast.config import ModelConfig
+from radd_fast.flops import forward_flops_per_token
 
 from .timing import median_ms, peak_memory_mb
-
-
-def model_flops_per_token(model: RADD, T: int) -> float:
-    m = model.config.model
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n)
-    return 2.0 * matmul_params + 4.0 * m.n_blocks * T * m.hidden_size
 
 
 def _providers(cfg: RADDConfig, device, dtype):
@@ -43,7 +38,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
     targets = torch.randint(0, cfg.tokens, (B, T), device=device)
     rows = []
     for name, model in _providers(cfg, device, dtype).items():
-        flops = model_flops_per_token(model if isinstance(model, RADD) else model._orig_mod, T) * B * T
+        flops = forward_flops_per_token(model if isinstance(model, RADD) else model._orig_mod, T) * B * T
 
         def fwd():
             with torch.no_grad():

@@ -23,9 +23,7 @@ from typing import Iterable
 
 import torch
 
-# Loss types of spec 4; the ar_* ones are exact NLLs of one generation order (L forward passes).
-LOSS_TYPES = ("t_DSE", "t_DCE", "lambda_DCE", "k_DCE", "ar_forward", "ar_backward", "ar_random")
-EXACT_LOSS_TYPES = ("ar_forward", "ar_backward", "ar_random")
+from ..losses import EXACT_LOSS_TYPES, LOSS_TYPES, get_loss_fn
 # Tokens per replicated forward on the fast path: 8 x (16 x 1024) for RADD-small in bf16 on one GPU,
 # about 1.5 GB of transient activations (no grad); on CPU a small budget keeps the cache warm.
 DEFAULT_TOKEN_BUDGET = {"cuda": 1 << 17, "cpu": 1 << 13}
@@ -139,8 +137,6 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
         res = evaluate_ppl(model, noise, [torch.randint(0, 50257, (4, 1024), device="cuda")], mc_timesteps=8)
         print(res.ppl)
     """
-    from ..losses import get_loss_fn
-
     check_loss_type(loss_type, mc_timesteps)
     model = getattr(model, "module", model)  # DDP: evaluation needs no gradient sync
     was_training = model.training

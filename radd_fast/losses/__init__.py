@@ -12,19 +12,8 @@ from __future__ import annotations
 from .ar import ar_backward, ar_forward, ar_nll, ar_random
 from .common import check_batch, masked_target_log_probs, per_sequence
 from .dce import k_dce, lambda_dce, t_dce, t_dse
+from .registry import EXACT_LOSS_TYPES, LOSS_TYPES, LOSSES, LossSpec, get_loss_spec
 from .time_samplers import TIME_SAMPLERS, get_time_sampler
-
-# loss type -> (function, default time sampler or None when the loss takes no time)
-LOSSES = {
-    "t_DSE": (t_dse, "vdm"),
-    "t_DCE": (t_dce, "vdm"),
-    "lambda_DCE": (lambda_dce, "decoupled"),
-    "k_DCE": (k_dce, None),
-    "ar_forward": (ar_forward, None),
-    "ar_backward": (ar_backward, None),
-    "ar_random": (ar_random, None),
-}
-LOSS_TYPES = tuple(LOSSES)
 
 
 def get_loss_fn(noise, token_dim: int, train: bool, sampling_eps: float = 1e-3, loss_type: str = "lambda_DCE",
@@ -37,29 +26,27 @@ def get_loss_fn(noise, token_dim: int, train: bool, sampling_eps: float = 1e-3, 
     ('vdm' for t_DSE / t_DCE, 'decoupled' for lambda_DCE). Gradients are left on; wrap
     evaluation in ``torch.no_grad()``. lambda_DCE returns float64, the others float32.
     """
-    if loss_type not in LOSSES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {list(LOSSES)}")
+    spec = get_loss_spec(loss_type)
     if not 0.0 <= sampling_eps < 1.0:
         raise ValueError(f"sampling_eps must be in [0, 1), got {sampling_eps}")
-    fn, default_sampler = LOSSES[loss_type]
     kwargs = {}
     if time_sampler is not None:
-        if default_sampler is None:
+        if spec.time_sampler is None:
             raise ValueError(f"loss {loss_type!r} takes no time sampler (got time_sampler={time_sampler!r})")
         get_time_sampler(time_sampler)  # validate the name now, not at the first step
         kwargs["time_sampler"] = time_sampler
-    if loss_type in ("t_DSE", "t_DCE"):
+    if spec.uses_sampling_eps:
         kwargs["sampling_eps"] = sampling_eps
 
     def loss_fn(model, batch):
         model.train(train)
         check_batch(model, batch, token_dim)
-        return fn(model, batch, noise, **kwargs)
+        return spec.fn(model, batch, noise, **kwargs)
 
     loss_fn.loss_type = loss_type
     return loss_fn
 
 
-__all__ = ["get_loss_fn", "LOSSES", "LOSS_TYPES", "TIME_SAMPLERS", "get_time_sampler", "t_dse", "t_dce",
+__all__ = ["get_loss_fn", "LOSSES", "LOSS_TYPES", "EXACT_LOSS_TYPES", "LossSpec", "get_loss_spec", "TIME_SAMPLERS", "get_time_sampler", "t_dse", "t_dce",
            "lambda_dce", "k_dce", "ar_forward", "ar_backward", "ar_random", "ar_nll", "check_batch",
            "masked_target_log_probs", "per_sequence"]

@@ -56,6 +56,11 @@ class RADD(nn.Module):
     def length(self) -> int:
         return self.config.model.length
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the weights: the one way the package asks where a model lives."""
+        return self.vocab_embed.embedding.device
+
     def set_backend(self, backend: str) -> "RADD":
         """Swap every block's norm / rotary / attention between 'reference' and 'fast'."""
         ops = get_ops(backend)
@@ -75,7 +80,7 @@ class RADD(nn.Module):
         autocast is CUDA-only); on CUDA the config's dtype (reference) or bf16 (fast)."""
         if self._dtype_override is not None:
             return self._dtype_override
-        if self.vocab_embed.embedding.device.type != "cuda":
+        if self.device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if self.backend == "fast" else parse_dtype(self.config.model.dtype)
 
@@ -83,7 +88,7 @@ class RADD(nn.Module):
         dtype = self.compute_dtype
         if dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.vocab_embed.embedding.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # -- forward passes -------------------------------------------------------------------------
     def check_indices(self, indices: torch.Tensor) -> None:

@@ -31,12 +31,13 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ConfigError, parse_dtype
 from ..data import ResumableLoader, check_batch_split, get_tokenizer, load_blocks
 from ..ema import ExponentialMovingAverage
+from ..flops import peak_flops, train_flops_per_token
 from ..losses import get_loss_fn
 from ..model import RADD
 from ..noise import get_noise
 from .config import RunConfig
 from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
-from .metrics import Metrics, flops_per_token, peak_flops
+from .metrics import Metrics
 from .optim import apply_update, build_optimizer, unscale_and_clip
 from .snapshot import snapshot_samples
 from .state import META, SNAPSHOTS, atomic_save, build_checkpoint, capture_rng, load_checkpoint, restore
@@ -152,7 +153,7 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
         step_module = DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
 
     tokens_per_step = t.batch_size * length
-    fpt, peak = flops_per_token(model, length), peak_flops(device, dtype)
+    fpt, peak = train_flops_per_token(model, length), peak_flops(device, dtype)
     log.info("model: %.2fM parameters, %s, %d rank(s), global batch %d x %d tokens, %s",
              sum(p.numel() for p in params) / 1e6, dtype, env.world, t.batch_size, length, t.loss_type)
     metrics = Metrics(run_dir, env.is_main, t.n_iters, step, t.progress, cfg.logging.tensorboard,
