@@ -37,8 +37,14 @@ import torch
 
 from radd_fast import PRESETS, RADD, RADDConfig, get_noise
 from radd_fast.config import ModelConfig
+from radd_fast.evaluation import evaluate_ppl
 from radd_fast.flops import forward_flops_per_token, peak_flops
+from radd_fast.losses import get_loss_fn
+from radd_fast.losses.masking import mask_with_prob
+from radd_fast.losses.time_samplers import decoupled
+from radd_fast.sampling import DiffusionSampler, expected_enfe, generate, update_rates
 
+from .run import environment, markdown_table
 from .timing import median_ms, sync
 
 SECTIONS = ("forward", "train", "sampling", "eval")
@@ -150,9 +156,6 @@ def bench_forward(models: dict, device, size: str, batches: tuple, T: int) -> li
 # -- training step -------------------------------------------------------------------------------------
 def published_lambda_dce(model: RADD, batch: torch.Tensor) -> torch.Tensor:
     """The published loss computation: full [B, T, V] log-probs from ``model(x)``, gather, mask, sum / lam."""
-    from radd_fast.losses.masking import mask_with_prob
-    from radd_fast.losses.time_samplers import decoupled
-
     lam = decoupled(batch.shape[0], batch.device)
     perturbed = mask_with_prob(batch, lam, model.mask_id)
     logp = model(perturbed).gather(-1, batch[..., None]).squeeze(-1)  # [B, T]
@@ -174,8 +177,6 @@ def _train_step(model, loss_fn, opt, scaler, x):
 
 def bench_train(models: dict, device, size: str, B: int, T: int, steps: int) -> list[dict]:
     """AdamW steps (published hyper-parameters, grad clip 1.0) of lambda_DCE on a fixed batch."""
-    from radd_fast.losses import get_loss_fn
-
     rows, base = [], None
     cuda = device.type == "cuda"
     for name, model in models.items():
@@ -203,16 +204,10 @@ def bench_train(models: dict, device, size: str, B: int, T: int, steps: int) -> 
 
 
 # -- sampling ------------------------------------------------------------------------------------------
-def theory_enfe(steps: int, L: int) -> float:
-    return steps * (1.0 - (1.0 - 1.0 / steps) ** L)
-
-
 @torch.no_grad()
 def sample_without_cache(model: RADD, noise, num: int, L: int, steps: int, generator) -> torch.Tensor:
     """tweedie + direct with a full forward of every row at every step (no cache): NFE = steps."""
-    from radd_fast.sampling import update_rates
-
-    device = model.vocab_embed.embedding.device
+    device = model.device
     rates = update_rates(noise, steps, "tweedie", device=device)
     x = torch.full((num, L), model.mask_id, dtype=torch.long, device=device)
     for i in range(steps):
@@ -227,8 +222,6 @@ def sample_without_cache(model: RADD, noise, num: int, L: int, steps: int, gener
 
 def bench_sampling(models: dict, device, size: str, steps_list: tuple, L: int, num_ref: int,
                    num_fast: int) -> list[dict]:
-    from radd_fast.sampling import DiffusionSampler, generate
-
     ref, fast = models["reference"], models["fast"]
     noise = get_noise(ref.config).to(device)
     ref.eval()
@@ -236,7 +229,7 @@ def bench_sampling(models: dict, device, size: str, steps_list: tuple, L: int, n
     rows = []
     for steps in steps_list:
         g = torch.Generator(device=device).manual_seed(steps)
-        theory = theory_enfe(steps, L)
+        theory = expected_enfe(steps, L)
         sync(device)
         t0 = time.perf_counter()
         sample_without_cache(ref, noise, num_ref, L, steps, g)
@@ -261,8 +254,6 @@ def bench_sampling(models: dict, device, size: str, steps_list: tuple, L: int, n
 
 # -- zero-shot evaluation ------------------------------------------------------------------------------
 def bench_eval(models: dict, device, size: str, B: int, L: int, mc: int) -> list[dict]:
-    from radd_fast.evaluation import evaluate_ppl
-
     ref = models["reference"]
     noise = get_noise(ref.config).to(device)
     x = torch.randint(0, ref.vocab_size - 1, (B, L), device=device)
@@ -344,8 +335,6 @@ def run(device: torch.device, quick: bool, sizes=None, sections=SECTIONS, steps=
 
 
 def markdown(rows: list[dict]) -> str:
-    from .run import markdown_table
-
     out = []
     for section in dict.fromkeys(r["section"] for r in rows):
         part = [{k: v for k, v in r.items() if k != "section"} for r in rows if r["section"] == section]
@@ -366,8 +355,6 @@ def main(argv=None) -> int:
     ap.add_argument("--eval_mc", type=int, default=None, help="Monte Carlo timesteps in the eval section")
     ap.add_argument("--compile", action="store_true", help="add a fast+torch.compile provider")
     args = ap.parse_args(argv)
-    from .run import environment
-
     device = torch.device(args.device)
     split = lambda s: [v for v in s.split(",") if v] if s else None
     steps = [int(s) for s in split(args.steps)] if args.steps else None

@@ -1,15 +1,18 @@
 """Sampling from RADD (spec 5): the fast engine and the published-API reference samplers.
 
-- ``generate(model, noise, num_samples, length, steps, ...)``: the fast engine (engine.py);
+- ``generate(model, noise, num_samples, length, steps, config=SamplerConfig(...))``: the fast engine
+  (engine.py), every option typed and validated in ``SamplerConfig`` (config.py);
 - ``DiffusionSampler`` / ``OrderedSampler``: drop-ins with the published API (reference.py),
   ``fast=True`` routes them through the engine;
 - ``text_conditioning``: prefix / suffix / infill pairs (conditioning.py).
 """
 from .conditioning import initial_state, text_conditioning
+from .config import SamplerConfig, sampler_config
 from .engine import SamplingStats, generate
 from .reference import DiffusionSampler, OrderedSampler, Sampler
-from .schedule import METHODS, expected_enfe, update_rates
-from .strategies import STRATEGIES
+from .schedule import METHOD_SPECS, METHODS, expected_enfe, update_rates
+from .strategies import STRATEGIES, STRATEGY_SPECS
 
-__all__ = ["generate", "SamplingStats", "DiffusionSampler", "OrderedSampler", "Sampler", "text_conditioning",
-           "initial_state", "expected_enfe", "update_rates", "METHODS", "STRATEGIES"]
+__all__ = ["generate", "SamplerConfig", "sampler_config", "SamplingStats", "DiffusionSampler", "OrderedSampler",
+           "Sampler", "text_conditioning", "initial_state", "expected_enfe", "update_rates", "METHODS",
+           "METHOD_SPECS", "STRATEGIES", "STRATEGY_SPECS"]

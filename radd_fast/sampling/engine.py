@@ -5,19 +5,22 @@
 2. Plan the evaluations on the host (batching.py): a fixed batch of rows in
    flight, a finished row replaced by the next, so every evaluation has the
    same shape (buckets in the tail).
-3. Each evaluation (evaluator.py): the transformer body on the rows in flight
-   (a CUDA graph per bucket), the head + strategy + Gumbel-max + write only at
-   the positions revealed by that evaluation (a fused Triton kernel).
+3. Each evaluation (``Wave.evaluate``): the transformer body on the rows in
+   flight (evaluator.py, a CUDA graph per bucket), then the model's output head
+   (``radd_fast.model.head``) with the strategy, Gumbel-max and write, only at the
+   positions revealed by that evaluation.
 
 Host syncs: two per wave (the plan needs K and the per-evaluation head counts),
 one at the end (the no-MASK-left check); none inside the loop. Rows are processed
-in waves of ``wave_size`` (default max(32 x batch_size, 4096)) to bound memory.
+in waves of ``wave_size`` (default max(32 x rows in flight, 4096)) to bound memory.
+Every option lives in ``SamplerConfig`` (config.py).
 
 Example::
 
     model, noise = radd_fast.load_model("JingyangOu/radd-t-dce", device="cuda", backend="fast")
-    tokens, stats = generate(model, noise, num_samples=64, length=1024, steps=1024, seed=0)
-    print(stats.enfe_mean, stats.tokens_per_s)   # ~647 evaluations per row (spec 5)
+    cfg = SamplerConfig(steps=1024, rows_in_flight=64)
+    tokens, stats = generate(model, noise, num_samples=64, length=1024, config=cfg, seed=0)
+    print(stats.enfe_mean, stats.tokens_per_s)   # ~647 evaluations per row (docs/SAMPLING.md)
 """
 from __future__ import annotations
 
@@ -27,21 +30,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..model.head import noise_key
+from ..progress import progress_bar
 from .batching import plan_ticks
 from .conditioning import initial_state
-from .evaluator import BodyRunner, RevealSampler, compact, tick_key
-from .schedule import (
-    DIFFUSION_METHODS,
-    check_method,
-    check_steps,
-    draw_reveal_steps,
-    expected_enfe_exact,
-    group_steps,
-    ordered_groups,
-    update_rates,
-)
-from .strategies import check_strategy
-from .strategies import sampling_dtype as parse_sampling_dtype
+from .config import SamplerConfig, sampler_config
+from .evaluator import BodyRunner, compact
+from .schedule import draw_reveal_steps, expected_enfe_exact, group_steps, ordered_groups, update_rates
 
 
 @dataclass
@@ -58,6 +53,7 @@ class SamplingStats:
     length: int
     steps: int
     cuda_graphs: int  # graphs captured
+    sampler: str = ""  # SamplerConfig.describe(): method, steps, strategy, Gumbel dtype
 
     @property
     def enfe_mean(self) -> float:
@@ -71,81 +67,73 @@ class SamplingStats:
     def tokens_per_s(self) -> float:
         return self.head_rows / max(self.wall_time, 1e-12)
 
+    def summary(self) -> str:
+        """The one summary line of a run."""
+        return (f"{self.sampler} | E-NFE {self.enfe_mean:.1f} per sample | {self.tokens_per_s:,.0f} tokens/s | "
+                f"{self.samples_per_s:.2f} samples/s | {self.wall_time:.2f} s")
+
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "enfe"}
         out.update(enfe_mean=self.enfe_mean, samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s)
         return out
 
 
-def _device_of(model) -> torch.device:
-    return model.vocab_embed.embedding.device
-
-
 def _check_model(model) -> None:
-    for name in ("hidden", "head", "output_layer", "mask_id", "vocab_size", "compute_dtype"):
+    for name in ("hidden", "output_head", "mask_id", "vocab_size", "length", "device"):
         if not hasattr(model, name):
             raise TypeError(f"the fast engine needs a radd_fast.RADD model (missing {name!r}); "
                             "use the reference samplers for other models")
 
 
 @torch.no_grad()
-def generate(model, noise, num_samples: int, length: int | None = None, steps: int = 1024, method: str = "tweedie",
-             strategy: str = "direct", strategy_para=None, conditioning=None, batch_size: int = 64,
-             seed: int | None = None, sampling_dtype: str = "float32", eps: float = 1e-5, progress: bool = True,
-             compile: bool = False, *, order=None, cuda_graphs: bool | None = None, use_kernels: bool | None = None,
-             buckets: bool = True, wave_size: int | None = None) -> tuple[torch.Tensor, SamplingStats]:
+def generate(model, noise, num_samples: int, length: int | None = None, steps: int | None = None,
+             config: SamplerConfig | None = None, *, conditioning=None, seed: int | None = None,
+             progress: bool = True, summary: bool | None = None, **options) -> tuple[torch.Tensor, SamplingStats]:
     """Sample ``num_samples`` sequences: returns (tokens [num_samples, length] int64 on the model's device, stats).
 
-    method: 'tweedie' | 'euler' (need ``noise``) | 'ordered' (any-order AR: ``order``, a permutation of
-    range(length) shared by all rows, or by default a random order per row; ``steps`` chunks of it);
-    strategy: 'direct' | 'top_p' | 'top_k' with ``strategy_para`` (p or k); conditioning: see
-    conditioning.py (fixed tokens, never changed); batch_size: rows in flight per evaluation;
-    seed: deterministic output on one device; sampling_dtype: 'float32' | 'float64' Gumbel noise;
-    cuda_graphs: default on for CUDA; use_kernels: Triton sampling kernels (default where they run);
-    buckets: pad evaluation shapes to powers of two (False: exact shapes, no padding).
+    config: a ``SamplerConfig`` (method, steps, strategy, noise dtype, rows in flight, ...); keyword
+    ``options`` override its fields (``batch_size`` is accepted for ``rows_in_flight``), and ``steps``
+    overrides ``config.steps``. conditioning: fixed tokens, never changed (see conditioning.py);
+    seed: deterministic output on one device; progress: a tqdm bar over evaluations; summary: print
+    one summary line at the end (default: with ``progress``).
     """
     _check_model(model)
-    check_method(method)
-    steps = check_steps(steps)
-    para = check_strategy(strategy, strategy_para)
-    dtype = parse_sampling_dtype(sampling_dtype)
+    cfg = sampler_config(config, **options, **({} if steps is None else {"steps": steps}))
     length = model.length if length is None else int(length)
     if not 1 <= length <= model.length:
         raise ValueError(f"length must be in [1, {model.length}] (the model's length), got {length}")
-    if int(num_samples) < 0 or int(batch_size) < 1:
-        raise ValueError(f"need num_samples >= 0 and batch_size >= 1, got {num_samples}, {batch_size}")
-    if method in DIFFUSION_METHODS and noise is None:
-        raise ValueError(f"method {method!r} needs the noise schedule (noise=...)")
-    num_samples, batch_size = int(num_samples), int(batch_size)
-    device = _device_of(model)
+    if int(num_samples) < 0:
+        raise ValueError(f"need num_samples >= 0, got {num_samples}")
+    if cfg.needs_noise and noise is None:
+        raise ValueError(f"method {cfg.method!r} needs the noise schedule (noise=...)")
+    num_samples = int(num_samples)
+    device = model.device
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     generator = torch.Generator(device=device).manual_seed(int(seed))
     init = initial_state(conditioning, num_samples, length, model.mask_id, device)
-    rates = update_rates(noise, steps, method, eps, device) if method in DIFFUSION_METHODS else None
-    cuda_graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs) and device.type == "cuda"
-    wave_size = int(wave_size or max(32 * batch_size, 4096))
+    rates = update_rates(noise, cfg.steps, cfg.method, cfg.eps, device) if cfg.needs_noise else None
+    cuda_graphs = device.type == "cuda" if cfg.cuda_graphs is None else bool(cfg.cuda_graphs) and device.type == "cuda"
 
     was_training, was_validating = model.training, getattr(model, "validate_inputs", False)
     model.eval()
     model.validate_inputs = False  # its check syncs; the tokens written here are valid by construction
-    body = BodyRunner(model, cuda_graphs, compile)
-    sampler = RevealSampler(model, strategy, para, dtype, use_kernels, generator)
+    body = BodyRunner(model, cuda_graphs, cfg.compile)
+    head = model.output_head().sampler(cfg.noise_dtype, generator, cfg.use_kernels)
     out = torch.empty(num_samples, length, dtype=torch.int64, device=device)
-    totals = dict(head_rows=0, head_rows_padded=0, eval_rows=0, eval_rows_padded=0, evaluations=0)
+    counters = Counters()
     enfe = []
     t0 = time.perf_counter()
-    bar = _Progress(progress)
+    bar = progress_bar(progress and num_samples > 0, total=0, desc="sampling", unit="eval")
     try:
-        for w0 in range(0, num_samples, wave_size):
-            R = min(wave_size, num_samples - w0)
-            x0 = init.expand(num_samples, length)[w0:w0 + R]
-            free = x0 == model.mask_id
-            if rates is not None:
-                group, K = group_steps(draw_reveal_steps(rates, free, generator))
-            else:
-                group, K = ordered_groups(free, steps, order, generator)
-            out[w0:w0 + R] = _run_wave(x0, group, K, body, sampler, batch_size, buckets, seed, totals, bar)
+        for w0 in range(0, num_samples, cfg.planned_wave_size):
+            x0 = init.expand(num_samples, length)[w0:w0 + cfg.planned_wave_size]
+            group, K = _reveal_groups(x0 == model.mask_id, rates, cfg, generator)
+            wave = Wave(x0, group, K, cfg.rows_in_flight, cfg.buckets)
+            bar.total += wave.ticks
+            bar.refresh()
+            out[w0:w0 + x0.shape[0]] = wave.run(body, head, cfg.strategy_fn, seed, counters.evaluations, bar)
+            counters.add(wave)
             enfe.append(K.cpu())
     finally:
         model.train(was_training)
@@ -158,52 +146,97 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
         raise RuntimeError("internal error: MASK tokens left after sampling (the plan and the schedule disagree)")
     enfe = torch.cat(enfe) if enfe else torch.zeros(0, dtype=torch.int64)
     stats = SamplingStats(enfe=enfe, enfe_theory=_theory(rates, init, model.mask_id), wall_time=wall,
-                          num_samples=num_samples, length=length, steps=steps, cuda_graphs=len(body.graphs), **totals)
-    if progress:
-        print(f"E-NFE {stats.enfe_mean:.1f} per sample | {stats.tokens_per_s:,.0f} tokens/s | "
-              f"{stats.samples_per_s:.2f} samples/s | {wall:.2f} s")
+                          num_samples=num_samples, length=length, steps=cfg.steps, cuda_graphs=len(body.graphs),
+                          sampler=cfg.describe(), **counters.as_dict())
+    if progress if summary is None else summary:
+        print(stats.summary())
     return out, stats
 
 
-def _run_wave(x0, group, K, body, sampler, batch_size, buckets, seed, totals, bar) -> torch.Tensor:
-    """Sample one wave of rows: x0 [R, L] (MASK where free), group [R, L], K [R] -> tokens [R, L]."""
-    R, L = x0.shape
-    device = x0.device
-    trash = (R + 1) * L  # the extra last cell: padded head rows write there
-    x_flat = torch.empty(trash + 1, dtype=torch.int64, device=device)
-    x = x_flat[:trash].view(R + 1, L)
-    x[:R] = x0
-    x[R] = x0[0] if R else 0  # the padding row: valid tokens, nothing revealed
-    x_flat[trash] = 0
-    grp = torch.full((R + 1, L), -1, dtype=torch.int32, device=device)
-    grp[:R] = group
-    plan = plan_ticks(K.cpu().numpy(), batch_size, pad_row=R, buckets=buckets)  # host sync 1
-    if plan.ticks == 0:
-        return x[:R].clone()
-    rows_d = torch.from_numpy(plan.rows).to(device)
-    k_d = torch.from_numpy(plan.k).to(device)
-    head_n = _head_rows_per_tick(grp, K, rows_d, k_d)  # host sync 2
-    head_p = np.array([1 << max(0, int(n) - 1).bit_length() for n in head_n]) if buckets else head_n
-    shapes = {}
-    for b in plan.batch:
-        shapes[(int(b), L)] = shapes.get((int(b), L), 0) + 1
-    body.prepare(shapes)
-    bar.add_total(plan.ticks)
-    base = totals["evaluations"]
-    for t in range(plan.ticks):
-        Bb, N, P = int(plan.batch[t]), int(head_n[t]), int(head_p[t])
-        rows, ks = rows_d[t, :Bb], k_d[t, :Bb]
-        h = body(x.index_select(0, rows))  # [Bb, L, d]
-        reveal = (grp.index_select(0, rows) == ks[:, None]).view(-1)
-        src, dst = compact(reveal, rows, L, P, N, trash)
-        sampler(h.reshape(Bb * L, -1).index_select(0, src), dst, x_flat, tick_key(seed, base + t))
-        bar.update(1)
-    totals["evaluations"] += plan.ticks
-    totals["eval_rows"] += int(plan.active.sum())
-    totals["eval_rows_padded"] += int(plan.batch.sum())
-    totals["head_rows"] += int(head_n.sum())
-    totals["head_rows_padded"] += int(head_p.sum())
-    return x[:R].clone()
+def _reveal_groups(free: torch.Tensor, rates, cfg: SamplerConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each free token's evaluation index in its row (group [R, L], -1 where fixed) and E-NFE per row K [R]."""
+    if rates is not None:
+        return group_steps(draw_reveal_steps(rates, free, generator))
+    return ordered_groups(free, cfg.steps, cfg.order, generator)
+
+
+@dataclass
+class Counters:
+    """Exact work counts over a run's waves."""
+
+    head_rows: int = 0
+    head_rows_padded: int = 0
+    eval_rows: int = 0
+    eval_rows_padded: int = 0
+    evaluations: int = 0
+
+    def add(self, wave: "Wave") -> None:
+        self.evaluations += wave.ticks
+        self.eval_rows += int(wave.plan.active.sum())
+        self.eval_rows_padded += int(wave.plan.batch.sum())
+        self.head_rows += int(wave.head_n.sum())
+        self.head_rows_padded += int(wave.head_p.sum())
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Wave:
+    """One wave of rows: its token buffer, reveal groups and evaluation plan.
+
+    x0 [R, L] (MASK where free), group [R, L] (evaluation index of each free token, -1 fixed),
+    K [R] (evaluations per row). Buffers: ``x_flat`` holds the R rows, a padding row (valid tokens,
+    nothing revealed) and one trash cell that padded head rows write to. Planning makes the wave's
+    two host syncs (the plan needs K; the head's static shapes need the per-evaluation counts).
+    """
+
+    def __init__(self, x0: torch.Tensor, group: torch.Tensor, K: torch.Tensor, rows_in_flight: int, buckets: bool):
+        R, L = x0.shape
+        device = x0.device
+        self.R, self.L = R, L
+        self.trash = (R + 1) * L
+        self.x_flat = torch.empty(self.trash + 1, dtype=torch.int64, device=device)
+        self.x = self.x_flat[:self.trash].view(R + 1, L)
+        self.x[:R] = x0
+        self.x[R] = x0[0] if R else 0
+        self.x_flat[self.trash] = 0
+        self.grp = torch.full((R + 1, L), -1, dtype=torch.int32, device=device)
+        self.grp[:R] = group
+        self.plan = plan_ticks(K.cpu().numpy(), rows_in_flight, pad_row=R, buckets=buckets)  # host sync 1
+        self.rows_d = torch.from_numpy(self.plan.rows).to(device)
+        self.k_d = torch.from_numpy(self.plan.k).to(device)
+        self.head_n = _head_rows_per_tick(self.grp, K, self.rows_d, self.k_d) if self.ticks else np.zeros(0, np.int64)
+        self.head_p = np.array([1 << max(0, int(n) - 1).bit_length() for n in self.head_n], dtype=np.int64) \
+            if buckets else self.head_n
+
+    @property
+    def ticks(self) -> int:
+        return self.plan.ticks
+
+    def body_shapes(self) -> dict[tuple[int, int], int]:
+        """How often each (batch, length) evaluation shape occurs: the CUDA graphs worth capturing."""
+        shapes: dict[tuple[int, int], int] = {}
+        for b in self.plan.batch:
+            shapes[(int(b), self.L)] = shapes.get((int(b), self.L), 0) + 1
+        return shapes
+
+    def evaluate(self, t: int, body, head, strategy, key: int) -> None:
+        """Evaluation t: the body on its rows, the head + strategy at the positions it reveals."""
+        Bb, N, P = int(self.plan.batch[t]), int(self.head_n[t]), int(self.head_p[t])
+        rows, ks = self.rows_d[t, :Bb], self.k_d[t, :Bb]
+        h = body(self.x.index_select(0, rows))  # [Bb, L, d]
+        reveal = (self.grp.index_select(0, rows) == ks[:, None]).view(-1)
+        src, dst = compact(reveal, rows, self.L, P, N, self.trash)
+        head.sample_at(h.reshape(Bb * self.L, -1).index_select(0, src), dst, self.x_flat, strategy, key)
+
+    def run(self, body, head, strategy, seed: int, first_evaluation: int, bar) -> torch.Tensor:
+        """Every evaluation of the wave, in plan order: tokens [R, L]."""
+        if self.ticks:
+            body.prepare(self.body_shapes())
+        for t in range(self.ticks):
+            self.evaluate(t, body, head, strategy, noise_key(seed, first_evaluation + t))
+            bar.update(1)
+        return self.x[:self.R].clone()
 
 
 def _head_rows_per_tick(grp, K, rows_d, k_d) -> np.ndarray:
@@ -226,29 +259,3 @@ def _theory(rates, init, mask_id: int) -> float | None:
     n_free, count = torch.unique((init == mask_id).sum(dim=1), return_counts=True)
     values = [expected_enfe_exact(rates, int(n)) for n in n_free.tolist()]
     return float(sum(v * c for v, c in zip(values, count.tolist())) / count.sum())
-
-
-class _Progress:
-    """tqdm over evaluations (rate and ETA); the total grows as each wave is planned."""
-
-    def __init__(self, enabled: bool):
-        self.total_ticks = 0
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=0, unit="eval", desc="sampling", dynamic_ncols=True)
-
-    def add_total(self, n: int) -> None:
-        self.total_ticks += n
-        if self.bar is not None:
-            self.bar.total = self.total_ticks
-            self.bar.refresh()
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

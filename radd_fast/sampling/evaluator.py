@@ -1,28 +1,16 @@
-"""One evaluation of the fast engine: the transformer body on whole rows, the head only where tokens are revealed.
+"""One evaluation of the fast engine, minus the head: the transformer body and the gather plan.
 
-``BodyRunner``: ``model.hidden`` on a [Bb, L] batch, replayed from a CUDA graph per
-batch bucket (optionally ``torch.compile``d). ``RevealSampler``: gathers the
-revealed positions' hidden rows (static shape P, padded), runs the output head
-on them alone and draws their tokens with the strategy, writing straight into
-the flat token buffer:
-- ``direct``: the fused Triton kernel (kernels/sampling_update.py): final norm in
-  torch on [P, d], then logits tile by tile with a running Gumbel-max, so the
-  [P, V] logits never exist;
-- ``top_k`` / ``top_p``: need the sorted distribution, so [P, V-1] logits are built
-  in torch for the revealed rows only (P is small), filtered, then the Gumbel-max
-  + write kernel runs on them.
-Without Triton (CPU, no interpreter) the same steps run in torch with Gumbel noise
-from the engine's seeded generator.
+``BodyRunner``: ``model.hidden`` on a [Bb, L] batch of rows, replayed from a CUDA
+graph per batch bucket (optionally ``torch.compile``d). ``compact``: the static-shape
+plan that gathers the revealed positions' hidden rows (P of them, padded) and says
+where their tokens go; the model's output head (``radd_fast.model.head``) then runs
+on those rows alone and writes the tokens.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
-
-from ..kernels.sampling_update import _mix64, head_sample_update, logits_sample_update
-from ..kernels.utils import triton_runs_on
-from .strategies import filter_logits, gumbel
 
 MIN_TICKS_FOR_GRAPH = 4  # buckets used fewer times run eagerly (a capture costs a few forwards)
 
@@ -54,7 +42,7 @@ class BodyRunner:
                 return
 
     def _capture(self, shape):
-        device = self.model.vocab_embed.embedding.device
+        device = self.model.device
         inp = torch.full(shape, self.model.mask_id, dtype=torch.int64, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -79,42 +67,6 @@ class BodyRunner:
         return out  # valid until the next replay of any graph (shared pool): used at once
 
 
-class RevealSampler:
-    """Draw the tokens of the revealed positions of one evaluation and write them into x."""
-
-    def __init__(self, model, strategy: str, para, dtype: torch.dtype, use_kernels: bool | None,
-                 generator: torch.Generator | None):
-        self.model = model
-        self.strategy, self.para, self.dtype = strategy, para, dtype
-        self.n_vocab = model.vocab_size - 1  # the MASK column never takes part
-        linear = model.output_layer.linear
-        cdtype = model.compute_dtype
-        if use_kernels is None:  # the interpreter mis-reads 16-bit tl.dot tiles: fp32 only off CUDA
-            use_kernels = triton_runs_on(linear.weight) and (linear.weight.is_cuda or cdtype == torch.float32)
-        if use_kernels and not triton_runs_on(linear.weight):
-            raise ValueError("use_kernels=True needs CUDA tensors or TRITON_INTERPRET=1")
-        self.use_kernels = use_kernels
-        # The autocast head sees W, b in the compute dtype; cast once, not per evaluation.
-        self.weight = linear.weight.detach().to(cdtype).contiguous()
-        self.bias = linear.bias.detach().to(cdtype).contiguous()
-        self.generator = generator
-
-    def __call__(self, h_rows: torch.Tensor, dst: torch.Tensor, x_flat: torch.Tensor, key: int) -> None:
-        """h_rows: [P, d] hidden rows of the revealed positions (padding included); dst: [P] into x_flat."""
-        fp64 = self.dtype == torch.float64
-        if self.use_kernels and self.strategy == "direct":
-            hn = self.model.output_layer.norm_final(h_rows).to(self.weight.dtype)
-            head_sample_update(hn, self.weight, self.bias, self.n_vocab, dst, x_flat, seed=key, fp64=fp64)
-            return
-        logits = filter_logits(self.model.head(h_rows)[:, : self.n_vocab], self.strategy, self.para)
-        if self.use_kernels:
-            logits_sample_update(logits, dst, x_flat, seed=key, fp64=fp64)
-            return
-        scores = logits.to(self.dtype)
-        scores += gumbel(scores.shape, self.dtype, scores.device, self.generator)
-        x_flat.index_copy_(0, dst, scores.argmax(dim=-1))
-
-
 def compact(reveal: torch.Tensor, rows: torch.Tensor, length: int, P: int, N: int, trash: int):
     """Static-shape gather plan of the revealed positions of one evaluation.
 
@@ -130,8 +82,3 @@ def compact(reveal: torch.Tensor, rows: torch.Tensor, length: int, P: int, N: in
     valid = torch.arange(P, device=reveal.device) < N
     dst = rows.index_select(0, src // length).long() * length + src % length
     return src, torch.where(valid, dst, torch.full_like(dst, trash))
-
-
-def tick_key(seed: int, tick: int) -> int:
-    """The Philox key of one evaluation: distinct for every (seed, tick)."""
-    return _mix64(_mix64(seed) ^ tick)

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from ..model.head import gumbel
 from .engine import generate
 from .schedule import DIFFUSION_METHODS, check_steps, ordered_groups, update_rates
-from .strategies import check_strategy, gumbel, sample_logits
+from .strategies import check_strategy, sample_logits
 from .strategies import sampling_dtype as parse_sampling_dtype
 
 
@@ -37,6 +38,9 @@ def _identity(x):
 
 
 def _model_device(model) -> torch.device:
+    """A RADD's ``device``; the published API also takes any module (its first parameter's device)."""
+    if hasattr(model, "device"):
+        return torch.device(model.device)
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):

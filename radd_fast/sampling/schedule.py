@@ -15,14 +15,50 @@ Example::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-DIFFUSION_METHODS = ("tweedie", "euler")
-METHODS = DIFFUSION_METHODS + ("ordered",)
+
+def _tweedie_rate(noise, t: torch.Tensor, dt: float, sigma: torch.Tensor, move: torch.Tensor) -> torch.Tensor:
+    """Exact reveal probability over [t - dt, t): (e^{-sigma(t-dt)} - e^{-sigma(t)}) / (1 - e^{-sigma(t)})."""
+    sigma_next = noise(t - dt)[0]
+    return (torch.exp(-sigma_next) - torch.exp(-sigma)) / move
+
+
+def _euler_rate(noise, t: torch.Tensor, dt: float, sigma: torch.Tensor, move: torch.Tensor) -> torch.Tensor:
+    """First-order reveal probability: dt * sigma'(t) e^{-sigma(t)} / (1 - e^{-sigma(t)})."""
+    dsigma = noise(t)[1]
+    return dt * dsigma * torch.exp(-sigma) / move
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One sampling method. rate: ``(noise, t, dt, sigma, move) -> [steps]`` reveal probability of a
+    still-masked token (a diffusion method, needs the noise schedule); None: a fixed order of
+    positions instead (any-order AR, no noise)."""
+
+    name: str
+    rate: Callable | None
+
+    @property
+    def needs_noise(self) -> bool:
+        return self.rate is not None
+
+
+# Adding a method is one entry here (and, for an order-based one, its plan in ``ordered_groups``).
+METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec("tweedie", _tweedie_rate),
+    MethodSpec("euler", _euler_rate),
+    MethodSpec("ordered", None),
+)}
+METHODS = tuple(METHOD_SPECS)
+DIFFUSION_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.needs_noise)
 
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
+    if method not in METHOD_SPECS:
         raise ValueError(f"unknown sampling method {method!r}; expected one of {METHODS}")
     return method
 
@@ -40,18 +76,14 @@ def update_rates(noise, steps: int, method: str, eps: float = 1e-5, device=None)
     to [0, 1]: a rate above 1 (euler with few steps) reveals every token, as in the published code.
     """
     steps = check_steps(steps)
+    spec = METHOD_SPECS.get(method)
+    if spec is None or not spec.needs_noise:
+        raise ValueError(f"update rates exist for {DIFFUSION_METHODS}, got method {method!r}")
     t = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64, device=device)[:-1]
     dt = (1.0 - eps) / steps
-    sigma, dsigma = noise(t)
+    sigma = noise(t)[0]
     move = -torch.expm1(-sigma)  # 1 - exp(-sigma(t)): probability of being masked at t
-    if method == "tweedie":
-        sigma_next = noise(t - dt)[0]
-        rate = (torch.exp(-sigma_next) - torch.exp(-sigma)) / move
-    elif method == "euler":
-        rate = dt * dsigma * torch.exp(-sigma) / move
-    else:
-        raise ValueError(f"update rates exist for {DIFFUSION_METHODS}, got method {method!r}")
-    rate = rate.to(torch.float64).clamp(0.0, 1.0)
+    rate = spec.rate(noise, t, dt, sigma, move).to(torch.float64).clamp(0.0, 1.0)
     rate[-1] = 1.0
     return rate
 

@@ -1,0 +1,144 @@
+"""The output head of RADD: final norm + projection over the vocabulary, for its three uses.
+
+The head is the only model-facing caller of the head kernels (the fused loss
+head and the fused sampling update); losses, evaluation and the sampler go
+through it and never reach into ``model.output_layer`` or ``radd_fast.kernels``.
+
+- ``logits(h)``: raw logits at every row (the published forward);
+- ``log_probs_at(h_rows, targets)``: log p(target) at selected rows only
+  (losses, evaluation): [N] instead of the [B, L, V] log-softmax;
+- ``sampler(...).sample_at(h_rows, dst, x_flat, strategy, key)``: draw the
+  tokens of the revealed rows of one sampler evaluation and write them into x.
+
+The one backend policy: the head's kernels run when the model's backend is
+"fast" (``use_kernels`` overrides it for the sampler), and only where Triton can
+run on the weights' device; the "reference" backend computes the published way
+in PyTorch. The MASK column (the last one) never takes part in a softmax here.
+
+Example::
+
+    head = model.output_head()
+    logp = head.log_probs_at(model.hidden(x)[seq, pos], clean[seq, pos])   # [N] fp32
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.linear_log_softmax import linear_log_softmax_gather
+from ..kernels.sampling_update import (
+    gumbel_ref,
+    head_sample_update,
+    logits_sample_update,
+    logits_sample_update_ref,
+    mix64,
+)
+from ..kernels.utils import triton_runs_on
+from .precision import autocast
+
+__all__ = ["OutputHead", "RevealSampler", "gumbel", "noise_key"]
+
+
+def gumbel(shape, dtype: torch.dtype, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel noise drawn on ``device`` from ``generator`` (the PyTorch draw of every sampler)."""
+    return gumbel_ref(shape, dtype, device, generator)
+
+
+def noise_key(seed: int, evaluation: int) -> int:
+    """The Philox key of one sampler evaluation: distinct and well spread for every (seed, evaluation)."""
+    return mix64(mix64(int(seed)) ^ int(evaluation))
+
+
+class OutputHead:
+    """Final norm + projection of one model, with the backend policy fixed at creation.
+
+    layer: the model's ``DDitFinalLayer`` (``norm_final`` then ``linear`` [V, d]); backend:
+    'reference' | 'fast'; compute_dtype: the autocast dtype of the projection.
+    """
+
+    def __init__(self, layer, backend: str, compute_dtype: torch.dtype):
+        self.layer = layer
+        self.fused = backend == "fast"
+        self.dtype = compute_dtype
+
+    @property
+    def n_vocab(self) -> int:
+        """Real tokens (the MASK column excluded)."""
+        return self.layer.linear.weight.shape[0] - 1
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., d] -> raw logits [..., V] in the compute dtype."""
+        with autocast(h.device, self.dtype):
+            return self.layer(h)
+
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probs over the V-1 real tokens: [N, d] -> [N, V-1] fp32."""
+        return self.logits(h)[..., :-1].float().log_softmax(-1)
+
+    def log_probs_at(self, h_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets) at selected rows: h_rows [N, d], targets [N] -> [N] fp32.
+
+        Fused: the linear + log-softmax kernel keeps an online log-sum-exp over vocabulary
+        tiles, so the [N, V] logits never exist. Reference: the published computation (full
+        log-softmax over the V-1 real tokens, then gather).
+        """
+        if not self.fused:
+            return self.log_probs(h_rows).gather(-1, targets[:, None]).squeeze(-1)
+        hn = self.layer.norm_final(h_rows).to(self.dtype)
+        w, b = self.layer.linear.weight[:-1], self.layer.linear.bias[:-1]
+        # validate=False: no host sync per call; callers (losses, eval) check token ids up front.
+        return linear_log_softmax_gather(hn, w.to(self.dtype), b.to(self.dtype), targets, validate=False)[0]
+
+    def sampler(self, sampling_dtype: torch.dtype, generator: torch.Generator | None = None,
+                use_kernels: bool | None = None) -> "RevealSampler":
+        """The head prepared for one sampling run (weights cast once); see ``RevealSampler``."""
+        return RevealSampler(self, sampling_dtype, generator, use_kernels)
+
+
+class RevealSampler:
+    """The head at the revealed rows of sampler evaluations: strategy, Gumbel-max, write into x.
+
+    - kernels, ``direct``: final norm in torch on [P, d], then logits tile by tile with a running
+      Gumbel-max (fused Triton kernel): the [P, V] logits never exist;
+    - kernels, ``top_k`` / ``top_p``: [P, V-1] logits for the revealed rows only (P is small),
+      filtered by the strategy, then the Gumbel-max + write kernel;
+    - no kernels: the same steps in PyTorch, Gumbel noise from the run's seeded ``generator``.
+    The kernels key their Philox noise with the evaluation's ``key`` (``noise_key``).
+    """
+
+    def __init__(self, head: OutputHead, sampling_dtype: torch.dtype, generator: torch.Generator | None,
+                 use_kernels: bool | None):
+        self.head = head
+        self.fp64 = sampling_dtype == torch.float64
+        self.sampling_dtype = sampling_dtype
+        self.generator = generator
+        linear = head.layer.linear
+        self.use_kernels = self._decide_kernels(linear.weight, use_kernels)
+        # The autocast head sees W, b in the compute dtype; cast once, not per evaluation.
+        self.weight = linear.weight.detach().to(head.dtype).contiguous()
+        self.bias = linear.bias.detach().to(head.dtype).contiguous()
+
+    def _decide_kernels(self, weight: torch.Tensor, requested: bool | None) -> bool:
+        if requested is None:  # the interpreter mis-reads 16-bit tl.dot tiles: fp32 only off CUDA
+            return self.head.fused and triton_runs_on(weight) and (weight.is_cuda or self.head.dtype == torch.float32)
+        if requested and not triton_runs_on(weight):
+            raise ValueError("use_kernels=True needs CUDA tensors or TRITON_INTERPRET=1")
+        return bool(requested)
+
+    def sample_at(self, h_rows: torch.Tensor, dst: torch.Tensor, x_flat: torch.Tensor, strategy, key: int) -> None:
+        """Draw a token per row and write x_flat[dst[i]] = token[i].
+
+        h_rows: [P, d] hidden rows of the revealed positions (padding included); dst: [P] int64
+        into the flat token buffer x_flat; strategy: a ``radd_fast.sampling.strategies.Strategy``
+        (``is_direct``, ``filter(logits)``); key: the evaluation's noise key.
+        """
+        n_vocab = self.head.n_vocab
+        if self.use_kernels and strategy.is_direct:
+            hn = self.head.layer.norm_final(h_rows).to(self.weight.dtype)
+            head_sample_update(hn, self.weight, self.bias, n_vocab, dst, x_flat, seed=key, fp64=self.fp64)
+            return
+        logits = strategy.filter(self.head.logits(h_rows)[:, :n_vocab])
+        if self.use_kernels:
+            logits_sample_update(logits, dst, x_flat, seed=key, fp64=self.fp64)
+            return
+        noise = gumbel(logits.shape, self.sampling_dtype, logits.device, self.generator)
+        logits_sample_update_ref(logits, dst, x_flat, noise, self.fp64)

@@ -1,0 +1,107 @@
+"""``SamplerConfig``: every option of a sampling run, typed and validated once.
+
+Shared by ``generate``, ``sample.py`` and the training snapshot, so a flag means
+the same thing everywhere and a bad value fails before any model work.
+
+Example::
+
+    cfg = SamplerConfig(steps=1024, strategy="top_p", strategy_para=0.9, rows_in_flight=64)
+    tokens, stats = generate(model, noise, num_samples=64, config=cfg, seed=0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .schedule import METHOD_SPECS, check_method, check_steps
+from .strategies import Strategy, make_strategy, sampling_dtype
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """What to sample and how.
+
+    steps: discretisation steps; method: 'tweedie' | 'euler' (need the noise schedule) | 'ordered'
+    (any-order AR: ``order``, a permutation of range(length) shared by all rows, or None for a
+    random order per row; ``steps`` chunks of it; the diffusion methods ignore it); strategy / strategy_para: 'direct' | 'top_p' (p)
+    | 'top_k' (k), the published default parameter when None; sampling_dtype: 'float32' | 'float64'
+    Gumbel noise and scores; eps: the last time of the schedule, in (0, 1).
+    Execution (results do not depend on these, except ``use_kernels``, whose noise differs):
+    rows_in_flight: rows per evaluation; buckets: pad evaluation shapes to powers of two (False:
+    exact shapes); wave_size: rows planned at once (memory bound; default max(32 x rows, 4096));
+    cuda_graphs: replay the body from CUDA graphs (default on for CUDA); compile: torch.compile
+    the body; use_kernels: override the head's backend policy (None: kernels on the fast backend).
+    """
+
+    steps: int = 1024
+    method: str = "tweedie"
+    strategy: str = "direct"
+    strategy_para: Any = None
+    sampling_dtype: str = "float32"
+    eps: float = 1e-5
+    order: Any = None
+    rows_in_flight: int = 64
+    buckets: bool = True
+    wave_size: int | None = None
+    cuda_graphs: bool | None = None
+    compile: bool = False
+    use_kernels: bool | None = None
+    _strategy: Strategy = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", check_steps(self.steps))
+        check_method(self.method)
+        object.__setattr__(self, "_strategy", make_strategy(self.strategy, self.strategy_para))
+        object.__setattr__(self, "strategy_para", self._strategy.para)
+        sampling_dtype(self.sampling_dtype)
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0.0 < self.eps < 1.0):
+            raise ValueError(f"eps (the schedule's last time) must be in (0, 1), got {self.eps!r}")
+        if isinstance(self.rows_in_flight, bool) or int(self.rows_in_flight) < 1:
+            raise ValueError(f"rows_in_flight (batch_size) must be >= 1, got {self.rows_in_flight!r}")
+        if self.wave_size is not None and int(self.wave_size) < 1:
+            raise ValueError(f"wave_size must be >= 1, got {self.wave_size!r}")
+
+    @property
+    def strategy_fn(self) -> Strategy:
+        """The strategy bound to its checked parameter (what the head's ``sample_at`` takes)."""
+        return self._strategy
+
+    @property
+    def needs_noise(self) -> bool:
+        return METHOD_SPECS[self.method].needs_noise
+
+    @property
+    def noise_dtype(self) -> torch.dtype:
+        return sampling_dtype(self.sampling_dtype)
+
+    @property
+    def planned_wave_size(self) -> int:
+        return int(self.wave_size or max(32 * self.rows_in_flight, 4096))
+
+    def replace(self, **changes) -> "SamplerConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line for summaries and JSONL records: what was sampled, and how the noise was drawn."""
+        para = "" if self.strategy_para is None else f"={self.strategy_para}"
+        return (f"{self.method}, {self.steps} steps, {self.strategy}{para}, "
+                f"{self.sampling_dtype.replace('float', 'fp')} Gumbel")
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(SamplerConfig) if f.init)
+
+
+def sampler_config(config: SamplerConfig | None = None, **options) -> SamplerConfig:
+    """``config`` (default: the defaults) with ``options`` applied; ``batch_size`` is ``rows_in_flight``."""
+    if "batch_size" in options:  # the engine's historical name for rows in flight
+        options["rows_in_flight"] = options.pop("batch_size")
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"unknown sampling option(s) {unknown}; expected some of {list(FIELDS)}")
+    base = config or SamplerConfig()
+    return base.replace(**options) if options else base
