@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -155,7 +156,12 @@ def expected_enfe(steps: int, n_free: int) -> float:
     return steps * (1.0 - (1.0 - 1.0 / steps) ** n_free)
 
 
-def expected_enfe_exact(rates: torch.Tensor, n_free: int) -> float:
-    """E-NFE for any rates: sum_i 1 - (1 - P(step i))^n_free (the loglinear formula up to O(eps))."""
-    p = step_distribution(rates)
-    return float((1.0 - (1.0 - p) ** n_free).sum())
+def expected_enfe_exact(rates: torch.Tensor, n_free) -> float | np.ndarray:
+    """E-NFE for any rates: sum_i 1 - (1 - P(step i))^n_free (the loglinear formula up to O(eps)).
+
+    n_free: an int (returns a float) or an array of ints (returns an array); one host copy of P.
+    """
+    p = step_distribution(rates).cpu().numpy()
+    n = np.asarray(n_free, dtype=np.float64)
+    values = (1.0 - (1.0 - p[None, :]) ** n.reshape(-1, 1)).sum(axis=1)
+    return float(values[0]) if n.ndim == 0 else values
