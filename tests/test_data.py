@@ -52,7 +52,7 @@ def test_detokenizers():
     assert wikitext_detokenizer("1 @,@ 000 people , in the ( old city ) . It 's 3 @.@ 5 m") == \
         "1,000 people, in the (old city). It's 3.5 m"
     assert ptb_detokenizer("he does n't pay $ 1 million") == "he doesn't pay $1 million"
-    assert ptb_detokenizer("about N shares") == "about1 shares"  # published quirk: " N " -> "1 "
+    assert ptb_detokenizer("about N shares") == "about 1 shares"  # published: " N " -> " 1 "
     assert lm1b_detokenizer('He said : " it is fine " , then left .') == 'He said: "it is fine", then left.'
     assert lm1b_detokenizer("see http : / / example.com ( now ) !") == "see http://example.com (now)!"
     assert lambada_detokenizer("  \u201cHi,\u201d she said.  ") == '\n"Hi," she said.'

@@ -1,4 +1,4 @@
-"""Token blocks for training and evaluation (spec 1).
+"""Token blocks for training and evaluation.
 
 A source is one of
 - a Hugging Face corpus by name: ``openwebtext``, ``wikitext103``, ``wikitext2``,
@@ -10,7 +10,8 @@ A source is one of
   int32, dtype from the header) or ``.bin`` (raw uint16, the nanoGPT layout).
   It is used as is: it must already hold the EOS separators.
 
-Text is detokenised (evaluation corpora, as published), tokenised, each document
+Text is detokenised (evaluation corpora, as published; a local file only when a
+``detokenizer`` is passed, e.g. a stand-in for a corpus), tokenised, each document
 followed by EOS, all concatenated, and cut into blocks of ``length`` tokens; the
 remainder is dropped. Tokenised text is cached once under ``cache_dir`` as a raw
 uint16/uint32 stream keyed by source, split, tokenizer and detokenizer, written
@@ -29,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import UserError
-from .detokenizers import DETOKENIZERS
+from .detokenizers import DETOKENIZERS, detokenizer_identity
 
 CACHE_VERSION = 1
 
@@ -90,19 +91,23 @@ class TokenBlocks:
 
 
 def load_blocks(source: str, split: str, tokenizer, length: int, cache_dir: str | os.PathLike = "data",
-                detokenize: bool = True, num_proc: int | None = None) -> TokenBlocks:
+                detokenize: bool = True, num_proc: int | None = None,
+                detokenizer: Callable[[str], str] | None = None) -> TokenBlocks:
     """Blocks of ``length`` tokens from ``source`` (see the module doc); tokenises once and caches.
+
+    ``detokenizer`` replaces a corpus's own detokenizer, and applies to local text sources too.
 
     Example::
 
         blocks = load_blocks("input.txt", "train", ByteTokenizer(), length=128, cache_dir="data")
         batch = blocks[np.array([0, 5])]   # [2, 128] int64
     """
-    return TokenBlocks(load_token_stream(source, split, tokenizer, cache_dir, detokenize, num_proc), length, source)
+    stream = load_token_stream(source, split, tokenizer, cache_dir, detokenize, num_proc, detokenizer)
+    return TokenBlocks(stream, length, source)
 
 
 def load_token_stream(source: str, split: str, tokenizer, cache_dir="data", detokenize: bool = True,
-                      num_proc: int | None = None) -> np.ndarray:
+                      num_proc: int | None = None, detokenizer: Callable[[str], str] | None = None) -> np.ndarray:
     """The flat token stream (documents + EOS, concatenated) of a source, memory-mapped."""
     path = Path(source).expanduser()
     if path.suffix in TOKEN_SUFFIXES and path.is_file():
@@ -111,17 +116,20 @@ def load_token_stream(source: str, split: str, tokenizer, cache_dir="data", deto
         if not (path.is_dir() or path.suffix in TEXT_SUFFIXES):
             raise DataError(f"{path}: unsupported file type; expected {TEXT_SUFFIXES + TOKEN_SUFFIXES} or a folder "
                             f"of .txt files")
+        detok = detokenizer if detokenize else None
         key = {"source": str(path.resolve()), "stamp": _file_stamp(path)}
+        if detok is not None:  # keyed only when used, so the caches written before stay valid
+            key["detok"] = detokenizer_identity(detok)
         return _cached(key, path.stem, split, tokenizer, cache_dir,
-                       lambda: _tokenised(_local_documents(path), tokenizer))
+                       lambda: _tokenised(_detokenised(_local_documents(path), detok), tokenizer))
     if source not in HF_CORPORA:
         raise DataError(f"unknown dataset {source!r}: expected one of {sorted(HF_CORPORA)} or an existing path "
                         f"(.txt / .jsonl / folder of .txt / pre-tokenised .npy / .bin)")
     corpus = HF_CORPORA[source]
     if split not in corpus.splits:
         raise DataError(f"dataset {source!r} has no split {split!r}; expected one of {sorted(corpus.splits)}")
-    detok = DETOKENIZERS.get(source) if detokenize else None
-    key = {"source": source, "split": corpus.splits[split], "detok": detok.__name__ if detok else None}
+    detok = (detokenizer or DETOKENIZERS.get(source)) if detokenize else None
+    key = {"source": source, "split": corpus.splits[split], "detok": detokenizer_identity(detok) if detok else None}
     return _cached(key, source, split, tokenizer, cache_dir,
                    lambda: _hf_tokenised(corpus, corpus.splits[split], tokenizer, detok, cache_dir, num_proc))
 
@@ -203,6 +211,10 @@ def _local_documents(path: Path) -> Iterator[str]:
                     yield record["text"]
     else:
         yield path.read_text(encoding="utf-8")
+
+
+def _detokenised(documents: Iterable[str], detok) -> Iterator[str]:
+    return (detok(d) for d in documents) if detok is not None else iter(documents)
 
 
 def _hf_tokenised(corpus: HFCorpus, split: str, tokenizer, detok, cache_dir, num_proc) -> Iterator[np.ndarray]:

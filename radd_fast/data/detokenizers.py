@@ -1,4 +1,4 @@
-"""Detokenizers for the evaluation corpora, as in the published data pipeline.
+"""Detokenizers for the evaluation corpora: the published data pipeline's rules, in order.
 
 WikiText, PTB and One Billion Words are stored pre-tokenised ("don 't", " @-@ ",
 "( word )"); the published evaluation undoes that before GPT-2 tokenisation, and
@@ -8,6 +8,7 @@ marked ``RE`` is ``re.sub``.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 
 RE = "re"
@@ -45,11 +46,14 @@ WIKITEXT_RULES = [
 ]
 
 PTB_RULES = [
-    (" '", "'"),
-    (" \n", "\n"), ("\n ", "\n"),
-    (" n't", "n't"),
-    (" N ", "1 "),
+    # contractions and possessives re-attach
+    (" 's", "'s"), ("s ' ", "s' "), (" n't", "n't"),
+    # a line break surrounded by spaces, escaped slashes
+    (" \n ", "\n"), ("\\/", "/"),
+    # PTB writes every number as N; ten passes so runs like "N N N" all become 1
+    *[(" N ", " 1 ")] * 10,
     ("$ 1", "$1"), ("# 1", "#1"),
+    ("<unk>", "?"),
 ]
 
 LM1B_RULES = [
@@ -84,6 +88,17 @@ def lambada_detokenizer(text: str) -> str:
     """Curly double quotes to straight ones; the passage starts on a new line."""
     text = text.replace("\N{LEFT DOUBLE QUOTATION MARK}", '"').replace("\N{RIGHT DOUBLE QUOTATION MARK}", '"')
     return "\n" + text.strip()
+
+
+RULES_OF = {"wikitext_detokenizer": WIKITEXT_RULES, "ptb_detokenizer": PTB_RULES, "lm1b_detokenizer": LM1B_RULES}
+
+
+def detokenizer_identity(detok) -> str:
+    """Name plus a digest of its rules: keys the token cache, so a corrected rule re-tokenises."""
+    rules = RULES_OF.get(detok.__name__)
+    if rules is None:
+        return detok.__name__
+    return f"{detok.__name__}-{hashlib.sha256(repr(rules).encode()).hexdigest()[:8]}"
 
 
 DETOKENIZERS = {

@@ -1,0 +1,129 @@
+"""The published detokenizers, rule by rule, on inputs written for each rule; and the corpus table
+of the published evaluation protocol (which split, which detokenizer, which hub dataset).
+
+Expected strings follow from the published rules as they read, quirks included (a regex
+WikiText rule that only matches a literal "/' <digit>/", PTB numbers written as 1)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from radd_fast.data import (
+    DETOKENIZERS,
+    HF_CORPORA,
+    ByteTokenizer,
+    lambada_detokenizer,
+    lm1b_detokenizer,
+    load_blocks,
+    ptb_detokenizer,
+    wikitext_detokenizer,
+)
+from radd_fast.data.detokenizers import detokenizer_identity
+from radd_fast.evaluation.protocol import PUBLISHED_SPLITS, detokenizer_of, published_split
+
+WIKITEXT = [
+    ("the players ' union", "the players' union"),
+    ("a/' 5/b", "a/'[0-9]/b"),  # the published regex matches only this literal shape
+    ("well @-@ known", "well-known"),
+    ("1 @,@ 000", "1,000"),
+    ("3 @.@ 5", "3.5"),
+    ("note : this ; that . Then ! Why ? So , yes", "note: this; that. Then! Why? So, yes"),
+    ("in the ( old city )", "in the (old city)"),
+    ("see [ 1 ] and { x }", "see [1] and {x}"),
+    ('he said " hello there " loudly', 'he said "hello there" loudly'),
+    ("the ' quoted ' word", "the 'quoted' word"),
+    (" = = = Career = = = \n", " === Career ===\n"),
+    (" = = = = Deep = = = = \n", " ==== Deep ====\n"),
+    (" = Title = \n", " = Title =\n"),
+    ("20 \u00b0 C", "20\u00b0C"),
+    ("end \n start", "end\nstart"),
+    ("in N years", "in 1 years"),
+    ("the city 's walls", "the city's walls"),
+]
+
+PTB = [
+    ("the company 's stock", "the company's stock"),
+    ("the investors ' money", "the investors' money"),
+    ("he does n't know", "he doesn't know"),
+    ("first \n second", "first\nsecond"),
+    ("a 1\\/2 share", "a 1/2 share"),
+    ("about N shares", "about 1 shares"),
+    ("rose N N N points", "rose 1 1 1 points"),  # overlapping runs: the rule is applied ten times
+    ("costs $ N million", "costs $1 million"),
+    ("item # N here", "item #1 here"),
+    ("the <unk> fell", "the ? fell"),
+]
+
+LM1B = [
+    ("see http : / / example.com now", "see http://example.com now"),
+    ("see https : / / example.com now", "see https://example.com now"),
+    ("it 's fine", "it's fine"),
+    ("the end . Next one", "the end. Next one"),
+    ("the very end .", "the very end."),
+    ("why ? because", "why? because"),
+    ("really ?", "really?"),
+    ("wow ! nice", "wow! nice"),
+    ("stop !", "stop!"),
+    ("a , b : c ; d / e", "a, b: c; d/e"),
+    ('he said " it is fine " today', 'he said "it is fine" today'),
+    ("the ' best ' one", "the 'best' one"),
+    ("a ( small ) note", "a (small) note"),
+    ("a [ tiny ] note", "a [tiny] note"),
+    ("pay $ 5 or \u00a3 3", "pay $5 or \u00a33"),
+]
+
+
+@pytest.mark.parametrize("text, expected", WIKITEXT)
+def test_wikitext_rules(text, expected):
+    assert wikitext_detokenizer(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", PTB)
+def test_ptb_rules(text, expected):
+    assert ptb_detokenizer(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", LM1B)
+def test_lm1b_rules(text, expected):
+    assert lm1b_detokenizer(text) == expected
+
+
+def test_lambada_straightens_quotes_and_starts_a_line():
+    assert lambada_detokenizer("  \u201cCome in,\u201d she said.  ") == '\n"Come in," she said.'
+    assert lambada_detokenizer("plain") == "\nplain"
+
+
+def test_each_corpus_uses_the_published_split_and_detokenizer():
+    """The published evaluation reads WikiText2's TRAIN split and the others' test split."""
+    assert PUBLISHED_SPLITS == {"lambada": "test", "wikitext2": "train", "ptb": "test", "wikitext103": "test",
+                                "lm1b": "test"}
+    assert published_split("input.txt") == "test"
+    expected = {"lambada": lambada_detokenizer, "wikitext2": wikitext_detokenizer, "ptb": ptb_detokenizer,
+                "wikitext103": wikitext_detokenizer, "lm1b": lm1b_detokenizer}
+    for name, detok in expected.items():
+        assert detokenizer_of(name) is detok and DETOKENIZERS[name] is detok
+        assert PUBLISHED_SPLITS[name] in HF_CORPORA[name].splits
+    hub = {name: (HF_CORPORA[name].path, HF_CORPORA[name].name, HF_CORPORA[name].text_field,
+                  HF_CORPORA[name].splits[PUBLISHED_SPLITS[name]]) for name in expected}
+    assert hub == {"lambada": ("EleutherAI/lambada_openai", "default", "text", "test"),  # OpenAI's LAMBADA test set
+                   "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "train"),
+                   "ptb": ("ptb_text_only", None, "sentence", "test"),
+                   "wikitext103": ("wikitext", "wikitext-103-raw-v1", "text", "test"),
+                   "lm1b": ("lm1b", None, "text", "test")}
+
+
+def test_a_local_stand_in_is_detokenised_when_asked(tmp_path):
+    text = tmp_path / "ptb.txt"
+    text.write_text("he does n't pay $ N")
+    tok = ByteTokenizer()
+    plain = load_blocks(str(text), "test", tok, length=1, cache_dir=tmp_path)
+    detok = load_blocks(str(text), "test", tok, length=1, cache_dir=tmp_path, detokenizer=ptb_detokenizer)
+    as_text = lambda b: bytes(b[np.arange(len(b))].ravel().tolist()[:-1]).decode()  # noqa: E731 (drop EOS)
+    assert as_text(plain) == "he does n't pay $ N" and as_text(detok) == "he doesn't pay $ N"
+
+
+def test_cache_key_follows_the_rules():
+    """A corrected rule must re-tokenise: the cache key carries a digest of the rules."""
+    ident = detokenizer_identity(ptb_detokenizer)
+    assert ident.startswith("ptb_detokenizer-") and ident != detokenizer_identity(wikitext_detokenizer)
+    assert detokenizer_identity(lambada_detokenizer) == "lambada_detokenizer"
