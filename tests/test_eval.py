@@ -1,9 +1,10 @@
-"""Zero-shot perplexity: evaluate_ppl (both engines, every loss family) and the eval.py CLI.
+"""Zero-shot perplexity: evaluate_ppl (both backends, with and without Monte Carlo batching, every
+loss family) and the eval.py CLI.
 
 A tiny byte-level model (256 tokens + MASK) with perturbed weights and a local text file keep
-everything offline and fast. The fast engine runs with the Triton interpreter off,
-i.e. the fast backend's PyTorch fallbacks: the kernels have their own tests; here
-what is checked is the fast *path* (fused-loss entry point, batched Monte Carlo draws).
+everything offline and fast. The fast backend runs with the Triton interpreter off,
+i.e. its PyTorch fallbacks: the kernels have their own tests; here what is checked
+is the fast *path* (fused-loss entry point) and the batched Monte Carlo draws.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from radd_fast import RADD, RADDConfig
 from radd_fast.config import ModelConfig
-from radd_fast.evaluation import LOSS_TYPES, evaluate_ppl
+from radd_fast.evaluation import LOSS_TYPES, NonFiniteLoss, evaluate_ppl
 from radd_fast.noise import get_noise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +112,7 @@ def test_ar_forward_equals_sum_of_single_positions(model, noise):
     assert res.ppl == pytest.approx(math.exp(nll.mean().item() / L), rel=1e-5)
 
 
-def test_fast_engine_matches_reference_on_the_same_draws(model, noise, fast_fallbacks):
+def test_fast_backend_matches_reference_on_the_same_draws(model, noise, fast_fallbacks):
     """One draw per forward on both engines: the same random numbers, so the same losses."""
     out = {}
     for backend in ("reference", "fast"):
@@ -121,7 +123,7 @@ def test_fast_engine_matches_reference_on_the_same_draws(model, noise, fast_fall
 
 
 def test_batched_draws_equal_the_loop_in_expectation(noise, fast_fallbacks):
-    """The fast engine replicates the batch k times per forward; its estimate must have the same mean as
+    """Monte Carlo batching replicates the batch k times per forward; its estimate must have the same mean as
     the published one-draw-per-forward loop. One batch repeated: per-batch values are iid estimates."""
     (x,) = batches(n=1, b=4)
     stats = {}
@@ -139,7 +141,7 @@ def test_batched_draws_equal_the_loop_in_expectation(noise, fast_fallbacks):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
-def test_fast_engine_on_cuda(noise, dtype, rel):
+def test_fast_backend_on_cuda(noise, dtype, rel):
     """The real kernels (fused masked loss, Triton norms / attention) against the fp32 reference,
     on the same draws; then the default batched-draw path runs and gives a finite PPL."""
     out = {}
@@ -155,10 +157,70 @@ def test_fast_engine_on_cuda(noise, dtype, rel):
 
 def test_mc_draws_per_forward_follow_the_token_budget(model, noise, fast_fallbacks):
     m = tiny_model().set_backend("fast")
-    res = evaluate_ppl(m, noise, batches(n=1), "lambda_DCE", 5, token_budget=3 * L * 2, progress=False)
+    res = evaluate_ppl(m, noise, batches(n=1), "lambda_DCE", 5, mc_batching=True, token_budget=3 * L * 2,
+                       progress=False)
     assert res.mc_per_forward == 2  # budget of two replicas of a [3, 16] batch
     ref = evaluate_ppl(model, noise, batches(n=1), "lambda_DCE", 5, progress=False)
-    assert ref.mc_per_forward == 1  # reference: the published loop
+    assert ref.mc_per_forward == 1  # default on CPU: the published loop
+
+
+def test_mc_batching_is_an_option_not_the_backend(model, noise, fast_fallbacks):
+    """Batching follows mc_batching (default: on for CUDA only), never the kernel backend."""
+    fast = tiny_model().set_backend("fast")
+    assert evaluate_ppl(fast, noise, batches(n=1), "lambda_DCE", 4, progress=False).mc_per_forward == 1
+    on = evaluate_ppl(model, noise, batches(n=1), "lambda_DCE", 4, mc_batching=True, progress=False)
+    assert model.backend == "reference" and on.mc_per_forward == 4
+    exact = evaluate_ppl(model, noise, batches(n=1), "ar_forward", 1, mc_batching=True, progress=False)
+    assert exact.mc_per_forward == 1
+
+
+@pytest.mark.parametrize("mc_batching", [False, True])
+def test_batched_and_looped_draws_give_the_closed_form(noise, mc_batching):
+    """A zero output layer predicts uniformly over the 256 real tokens, so every masked token costs
+    log 256. k_DCE masks exactly k tokens and weighs them L/k: each draw is exactly L log 256, so
+    PPL = 256 whatever the draws, batched or not, with a zero Monte Carlo variance. lambda_DCE
+    weighs the masked tokens by 1/lambda: its expectation is L log 256 (PPL 256), its draws vary,
+    so the estimate must be within a few of its own standard errors of 256."""
+    m = tiny_model(zero_head=True)
+    torch.manual_seed(0)
+    k = evaluate_ppl(m, noise, batches(n=3, b=4), "k_DCE", 6, mc_batching=mc_batching, token_budget=3 * 4 * L,
+                     progress=False)
+    assert k.mc_per_forward == (3 if mc_batching else 1)
+    assert k.ppl == pytest.approx(256.0, rel=1e-6)
+    assert k.ppl_stderr < 1e-4  # float32 rounding of the per-draw losses only
+    lam = evaluate_ppl(m, noise, batches(n=3, b=4), "lambda_DCE", 16, mc_batching=mc_batching, progress=False)
+    assert lam.mc_per_forward == (16 if mc_batching else 1)
+    assert lam.ppl_stderr > 100 * k.ppl_stderr and abs(lam.ppl - 256.0) < 5 * lam.ppl_stderr, (lam.ppl, lam.ppl_stderr)
+
+
+def test_stderr_matches_an_independent_computation(model, noise):
+    """The published loop by hand, one draw at a time with the same seed: per-batch means, the
+    spread of the draws, and the delta-method standard error of exp(mean / L)."""
+    data, mc = batches(n=3), 5
+    torch.manual_seed(7)
+    res = evaluate_ppl(model, noise, data, "lambda_DCE", mc, mc_batching=False, progress=False)
+    from radd_fast.losses import get_loss_fn
+
+    loss_fn = get_loss_fn(noise, model.vocab_size, train=False, loss_type="lambda_DCE")
+    torch.manual_seed(7)
+    means, variances = [], []
+    with torch.no_grad():
+        for x in data:
+            draws = np.array([loss_fn(model, x).double().mean().item() for _ in range(mc)])
+            means.append(draws.mean())
+            variances.append(draws.var(ddof=1) / mc)
+    assert res.batch_losses == pytest.approx(means, rel=1e-9)
+    ppl = math.exp(np.mean(means) / L)
+    se = ppl * math.sqrt(np.sum(variances) / len(means) ** 2) / L
+    assert res.ppl == pytest.approx(ppl, rel=1e-9) and res.ppl_stderr == pytest.approx(se, rel=1e-6)
+
+
+def test_nan_weights_raise_instead_of_a_nan_ppl(noise):
+    m = tiny_model()
+    with torch.no_grad():
+        m.output_layer.linear.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="batch 0 is nan"):
+        evaluate_ppl(m, noise, batches(), "lambda_DCE", 2, progress=False)
 
 
 def test_evaluate_ppl_errors(model, noise):
@@ -196,16 +258,45 @@ def test_cli_end_to_end(checkpoint, tmp_path):
     assert float(line[0].split(": ")[1]) == pytest.approx(result["ppl"])
     assert result["ppl"] == pytest.approx(math.exp(sum(result["batch_losses"]) / len(result["batch_losses"]) / L))
     s = result["settings"]
-    assert (s["loss_type"], s["monte_carlo_timesteps"], s["length"], s["seed"], s["engine"], s["tokenizer"]) == \
+    assert (s["loss_type"], s["monte_carlo_timesteps"], s["length"], s["seed"], s["backend"], s["tokenizer"]) == \
         ("lambda_DCE", 2, L, 5, "reference", "bytes")
+    assert (s["split"], s["mc_batching"], s["batch_size"]) == ("test", False, 4)
     assert result["num_batches"] == len(result["batch_losses"]) > 0
+    n_blocks = len((checkpoint / "text.txt").read_bytes()) // L  # one document + EOS, cut into blocks
+    assert f"split test, {n_blocks} blocks of {L} tokens; evaluating {n_blocks} blocks in " in proc.stdout
+    assert result["num_sequences"] == n_blocks and result["ppl_stderr"] > 0
 
 
-def test_cli_in_process_seeded_and_engines(checkpoint, tmp_path, eval_cli, fast_fallbacks, capsys):
-    args = cli_args(checkpoint, tmp_path, "--loss_type", "t_DCE", "--max_batches", "2")
+@pytest.mark.parametrize("case, message", [
+    ("nan_weights", "not finite"),
+    ("unwritable_work_dir", "cannot write results to --work_dir"),
+])
+def test_cli_fails_in_one_line(checkpoint, tmp_path, case, message):
+    """As a user meets it: a NaN checkpoint gives no 'Evaluation PPL: nan' but one error line; an
+    unwritable --work_dir is refused before any evaluation."""
+    args = cli_args(checkpoint, tmp_path, "--monte_carlo_timesteps", "2")
+    if case == "nan_weights":
+        bad = tiny_model()
+        with torch.no_grad():
+            bad.blocks[0].attn_qkv.weight.fill_(float("nan"))
+        bad.save_pretrained(tmp_path / "nan_model")
+        args[args.index("--model_path") + 1] = str(tmp_path / "nan_model")
+    else:
+        (tmp_path / "a_file").write_text("not a folder")
+        args[args.index("--work_dir") + 1] = str(tmp_path / "a_file" / "out")
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    err_lines = proc.stderr.strip().splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: ") and message in err_lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "Evaluation PPL" not in proc.stdout
+
+
+def test_cli_in_process_seeded_and_backends(checkpoint, tmp_path, eval_cli, fast_fallbacks, capsys):
+    args = cli_args(checkpoint, tmp_path, "--loss_type", "t_DCE", "--max_batches", "2", "--monte_carlo_timesteps", "1")
     assert eval_cli.main(args) == 0
     first = json.loads((tmp_path / "out" / "eval_ppl_text_t_DCE.json").read_text())
-    assert eval_cli.main(args + ["--engine", "fast"]) == 0
+    assert eval_cli.main(args + ["--backend", "fast"]) == 0
     fast = json.loads((tmp_path / "out" / "eval_ppl_text_t_DCE.json").read_text())
     assert fast["settings"]["backend"] == "fast" and first["settings"]["backend"] == "reference"
     assert fast["batch_losses"] == pytest.approx(first["batch_losses"], rel=1e-5)  # one draw per forward, same seed
@@ -218,6 +309,8 @@ def test_cli_in_process_seeded_and_engines(checkpoint, tmp_path, eval_cli, fast_
     (["--loss_type", "bogus"], "unknown loss type 'bogus'"),
     (["--loss_type", "ar_random", "--monte_carlo_timesteps", "3"], "monte_carlo_timesteps 1"),
     (["--model_path", "/no/such/folder"], "no such checkpoint folder"),
+    (["--engine", "fast"], "use --backend reference|fast for the kernels and --mc_batching"),
+    (["--batch_size", "5", "--ngpus", "2"], "--batch_size 5 (the global batch) is not divisible by --ngpus 2"),
 ])
 def test_cli_errors(checkpoint, tmp_path, eval_cli, capsys, extra, message):
     assert eval_cli.main(cli_args(checkpoint, tmp_path) + extra) == 2
@@ -234,11 +327,12 @@ def test_cli_text_shorter_than_one_block(checkpoint, tmp_path, eval_cli, capsys)
 
 def test_cli_two_cpu_ranks_match_one(checkpoint, tmp_path, eval_cli):
     """--ngpus 2 on CPU (gloo): the exact ar_forward loss must not depend on the number of ranks."""
-    args = cli_args(checkpoint, tmp_path, "--loss_type", "ar_forward", "--length", "4", "--batch_size", "8",
-                    "--max_batches", "1")
-    assert eval_cli.main(args) == 0
+    args = cli_args(checkpoint, tmp_path, "--loss_type", "ar_forward", "--length", "4")
+    assert eval_cli.main(args + ["--batch_size", "4", "--max_batches", "2"]) == 0
     one = json.loads((tmp_path / "out" / "eval_ppl_text_ar_forward.json").read_text())
-    assert eval_cli.main(args + ["--ngpus", "2"]) == 0
+    # --batch_size is the GLOBAL batch: 8 over 2 ranks is 4 per rank, the same batches as above
+    assert eval_cli.main(args + ["--batch_size", "8", "--max_batches", "1", "--ngpus", "2"]) == 0
     two = json.loads((tmp_path / "out" / "eval_ppl_text_ar_forward.json").read_text())
-    assert two["settings"]["world_size"] == 2 and two["num_batches"] == 2 and one["num_batches"] == 1
-    assert two["batch_losses"][0] == pytest.approx(one["batch_losses"][0], rel=1e-6)
+    assert two["settings"]["world_size"] == 2 and two["num_batches"] == 2 and one["num_batches"] == 2
+    assert two["batch_losses"] == pytest.approx(one["batch_losses"], rel=1e-6)
+    assert two["num_sequences"] == one["num_sequences"] == 8

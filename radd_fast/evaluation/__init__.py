@@ -1,6 +1,8 @@
-"""Evaluation: zero-shot perplexity (``evaluate_ppl``) and generative perplexity of samples."""
+"""Evaluation: zero-shot perplexity (``evaluate_ppl``), the paper's zero-shot suite, and the
+generative perplexity of samples (docs/EVALUATION.md)."""
 from .gen_ppl import read_samples, score_samples, unigram_entropy
-from .ppl import EXACT_LOSS_TYPES, LOSS_TYPES, PPLResult, check_loss_type, evaluate_ppl
+from .ppl import EXACT_LOSS_TYPES, LOSS_TYPES, NonFiniteLoss, PPLResult, check_loss_type, evaluate_ppl
+from .protocol import EvalError
 
-__all__ = ["evaluate_ppl", "PPLResult", "check_loss_type", "LOSS_TYPES", "EXACT_LOSS_TYPES",
-           "score_samples", "read_samples", "unigram_entropy"]
+__all__ = ["evaluate_ppl", "PPLResult", "NonFiniteLoss", "EvalError", "check_loss_type", "LOSS_TYPES",
+           "EXACT_LOSS_TYPES", "score_samples", "read_samples", "unigram_entropy"]

@@ -1,4 +1,4 @@
-"""Generative perplexity of samples (spec 7) and their unigram entropy.
+"""Generative perplexity of samples and their unigram entropy (docs/EVALUATION.md).
 
 A causal LM (GPT-2 large by default; any hub name or local folder that
 ``transformers.AutoModelForCausalLM`` loads) scores each sample:
@@ -29,6 +29,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..progress import progress_bar
+from .protocol import EvalError
 
 
 def read_samples(path) -> list[dict]:
@@ -70,11 +73,18 @@ def same_vocabulary(a, b) -> bool:
 
 
 def load_scorer(name_or_path: str, device, dtype=torch.float32):
-    """(causal LM in eval mode, its tokenizer) from a hub name or a local folder."""
+    """(causal LM in eval mode, its tokenizer) from a hub name or a local folder; EvalError naming the
+    scorer when it cannot be loaded (no such folder, or a hub name with no network)."""
+    # transformers is heavy and only needed for gen-PPL: imported here, not at module import
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"could not load the scorer {name_or_path!r} (--scorer / --eval_model): pass a local folder "
+                        f"of a causal LM, or fetch it first with network access ({' '.join(str(e).split())[:200]})"
+                        ) from e
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
@@ -115,10 +125,7 @@ def token_nll(model, seqs: list[list[int]], batch_size: int = 8, progress: bool 
     rows.sort(key=lambda r: len(r[1]))  # similar lengths per batch: little padding
     totals = [[0.0, 0] for _ in seqs]
     starts = range(0, len(rows), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="gen ppl", unit="batch", dynamic_ncols=True)
+    bar = progress_bar(progress, len(starts), "gen ppl", unit="batch")
     for b in starts:
         chunk = rows[b:b + batch_size]
         n = max(len(w) for _, w in chunk)
@@ -134,6 +141,8 @@ def token_nll(model, seqs: list[list[int]], batch_size: int = 8, progress: bool 
         for r, (i, _) in enumerate(chunk):
             totals[i][0] += sums[r]
             totals[i][1] += int(counts[r])
+        bar.update(1)
+    bar.close()
     return [(t[0], t[1]) for t in totals]
 
 
@@ -172,12 +181,16 @@ def score_samples(samples: list[dict], eval_model="gpt2-large", sample_tokenizer
     ppls = sorted(p["ppl"] for p in per_sample if p["ppl"] is not None)
     if not ppls:
         raise ValueError("no sample has two or more scorer tokens: nothing to score")
+    mean = sum(ppls) / len(ppls)
+    std = math.sqrt(sum((p - mean) ** 2 for p in ppls) / (len(ppls) - 1)) if len(ppls) > 1 else 0.0
     return {
         "eval_model": name,
         "num_samples": len(samples),
         "num_scored": len(ppls),
-        "mean_ppl": sum(ppls) / len(ppls),
+        "mean_ppl": mean,
         "median_ppl": ppls[len(ppls) // 2] if len(ppls) % 2 else 0.5 * (ppls[len(ppls) // 2 - 1] + ppls[len(ppls) // 2]),
+        "std_ppl": std,  # spread of the per-sample values
+        "stderr_ppl": std / math.sqrt(len(ppls)),  # of the mean
         "mean_entropy": sum(p["entropy"] for p in per_sample) / len(per_sample),
         "retokenized": retokenized,
         "entropy_unit": "nats",

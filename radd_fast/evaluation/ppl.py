@@ -1,38 +1,51 @@
-"""Zero-shot perplexity (spec 7): the bound of one loss, averaged over Monte Carlo draws.
+"""Zero-shot perplexity: the bound of one loss, averaged over Monte Carlo draws.
 
-Per batch ``x [B, L]``: each sequence's loss (spec 4) is averaged over
-``mc_timesteps`` independent draws of the noise (time / masks), then over the
-batch; the batch means are averaged over batches and ranks, and
-``PPL = exp(mean_loss / L)``. The ``ar_*`` losses are exact (no noise), so they
-take ``mc_timesteps = 1``.
+Per batch ``x [B, L]``: each sequence's loss (a bound on its NLL, or the exact
+NLL of one order for the ``ar_*`` losses) is averaged over ``mc_timesteps``
+independent draws of the noise (time / masks), then over the batch; the batch
+means are averaged over batches and ranks, and ``PPL = exp(mean_loss / L)``.
+The exact losses take ``mc_timesteps = 1``. The protocol, the standard error
+and why the draws may be batched: docs/EVALUATION.md.
 
-Fast path: with ``model.backend == "fast"`` the loss uses the fused masked
-linear-log-softmax (no [B, L, V] logits), and the Monte Carlo draws are batched:
-the batch is replicated ``k`` times into one forward ``[k B, L]`` (``k`` from a
-token budget), so the GPU sees large matmuls instead of ``mc_timesteps`` small
-passes. The time samplers then stratify over ``k B`` rows instead of ``B``: every
-row's time is still uniform on average, so the expectation is unchanged.
-The reference path is the published loop: one forward per draw.
+Two independent choices:
+- the kernels are the model's ``backend`` ("fast": fused masked
+  linear-log-softmax, no [B, L, V] logits; "reference": plain PyTorch);
+- Monte Carlo batching is an option of ``evaluate_ppl`` (``mc_batching``): the
+  batch is replicated ``k`` times into one forward ``[k B, L]`` (``k`` from a
+  token budget), so the GPU sees large matmuls instead of ``mc_timesteps``
+  small passes. The time samplers then stratify over ``k B`` rows instead of
+  ``B``: every row's time is still uniform, so the expectation is unchanged.
+  Off, it is the published loop: one forward per draw.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from ..losses import EXACT_LOSS_TYPES, LOSS_TYPES, get_loss_fn
-# Tokens per replicated forward on the fast path: 8 x (16 x 1024) for RADD-small in bf16 on one GPU,
-# about 1.5 GB of transient activations (no grad); on CPU a small budget keeps the cache warm.
+from ..errors import UserError
+from ..losses import get_loss_fn
+from ..losses.registry import EXACT_LOSS_TYPES, LOSS_TYPES
+from ..progress import progress_bar
+
+# Tokens per replicated forward with Monte Carlo batching: 8 x (16 x 1024) for RADD-small in bf16 on one
+# GPU, about 1.5 GB of transient activations (no grad); on CPU a small budget keeps the cache warm.
 DEFAULT_TOKEN_BUDGET = {"cuda": 1 << 17, "cpu": 1 << 13}
+
+
+class NonFiniteLoss(UserError):
+    """A batch's loss is NaN or infinite: the weights (or the data) are broken; no PPL is reported."""
 
 
 @dataclass
 class PPLResult:
     """What ``evaluate_ppl`` returns. ``batch_losses`` are the per-batch mean per-sequence losses
-    (nats per sequence, gathered over ranks); ``ppl = exp(mean_loss / length)``."""
+    (nats per sequence, gathered over ranks); ``batch_vars`` the Monte Carlo variance of each of
+    them (spread of the draws / number of draws; NaN with one draw, 0 for the exact losses);
+    ``ppl = exp(mean_loss / length)``."""
 
     ppl: float
     mean_loss: float
@@ -42,6 +55,7 @@ class PPLResult:
     num_batches: int
     num_sequences: int
     batch_losses: list = field(default_factory=list)
+    batch_vars: list = field(default_factory=list)
     seconds: float = 0.0
     mc_per_forward: int = 1
 
@@ -54,11 +68,30 @@ class PPLResult:
     def bits_per_token(self) -> float:
         return self.mean_loss / self.length / math.log(2)
 
+    @property
+    def ppl_stderr(self) -> float | None:
+        """Monte Carlo standard error of ``ppl`` (delta method, see ``ppl_standard_error``)."""
+        return ppl_standard_error(self.batch_losses, self.batch_vars, self.length)
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["bits_per_token"] = self.bits_per_token
         out["sequences_timesteps_per_s"] = self.sequences_timesteps_per_s
+        out["ppl_stderr"] = self.ppl_stderr
         return out
+
+
+def ppl_standard_error(batch_losses: list, batch_vars: list, length: int) -> float | None:
+    """Monte Carlo standard error of ``exp(mean(batch_losses) / length)``.
+
+    The mean loss m averages n independent batch estimates, so Var(m) = sum(batch_vars) / n^2;
+    the delta method gives se(PPL) = PPL * sqrt(Var(m)) / length. None when a variance is unknown
+    (a batch evaluated with a single draw)."""
+    if not batch_losses or len(batch_vars) != len(batch_losses) or any(math.isnan(v) for v in batch_vars):
+        return None
+    n = len(batch_losses)
+    ppl = math.exp(sum(batch_losses) / n / length)
+    return ppl * math.sqrt(sum(batch_vars)) / n / length
 
 
 def check_loss_type(loss_type: str, mc_timesteps: int) -> None:
@@ -86,67 +119,91 @@ def batch_tokens(batch) -> torch.Tensor:
     return batch
 
 
-def mc_per_forward(model, batch_shape: tuple, mc_timesteps: int, loss_type: str, token_budget: int | None) -> int:
-    """How many Monte Carlo draws share one forward: 1 on the reference path (published loop) and for
-    the exact losses; on the fast path as many replicas of the batch as the token budget allows."""
-    if loss_type in EXACT_LOSS_TYPES or model.backend != "fast":
+def default_mc_batching(device: torch.device) -> bool:
+    """Monte Carlo batching is on by default on CUDA (large matmuls pay there) and off elsewhere,
+    whatever the kernel backend."""
+    return torch.device(device).type == "cuda"
+
+
+def mc_per_forward(device: torch.device, batch_shape: tuple, mc_timesteps: int, loss_type: str,
+                   token_budget: int | None, mc_batching: bool) -> int:
+    """How many Monte Carlo draws share one forward: 1 without batching (the published loop) and for
+    the exact losses; with batching as many replicas of the batch as the token budget allows."""
+    if loss_type in EXACT_LOSS_TYPES or not mc_batching:
         return 1
     if token_budget is None:
-        token_budget = DEFAULT_TOKEN_BUDGET.get(_device(model).type, DEFAULT_TOKEN_BUDGET["cpu"])
+        token_budget = DEFAULT_TOKEN_BUDGET.get(torch.device(device).type, DEFAULT_TOKEN_BUDGET["cpu"])
     B, L = batch_shape
     return max(1, min(mc_timesteps, token_budget // max(B * L, 1)))
 
 
-def batch_loss(loss_fn, model, x: torch.Tensor, mc_timesteps: int, k: int) -> torch.Tensor:
-    """Mean over sequences of the per-sequence loss averaged over ``mc_timesteps`` draws: x [B, L] -> []
-    (float64). Draws run ``k`` at a time as one forward on the batch replicated k times."""
+def batch_estimate(loss_fn: Callable, model, x: torch.Tensor, mc_timesteps: int, k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's estimate: (mean over sequences of the per-sequence loss averaged over
+    ``mc_timesteps`` draws, its Monte Carlo variance), x [B, L] -> ([], []) float64 on x's device.
+
+    Draws run ``k`` at a time as one forward on the batch replicated k times. The variance is the
+    sample variance of the per-draw batch means over the number of draws (NaN for one draw)."""
     B = x.shape[0]
     total = torch.zeros(B, dtype=torch.float64, device=x.device)
+    draw_means = []
     done = 0
     while done < mc_timesteps:
         reps = min(k, mc_timesteps - done)
         xs = x if reps == 1 else x.repeat(reps, 1)  # [reps*B, L]: copy c is rows c*B .. (c+1)*B-1
         losses = loss_fn(model, xs).double().view(reps, B)
         total += losses.sum(0)
+        draw_means.append(losses.mean(1))
         done += reps
-    return (total / mc_timesteps).mean()
+    draws = torch.cat(draw_means)  # [mc_timesteps]
+    var = draws.var() / mc_timesteps if mc_timesteps > 1 else torch.full((), math.nan, dtype=torch.float64)
+    return (total / mc_timesteps).mean(), var
+
+
+def make_loss_fn(model, noise, loss_type: str, sampling_eps: float = 1e-3) -> Callable:
+    """The evaluation loss ``fn(model, x [B, L]) -> [B]`` of ``loss_type`` (model kept in eval mode)."""
+    return get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type)
 
 
 @torch.no_grad()
 def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DCE", mc_timesteps: int = 1, *,
-                 sampling_eps: float = 1e-3, token_budget: int | None = None, mc_chunk: int | None = None,
-                 max_batches: int | None = None, progress: bool = True, desc: str = "eval") -> PPLResult:
-    """Zero-shot perplexity of ``model`` on ``dataloader`` (spec 7); used by eval.py and by training.
+                 sampling_eps: float = 1e-3, mc_batching: bool | None = None, token_budget: int | None = None,
+                 mc_chunk: int | None = None, max_batches: int | None = None, progress: bool = True,
+                 desc: str = "eval") -> PPLResult:
+    """Zero-shot perplexity of ``model`` on ``dataloader`` (docs/EVALUATION.md); used by eval.py.
 
     Args:
-        model: a ``RADD`` (or a DDP wrapper around one); its ``backend`` picks the loss computation
-            ("fast": fused masked log-softmax + batched Monte Carlo draws; "reference": published).
+        model: a ``RADD`` (or a DDP wrapper around one); its ``backend`` picks the kernels only.
         noise: the noise schedule the model was trained with (``load_model`` returns it).
         dataloader: yields ``[B, L]`` int64 token blocks (a tensor, a dict with ``input_ids`` or a
             tuple); under torch.distributed each rank passes its own shard.
         loss_type: one of ``LOSS_TYPES``; mc_timesteps: draws per batch (1 for the ar_* losses).
-        token_budget / mc_chunk: tokens per forward on the fast path / force the number of draws per
-            forward (default: from the budget; 1 on the reference path).
+        mc_batching: replicate the batch so several draws share one forward. Default (None): on
+            when the model is on a CUDA device, off elsewhere (the published one-draw-per-forward
+            loop); it does not depend on the backend. Same expectation either way.
+        token_budget / mc_chunk: tokens per batched forward / force the number of draws per
+            forward (mc_chunk wins over both mc_batching and the budget).
         max_batches: stop after this many batches (per rank).
     Returns:
-        ``PPLResult`` with ``ppl = exp(mean_loss / L)``, the per-batch losses and the throughput.
+        ``PPLResult`` with ``ppl = exp(mean_loss / L)``, the per-batch losses and variances, the
+        throughput. Raises ``NonFiniteLoss`` at the first batch whose loss is NaN or infinite.
 
     Example::
 
         model, noise = load_model("JingyangOu/radd-lambda-dce", device="cuda", backend="fast")
         res = evaluate_ppl(model, noise, [torch.randint(0, 50257, (4, 1024), device="cuda")], mc_timesteps=8)
-        print(res.ppl)
+        print(res.ppl, res.ppl_stderr)
     """
     check_loss_type(loss_type, mc_timesteps)
     model = getattr(model, "module", model)  # DDP: evaluation needs no gradient sync
     was_training = model.training
     model.eval()
-    device = _device(model)
-    loss_fn = get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type)
+    device = model.device
+    mc_batching = default_mc_batching(device) if mc_batching is None else bool(mc_batching)
+    loss_fn = make_loss_fn(model, noise, loss_type, sampling_eps)
     rank0 = not _dist_on() or torch.distributed.get_rank() == 0
-    total = _length_hint(dataloader, max_batches)
-    bar = _progress(total, desc, enabled=progress and rank0)
-    losses, n_seq, length, k = [], 0, None, 1
+    bar = progress_bar(progress and rank0, _length_hint(dataloader, max_batches), desc, unit="batch")
+    losses, variances, n_seq, length, k = [], [], 0, None, 1
     start = time.perf_counter()
     try:
         for i, batch in enumerate(dataloader):
@@ -155,19 +212,22 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
             x = batch_tokens(batch).to(device, non_blocking=True).long()
             if length is None:
                 length = x.shape[1]
-                k = mc_chunk or mc_per_forward(model, tuple(x.shape), mc_timesteps, loss_type, token_budget)
+                k = mc_chunk or mc_per_forward(device, tuple(x.shape), mc_timesteps, loss_type, token_budget,
+                                               mc_batching)
             elif x.shape[1] != length:
                 raise ValueError(f"batch {i} has length {x.shape[1]}, earlier batches {length}: one block length per run")
-            losses.append(batch_loss(loss_fn, model, x, mc_timesteps, k))
+            loss, var = batch_estimate(loss_fn, model, x, mc_timesteps, k)
+            check_finite(loss, f"batch {i}")
+            losses.append(loss)
+            variances.append(var)
             n_seq += x.shape[0]
             bar.update(1)
-            if bar.enabled_postfix and (i % 10 == 0):
+            if i % 10 == 0:
                 bar.set_postfix(ppl=f"{math.exp(torch.stack(losses).mean().item() / length):.3f}")
     finally:
         bar.close()
         model.train(was_training)
-    local = torch.stack(losses).cpu() if losses else torch.zeros(0, dtype=torch.float64)
-    batch_losses, n_seq, length = _gather(local, n_seq, length)
+    batch_losses, batch_vars, n_seq, length = _gather(losses, variances, n_seq, length)
     if not batch_losses:
         raise ValueError("the dataloader yielded no batches: nothing to evaluate")
     if device.type == "cuda":
@@ -176,7 +236,15 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
     mean_loss = sum(batch_losses) / len(batch_losses)
     return PPLResult(ppl=math.exp(mean_loss / length), mean_loss=mean_loss, length=length, loss_type=loss_type,
                      mc_timesteps=mc_timesteps, num_batches=len(batch_losses), num_sequences=n_seq,
-                     batch_losses=batch_losses, seconds=seconds, mc_per_forward=k)
+                     batch_losses=batch_losses, batch_vars=batch_vars, seconds=seconds, mc_per_forward=k)
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    """Raise ``NonFiniteLoss`` when a batch loss is NaN/inf (one host sync per batch, after its draws)."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"the loss of {where} is {value}: the model's weights or outputs are not finite "
+                            f"(a diverged or corrupt checkpoint?); no perplexity reported")
 
 
 def compile_body(model):
@@ -191,24 +259,23 @@ def compile_body(model):
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _dist_on() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _gather(local: torch.Tensor, n_seq: int, length: int | None) -> tuple[list, int, int]:
-    """Per-batch losses of every rank (rank order), total sequences, the block length."""
+def _gather(losses: list, variances: list, n_seq: int, length: int | None) -> tuple[list, list, int, int]:
+    """Per-batch losses and variances of every rank (rank order), total sequences, the block length."""
+    local = (torch.stack(losses).cpu().tolist() if losses else [],
+             torch.stack(variances).cpu().tolist() if variances else [])
     if not _dist_on():
-        return local.tolist(), n_seq, length
+        return local[0], local[1], n_seq, length
     parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, (local.tolist(), n_seq, length))
-    lengths = {p[2] for p in parts if p[2] is not None}
+    torch.distributed.all_gather_object(parts, (*local, n_seq, length))
+    lengths = {p[3] for p in parts if p[3] is not None}
     if len(lengths) > 1:
         raise ValueError(f"ranks evaluated different block lengths {sorted(lengths)}")
-    return [v for p in parts for v in p[0]], sum(p[1] for p in parts), lengths.pop() if lengths else None
+    return ([v for p in parts for v in p[0]], [v for p in parts for v in p[1]], sum(p[2] for p in parts),
+            lengths.pop() if lengths else None)
 
 
 def _length_hint(dataloader, max_batches: int | None) -> int | None:
@@ -217,33 +284,3 @@ def _length_hint(dataloader, max_batches: int | None) -> int | None:
     except TypeError:
         return max_batches
     return n if max_batches is None else min(n, max_batches)
-
-
-class _Bar:
-    """tqdm when wanted and installed, else a no-op with the same calls."""
-
-    def __init__(self, bar=None):
-        self.bar = bar
-        self.enabled_postfix = bar is not None
-
-    def update(self, n):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def set_postfix(self, **kw):
-        if self.bar is not None:
-            self.bar.set_postfix(**kw)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _progress(total, desc: str, enabled: bool) -> _Bar:
-    if not enabled:
-        return _Bar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but evaluation must not fail over a progress bar
-        return _Bar()
-    return _Bar(tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True))
