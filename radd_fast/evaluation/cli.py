@@ -1,22 +1,31 @@
 """The evaluation CLI (``python eval.py`` / ``python -m radd_fast.evaluation.cli``).
 
-Evaluate RADD checkpoints: zero-shot perplexity, or the generative perplexity of samples.
-
-Zero-shot perplexity (published flags unchanged, spec 7)::
+Zero-shot perplexity of one dataset (the published flags, with the published
+protocol's defaults: PTB, 1024 Monte Carlo draws, a GLOBAL --batch_size divided
+over --ngpus, WikiText2 on its train split)::
 
     python eval.py --model_path JingyangOu/radd-lambda-dce --valid_dataset wikitext2 \\
-        --loss_type lambda_DCE --monte_carlo_timesteps 1024 --batch_size 16 --length 1024 --ngpus 1
+        --loss_type lambda_DCE --batch_size 16 --ngpus 1
 
-Datasets: lambada, wikitext2, wikitext103, ptb, lm1b (Hugging Face datasets, each
-with its detokenizer; test split unless --split) or a local text file path.
-Prints ``Evaluation PPL: <value>`` and writes the settings, per-batch losses and
-PPL as JSON into --work_dir. ``--engine fast`` (default on GPU): fused masked
-loss, bf16, batched Monte Carlo draws; ``--engine reference``: the published
-computation. ``--ngpus N`` runs N ranks (torch.distributed on 127.0.0.1).
+The paper's zero-shot table (LAMBADA, WikiText2, PTB, WikiText103, 1BW; ours,
+the paper's, the difference, the Monte Carlo standard error; resumable)::
 
-Generative perplexity of samples (JSONL with ``text`` and/or ``ids`` per line)::
+    python eval.py --suite zero_shot --model_path JingyangOu/radd-t-dce --work_dir runs/table1
 
-    python eval.py --gen_ppl samples.jsonl --eval_model gpt2-large --work_dir out/
+The generative-perplexity protocol (sample at each step count, score with a
+causal LM, gen-PPL + unigram entropy + E-NFE, table and plot; resumable)::
+
+    python eval.py --suite gen_ppl --model_path M --steps 32,64,128,256,512,1024,2048,4096 \\
+        --scorer gpt2-large --work_dir runs/gen_ppl
+
+Generative perplexity of existing samples (JSONL with ``text`` and/or ``ids``)::
+
+    python eval.py --gen_ppl samples.jsonl --scorer gpt2-large --work_dir out/
+
+Kernels and algorithm are separate flags: ``--backend reference|fast`` picks the
+kernels (default fast on CUDA), ``--mc_batching`` / ``--no_mc_batching`` whether
+several noise draws share one forward (default on for CUDA; off is the published
+loop). The protocol is written down in docs/EVALUATION.md.
 """
 from __future__ import annotations
 
@@ -31,102 +40,122 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError
-from ..errors import UserError
-from .ppl import LOSS_TYPES, check_loss_type
+from .. import data
+from ..checkpoint import load_model
+from ..data.tokenizers import default_tokenizer_name
+from ..errors import run_cli
+from ..losses.registry import LOSS_TYPES
+from .distributed import launch, shard
+from .gen_ppl import load_scorer, read_samples, score_samples
+from .gen_suite import run_gen_suite
+from .paper_numbers import GEN_PPL_STEPS, ZERO_SHOT_DATASETS
+from .ppl import check_loss_type, compile_body, default_mc_batching, evaluate_ppl
+from .protocol import (
+    PUBLISHED_SPLITS,
+    EvalError,
+    check_work_dir,
+    default_mc_timesteps,
+    detokenizer_of,
+    json_safe,
+    model_loss_type,
+    published_split,
+    rank_batch_size,
+)
+from .suite import run_zero_shot
 
-HF_DATASETS = ("lambada", "wikitext2", "wikitext103", "ptb", "lm1b")
-
-
-class EvalError(UserError):
-    """A user-facing problem with the arguments or the data (printed without a traceback)."""
+HF_DATASETS = tuple(PUBLISHED_SPLITS)
+ENGINE_GONE = ("--engine is gone: it meant two things; use --backend reference|fast for the kernels and "
+               "--mc_batching / --no_mc_batching for batched Monte Carlo draws")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Published flags (same names and meaning).
+    # Published flags (same names, meanings and defaults, except --ngpus: one local device by default).
     ap.add_argument("--model_path", default="JingyangOu/radd-lambda-dce",
                     help="hub repo id, hub-layout folder or training-run folder")
-    ap.add_argument("--batch_size", type=int, default=16, help="sequences per batch (per rank)")
-    ap.add_argument("--length", type=int, default=None, help="block length (default: the model's)")
-    ap.add_argument("--valid_dataset", default="wikitext103",
-                    help=f"one of {', '.join(HF_DATASETS)} or a local text file path")
-    ap.add_argument("--monte_carlo_timesteps", type=int, default=1,
-                    help="noise draws per batch averaged per sequence (1 for the ar_* losses)")
+    ap.add_argument("--batch_size", type=int, default=16, help="GLOBAL batch, divided over --ngpus (as published)")
+    ap.add_argument("--length", type=int, default=None, help="block length (default: the model's; 1024 published)")
+    ap.add_argument("--valid_dataset", default="ptb", help=f"one of {', '.join(HF_DATASETS)} or a local text file")
+    ap.add_argument("--monte_carlo_timesteps", type=int, default=None,
+                    help="noise draws per batch (default 1024; 1 for the exact ar_* losses)")
     ap.add_argument("--ngpus", type=int, default=1, help="ranks (one process per GPU; CPU ranks use gloo)")
-    ap.add_argument("--loss_type", default="lambda_DCE", help=f"one of {', '.join(LOSS_TYPES)}")
-    ap.add_argument("--work_dir", default=".", help="folder for the JSON results")
+    ap.add_argument("--loss_type", default=None,
+                    help=f"one of {', '.join(LOSS_TYPES)} (default lambda_DCE; --suite: the model's own)")
+    ap.add_argument("--work_dir", default="runs/eval", help="folder for the results (checked writable first)")
+    ap.add_argument("--cache_dir", default="data", help="where tokenised corpora are cached")
     # Additions.
     ap.add_argument("--tokenizer", default=None,
-                    help="'bytes', a hub name or a folder (default: the checkpoint config's 'tokenizer', else "
-                         "gpt2 for a 50257-token model, bytes for 256)")
+                    help="'bytes', a hub name or a folder (default: the checkpoint config's, else by vocab size)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise draws (rank r uses seed + r)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="compute dtype override: bf16, fp16 or fp32")
-    ap.add_argument("--split", default="test", help="dataset split (default: test)")
-    ap.add_argument("--engine", choices=("fast", "reference"), default=None,
-                    help="fast: fused masked loss + batched draws (default on GPU); reference: published")
-    ap.add_argument("--cache_dir", default="data", help="where tokenised corpora are cached")
-    ap.add_argument("--max_batches", type=int, default=None, help="stop after this many batches per rank")
-    ap.add_argument("--token_budget", type=int, default=None, help="tokens per forward on the fast engine")
+    ap.add_argument("--split", default=None,
+                    help="dataset split (default: the published one: train for wikitext2, else test)")
+    ap.add_argument("--backend", choices=("reference", "fast"), default=None,
+                    help="kernels: fast (Triton, fused loss head; default on CUDA) or reference (plain PyTorch)")
+    ap.add_argument("--mc_batching", action=argparse.BooleanOptionalAction, default=None,
+                    help="several noise draws per forward (default on for CUDA); --no_mc_batching: published loop")
+    ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # removed: a clear error names the new flags
+    ap.add_argument("--max_batches", type=int, default=None, help="stop after this many batches (per rank / dataset)")
+    ap.add_argument("--token_budget", type=int, default=None, help="tokens per forward with --mc_batching")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model body (static shapes)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
-    # Generative perplexity.
+    # Suites.
+    ap.add_argument("--suite", choices=("zero_shot", "gen_ppl"), default=None,
+                    help="zero_shot: the paper's table; gen_ppl: the generative-perplexity protocol")
+    ap.add_argument("--datasets", default=",".join(ZERO_SHOT_DATASETS), help="zero_shot: comma-separated corpora")
+    ap.add_argument("--dataset_files", nargs="+", default=[], metavar="NAME=PATH",
+                    help="zero_shot: read a corpus from a local text file (its split and detokenizer still apply)")
+    ap.add_argument("--ar_column", choices=("ar_forward", "ar_backward", "ar_random"), default=None,
+                    help="zero_shot: add the exact any-order likelihood of this order as a column")
+    ap.add_argument("--steps", default=",".join(map(str, GEN_PPL_STEPS)), help="gen_ppl: comma-separated step counts")
+    ap.add_argument("--num_samples", type=int, default=1024, help="gen_ppl: samples per step count")
+    ap.add_argument("--sample_chunk", type=int, default=64, help="gen_ppl: samples per generate call and flush")
+    ap.add_argument("--rows_in_flight", type=int, default=64, help="gen_ppl: rows per model evaluation")
+    ap.add_argument("--sampling_dtype", default="float64", help="gen_ppl: Gumbel noise dtype (paper: float64)")
+    ap.add_argument("--method", default="tweedie", help="gen_ppl: sampling method")
+    # Generative perplexity of a samples file.
     ap.add_argument("--gen_ppl", default=None, metavar="SAMPLES.jsonl",
-                    help="score samples with --eval_model instead of evaluating a RADD checkpoint")
-    ap.add_argument("--eval_model", default="gpt2-large", help="causal LM scoring --gen_ppl (hub name or folder)")
+                    help="score samples with --scorer instead of evaluating a RADD checkpoint")
+    ap.add_argument("--scorer", "--eval_model", dest="eval_model", default="gpt2-large",
+                    help="causal LM that scores samples (hub name or local folder)")
     ap.add_argument("--gen_batch_size", type=int, default=8, help="windows per scorer forward")
     return ap
 
 
-# -- data ----------------------------------------------------------------------------------------------
+# -- shared checks ---------------------------------------------------------------------------------------
+def resolve_common(args) -> argparse.Namespace:
+    """Defaults that depend on the machine; everything checkable without a model, the work folder first."""
+    if args.engine is not None:
+        raise EvalError(ENGINE_GONE)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError("--device cuda but no CUDA device is visible")
+    args.backend = args.backend or ("fast" if args.device.startswith("cuda") else "reference")
+    if args.mc_batching is None:
+        args.mc_batching = default_mc_batching(torch.device(args.device))
+    if args.length is not None and args.length < 1:
+        raise EvalError(f"--length must be >= 1, got {args.length}")
+    check_work_dir(args.work_dir)
+    return args
+
+
+def check_losses(loss_type: str, mc: int) -> None:
+    try:
+        check_loss_type(loss_type, mc)
+    except ValueError as e:
+        raise EvalError(str(e)) from e
+
+
 def check_dataset(dataset: str) -> None:
     if not Path(dataset).expanduser().exists() and dataset not in HF_DATASETS:
         raise EvalError(f"unknown dataset {dataset!r}: expected one of {', '.join(HF_DATASETS)} "
                         f"or the path of an existing local text file (.txt / .jsonl / folder of .txt)")
 
 
-def load_blocks(dataset: str, tokenizer: str, length: int, split: str, cache_dir: str) -> torch.Tensor:
-    """Token blocks [N, length] (int64) of a corpus name or a local text file (radd_fast.data)."""
-    from .. import data
-
-    check_dataset(dataset)
-    try:
-        blocks = data.load_blocks(dataset, split, data.get_tokenizer(tokenizer), length, cache_dir=cache_dir)
-    except ValueError as e:  # DataError / tokenizer errors: too little text, bad split, unreadable source
-        raise EvalError(str(e)) from e
-    return torch.from_numpy(blocks[np.arange(len(blocks))])
-
-
-# -- zero-shot perplexity ------------------------------------------------------------------------------
-def resolve(args) -> argparse.Namespace:
-    """Fill the defaults that depend on the machine; validate everything that needs no model."""
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError("--device cuda but no CUDA device is visible")
-    args.engine = args.engine or ("fast" if args.device.startswith("cuda") else "reference")
-    try:
-        check_loss_type(args.loss_type, args.monte_carlo_timesteps)
-    except ValueError as e:
-        raise EvalError(str(e)) from e
-    for name in ("batch_size", "ngpus"):
-        if getattr(args, name) < 1:
-            raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.length is not None and args.length < 1:
-        raise EvalError(f"--length must be >= 1, got {args.length}")
-    check_dataset(args.valid_dataset)
-    return args
-
-
-def prepare(args):
-    """Load the checkpoint (on the device for one rank, else on CPU for its config), take the length and
-    tokenizer defaults from it, then the data blocks. Returns (args, blocks, (model, noise) or None)."""
-    from ..checkpoint import load_model
-    from ..data.tokenizers import default_tokenizer_name
-
-    device = args.device if args.ngpus == 1 else "cpu"
-    model, noise = load_model(args.model_path, device=device, backend=args.engine, dtype=args.dtype)
+def load_checkpoint(args, device):
+    """(model, noise) with the length and tokenizer defaults taken from the model."""
+    model, noise = load_model(args.model_path, device=device, backend=args.backend, dtype=args.dtype)
     if args.length is None:
         args.length = model.length
     elif args.length > model.length:
@@ -135,90 +164,207 @@ def prepare(args):
         args.tokenizer = args.tokenizer or default_tokenizer_name(model.config)
     except ValueError as e:  # the config names no tokenizer and the vocabulary size fits none
         raise EvalError(str(e)) from e
-    blocks = load_blocks(args.valid_dataset, args.tokenizer, args.length, args.split, args.cache_dir)
-    if int(blocks.max()) >= model.config.tokens:
-        raise EvalError(f"token id {int(blocks.max())} from tokenizer {args.tokenizer!r} is outside the model's "
-                        f"{model.config.tokens} tokens: wrong --tokenizer?")
-    return args, blocks, ((model, noise) if args.ngpus == 1 else None)
+    return model, noise
+
+
+def load_blocks(dataset: str, tokenizer: str, length: int, split: str, cache_dir: str, tokens: int,
+                source: str | None = None) -> torch.Tensor:
+    """Token blocks [N, length] (int64) of a corpus, read from ``source`` (a local file) when given,
+    with the corpus's published detokenizer; checked against the model's ``tokens``."""
+    source = source or dataset
+    check_dataset(source)
+    try:
+        blocks = data.load_blocks(source, split, data.get_tokenizer(tokenizer), length, cache_dir=cache_dir,
+                                  detokenizer=detokenizer_of(dataset))
+    except ValueError as e:  # DataError / tokenizer errors: too little text, bad split, unreadable source
+        raise EvalError(str(e)) from e
+    blocks = torch.from_numpy(blocks[np.arange(len(blocks))])
+    if int(blocks.max()) >= tokens:
+        raise EvalError(f"token id {int(blocks.max())} from tokenizer {tokenizer!r} is outside the model's "
+                        f"{tokens} tokens: wrong --tokenizer?")
+    return blocks
+
+
+# -- zero-shot perplexity of one dataset -----------------------------------------------------------------
+def run_ppl(args) -> dict:
+    args = resolve_common(args)
+    args.loss_type = args.loss_type or "lambda_DCE"
+    args.monte_carlo_timesteps = args.monte_carlo_timesteps or default_mc_timesteps(args.loss_type)
+    check_losses(args.loss_type, args.monte_carlo_timesteps)
+    rank_bs = rank_batch_size(args.batch_size, args.ngpus)
+    check_dataset(args.valid_dataset)
+    args.split = args.split or published_split(args.valid_dataset)
+    device = args.device if args.ngpus == 1 else "cpu"  # N ranks: the parent only reads the config
+    model, noise = load_checkpoint(args, device)
+    blocks = load_blocks(args.valid_dataset, args.tokenizer, args.length, args.split, args.cache_dir,
+                         model.config.tokens)
+    report_blocks(args, blocks, rank_bs)
+    if args.ngpus == 1:
+        return evaluate_rank(0, 1, torch.device(args.device), args, blocks, (model, noise))
+    try:
+        launch(evaluate_rank, args.ngpus, torch.device(args.device).type, args, blocks)
+    except Exception as e:  # a rank's error arrives as its traceback text: report its last line only
+        lines = [s for s in str(e).splitlines() if s.strip()]
+        raise EvalError(f"a rank failed: {lines[-1] if lines else type(e).__name__}") from e
+    return json.loads(result_path(args).read_text())
+
+
+def report_blocks(args, blocks: torch.Tensor, rank_bs: int) -> None:
+    """Say which split and how many blocks are evaluated (a truncated run says so too)."""
+    n_batches = math.ceil(len(blocks) / rank_bs)
+    used = n_batches if args.max_batches is None else min(n_batches, args.max_batches * args.ngpus)
+    n_blocks = min(len(blocks), used * rank_bs)
+    print(f"{args.valid_dataset}: split {args.split}, {len(blocks)} blocks of {args.length} tokens; evaluating "
+          f"{n_blocks} blocks in {used} batches of {rank_bs} per rank on {args.ngpus} rank(s)")
 
 
 def evaluate_rank(rank: int, world: int, device: torch.device, args, blocks: torch.Tensor,
                   loaded=None) -> dict | None:
     """One rank's share of the evaluation; rank 0 returns (and writes) the results."""
-    from ..checkpoint import load_model
-    from .distributed import shard
-    from .ppl import evaluate_ppl
-
     if loaded is None:
-        loaded = load_model(args.model_path, device=device, backend=args.engine, dtype=args.dtype)
+        loaded = load_model(args.model_path, device=device, backend=args.backend, dtype=args.dtype)
     model, noise = loaded
     if args.compile:
-        from .ppl import compile_body
-
         compile_body(model)
-    batches = shard(list(blocks.split(args.batch_size)), rank, world)
+    batches = shard(list(blocks.split(rank_batch_size(args.batch_size, world))), rank, world)
     torch.manual_seed(args.seed + rank)
     res = evaluate_ppl(model, noise, batches, loss_type=args.loss_type, mc_timesteps=args.monte_carlo_timesteps,
-                       token_budget=args.token_budget, max_batches=args.max_batches,
+                       mc_batching=args.mc_batching, token_budget=args.token_budget, max_batches=args.max_batches,
                        progress=not args.no_progress, desc=f"{Path(args.valid_dataset).name} {args.loss_type}")
     if rank != 0:
         return None
     out = {
         "ppl": res.ppl,
+        "ppl_stderr": res.ppl_stderr,
         "mean_loss": res.mean_loss,
         "bits_per_token": res.bits_per_token,
         "num_batches": res.num_batches,
         "num_sequences": res.num_sequences,
         "batch_losses": res.batch_losses,
+        "batch_vars": json_safe(res.batch_vars),
         "seconds": res.seconds,
         "sequences_timesteps_per_s": res.sequences_timesteps_per_s,
         "settings": {**settings(args), "world_size": world, "mc_per_forward": res.mc_per_forward,
                      "compute_dtype": str(model.compute_dtype).replace("torch.", ""), "backend": model.backend},
         "environment": environment(device),
     }
-    path = Path(args.work_dir) / f"eval_ppl_{_tag(args.valid_dataset)}_{args.loss_type}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = result_path(args)
     path.write_text(json.dumps(out, indent=1))
+    stderr = "" if res.ppl_stderr is None else f" (Monte Carlo s.e. {res.ppl_stderr:.4g})"
     print(f"Evaluation PPL: {res.ppl}")
+    print(f"split {args.split}: {res.num_sequences} blocks in {res.num_batches} batches{stderr}")
     print(f"results written to {path}")
     return out
 
 
-def run_ppl(args) -> dict:
-    args, blocks, loaded = prepare(resolve(args))
-    if args.ngpus == 1:
-        return evaluate_rank(0, 1, torch.device(args.device), args, blocks, loaded)
-    from .distributed import launch
-
-    launch(evaluate_rank, args.ngpus, torch.device(args.device).type, args, blocks)
-    path = Path(args.work_dir) / f"eval_ppl_{_tag(args.valid_dataset)}_{args.loss_type}.json"
-    return json.loads(path.read_text())
+def result_path(args) -> Path:
+    return Path(args.work_dir) / f"eval_ppl_{_tag(args.valid_dataset)}_{args.loss_type}.json"
 
 
-# -- generative perplexity -----------------------------------------------------------------------------
+# -- the zero-shot suite ---------------------------------------------------------------------------------
+def parse_dataset_files(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise EvalError(f"--dataset_files expects NAME=PATH, got {item!r}")
+        if not Path(path).expanduser().exists():
+            raise EvalError(f"--dataset_files {name}: no such file {path}")
+        out[name] = path
+    return out
+
+
+def run_zero_shot_suite(args) -> dict:
+    args = resolve_common(args)
+    if args.ngpus != 1:
+        raise EvalError("--suite zero_shot runs on one device: use --ngpus 1")
+    files = parse_dataset_files(args.dataset_files)
+    datasets = [d for d in args.datasets.split(",") if d]
+    for d in datasets:
+        if d not in HF_DATASETS and d not in files:
+            raise EvalError(f"--datasets: unknown corpus {d!r}; expected some of {', '.join(HF_DATASETS)} "
+                            f"(or map it to a file with --dataset_files {d}=PATH)")
+    model, noise = load_checkpoint(args, args.device)
+    loss_type = args.loss_type or model_loss_type(model.config, args.model_path)
+    mc = args.monte_carlo_timesteps or default_mc_timesteps(loss_type)
+    check_losses(loss_type, mc)
+    if args.compile:
+        compile_body(model)
+    settings_ = {"model_path": str(args.model_path), "loss_type": loss_type, "mc_timesteps": mc,
+                 "length": args.length, "batch_size": args.batch_size, "seed": args.seed, "datasets": datasets,
+                 "dataset_files": files, "ar_column": args.ar_column, "mc_batching": bool(args.mc_batching),
+                 "token_budget": args.token_budget, "max_batches": args.max_batches, "tokenizer": args.tokenizer,
+                 "split": args.split, "backend": args.backend, "dtype": args.dtype}
+
+    def blocks_of(dataset: str):
+        split = args.split or published_split(dataset)
+        source = files.get(dataset)
+        blocks = load_blocks(dataset, args.tokenizer, args.length, split, args.cache_dir, model.config.tokens, source)
+        where = f"local file {source}" if source else "Hugging Face hub"
+        return blocks, split, where
+
+    return run_zero_shot(model, noise, settings_, blocks_of, args.work_dir, progress=not args.no_progress)
+
+
+# -- the generative-perplexity suite ----------------------------------------------------------------------
+def parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise EvalError(f"--steps expects comma-separated whole numbers, got {text!r}") from e
+    if not steps or min(steps) < 1:
+        raise EvalError(f"--steps needs step counts >= 1, got {text!r}")
+    return steps
+
+
+def run_gen_ppl_suite(args) -> dict:
+    args = resolve_common(args)
+    steps = parse_steps(args.steps)
+    for name in ("num_samples", "sample_chunk", "rows_in_flight"):
+        if getattr(args, name) < 1:
+            raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    model, noise = load_checkpoint(args, args.device)
+    try:
+        sample_tok = data.get_tokenizer(args.tokenizer)
+    except ValueError as e:
+        raise EvalError(str(e)) from e
+    scorer = load_scorer(args.eval_model, args.device)  # before sampling: a missing scorer fails in seconds
+    settings_ = {"model_path": str(args.model_path), "steps": steps, "num_samples": args.num_samples,
+                 "length": args.length, "chunk": args.sample_chunk, "rows_in_flight": args.rows_in_flight,
+                 "method": args.method, "sampling_dtype": args.sampling_dtype, "seed": args.seed,
+                 "scorer": str(args.eval_model), "score_batch_size": args.gen_batch_size, "tokenizer": args.tokenizer}
+    try:
+        return run_gen_suite(model, noise, settings_, scorer, sample_tok, args.work_dir, device=args.device,
+                             progress=not args.no_progress)
+    except ValueError as e:  # a bad sampling option (method, dtype) is a user error
+        raise EvalError(str(e)) from e
+
+
+# -- generative perplexity of a samples file ------------------------------------------------------------
 def run_gen_ppl(args) -> dict:
-    from .gen_ppl import read_samples, score_samples
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_work_dir(args.work_dir)
     try:
         samples = read_samples(args.gen_ppl)
-    except ValueError as e:  # malformed JSONL: a user error, reported without a traceback
+    except (OSError, ValueError) as e:  # missing or malformed JSONL: a user error, reported without a traceback
         raise EvalError(str(e)) from e
     sample_tok = None
     if any("ids" in s for s in samples):
-        from .. import data
-
         try:
             sample_tok = data.get_tokenizer(args.tokenizer or "gpt2")
         except ValueError as e:
             raise EvalError(str(e)) from e
-    res = score_samples(samples, args.eval_model, sample_tok, device=device, batch_size=args.gen_batch_size,
-                        progress=not args.no_progress)
+    scorer = load_scorer(args.eval_model, device)
+    try:
+        res = score_samples(samples, scorer, sample_tok, device=device, batch_size=args.gen_batch_size,
+                            progress=not args.no_progress)
+    except ValueError as e:
+        raise EvalError(str(e)) from e
+    res["eval_model"] = str(args.eval_model)
     res["settings"] = {"samples": str(args.gen_ppl), "eval_model": args.eval_model,
                        "tokenizer": args.tokenizer or "gpt2", "device": device}
     res["environment"] = environment(torch.device(device))
     path = Path(args.work_dir) / f"gen_ppl_{_tag(args.gen_ppl)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
     print(f"Generative PPL: {res['mean_ppl']}")
     print(f"Unigram entropy: {res['mean_entropy']}")
@@ -228,7 +374,7 @@ def run_gen_ppl(args) -> dict:
 
 # -- helpers -------------------------------------------------------------------------------------------
 def settings(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("no_progress",)}
+    return {k: v for k, v in vars(args).items() if k not in ("no_progress", "engine")}
 
 
 def environment(device: torch.device) -> dict:
@@ -243,14 +389,22 @@ def _tag(path_or_name: str) -> str:
     return p.stem if p.suffix or p.exists() else str(path_or_name)
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = run_gen_ppl(args) if args.gen_ppl else run_ppl(args)
-    except (EvalError, CheckpointError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if result is not None and math.isfinite(result.get("ppl", result.get("mean_ppl", math.nan))) else 1
+    if args.gen_ppl:
+        run_gen_ppl(args)
+    elif args.suite == "zero_shot":
+        run_zero_shot_suite(args)
+    elif args.suite == "gen_ppl":
+        run_gen_ppl_suite(args)
+    else:
+        run_ppl(args)
+    return 0
+
+
+def main(argv=None) -> int:
+    """eval.py's entry point: user errors print one line ``error: ...`` and exit 2 (radd_fast.errors)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":
