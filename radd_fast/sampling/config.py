@@ -32,7 +32,8 @@ class SamplerConfig:
     paper's protocol) | 'float32' (the published code's noise: it lowers the effective temperature and
     flatters generative perplexity) for the Gumbel noise and scores; eps: the last time of the schedule, in (0, 1).
     Execution (results do not depend on these, except ``use_kernels``, whose noise differs):
-    rows_in_flight: rows per evaluation; buckets: pad evaluation shapes to powers of two (False:
+    rows_in_flight: rows per evaluation (None: ``auto_rows_in_flight``, from the free device memory);
+    buckets: pad evaluation shapes to powers of two (False:
     exact shapes); wave_size: rows planned at once (memory bound; default max(32 x rows, 4096));
     cuda_graphs: replay the body from CUDA graphs (default on for CUDA); compile: torch.compile
     the body; use_kernels: override the head's backend policy (None: kernels on the fast backend).
@@ -45,7 +46,7 @@ class SamplerConfig:
     sampling_dtype: str = "float64"
     eps: float = 1e-5
     order: Any = None
-    rows_in_flight: int = 64
+    rows_in_flight: int | None = None
     buckets: bool = True
     wave_size: int | None = None
     cuda_graphs: bool | None = None
@@ -61,7 +62,7 @@ class SamplerConfig:
         sampling_dtype(self.sampling_dtype)
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0.0 < self.eps < 1.0):
             raise ValueError(f"eps (the schedule's last time) must be in (0, 1), got {self.eps!r}")
-        if isinstance(self.rows_in_flight, bool) or int(self.rows_in_flight) < 1:
+        if self.rows_in_flight is not None and (isinstance(self.rows_in_flight, bool) or int(self.rows_in_flight) < 1):
             raise ValueError(f"rows_in_flight (batch_size) must be >= 1, got {self.rows_in_flight!r}")
         if self.wave_size is not None and int(self.wave_size) < 1:
             raise ValueError(f"wave_size must be >= 1, got {self.wave_size!r}")
@@ -79,9 +80,8 @@ class SamplerConfig:
     def noise_dtype(self) -> torch.dtype:
         return sampling_dtype(self.sampling_dtype)
 
-    @property
-    def planned_wave_size(self) -> int:
-        return int(self.wave_size or max(32 * self.rows_in_flight, 4096))
+    def planned_wave_size(self, rows_in_flight: int) -> int:
+        return int(self.wave_size or max(32 * rows_in_flight, 4096))
 
     def replace(self, **changes) -> "SamplerConfig":
         """A copy with ``changes`` applied (validated again)."""
@@ -92,6 +92,23 @@ class SamplerConfig:
         para = "" if self.strategy_para is None else f"={self.strategy_para}"
         return (f"{self.method}, {self.steps} steps, {self.strategy}{para}, "
                 f"{self.sampling_dtype.replace('float', 'fp')} Gumbel")
+
+
+# Rows in flight when not given: enough to fill a GPU's SMs with RADD-small-sized matmuls (an estimate
+# until the throughput curve is measured on a card, see docs/BENCHMARKS.md), few on a CPU.
+MAX_AUTO_ROWS = {"cuda": 256, "cpu": 16}
+ACTIVATION_BYTES_PER_TOKEN_DIM = 64  # transient inference activations per token and model dim (2x margin)
+
+
+def auto_rows_in_flight(num_samples: int, length: int, hidden_size: int, device: torch.device) -> int:
+    """Rows per evaluation: at most ``MAX_AUTO_ROWS`` for the device type and ``num_samples``, and on CUDA
+    what half of the free memory holds at about 64 bytes per token and model dim (no gradients kept)."""
+    cap = MAX_AUTO_ROWS.get(device.type, MAX_AUTO_ROWS["cpu"])
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        per_row = ACTIVATION_BYTES_PER_TOKEN_DIM * length * hidden_size
+        cap = min(cap, max(1, int(0.5 * free // per_row)))
+    return max(1, min(cap, int(num_samples)))
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(SamplerConfig) if f.init)

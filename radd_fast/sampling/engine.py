@@ -34,7 +34,7 @@ from ..model.head import noise_key
 from ..progress import progress_bar
 from .batching import plan_ticks
 from .conditioning import initial_state
-from .config import SamplerConfig, sampler_config
+from .config import SamplerConfig, auto_rows_in_flight, sampler_config
 from .evaluator import BodyRunner, compact
 from .schedule import draw_reveal_steps, expected_enfe_exact, group_steps, ordered_groups, update_rates
 
@@ -54,6 +54,7 @@ class SamplingStats:
     steps: int
     cuda_graphs: int  # graphs captured
     sampler: str = ""  # SamplerConfig.describe(): method, steps, strategy, Gumbel dtype
+    rows_in_flight: int = 0  # rows per evaluation (the batch of the body)
 
     @property
     def enfe_mean(self) -> float:
@@ -113,6 +114,8 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     generator = torch.Generator(device=device).manual_seed(int(seed))
     init = initial_state(conditioning, num_samples, length, model.mask_id, device)
     rates = update_rates(noise, cfg.steps, cfg.method, cfg.eps, device) if cfg.needs_noise else None
+    rows = cfg.rows_in_flight or auto_rows_in_flight(num_samples, length, model.config.model.hidden_size, device)
+    wave_size = cfg.planned_wave_size(rows)
     cuda_graphs = device.type == "cuda" if cfg.cuda_graphs is None else bool(cfg.cuda_graphs) and device.type == "cuda"
 
     was_training, was_validating = model.training, getattr(model, "validate_inputs", False)
@@ -126,10 +129,10 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     t0 = time.perf_counter()
     bar = progress_bar(progress and num_samples > 0, total=0, desc="sampling", unit="eval")
     try:
-        for w0 in range(0, num_samples, cfg.planned_wave_size):
-            x0 = init.expand(num_samples, length)[w0:w0 + cfg.planned_wave_size]
+        for w0 in range(0, num_samples, wave_size):
+            x0 = init.expand(num_samples, length)[w0:w0 + wave_size]
             group, K = _reveal_groups(x0 == model.mask_id, rates, cfg, generator)
-            wave = Wave(x0, group, K, cfg.rows_in_flight, cfg.buckets)
+            wave = Wave(x0, group, K, rows, cfg.buckets)
             bar.total += wave.ticks
             bar.refresh()
             out[w0:w0 + x0.shape[0]] = wave.run(body, head, cfg.strategy_fn, seed, counters.evaluations, bar)
@@ -147,7 +150,7 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     enfe = torch.cat(enfe) if enfe else torch.zeros(0, dtype=torch.int64)
     stats = SamplingStats(enfe=enfe, enfe_theory=_theory(rates, init, model.mask_id), wall_time=wall,
                           num_samples=num_samples, length=length, steps=cfg.steps, cuda_graphs=len(body.graphs),
-                          sampler=cfg.describe(), **counters.as_dict())
+                          sampler=cfg.describe(), rows_in_flight=rows, **counters.as_dict())
     if progress if summary is None else summary:
         print(stats.summary())
     return out, stats
