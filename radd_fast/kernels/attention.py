@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from radd_fast.kernels import flash_attention as fa
-from radd_fast.kernels.utils import check
+from radd_fast.kernels.utils import require
 
 IMPLS = ("auto", "flash_attn", "sdpa", "triton", "reference")
 _impl = "auto"
@@ -122,11 +122,11 @@ _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- dispatch
 def _validate(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> None:
-    check(isinstance(qkv, torch.Tensor) and qkv.dim() == 5 and qkv.shape[2] == 3,
-          f"qkv must be [B, T, 3, h, hd]; got shape {tuple(qkv.shape)}")
-    check(qkv.is_floating_point(), f"qkv must be floating point; got {qkv.dtype}")
+    require(isinstance(qkv, torch.Tensor) and qkv.dim() == 5 and qkv.shape[2] == 3,
+            f"qkv must be [B, T, 3, h, hd]; got shape {tuple(qkv.shape)}")
+    require(qkv.is_floating_point(), f"qkv must be floating point; got {qkv.dtype}")
     hd = qkv.shape[-1]
-    check(hd % 2 == 0 and hd > 0, f"head dim must be even; got {hd}")
+    require(hd % 2 == 0 and hd > 0, f"head dim must be even; got {hd}")
     fa.check_rotary_tables(qkv, cos, sin)
 
 
@@ -158,9 +158,9 @@ def _attention_sdpa(qkv, cos, sin):
 
 
 def _attention_flash_attn(qkv, cos, sin):
-    check(_flash_attn_qkvpacked_func is not None, "impl='flash_attn' needs the flash-attn package, not installed")
-    check(_flash_attn_ok(qkv), "flash_attn needs CUDA fp16/bf16 qkv with head dim <= 256, a multiple of 8; "
-          f"got {qkv.device} {qkv.dtype} hd={qkv.shape[-1]}")
+    require(_flash_attn_qkvpacked_func is not None, "impl='flash_attn' needs the flash-attn package, not installed")
+    require(_flash_attn_ok(qkv), "flash_attn needs CUDA fp16/bf16 qkv with head dim <= 256, a multiple of 8; "
+            f"got {qkv.device} {qkv.dtype} hd={qkv.shape[-1]}")
     if cos is not None:
         q, k, v = qkv.unbind(2)
         qkv = torch.stack((apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin), v), dim=2)

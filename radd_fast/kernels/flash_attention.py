@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radd_fast.kernels.utils import HAS_TRITON, check, interpreter_on, next_power_of_2, triton_runs_on
+from radd_fast.kernels.utils import HAS_TRITON, interpreter_on, next_power_of_2, require, triton_runs_on
 
 if HAS_TRITON:
     import triton
@@ -366,39 +366,39 @@ def default_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) 
 
 # ----------------------------------------------------------------------------- launchers
 def check_head_dim(head_dim: int) -> None:
-    check(MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0,
-          f"triton attention supports head dims that are multiples of {HEAD_DIM_MULTIPLE} in "
-          f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]; got head_dim={head_dim}")
+    require(MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0,
+            f"triton attention supports head dims that are multiples of {HEAD_DIM_MULTIPLE} in "
+            f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]; got head_dim={head_dim}")
 
 
 def check_rotary_tables(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
     """cos, sin: both None, or both [T, hd/2] float32 on qkv's device (qkv: [B, T, 3, h, hd])."""
     T, hd = qkv.shape[1], qkv.shape[-1]
-    check((cos is None) == (sin is None), "pass both cos and sin, or neither")
+    require((cos is None) == (sin is None), "pass both cos and sin, or neither")
     if cos is not None:
         for name, t in (("cos", cos), ("sin", sin)):
-            check(t.shape == (T, hd // 2), f"{name} must be [T, hd/2] = [{T}, {hd // 2}]; got {tuple(t.shape)}")
-            check(t.dtype == torch.float32, f"{name} must be float32; got {t.dtype}")
-            check(t.device == qkv.device, f"{name} is on {t.device}, qkv on {qkv.device}")
+            require(t.shape == (T, hd // 2), f"{name} must be [T, hd/2] = [{T}, {hd // 2}]; got {tuple(t.shape)}")
+            require(t.dtype == torch.float32, f"{name} must be float32; got {t.dtype}")
+            require(t.device == qkv.device, f"{name} is on {t.device}, qkv on {qkv.device}")
 
 
 def check_inputs(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
     """Shape/dtype/layout checks shared by the launchers (raise ValueError)."""
-    check(qkv.dim() == 5 and qkv.shape[2] == 3,
-          f"qkv must be [B, T, 3, h, hd]; got shape {tuple(qkv.shape)}")
-    check(qkv.dtype in DTYPES, f"triton attention supports {DTYPES}; got {qkv.dtype}")
-    check(qkv.stride(-1) == 1, f"qkv must have unit stride on the head dim; got strides {qkv.stride()}")
+    require(qkv.dim() == 5 and qkv.shape[2] == 3,
+            f"qkv must be [B, T, 3, h, hd]; got shape {tuple(qkv.shape)}")
+    require(qkv.dtype in DTYPES, f"triton attention supports {DTYPES}; got {qkv.dtype}")
+    require(qkv.stride(-1) == 1, f"qkv must have unit stride on the head dim; got strides {qkv.stride()}")
     B, T, _, h, hd = qkv.shape
-    check(B * h > 0 and T > 0, f"empty qkv {tuple(qkv.shape)}")
+    require(B * h > 0 and T > 0, f"empty qkv {tuple(qkv.shape)}")
     check_head_dim(hd)
-    check(T * qkv.stride(1) < 2**31, "one sequence of qkv must span fewer than 2**31 elements")
+    require(T * qkv.stride(1) < 2**31, "one sequence of qkv must span fewer than 2**31 elements")
     check_rotary_tables(qkv, cos, sin)
     if cos is not None:
         for name, t in (("cos", cos), ("sin", sin)):
-            check(t.stride(-1) == 1, f"{name} must have unit stride on its last dim")
-        check(cos.stride(0) == sin.stride(0), "cos and sin must share their row stride")
-    check(triton_runs_on(qkv), f"triton attention cannot run on {qkv.device} "
-          "(needs CUDA, or the CPU with TRITON_INTERPRET=1 set before triton is imported)")
+            require(t.stride(-1) == 1, f"{name} must have unit stride on its last dim")
+        require(cos.stride(0) == sin.stride(0), "cos and sin must share their row stride")
+    require(triton_runs_on(qkv), f"triton attention cannot run on {qkv.device} "
+            "(needs CUDA, or the CPU with TRITON_INTERPRET=1 set before triton is imported)")
 
 
 def _common(qkv, cos, head_dim):
@@ -417,9 +417,9 @@ def flash_attention_forward(qkv: torch.Tensor, cos: torch.Tensor | None = None, 
     B, T, _, h, hd = qkv.shape
     if out is None:
         out = torch.empty((B, T, h, hd), device=qkv.device, dtype=qkv.dtype)
-    check(out.shape == (B, T, h, hd) and out.dtype == qkv.dtype and out.device == qkv.device
-          and out.stride(-1) == 1, f"out must be [B, T, h, hd] {qkv.dtype} with unit last stride; got "
-          f"{tuple(out.shape)} {out.dtype}")
+    require(out.shape == (B, T, h, hd) and out.dtype == qkv.dtype and out.device == qkv.device
+            and out.stride(-1) == 1, f"out must be [B, T, h, hd] {qkv.dtype} with unit last stride; got "
+            f"{tuple(out.shape)} {out.dtype}")
     lse = torch.empty((B, h, T), device=qkv.device, dtype=torch.float32)
     cfg = config or default_fwd_config(hd, qkv.dtype, qkv.device)
     flags, even_d = _common(qkv, cos, hd)
@@ -444,14 +444,14 @@ def flash_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.T
     check_inputs(qkv, cos, sin)
     B, T, _, h, hd = qkv.shape
     for name, t in (("dout", dout), ("out", out)):
-        check(t.shape == (B, T, h, hd) and t.dtype == qkv.dtype and t.stride(-1) == 1,
-              f"{name} must be [B, T, h, hd] {qkv.dtype} with unit last stride; got {tuple(t.shape)} {t.dtype}")
-    check(lse.shape == (B, h, T) and lse.dtype == torch.float32 and lse.is_contiguous(),
-          f"lse must be contiguous float32 [B, h, T]; got {tuple(lse.shape)} {lse.dtype}")
+        require(t.shape == (B, T, h, hd) and t.dtype == qkv.dtype and t.stride(-1) == 1,
+                f"{name} must be [B, T, h, hd] {qkv.dtype} with unit last stride; got {tuple(t.shape)} {t.dtype}")
+    require(lse.shape == (B, h, T) and lse.dtype == torch.float32 and lse.is_contiguous(),
+            f"lse must be contiguous float32 [B, h, T]; got {tuple(lse.shape)} {lse.dtype}")
     if dqkv is None:
         dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    check(dqkv.shape == qkv.shape and dqkv.dtype == qkv.dtype and dqkv.stride(-1) == 1,
-          f"dqkv must be {tuple(qkv.shape)} {qkv.dtype} with unit last stride")
+    require(dqkv.shape == qkv.shape and dqkv.dtype == qkv.dtype and dqkv.stride(-1) == 1,
+            f"dqkv must be {tuple(qkv.shape)} {qkv.dtype} with unit last stride")
     cfg = config or default_bwd_config(hd, qkv.dtype, qkv.device)
     flags, even_d = _common(qkv, cos, hd)
 

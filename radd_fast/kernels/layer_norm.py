@@ -33,14 +33,21 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from radd_fast.kernels.utils import HAS_TRITON, check, next_power_of_2, triton_runs_on
+from radd_fast.kernels.utils import (
+    HAS_TRITON,
+    next_power_of_2,
+    require,
+    require_device,
+    require_dtype,
+    require_tensor,
+    triton_runs_on,
+)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
 MAX_D = 16384  # an fp32 row of 64 KiB in registers; beyond this a looped kernel is needed
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -179,33 +186,32 @@ def _bwd_config(block: int, device: torch.device):
     return max(1, min(16, 1024 // block)), 4 if block <= 2048 else 8 if block <= 8192 else 16, 8
 
 
-def _require(ok: bool, message) -> None:
-    """``check`` with the message built only on failure (launchers run on every step)."""
-    if not ok:
-        check(False, message())
+def _check_x(x: torch.Tensor) -> Tuple[int, int]:
+    """The LN input of a launcher: 2-D rows that fit one tile; returns ``(N, d)``."""
+    require(x.dim() == 2, lambda: f"x: expected [N, d], got shape {tuple(x.shape)}")
+    n, d = x.shape
+    require(1 <= d <= MAX_D, lambda: f"x: row size d={d} outside [1, {MAX_D}] (a row must fit in one tile)")
+    _check_rows("x", x, n, d)
+    return n, d
 
 
 def _check_rows(name: str, t: torch.Tensor, n: int, d: int) -> None:
-    _require(t.dim() == 2 and t.shape[0] == n and t.shape[1] == d,
-             lambda: f"{name}: expected shape {(n, d)}, got {tuple(t.shape)}")
-    _require(t.dtype in _DTYPES, lambda: f"{name}: dtype {t.dtype} not supported (use one of {_DTYPES})")
-    _require(t.stride(1) == 1 or d == 1, lambda: f"{name}: the last dim must be contiguous (stride {t.stride(1)})")
+    require_tensor(name, t, shape=(n, d))
 
 
 def _check_vec(name: str, t: torch.Tensor, d: int, device: torch.device) -> None:
-    _require(t.dim() == 1 and t.shape[0] == d, lambda: f"{name}: expected shape {(d,)}, got {tuple(t.shape)}")
-    _require(t.dtype in _DTYPES, lambda: f"{name}: dtype {t.dtype} not supported (use one of {_DTYPES})")
-    _require(t.is_contiguous(), lambda: f"{name}: must be contiguous")
-    _require(t.device == device, lambda: f"{name}: on {t.device}, expected {device}")
+    require_tensor(name, t, shape=(d,), last_dim=None)
+    require(t.is_contiguous(), lambda: f"{name}: must be contiguous")
+    require_device(name, t, device)
 
 
 def _check_dropout(p: float, seed: Optional[torch.Tensor], n: int, d: int, device: torch.device) -> bool:
-    _require(0.0 <= p < 1.0, lambda: f"dropout_p must be in [0, 1), got {p}")
+    require(0.0 <= p < 1.0, lambda: f"dropout_p must be in [0, 1), got {p}")
     if p == 0.0:
         return False
-    check(seed is not None and seed.numel() == 1 and seed.dtype == torch.int64 and seed.device == device,
-          "dropout needs seed: a one-element int64 tensor on the input's device")
-    _require(n * d < 2**31, lambda: f"dropout: {n}x{d} elements overflow the int32 Philox counter")
+    require(seed is not None and seed.numel() == 1 and seed.dtype == torch.int64 and seed.device == device,
+            "dropout needs seed: a one-element int64 tensor on the input's device")
+    require(n * d < 2**31, lambda: f"dropout: {n}x{d} elements overflow the int32 Philox counter")
     return True
 
 
@@ -226,30 +232,27 @@ def layer_norm_forward(
     Returns ``(y [N, d] out_dtype, new_x [N, d] x.dtype or None, mean [N] fp32, rstd [N] fp32)``.
     With ``delta`` the kernel first forms ``new_x = x + dropout(delta)`` and normalises that.
     """
-    _require(x.dim() == 2, lambda: f"x: expected [N, d], got shape {tuple(x.shape)}")
-    n, d = x.shape
-    _require(1 <= d <= MAX_D, lambda: f"x: row size d={d} outside [1, {MAX_D}] (a row must fit in one tile)")
-    _check_rows("x", x, n, d)
+    n, d = _check_x(x)
     _check_vec("weight", weight, d, x.device)
     _check_vec("bias", bias, d, x.device)
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    _require(out_dtype in _DTYPES, lambda: f"out_dtype {out_dtype} not supported (use one of {_DTYPES})")
-    _require(eps > 0, lambda: f"eps must be positive, got {eps}")
+    require_dtype("out_dtype", out_dtype)
+    require(eps > 0, lambda: f"eps must be positive, got {eps}")
     has_delta = delta is not None
     dropout = False
     if has_delta:
         _check_rows("delta", delta, n, d)
-        _require(delta.device == x.device, lambda: f"delta: on {delta.device}, expected {x.device}")
+        require_device("delta", delta, x.device)
         dropout = _check_dropout(dropout_p, seed, n, d, x.device)
         new_x = torch.empty((n, d), device=x.device, dtype=x.dtype) if new_x_out is None else new_x_out
         _check_rows("new_x_out", new_x, n, d)
-        _require(new_x.dtype == x.dtype, lambda: f"new_x_out: dtype {new_x.dtype}, expected {x.dtype}")
+        require(new_x.dtype == x.dtype, lambda: f"new_x_out: dtype {new_x.dtype}, expected {x.dtype}")
     else:
-        check(dropout_p == 0.0, "dropout_p needs a residual delta")
+        require(dropout_p == 0.0, "dropout_p needs a residual delta")
         new_x = None
     y = torch.empty((n, d), device=x.device, dtype=out_dtype) if out is None else out
     _check_rows("out", y, n, d)
-    _require(y.dtype == out_dtype, lambda: f"out: dtype {y.dtype}, expected {out_dtype}")
+    require(y.dtype == out_dtype, lambda: f"out: dtype {y.dtype}, expected {out_dtype}")
     mean = torch.empty(n, device=x.device, dtype=torch.float32)
     rstd = torch.empty(n, device=x.device, dtype=torch.float32)
     if n == 0:
@@ -296,28 +299,25 @@ def layer_norm_backward(
     ``dx_in`` (the grad reaching new_x directly) is added to dx; with ``delta_dtype`` the kernel
     also writes ``ddelta = dropout_mask * dx`` for the fused residual form.
     """
-    _require(x.dim() == 2, lambda: f"x: expected [N, d], got shape {tuple(x.shape)}")
-    n, d = x.shape
-    _require(1 <= d <= MAX_D, lambda: f"x: row size d={d} outside [1, {MAX_D}] (a row must fit in one tile)")
-    _check_rows("x", x, n, d)
+    n, d = _check_x(x)
     _check_rows("dy", dy, n, d)
-    _require(dy.device == x.device, lambda: f"dy: on {dy.device}, expected {x.device}")
+    require_device("dy", dy, x.device)
     _check_vec("weight", weight, d, x.device)
     for name, t in (("mean", mean), ("rstd", rstd)):
-        _require(t.dim() == 1 and t.shape[0] == n and t.dtype == torch.float32 and t.is_contiguous()
-                 and t.device == x.device,
-                 lambda: f"{name}: expected a contiguous fp32 [{n}] tensor on {x.device}, got {tuple(t.shape)} {t.dtype}")
+        require(t.dim() == 1 and t.shape[0] == n and t.dtype == torch.float32 and t.is_contiguous()
+                and t.device == x.device,
+                lambda: f"{name}: expected a contiguous fp32 [{n}] tensor on {x.device}, got {tuple(t.shape)} {t.dtype}")
     if dx_in is not None:
         _check_rows("dx_in", dx_in, n, d)
     has_delta = delta_dtype is not None
     dropout = False
     if has_delta:
-        _require(delta_dtype in _DTYPES, lambda: f"delta_dtype {delta_dtype} not supported (use one of {_DTYPES})")
+        require_dtype("delta_dtype", delta_dtype)
         dropout = _check_dropout(dropout_p, seed, n, d, x.device)
         ddelta = torch.empty((n, d), device=x.device, dtype=delta_dtype) if ddelta_out is None else ddelta_out
         _check_rows("ddelta_out", ddelta, n, d)
     else:
-        check(dropout_p == 0.0, "dropout_p needs delta_dtype (the fused residual form)")
+        require(dropout_p == 0.0, "dropout_p needs delta_dtype (the fused residual form)")
         ddelta = None
     dx = torch.empty((n, d), device=x.device, dtype=x.dtype) if dx_out is None else dx_out
     _check_rows("dx_out", dx, n, d)
@@ -537,8 +537,8 @@ def add_layer_norm(x: torch.Tensor, residual_delta: torch.Tensor, weight: torch.
     if not triton_runs_on(x):
         new_x, normed = add_layer_norm_ref(x, residual_delta, weight, bias, p, training, eps)
         return new_x, normed.to(out_dtype)
-    _require(residual_delta.shape == x.shape,
-             lambda: f"residual_delta: shape {tuple(residual_delta.shape)} != x {tuple(x.shape)}")
+    require(residual_delta.shape == x.shape,
+            lambda: f"residual_delta: shape {tuple(residual_delta.shape)} != x {tuple(x.shape)}")
     d = x.shape[-1]
     seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
     args = (_rows_view(x, d), _rows_view(residual_delta, d), weight, bias, seed, p, float(eps), out_dtype)

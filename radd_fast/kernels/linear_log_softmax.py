@@ -46,13 +46,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from radd_fast.kernels.utils import HAS_TRITON, check, triton_runs_on
+from radd_fast.kernels.utils import HAS_TRITON, SUPPORTED_DTYPES, require, triton_runs_on
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # dlogits chunk of the backward. On H200 (N=16384, C=50257, bf16) 64 / 128 / 256 MiB chunks
 # timed the same within run-to-run noise (8.0-9.1 ms); 128 MiB keeps the peak ~100 MB lower.
 DEFAULT_CHUNK_BYTES = 128 * 2**20
@@ -204,8 +203,8 @@ class TileConfig:
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            check(v >= 16 and v & (v - 1) == 0, f"TileConfig.{name} must be a power of two >= 16 (tl.dot), got {v}")
-        check(self.group_m >= 1, f"TileConfig.group_m must be >= 1, got {self.group_m}")
+            require(v >= 16 and v & (v - 1) == 0, f"TileConfig.{name} must be a power of two >= 16 (tl.dot), got {v}")
+        require(self.group_m >= 1, f"TileConfig.group_m must be >= 1, got {self.group_m}")
 
 
 def tile_config(dtype: torch.dtype, device: torch.device, backward: bool = False) -> TileConfig:
@@ -230,7 +229,7 @@ def vocab_chunk_cols(n_rows: int, n_classes: int, itemsize: int, budget_bytes: i
     bound is max(budget_bytes, n_rows * block_n * itemsize)), and the chunks are
     balanced: ceil(n_classes / cols) chunks of nearly equal width.
     """
-    check(n_classes >= 1 and block_n >= 1 and itemsize >= 1, "vocab_chunk_cols: sizes must be positive")
+    require(n_classes >= 1 and block_n >= 1 and itemsize >= 1, "vocab_chunk_cols: sizes must be positive")
     per_col = max(1, n_rows) * itemsize
     max_cols = max(block_n, budget_bytes // per_col // block_n * block_n)
     if max_cols >= n_classes:
@@ -255,23 +254,23 @@ def _new(shape, dtype, device) -> torch.Tensor:
 # Launchers
 # ----------------------------------------------------------------------------
 def _check_inputs(x, weight, bias, targets) -> None:
-    check(x.dim() == 2, f"x must be [N, d], got shape {tuple(x.shape)}")
-    check(weight.dim() == 2, f"weight must be [C, d], got shape {tuple(weight.shape)}")
-    check(x.shape[1] == weight.shape[1], f"x [N, d={x.shape[1]}] and weight [C, d={weight.shape[1]}] disagree on d")
-    check(weight.shape[0] >= 1 and x.shape[1] >= 1, f"need C >= 1 and d >= 1, got weight {tuple(weight.shape)}")
-    check(x.dtype in _DTYPES, f"x dtype must be one of {_DTYPES}, got {x.dtype}")
-    check(weight.dtype == x.dtype, f"weight dtype {weight.dtype} != x dtype {x.dtype}; cast explicitly")
-    check(targets.dtype == torch.int64, f"targets must be int64, got {targets.dtype}")
-    check(tuple(targets.shape) == (x.shape[0],), f"targets must be [N={x.shape[0]}], got {tuple(targets.shape)}")
+    require(x.dim() == 2, f"x must be [N, d], got shape {tuple(x.shape)}")
+    require(weight.dim() == 2, f"weight must be [C, d], got shape {tuple(weight.shape)}")
+    require(x.shape[1] == weight.shape[1], f"x [N, d={x.shape[1]}] and weight [C, d={weight.shape[1]}] disagree on d")
+    require(weight.shape[0] >= 1 and x.shape[1] >= 1, f"need C >= 1 and d >= 1, got weight {tuple(weight.shape)}")
+    require(x.dtype in SUPPORTED_DTYPES, f"x dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    require(weight.dtype == x.dtype, f"weight dtype {weight.dtype} != x dtype {x.dtype}; cast explicitly")
+    require(targets.dtype == torch.int64, f"targets must be int64, got {targets.dtype}")
+    require(tuple(targets.shape) == (x.shape[0],), f"targets must be [N={x.shape[0]}], got {tuple(targets.shape)}")
     tensors = [x, weight, targets]
     if bias is not None:
-        check(tuple(bias.shape) == (weight.shape[0],), f"bias must be [C={weight.shape[0]}], got {tuple(bias.shape)}")
-        check(bias.dtype == x.dtype, f"bias dtype {bias.dtype} != x dtype {x.dtype}; cast explicitly")
+        require(tuple(bias.shape) == (weight.shape[0],), f"bias must be [C={weight.shape[0]}], got {tuple(bias.shape)}")
+        require(bias.dtype == x.dtype, f"bias dtype {bias.dtype} != x dtype {x.dtype}; cast explicitly")
         tensors.append(bias)
-    check(len({t.device for t in tensors}) == 1, f"inputs on different devices: {[str(t.device) for t in tensors]}")
-    check(x.stride(1) == 1 and weight.stride(1) == 1, "x and weight need unit stride along d (call .contiguous())")
-    check(targets.stride(0) == 1 or targets.numel() <= 1, "targets must be contiguous")
-    check(bias is None or bias.stride(0) == 1 or bias.numel() <= 1, "bias must be contiguous")
+    require(len({t.device for t in tensors}) == 1, f"inputs on different devices: {[str(t.device) for t in tensors]}")
+    require(x.stride(1) == 1 and weight.stride(1) == 1, "x and weight need unit stride along d (call .contiguous())")
+    require(targets.stride(0) == 1 or targets.numel() <= 1, "targets must be contiguous")
+    require(bias is None or bias.stride(0) == 1 or bias.numel() <= 1, "bias must be contiguous")
 
 
 def _check_targets(targets: torch.Tensor, n_classes: int) -> None:
@@ -324,11 +323,11 @@ def linear_log_softmax_gather_backward(
     C = weight.shape[0]
     for name, t in (("g_target", g_target), ("g_lse", g_lse), ("lse", lse)):
         if t is not None:
-            check(tuple(t.shape) == (N,), f"{name} must be [N={N}], got {tuple(t.shape)}")
-            check(t.dtype == torch.float32 and (t.stride(0) == 1 or N <= 1),
-                  f"{name} must be contiguous fp32, got {t.dtype} stride {t.stride()}")
-            check(t.device == x.device, f"{name} on {t.device}, x on {x.device}")
-    check(chunk_bytes >= 1, f"chunk_bytes must be positive, got {chunk_bytes}")
+            require(tuple(t.shape) == (N,), f"{name} must be [N={N}], got {tuple(t.shape)}")
+            require(t.dtype == torch.float32 and (t.stride(0) == 1 or N <= 1),
+                    f"{name} must be contiguous fp32, got {t.dtype} stride {t.stride()}")
+            require(t.device == x.device, f"{name} on {t.device}, x on {x.device}")
+    require(chunk_bytes >= 1, f"chunk_bytes must be positive, got {chunk_bytes}")
     cfg = config or tile_config(x.dtype, x.device, backward=True)
     if N == 0:
         dw = _new(weight.shape, weight.dtype, x.device).zero_()

@@ -20,13 +20,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from radd_fast.kernels.utils import HAS_TRITON, check, next_power_of_2, triton_runs_on
+from radd_fast.kernels.utils import HAS_TRITON, next_power_of_2, require, require_tensor, triton_runs_on
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- kernel
@@ -94,26 +92,16 @@ def _config(tile: int):
     return max(1, min(8, 512 // tile)), 4
 
 
-def _require(ok: bool, message) -> None:
-    """``check`` with the message built only on failure (launchers run on every step)."""
-    if not ok:
-        check(False, message())
-
-
 def _check_qkv(name: str, t: torch.Tensor) -> None:
-    _require(t.dim() == 5 and t.shape[2] == 3, lambda: f"{name}: expected [B, T, 3, h, hd], got shape {tuple(t.shape)}")
-    _require(t.dtype in _DTYPES, lambda: f"{name}: dtype {t.dtype} not supported (use one of {_DTYPES})")
-    _require(t.shape[4] % 2 == 0, lambda: f"{name}: head dim {t.shape[4]} must be even (half-split rotary)")
-    _require(t.stride(4) == 1, lambda: f"{name}: the head dim must be contiguous (stride {t.stride(4)})")
+    require(t.dim() == 5 and t.shape[2] == 3, lambda: f"{name}: expected [B, T, 3, h, hd], got shape {tuple(t.shape)}")
+    require(t.shape[4] % 2 == 0, lambda: f"{name}: head dim {t.shape[4]} must be even (half-split rotary)")
+    require_tensor(name, t, last_dim="head dim")
 
 
 def _check_tables(cos: torch.Tensor, sin: torch.Tensor, T: int, half: int, device: torch.device) -> None:
     for name, tab in (("cos", cos), ("sin", sin)):
-        _require(tab.dim() == 2 and tab.shape[0] == T and tab.shape[1] == half,
-                 lambda: f"{name}: expected shape {(T, half)} = [T, hd/2], got {tuple(tab.shape)}")
-        _require(tab.dtype == torch.float32, lambda: f"{name}: expected fp32 tables, got {tab.dtype}")
-        _require(tab.stride(1) == 1 or half == 1, lambda: f"{name}: the last dim must be contiguous")
-        _require(tab.device == device, lambda: f"{name}: on {tab.device}, expected {device}")
+        require_tensor(name, tab, shape=(T, half), meaning=" = [T, hd/2]", dtypes=None, device=device)
+        require(tab.dtype == torch.float32, lambda: f"{name}: expected fp32 tables, got {tab.dtype}")
 
 
 def rotary_qkv_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conj: bool = False,
@@ -126,13 +114,13 @@ def rotary_qkv_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     _check_qkv("qkv", qkv)
     B, T, _, h, hd = qkv.shape
     _check_tables(cos, sin, T, hd // 2, qkv.device)
-    check(not (inplace and out is not None), "pass either out= or inplace=True, not both")
+    require(not (inplace and out is not None), "pass either out= or inplace=True, not both")
     y = qkv if inplace else (torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype) if out is None else out)
     if not inplace:
         _check_qkv("out", y)
-        _require(y.shape == qkv.shape and y.dtype == qkv.dtype and y.device == qkv.device,
-                 lambda: f"out: expected {tuple(qkv.shape)} {qkv.dtype} on {qkv.device}, "
-                         f"got {tuple(y.shape)} {y.dtype} on {y.device}")
+        require(y.shape == qkv.shape and y.dtype == qkv.dtype and y.device == qkv.device,
+                lambda: f"out: expected {tuple(qkv.shape)} {qkv.dtype} on {qkv.device}, "
+                        f"got {tuple(y.shape)} {y.dtype} on {y.device}")
     if y.numel() == 0:
         return y
     half = hd // 2

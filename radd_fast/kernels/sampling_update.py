@@ -41,13 +41,12 @@ from __future__ import annotations
 
 import torch
 
-from radd_fast.kernels.utils import HAS_TRITON, check, next_power_of_2, triton_runs_on
+from radd_fast.kernels.utils import HAS_TRITON, SUPPORTED_DTYPES, next_power_of_2, require, triton_runs_on
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_OFFSET = 2**31 - 1
 
 # ----------------------------------------------------------------------------
@@ -223,33 +222,34 @@ def row_chunks(n_rows: int, n_vocab: int, seed: int) -> list[tuple[int, int, int
 
 
 def _check_noise(noise, n_rows: int, n_vocab: int, fp64: bool, device) -> None:
-    check(tuple(noise.shape) == (n_rows, n_vocab), f"noise must be [N={n_rows}, n_vocab={n_vocab}], got {tuple(noise.shape)}")
+    require(tuple(noise.shape) == (n_rows, n_vocab), f"noise must be [N={n_rows}, n_vocab={n_vocab}], got {tuple(noise.shape)}")
     want = torch.float64 if fp64 else torch.float32
-    check(noise.dtype == want, f"noise must be {want} (fp64={fp64}), got {noise.dtype}")
-    check(noise.device == device, f"noise on {noise.device}, inputs on {device}")
-    check(noise.stride(-1) == 1 or n_vocab <= 1, "noise needs unit stride along the vocabulary")
+    require(noise.dtype == want, f"noise must be {want} (fp64={fp64}), got {noise.dtype}")
+    require(noise.device == device, f"noise on {noise.device}, inputs on {device}")
+    require(noise.stride(-1) == 1 or n_vocab <= 1, "noise needs unit stride along the vocabulary")
 
 
 def _check_dst(dst, x_flat, n_rows: int, device) -> None:
-    check((dst is None) == (x_flat is None), "pass both dst and x_flat (to write into x) or neither")
+    require((dst is None) == (x_flat is None), "pass both dst and x_flat (to write into x) or neither")
     if dst is None:
         return
-    check(dst.dtype == torch.int64 and tuple(dst.shape) == (n_rows,), f"dst must be int64 [N={n_rows}], got {dst.dtype} {tuple(dst.shape)}")
-    check(x_flat.dtype == torch.int64 and x_flat.dim() == 1 and x_flat.is_contiguous(),
-          f"x_flat must be a contiguous 1-D int64 tensor, got {x_flat.dtype} {tuple(x_flat.shape)}")
-    check(dst.device == device and x_flat.device == device, "dst, x_flat and the inputs must share a device")
-    check(dst.is_contiguous(), "dst must be contiguous")
+    require(dst.dtype == torch.int64 and tuple(dst.shape) == (n_rows,), f"dst must be int64 [N={n_rows}], got {dst.dtype} {tuple(dst.shape)}")
+    require(x_flat.dtype == torch.int64 and x_flat.dim() == 1 and x_flat.is_contiguous(),
+            f"x_flat must be a contiguous 1-D int64 tensor, got {x_flat.dtype} {tuple(x_flat.shape)}")
+    require(dst.device == device and x_flat.device == device, "dst, x_flat and the inputs must share a device")
+    require(dst.is_contiguous(), "dst must be contiguous")
 
 
 def _check_head(h, weight, bias, n_vocab: int) -> None:
-    check(h.dim() == 2 and weight.dim() == 2, f"h must be [N, d] and weight [C, d], got {tuple(h.shape)}, {tuple(weight.shape)}")
-    check(h.shape[1] == weight.shape[1], f"h [N, d={h.shape[1]}] and weight [C, d={weight.shape[1]}] disagree on d")
-    check(h.dtype in _DTYPES and weight.dtype == h.dtype and bias.dtype == h.dtype,
-          f"h, weight, bias must share one of {_DTYPES}, got {h.dtype}, {weight.dtype}, {bias.dtype}; cast explicitly")
-    check(tuple(bias.shape) == (weight.shape[0],), f"bias must be [C={weight.shape[0]}], got {tuple(bias.shape)}")
-    check(1 <= n_vocab <= weight.shape[0], f"n_vocab must be in [1, C={weight.shape[0]}], got {n_vocab}")
-    check(h.device == weight.device == bias.device, "h, weight, bias on different devices")
-    check(h.stride(1) == 1 and weight.stride(1) == 1 and bias.is_contiguous(), "h, weight need unit stride along d; bias contiguous")
+    require(h.dim() == 2 and weight.dim() == 2, f"h must be [N, d] and weight [C, d], got {tuple(h.shape)}, {tuple(weight.shape)}")
+    require(h.shape[1] == weight.shape[1], f"h [N, d={h.shape[1]}] and weight [C, d={weight.shape[1]}] disagree on d")
+    require(h.dtype in SUPPORTED_DTYPES and weight.dtype == h.dtype and bias.dtype == h.dtype,
+            f"h, weight, bias must share one of {SUPPORTED_DTYPES}, got {h.dtype}, {weight.dtype}, {bias.dtype}; "
+            "cast explicitly")
+    require(tuple(bias.shape) == (weight.shape[0],), f"bias must be [C={weight.shape[0]}], got {tuple(bias.shape)}")
+    require(1 <= n_vocab <= weight.shape[0], f"n_vocab must be in [1, C={weight.shape[0]}], got {n_vocab}")
+    require(h.device == weight.device == bias.device, "h, weight, bias on different devices")
+    require(h.stride(1) == 1 and weight.stride(1) == 1 and bias.is_contiguous(), "h, weight need unit stride along d; bias contiguous")
 
 
 def gumbel_noise(n_rows: int, n_vocab: int, seed: int, device, fp64: bool = False) -> torch.Tensor:
@@ -350,10 +350,10 @@ def logits_sample_update(logits: torch.Tensor, dst: torch.Tensor | None = None, 
     logits: [N, n_vocab] fp32 (e.g. top-k / top-p filtered); dst, x_flat, seed, noise as in
     ``head_sample_update``. Returns tokens [N] int64.
     """
-    check(logits.dim() == 2 and logits.dtype == torch.float32, f"logits must be fp32 [N, n_vocab], got {logits.dtype} {tuple(logits.shape)}")
-    check(logits.stride(1) == 1 or logits.shape[1] <= 1, "logits need unit stride along the vocabulary")
+    require(logits.dim() == 2 and logits.dtype == torch.float32, f"logits must be fp32 [N, n_vocab], got {logits.dtype} {tuple(logits.shape)}")
+    require(logits.stride(1) == 1 or logits.shape[1] <= 1, "logits need unit stride along the vocabulary")
     N, n_vocab = logits.shape
-    check(n_vocab >= 1, "logits need at least one class")
+    require(n_vocab >= 1, "logits need at least one class")
     _check_dst(dst, x_flat, N, logits.device)
     if noise is not None:
         _check_noise(noise, N, n_vocab, fp64, logits.device)
