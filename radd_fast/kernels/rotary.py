@@ -210,7 +210,7 @@ def apply_rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in
 
     Example::
 
-        >>> cos, sin = rotary_tables(5, 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16), "cpu")
+        >>> cos, sin = rotary_tables(5, rotary_inv_freq(16), "cpu")
         >>> apply_rotary_qkv(torch.randn(2, 5, 3, 4, 16), cos, sin).shape
         torch.Size([2, 5, 3, 4, 16])
     """
@@ -229,10 +229,15 @@ def apply_rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in
     return _rotary_op(qkv, cos, sin, False) if compiling else _RotaryFn.apply(qkv, cos, sin)
 
 
+def rotary_inv_freq(head_dim: int, base: float = 10_000.0) -> torch.Tensor:
+    """``inv_freq: [hd/2]`` fp32, ``1 / base ** (arange(0, hd, 2) / hd)`` (the checkpoint's ``rotary_emb.inv_freq``)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
 def rotary_tables(T: int, inv_freq: torch.Tensor, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(cos, sin)``, each ``[T, hd/2]`` fp32, for positions ``0..T-1`` and ``inv_freq: [hd/2]``.
 
-    ``inv_freq = 1 / 10000 ** (arange(0, hd, 2) / hd)`` (the checkpoint's ``rotary_emb.inv_freq``).
+    The one table builder: the model's ``Rotary`` module caches what this returns.
     """
     device = inv_freq.device if device is None else torch.device(device)
     freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq.to(device, torch.float32))
@@ -240,13 +245,22 @@ def rotary_tables(T: int, inv_freq: torch.Tensor, device=None) -> Tuple[torch.Te
 
 
 # ------------------------------------------------------------------------- reference
-def apply_rotary_qkv_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The published rotary in plain PyTorch (full-width ``cat(cos, cos)`` tables), in fp32,
-    returned in qkv's dtype."""
-    x = qkv.float()
-    cos_full = torch.cat([cos, cos], dim=-1).float()[None, :, None, None, :]  # [1, T, 1, 1, hd]
-    sin_full = torch.cat([sin, sin], dim=-1).float()[None, :, None, None, :]
-    qk = x[:, :, :2]
-    x1, x2 = qk.chunk(2, dim=-1)
-    rotated = qk * cos_full + torch.cat([-x2, x1], dim=-1) * sin_full
-    return torch.cat([rotated, x[:, :, 2:]], dim=2).to(qkv.dtype)
+def apply_rotary_qkv_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         published_precision: bool = False) -> torch.Tensor:
+    """The published rotary in plain PyTorch: ``qkv [B, T, 3, h, hd]`` -> ``[B, T, 3, h, hd]`` in qkv's dtype.
+
+    Full-width tables ``cat(cos, cos)``, ``y = x * cos + rot(x) * sin`` on q and k, v passed through.
+    ``published_precision=False`` (the kernel's contract): the rotation in fp32, stored in qkv's
+    dtype. ``True`` (the ``reference`` backend): as the published code, the tables cast to qkv's
+    dtype and the rotation computed in that dtype (bf16 under autocast rounds each step).
+    Autocast is off inside, so the dtype is exactly the one chosen here.
+    """
+    compute_dtype = qkv.dtype if published_precision else torch.float32
+    with torch.autocast(device_type=qkv.device.type, enabled=False):
+        x = qkv.to(compute_dtype)
+        cos_full = torch.cat([cos, cos], dim=-1).to(compute_dtype)[None, :, None, None, :]  # [1, T, 1, 1, hd]
+        sin_full = torch.cat([sin, sin], dim=-1).to(compute_dtype)[None, :, None, None, :]
+        qk = x[:, :, :2]
+        x1, x2 = qk.chunk(2, dim=-1)
+        rotated = qk * cos_full + torch.cat([-x2, x1], dim=-1) * sin_full
+        return torch.cat([rotated, x[:, :, 2:]], dim=2).to(qkv.dtype)

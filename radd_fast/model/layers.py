@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.rotary import rotary_inv_freq, rotary_tables
 from .ops import ReferenceOps
 
 
@@ -40,21 +41,18 @@ class LayerNormWot(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Holds ``inv_freq`` (a persistent buffer in the published checkpoints) and builds cos/sin tables."""
+    """Holds ``inv_freq`` (a persistent buffer in the published checkpoints) and caches cos/sin tables."""
 
     def __init__(self, head_dim: int, base: float = 10_000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq)
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, base))
         self._cache: tuple | None = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [T, hd/2] fp32 (the second half of cat(freqs, freqs) repeats the first)."""
         key = (seq_len, device, self.inv_freq.data_ptr())
         if self._cache is None or self._cache[0] != key:
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
-            self._cache = (key, freqs.cos(), freqs.sin())
+            self._cache = (key, *rotary_tables(seq_len, self.inv_freq, device))
         return self._cache[1], self._cache[2]
 
 

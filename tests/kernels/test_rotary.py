@@ -10,6 +10,7 @@ from radd_fast.kernels import rotary as rot_mod
 from radd_fast.kernels.rotary import (
     apply_rotary_qkv,
     apply_rotary_qkv_ref,
+    rotary_inv_freq,
     rotary_qkv_backward,
     rotary_qkv_forward,
     rotary_tables,
@@ -56,6 +57,32 @@ def test_reference_is_the_spec_formula():
             assert_close(y[0, t, :2, :, i], x1 * c - x2 * s, name="y1")
             assert_close(y[0, t, :2, :, i + half], x2 * c + x1 * s, name="y2")
     assert torch.equal(y[:, :, 2], qkv[:, :, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_published_precision_is_the_old_reference_ops_formula(dtype):
+    # The reference backend's rotary: tables cast to qkv's dtype, every step computed in that
+    # dtype (bf16 rounds after each op), v passed through; written out independently here.
+    B, T, h, hd = 2, 5, 3, 16
+    qkv = torch.randn(B, T, 3, h, hd).to(dtype)
+    cos, sin = _tables(T, hd, "cpu")
+    c = torch.cat([cos, cos], -1).to(dtype).view(1, T, 1, 1, hd)
+    s = torch.cat([sin, sin], -1).to(dtype).view(1, T, 1, 1, hd)
+    qk = qkv[:, :, :2]
+    rot = torch.cat([-qk[..., hd // 2:], qk[..., : hd // 2]], dim=-1)
+    expected = torch.cat([qk * c + rot * s, qkv[:, :, 2:]], dim=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast does not change the chosen precision
+        y = apply_rotary_qkv_ref(qkv, cos, sin, published_precision=True)
+    assert y.dtype == dtype
+    assert torch.equal(y, expected)
+    if dtype == torch.float32:  # in fp32 both precisions are the same computation
+        assert torch.equal(y, apply_rotary_qkv_ref(qkv, cos, sin))
+
+
+def test_inv_freq_is_the_published_buffer():
+    hd = 64
+    expected = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    assert torch.equal(rotary_inv_freq(hd), expected)
 
 
 @pytest.mark.parametrize("B,T,h,hd", SHAPES)
