@@ -5,11 +5,13 @@
 
 When cos, sin ([T, hd/2] fp32) are given, q and k are first rotated with the
 half-split (NeoX) rotary: y = x*cos + rot(x)*sin, rot([x1, x2]) = [-x2, x1].
-Gradients flow to the UN-rotated qkv.
+Gradients flow to the UN-rotated qkv. This module decides, once, how: the
+"triton" impl fuses the rotation into its q/k loads; every other impl runs the
+rotary kernel first (``rotary.apply_rotary_qkv``: one pass over q and k, its
+plain-PyTorch reference where Triton cannot run), then attends.
 
 Implementations (``impl``):
-  "flash_attn"  flash_attn_qkvpacked_func from the flash-attn package (rotary
-                applied first by ``apply_rotary_ref``).
+  "flash_attn"  flash_attn_qkvpacked_func from the flash-attn package.
   "sdpa"        torch.nn.functional.scaled_dot_product_attention on [B, h, T, hd]
                 views; PyTorch picks flash / cuDNN / efficient on CUDA.
   "triton"      our Triton flash attention (flash_attention.py): reads q, k, v
@@ -20,7 +22,7 @@ Implementations (``impl``):
                 under the Triton interpreter.
   "reference"   ``attention_ref``: explicit fp32 softmax, the test oracle.
   "auto"        (default) per call, the fastest available for the device, dtype
-                and head dim (see ``_pick_impl``).
+                and head dim (see ``resolve_impl``).
 """
 from typing import Optional, Tuple
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from radd_fast.kernels import flash_attention as fa
+from radd_fast.kernels.rotary import apply_rotary_qkv, apply_rotary_qkv_ref
 from radd_fast.kernels.utils import require
 
 IMPLS = ("auto", "flash_attn", "sdpa", "triton", "reference")
@@ -56,13 +59,6 @@ def _validate_impl(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- reference
-def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split rotary on x: [B, T, h, hd] with cos, sin: [T, hd/2]; math in fp32, result in x.dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos[:, None, :].float(), sin[:, None, :].float()  # [T, 1, hd/2], broadcast over heads
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-
-
 def attention_ref(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
                   sin: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The oracle: qkv [B, T, 3, h, hd] -> fp32 out [B, T, h, hd], explicit softmax in fp32.
@@ -70,9 +66,10 @@ def attention_ref(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
     >>> attention_ref(torch.randn(2, 5, 3, 4, 32)).shape
     torch.Size([2, 5, 4, 32])
     """
-    q, k, v = qkv.float().unbind(2)  # [B, T, h, hd] each
-    if cos is not None:
-        q, k = apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
+    x = qkv.float()
+    if cos is not None:  # rotated in fp32, never rounded back to qkv's dtype: the oracle
+        x = apply_rotary_qkv_ref(x, cos, sin)
+    q, k, v = x.unbind(2)  # [B, T, h, hd] each
     scores = torch.einsum("bthd,bshd->bhts", q, k) / q.shape[-1] ** 0.5
     scores = scores - scores.amax(dim=-1, keepdim=True)
     p = scores.exp()
@@ -123,10 +120,10 @@ _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- dispatch
 def _validate(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> None:
     require(isinstance(qkv, torch.Tensor) and qkv.dim() == 5 and qkv.shape[2] == 3,
-            f"qkv must be [B, T, 3, h, hd]; got shape {tuple(qkv.shape)}")
-    require(qkv.is_floating_point(), f"qkv must be floating point; got {qkv.dtype}")
+            lambda: f"qkv must be [B, T, 3, h, hd]; got shape {tuple(qkv.shape)}")
+    require(qkv.is_floating_point(), lambda: f"qkv must be floating point; got {qkv.dtype}")
     hd = qkv.shape[-1]
-    require(hd % 2 == 0 and hd > 0, f"head dim must be even; got {hd}")
+    require(hd % 2 == 0 and hd > 0, lambda: f"head dim must be even; got {hd}")
     fa.check_rotary_tables(qkv, cos, sin)
 
 
@@ -135,8 +132,9 @@ def _flash_attn_ok(qkv: torch.Tensor) -> bool:
             and qkv.dtype in (torch.float16, torch.bfloat16) and qkv.shape[-1] <= 256 and qkv.shape[-1] % 8 == 0)
 
 
-def _pick_impl(qkv: torch.Tensor) -> str:
-    """The "auto" choice, from a preference table.
+def resolve_impl(qkv: torch.Tensor, impl: Optional[str] = None) -> str:
+    """The implementation ``attention`` runs for ``qkv``: ``impl`` (None: ``get_attention_impl()``),
+    with "auto" resolved from a preference table.
 
     NOT YET MEASURED (no GPU time was available when this was written): run
     ``python -m benchmarks.bench_attention`` on the target card and reorder.
@@ -144,27 +142,33 @@ def _pick_impl(qkv: torch.Tensor) -> str:
     efficient); CUDA fp32: sdpa; CPU: sdpa (the Triton interpreter is only for
     tests, so "triton" on CPU must be asked for explicitly).
     """
+    name = _validate_impl(impl if impl is not None else _impl)
+    if name != "auto":
+        return name
     if qkv.is_cuda and _flash_attn_ok(qkv):
         return "flash_attn"
     return "sdpa"
 
 
-def _attention_sdpa(qkv, cos, sin):
+# The impls below take q and k already rotated: qkv [B, T, 3, h, hd] -> out [B, T, h, hd].
+def _attention_sdpa(qkv):
     q, k, v = qkv.unbind(2)  # [B, T, h, hd] views
-    if cos is not None:
-        q, k = apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)  # [B, T, h, hd]
 
 
-def _attention_flash_attn(qkv, cos, sin):
+def _attention_flash_attn(qkv):
     require(_flash_attn_qkvpacked_func is not None, "impl='flash_attn' needs the flash-attn package, not installed")
-    require(_flash_attn_ok(qkv), "flash_attn needs CUDA fp16/bf16 qkv with head dim <= 256, a multiple of 8; "
+    require(_flash_attn_ok(qkv), lambda: "flash_attn needs CUDA fp16/bf16 qkv with head dim <= 256, a multiple of 8; "
             f"got {qkv.device} {qkv.dtype} hd={qkv.shape[-1]}")
-    if cos is not None:
-        q, k, v = qkv.unbind(2)
-        qkv = torch.stack((apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin), v), dim=2)
     return _flash_attn_qkvpacked_func(qkv, dropout_p=0.0, causal=False)
+
+
+def _attention_reference(qkv):
+    return attention_ref(qkv).to(qkv.dtype)
+
+
+_PRE_ROTATED_IMPLS = {"sdpa": _attention_sdpa, "flash_attn": _attention_flash_attn, "reference": _attention_reference}
 
 
 def _attention_triton(qkv, cos, sin):
@@ -178,26 +182,21 @@ def attention(qkv: torch.Tensor, impl: Optional[str] = None, cos: Optional[torch
     """Non-causal attention: qkv [B, T, 3, h, hd] -> out [B, T, h, hd] in qkv.dtype.
 
     impl: one of ``IMPLS``; None uses ``get_attention_impl()`` ("auto" unless set).
-    cos, sin: optional [T, hd/2] fp32 rotary tables (half-split convention), applied to q, k;
-        the triton impl treats them as constants (returns no gradient for them).
+    cos, sin: optional [T, hd/2] fp32 rotary tables (half-split convention), applied to q, k:
+        fused into the loads by the triton impl (which returns no gradient for them), else
+        applied first by the rotary kernel (its fp32 math, stored in qkv's dtype).
 
     >>> qkv = torch.randn(2, 16, 3, 4, 32)
     >>> attention(qkv, impl="sdpa").shape
     torch.Size([2, 16, 4, 32])
     """
-    name = _validate_impl(impl if impl is not None else _impl)
     _validate(qkv, cos, sin)
-    if name == "auto":
-        name = _pick_impl(qkv)
-    if name == "sdpa":
-        return _attention_sdpa(qkv, cos, sin)
-    if name == "triton":
+    name = resolve_impl(qkv, impl)
+    if name == "triton":  # rotary fused into the kernel's q/k loads
         return _attention_triton(qkv, cos, sin)
-    if name == "flash_attn":
-        return _attention_flash_attn(qkv, cos, sin)
-    if name == "reference":
-        return attention_ref(qkv, cos, sin).to(qkv.dtype)
-    raise AssertionError(f"unhandled impl {name!r}")  # every name in IMPLS is handled above
+    if cos is not None:
+        qkv = apply_rotary_qkv(qkv, cos, sin)
+    return _PRE_ROTATED_IMPLS[name](qkv)
 
 
-__all__ = ["IMPLS", "apply_rotary_ref", "attention", "attention_ref", "get_attention_impl", "set_attention_impl"]
+__all__ = ["IMPLS", "attention", "attention_ref", "get_attention_impl", "resolve_impl", "set_attention_impl"]

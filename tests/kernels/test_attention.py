@@ -9,12 +9,13 @@ import torch
 from radd_fast.kernels import flash_attention as fa
 from radd_fast.kernels.attention import (
     IMPLS,
-    apply_rotary_ref,
     attention,
     attention_ref,
     get_attention_impl,
+    resolve_impl,
     set_attention_impl,
 )
+from radd_fast.kernels.rotary import apply_rotary_qkv, apply_rotary_qkv_ref
 from tests.helpers import assert_close, assert_within_torch_error, poison_like
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,9 +80,7 @@ def test_launchers_write_every_element(rotary):
     assert out_ is out
     assert_close(out, attention_ref(qkv, cos, sin), atol=1e-4, rtol=1e-4, name="out")
     # lse is in log2 units of the scaled scores
-    q, k, _ = qkv.unbind(2)
-    if rotary:
-        q, k = apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
+    q, k, _ = (apply_rotary_qkv_ref(qkv, cos, sin) if rotary else qkv).unbind(2)
     lse_ref = torch.einsum("bthd,bshd->bhts", q, k).div(hd**0.5).logsumexp(-1) / torch.log(torch.tensor(2.0))
     assert_close(lse, lse_ref, atol=1e-4, rtol=1e-4, name="lse")
 
@@ -141,14 +140,30 @@ def test_impls_match_reference_fp32(impl, rotary):
 
 
 def test_rotary_ref_matches_spec_full_width_form():
-    # Spec form: emb = cat(freqs, freqs); y = x * cos(emb) + rot(x) * sin(emb).
+    # Spec form: emb = cat(freqs, freqs); y = x * cos(emb) + rot(x) * sin(emb) on q and k; v unchanged.
     T, hd = 11, 32
-    x = torch.randn(2, T, 3, hd, device=DEVICE)
+    qkv = make_qkv(2, T, 3, hd)
     cos, sin = rotary_tables(T, hd)
     cos_full, sin_full = torch.cat((cos, cos), -1)[:, None], torch.cat((sin, sin), -1)[:, None]
-    x1, x2 = x.chunk(2, -1)
-    expected = x * cos_full + torch.cat((-x2, x1), -1) * sin_full
-    assert_close(apply_rotary_ref(x, cos, sin), expected, atol=1e-6, rtol=1e-6)
+    q, k, v = qkv.unbind(2)
+    expected = [x * cos_full + torch.cat((-x.chunk(2, -1)[1], x.chunk(2, -1)[0]), -1) * sin_full for x in (q, k)]
+    assert_close(apply_rotary_qkv_ref(qkv, cos, sin), torch.stack((*expected, v), 2), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+def test_unfused_impls_run_the_rotary_kernel_first(impl):
+    # The dispatcher's one rotary decision: outside triton, rotate with the rotary kernel, then attend.
+    qkv = make_qkv(2, 9, 2, 32)
+    cos, sin = rotary_tables(9, 32)
+    assert torch.equal(attention(qkv, impl=impl, cos=cos, sin=sin), attention(apply_rotary_qkv(qkv, cos, sin), impl=impl))
+
+
+def test_resolve_impl():
+    qkv = make_qkv(1, 4, 1, 32)
+    assert resolve_impl(qkv, "triton") == "triton"
+    assert resolve_impl(qkv.cpu()) == "sdpa"  # auto: the interpreter is never picked on CPU
+    with pytest.raises(ValueError, match="unknown attention impl 'nope'"):
+        resolve_impl(qkv, "nope")
 
 
 def test_impl_setting():
