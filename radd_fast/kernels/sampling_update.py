@@ -203,7 +203,7 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------
-def _mix64(x: int) -> int:
+def mix64(x: int) -> int:
     """splitmix64 finaliser: well-spread 63-bit keys from (seed, chunk) pairs."""
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
@@ -218,7 +218,7 @@ def row_chunks(n_rows: int, n_vocab: int, seed: int) -> list[tuple[int, int, int
     per = max(1, _MAX_OFFSET // max(1, n_vocab) - 256)  # margin: masked lanes past the last row stay in range
     if n_rows <= per:
         return [(0, n_rows, int(seed) & 0x7FFFFFFFFFFFFFFF)]
-    return [(r0, min(n_rows, r0 + per), _mix64(int(seed) * 1_000_003 + c)) for c, r0 in enumerate(range(0, n_rows, per))]
+    return [(r0, min(n_rows, r0 + per), mix64(int(seed) * 1_000_003 + c)) for c, r0 in enumerate(range(0, n_rows, per))]
 
 
 def _check_noise(noise, n_rows: int, n_vocab: int, fp64: bool, device) -> None:
@@ -275,10 +275,20 @@ def _fallback_noise(noise, n_rows, n_vocab, seed, device, fp64: bool) -> torch.T
     return _torch_gumbel(n_rows, n_vocab, seed, device, torch.float64 if fp64 else torch.float32)
 
 
+def gumbel_ref(shape, dtype: torch.dtype, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel noise of ``shape`` in plain PyTorch, drawn on ``device`` from ``generator``.
+
+    ``-log(-log u)`` with ``u ~ U[0, 1)`` clamped to the smallest normal (no ``log 0``),
+    computed in place: one buffer of ``shape``.
+    """
+    u = torch.rand(shape, dtype=dtype, device=device, generator=generator)
+    return u.clamp_min_(torch.finfo(dtype).tiny).log_().neg_().log_().neg_()
+
+
 def _torch_gumbel(n_rows, n_vocab, seed, device, dtype) -> torch.Tensor:
+    """The fallback's noise [n_rows, n_vocab]: ``gumbel_ref`` from a torch generator keyed by ``seed``."""
     gen = torch.Generator(device=device).manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
-    u = torch.rand(n_rows, n_vocab, generator=gen, device=device, dtype=dtype)
-    return -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
+    return gumbel_ref((n_rows, n_vocab), dtype, device, gen)
 
 
 def _head_blocks(n_rows: int, d: int, n_vocab: int, fp64: bool, device) -> tuple[int, int, int, int]:

@@ -6,6 +6,7 @@ import torch
 
 from radd_fast.kernels.sampling_update import (
     gumbel_noise,
+    gumbel_ref,
     head_sample_update,
     head_sample_update_ref,
     logits_sample_update,
@@ -106,6 +107,14 @@ def test_gumbel_max_samples_the_softmax(device):
     expected = (torch.softmax(logits[0], -1) * n).round().long()
     _, _, p = two_sample_chi2(torch.bincount(draws, minlength=V).cpu(), expected.cpu())
     assert p > ALPHA
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gumbel_ref_is_minus_log_minus_log_of_clamped_uniforms(dtype):
+    u = torch.rand(64, 33, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    expected = -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
+    g = gumbel_ref((64, 33), dtype, "cpu", torch.Generator().manual_seed(3))
+    assert g.dtype == dtype and torch.equal(g, expected)
 
 
 def test_row_chunks_keep_offsets_in_int32():
