@@ -4,6 +4,7 @@ import torch
 
 from radd_fast import RADD, ModelConfig, RADDConfig, load_model
 from radd_fast.kernels.attention import get_attention_impl, set_attention_impl
+from radd_fast.model.ops import BACKENDS, FastOps, ReferenceOps, get_ops
 from tests.helpers import assert_close
 from tests.independent_radd import published_config, published_log_probs, published_logits, published_state_dict
 
@@ -140,3 +141,10 @@ def test_fast_bf16_error_is_within_reference_bf16_error(device):
         exact = ref(x)
         ref.set_compute_dtype("bf16"), fast.set_compute_dtype("bf16")
         assert_within_torch_error(fast(x), exact, ref(x), factor=2.0, atol=1e-4, name="bf16 forward")
+
+
+def test_get_ops_reads_the_backends_table():
+    assert BACKENDS == {"reference": ReferenceOps, "fast": FastOps}
+    assert get_ops("reference") is ReferenceOps and get_ops("fast") is FastOps
+    with pytest.raises(ValueError, match="unknown backend 'turbo'; valid backends: reference, fast"):
+        get_ops("turbo")

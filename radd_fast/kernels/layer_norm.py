@@ -551,8 +551,13 @@ def add_layer_norm(x: torch.Tensor, residual_delta: torch.Tensor, weight: torch.
 
 # ------------------------------------------------------------------------- references
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """The published LayerNormWot in plain PyTorch; returns fp32 ``[..., d]``."""
-    return F.layer_norm(x.float(), [x.shape[-1]], eps=eps) * weight.float() + bias.float()
+    """The published LayerNormWot in plain PyTorch; returns fp32 ``[..., d]``.
+
+    Statistics in fp32 with no affine inside the normalisation, then ``* weight + bias``;
+    autocast is off so the result is fp32 whatever the caller's autocast region.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.layer_norm(x.float(), [x.shape[-1]], eps=eps) * weight.float() + bias.float()
 
 
 def add_layer_norm_ref(x: torch.Tensor, residual_delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
