@@ -252,6 +252,14 @@ def _check_head(h, weight, bias, n_vocab: int) -> None:
     require(h.stride(1) == 1 and weight.stride(1) == 1 and bias.is_contiguous(), "h, weight need unit stride along d; bias contiguous")
 
 
+def _check_sample_args(dst, x_flat, noise, n_rows: int, n_vocab: int, fp64: bool, device) -> torch.Tensor:
+    """The checks both samplers share (destination, explicit noise); returns the [N] int64 token buffer."""
+    _check_dst(dst, x_flat, n_rows, device)
+    if noise is not None:
+        _check_noise(noise, n_rows, n_vocab, fp64, device)
+    return torch.empty(n_rows, dtype=torch.int64, device=device)
+
+
 def gumbel_noise(n_rows: int, n_vocab: int, seed: int, device, fp64: bool = False) -> torch.Tensor:
     """The noise the kernels draw for ``seed``, materialised: [n_rows, n_vocab] fp32 (fp64 if ``fp64``)."""
     dtype = torch.float64 if fp64 else torch.float32
@@ -320,10 +328,7 @@ def head_sample_update(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     _check_head(h, weight, bias, n_vocab)
     N, D = h.shape
-    _check_dst(dst, x_flat, N, h.device)
-    if noise is not None:
-        _check_noise(noise, N, n_vocab, fp64, h.device)
-    tokens = torch.empty(N, dtype=torch.int64, device=h.device)
+    tokens = _check_sample_args(dst, x_flat, noise, N, n_vocab, fp64, h.device)
     if N == 0:
         return tokens
     if not triton_runs_on(h):
@@ -364,10 +369,7 @@ def logits_sample_update(logits: torch.Tensor, dst: torch.Tensor | None = None, 
     require(logits.stride(1) == 1 or logits.shape[1] <= 1, "logits need unit stride along the vocabulary")
     N, n_vocab = logits.shape
     require(n_vocab >= 1, "logits need at least one class")
-    _check_dst(dst, x_flat, N, logits.device)
-    if noise is not None:
-        _check_noise(noise, N, n_vocab, fp64, logits.device)
-    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
+    tokens = _check_sample_args(dst, x_flat, noise, N, n_vocab, fp64, logits.device)
     if N == 0:
         return tokens
     if not triton_runs_on(logits):
