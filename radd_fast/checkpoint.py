@@ -1,11 +1,12 @@
-"""Loading and saving: hub folders / repo ids, older ``.bin`` uploads, training-run folders.
+"""Loading: hub folders / repo ids, older ``.bin`` uploads, training-run folders (writing: hub.py).
 
 Layouts (spec 6):
 - hub: ``config.json`` (the run config, nested) + ``model.safetensors`` (or ``pytorch_model.bin``);
 - run: ``.hydra/config.yaml`` + ``checkpoints-meta/checkpoint.pth`` holding
   ``{model, ema, optimizer, step}``; inference serves the EMA weights.
 Pickled files are read with ``torch.load(weights_only=True)``: a checkpoint can
-never execute code. Every mismatch raises ``CheckpointError`` naming it.
+never execute code. Every mismatch, and every unreadable file (truncated, empty, not
+JSON), raises ``CheckpointError`` naming the file and what is wrong with it.
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors.torch import load_file
 
-from .config import RADDConfig, parse_dtype
+from .config import ConfigError, RADDConfig, parse_dtype
 from .errors import UserError
+from .hub import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, hub_unreachable_hint
 from .model import RADD
 from .noise import Noise, get_noise
 
-CONFIG_NAME = "config.json"
-SAFETENSORS_NAME = "model.safetensors"
-BIN_NAME = "pytorch_model.bin"
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 RUN_CHECKPOINT = Path("checkpoints-meta") / "checkpoint.pth"
 # Prefixes that wrappers add to state-dict keys (DDP, torch.compile).
@@ -45,15 +46,36 @@ def load_model(path_or_repo_id: str | os.PathLike, device="cpu", backend: str | 
 
         model, noise = radd_fast.load_model("JingyangOu/radd-t-dce", device="cuda", backend="fast")
     """
+    if path_or_repo_id is None or not str(path_or_repo_id).strip():
+        raise CheckpointError(f"load_model needs a hub repo id or a checkpoint folder, got {path_or_repo_id!r}")
+    device = check_device(device)
     folder = _resolve_folder(path_or_repo_id)
     if (folder / RUN_CONFIG).exists() or (folder / RUN_CHECKPOINT).exists():
-        config, state = _read_run_folder(folder)
+        config, state, weights = _read_run_folder(folder)
     else:
-        config, state = _read_hub_folder(folder)
+        config, state, weights = _read_hub_folder(folder)
     model = RADD(config, backend=backend, dtype=parse_dtype(dtype))
-    load_state_dict_checked(model, state)
+    try:
+        load_state_dict_checked(model, state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{weights}: {e}") from e
     model = model.to(device).eval()
     return model, get_noise(config).to(device)
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``, or a ``ConfigError`` when it is malformed or not present here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but CUDA is not available here "
+                              f"(torch {torch.__version__}, no visible GPU); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
 
 
 def _resolve_folder(path_or_repo_id) -> Path:
@@ -75,39 +97,76 @@ def _download_from_hub(repo_id: str) -> Path:
     except ImportError as e:  # pragma: no cover
         raise CheckpointError("loading from the hub needs huggingface_hub (pip install huggingface_hub)") from e
     patterns = [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME]
+    try:  # the cache first: no network, no retries
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached (the hub library raises several types for it); fetch below
+        pass
+    hint = hub_unreachable_hint(f"model {repo_id!r}", "pass a local checkpoint folder or run folder")
+    if hint is not None:
+        raise CheckpointError(hint)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # the hub library raises many types; name the repo and re-raise as ours
         raise CheckpointError(f"could not fetch {repo_id!r} from the Hugging Face hub: {e}") from e
 
 
-def _read_hub_folder(folder: Path) -> tuple[RADDConfig, dict]:
+def _read_hub_folder(folder: Path) -> tuple[RADDConfig, dict, Path]:
+    """(config, state dict, the weights file) of a hub-layout folder."""
     config_file = folder / CONFIG_NAME
     if not config_file.exists():
         raise CheckpointError(f"{folder} holds neither {CONFIG_NAME} (hub layout) nor {RUN_CONFIG} (run layout)")
-    config = RADDConfig.from_dict(json.loads(config_file.read_text()))
+    config = _config_from(config_file, _read_json(config_file))
     if (folder / SAFETENSORS_NAME).exists():
-        from safetensors.torch import load_file
-
-        return config, load_file(str(folder / SAFETENSORS_NAME))
+        return config, _safetensors_load(folder / SAFETENSORS_NAME), folder / SAFETENSORS_NAME
     if (folder / BIN_NAME).exists():
-        return config, _torch_load(folder / BIN_NAME)
+        return config, _torch_load(folder / BIN_NAME), folder / BIN_NAME
     raise CheckpointError(f"{folder} has {CONFIG_NAME} but no weights ({SAFETENSORS_NAME} or {BIN_NAME})")
 
 
-def _read_run_folder(folder: Path) -> tuple[RADDConfig, dict]:
+def _read_run_folder(folder: Path) -> tuple[RADDConfig, dict, Path]:
+    """(config, EMA state dict, the checkpoint file) of a training-run folder."""
     for needed in (RUN_CONFIG, RUN_CHECKPOINT):
         if not (folder / needed).exists():
             raise CheckpointError(f"run folder {folder} is missing {needed}")
-    import yaml
-
-    # Plain YAML: the run config may hold Hydra interpolations that only Hydra resolves.
-    config = RADDConfig.from_dict(yaml.safe_load((folder / RUN_CONFIG).read_text()))
-    ckpt = _torch_load(folder / RUN_CHECKPOINT)
+    config = _config_from(folder / RUN_CONFIG, _read_yaml(folder / RUN_CONFIG))
+    path = folder / RUN_CHECKPOINT
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a training checkpoint dict")
     for key in ("model", "ema"):
         if key not in ckpt:
-            raise CheckpointError(f"{folder / RUN_CHECKPOINT} has no {key!r} entry (keys: {sorted(ckpt)})")
-    return config, ema_state_dict(config, ckpt["model"], ckpt["ema"])
+            raise CheckpointError(f"{path} has no {key!r} entry (keys: {sorted(ckpt)})")
+    try:
+        return config, ema_state_dict(config, ckpt["model"], ckpt["ema"]), path
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a text file (not UTF-8); expected the model config as JSON") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def _read_yaml(path: Path):
+    # Plain YAML: the run config may hold Hydra interpolations that only Hydra resolves.
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def _config_from(path: Path, data) -> RADDConfig:
+    """The model config of a parsed config file; a malformed one names the file."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a config mapping")
+    try:
+        return RADDConfig.from_dict(data)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def ema_state_dict(config: RADDConfig, model_state: dict, ema_state: dict) -> dict:
@@ -115,7 +174,8 @@ def ema_state_dict(config: RADDConfig, model_state: dict, ema_state: dict) -> di
     shadow = ema_state.get("shadow_params")
     if shadow is None:
         raise CheckpointError(f"EMA state has no 'shadow_params' (keys: {sorted(ema_state)})")
-    names = [name for name, _ in RADD(config).named_parameters()]
+    with torch.device("meta"):  # names and order only: no parameter memory is allocated
+        names = [name for name, _ in RADD(config).named_parameters()]
     if len(shadow) != len(names):
         raise CheckpointError(f"EMA holds {len(shadow)} tensors but the model has {len(names)} parameters")
     state = dict(_strip_prefixes(model_state))
@@ -124,10 +184,31 @@ def ema_state_dict(config: RADDConfig, model_state: dict, ema_state: dict) -> di
 
 
 def _torch_load(path: Path) -> dict:
+    _check_not_empty(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; none may execute code
-        raise CheckpointError(f"could not read {path} as a weights-only torch checkpoint: {e}") from e
+    except Exception as e:  # unpickling and zip errors come in many types; none may execute code
+        raise CheckpointError(f"could not read {path} as a weights-only torch checkpoint (truncated or "
+                              f"corrupt?): {_describe(e)}") from e
+
+
+def _safetensors_load(path: Path) -> dict:
+    _check_not_empty(path)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError, ...: the library does not name the file
+        raise CheckpointError(f"could not read {path} as safetensors (truncated or corrupt?): {_describe(e)}") from e
+
+
+def _check_not_empty(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes; an interrupted write or copy?)")
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` on one line (some library errors have an empty message)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _strip_prefixes(state: dict) -> dict:
@@ -159,27 +240,3 @@ def load_state_dict_checked(model: RADD, state: dict) -> None:
     if bad:
         raise CheckpointError("shape mismatch: " + "; ".join(bad))
     model.load_state_dict(state, strict=True)
-
-
-def save_pretrained(model: RADD, folder) -> None:
-    """Write the hub layout (config.json + model.safetensors) that the published class loads too."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2))
-    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
-
-
-def push_to_hub(model: RADD, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload the hub layout to ``repo_id``; returns the commit URL."""
-    import tempfile
-
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp)
-        return str(api.upload_folder(repo_id=repo_id, folder_path=tmp))

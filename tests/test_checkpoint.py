@@ -149,16 +149,54 @@ def test_hub_id_resolution_is_offline_safe(monkeypatch, tmp_path, published):
     hub = _write_hub(tmp_path / "cache", cfg, state)
     calls = []
 
-    def fake_snapshot_download(repo_id, allow_patterns):
-        calls.append((repo_id, tuple(allow_patterns)))
+    def fake_snapshot_download(repo_id, allow_patterns, local_files_only=False):
+        calls.append((repo_id, tuple(allow_patterns), local_files_only))
         return str(hub)
 
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model, _ = load_model("someone/radd-tiny")
-    assert calls and calls[0][0] == "someone/radd-tiny" and "model.safetensors" in calls[0][1]
+    assert calls == [("someone/radd-tiny", ("config.json", "model.safetensors", "pytorch_model.bin"), True)]  # cache
     _check_parity(model, state, lengths=(2,))
+
+
+def test_hub_id_not_cached_fails_at_once_offline(monkeypatch):
+    """Not in the cache and HF_HUB_OFFLINE set: one clear error, and no fetch (no 25-50 s of retries)."""
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, local_files_only=False):
+        calls.append(local_files_only)
+        raise OSError("not in the cache")
+
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(CheckpointError, match="'someone/radd-tiny' is not in the local Hugging Face cache and "
+                                              "HF_HUB_OFFLINE is set; pass a local checkpoint folder"):
+        load_model("someone/radd-tiny")
+    assert calls == [True]
+
+
+def test_ema_names_come_from_a_meta_model(monkeypatch, published):
+    """ema_state_dict reads parameter names from a model built on the meta device (no memory)."""
+    from radd_fast import checkpoint
+
+    cfg, state = published
+    built = []
+    real = checkpoint.RADD
+
+    def recording(config):
+        model = real(config)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(checkpoint, "RADD", recording)
+    config = radd_fast.RADDConfig.from_dict(cfg)
+    names, shadow = zip(*[(n, torch.full(p.shape, 0.5)) for n, p in real(config).named_parameters()])
+    merged = checkpoint.ema_state_dict(config, state, {"shadow_params": shadow})
+    assert built == ["meta"] and all(torch.equal(merged[n], s) for n, s in zip(names, shadow))
 
 
 @pytest.mark.hub

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import hub
 from ..config import RADDConfig, parse_dtype
 from .layers import DDiTBlock, DDitFinalLayer, EmbeddingLayer, Rotary
 from .ops import get_ops
@@ -158,14 +159,12 @@ class RADD(nn.Module):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_pretrained(self, folder) -> None:
-        from ..checkpoint import save_pretrained
-
-        save_pretrained(self, folder)
+        """Write the hub layout (config.json + model.safetensors) to ``folder``."""
+        hub.save_pretrained(self, folder)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        from ..checkpoint import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        """Upload the hub layout to ``repo_id`` (``private``, ``token``); returns the commit URL."""
+        return hub.push_to_hub(self, repo_id, **kwargs)
 
 
 def logits_to_log_probs(logits: torch.Tensor) -> torch.Tensor:
