@@ -3,7 +3,10 @@
 - ``bytes``: UTF-8 bytes as tokens (256 ids); no files, no network. EOS is byte 0
   (NUL), which text does not contain; ``decode`` shows it as ``<|endoftext|>``.
 - anything else: a Hugging Face tokenizer, by hub name (``gpt2``, the default) or
-  local folder, loaded with ``transformers.AutoTokenizer``.
+  local folder, loaded with ``transformers.AutoTokenizer``. A path that does not
+  exist is reported as such (not as a bad hub name); a hub name is looked up in
+  the local cache first and, when it is not there and the hub cannot be reached
+  (or ``HF_HUB_OFFLINE`` is set), fails at once with what to pass instead.
 
 ``identity`` is a string that changes whenever the token ids would: it keys the
 token cache (datasets.py). ``default_tokenizer_name`` picks the tokenizer of a
@@ -12,10 +15,15 @@ checkpoint's config for the sampling and evaluation CLIs.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
+
+from ..hub import hub_unreachable_hint
+from .datasets import DataError
 
 EOS_TEXT = "<|endoftext|>"
 # Model token count -> the tokenizer with exactly that many ids, for checkpoints whose config names none.
 TOKENIZER_BY_SIZE = {50257: "gpt2", 256: "bytes"}
+INSTEAD = "pass a local tokenizer folder or 'bytes' (tokenizer=bytes / --tokenizer bytes)"
 
 
 class ByteTokenizer:
@@ -42,15 +50,9 @@ class HFTokenizer:
     """A ``transformers`` tokenizer; ids exactly as the published data pipeline makes them."""
 
     def __init__(self, name_or_path: str):
-        from transformers import AutoTokenizer
-
-        try:
-            self.tok = AutoTokenizer.from_pretrained(name_or_path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"could not load tokenizer {name_or_path!r} (a hub name, a local folder, or "
-                             f"'bytes'): {e}") from e
+        self.tok = _load_hf_tokenizer(name_or_path)
         if self.tok.eos_token_id is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; documents need one as separator")
+            raise DataError(f"tokenizer {name_or_path!r} has no EOS token; documents need one as separator")
         self.name = name_or_path
         self.vocab_size = len(self.tok)
         self.eos_token_id = self.tok.eos_token_id
@@ -71,6 +73,41 @@ class HFTokenizer:
         return [self.decode(ids) for ids in batch]
 
 
+def _load_hf_tokenizer(name_or_path: str):
+    """``AutoTokenizer.from_pretrained`` with errors that say what is wrong, and no hub retries offline."""
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to import; 'bytes' needs none
+
+    path = Path(name_or_path).expanduser()
+    if path.exists() or _looks_like_a_path(name_or_path):
+        if not path.is_dir():
+            what = "is a file; pass the folder that holds it" if path.exists() else "no such folder"
+            raise DataError(f"could not load tokenizer {name_or_path!r}: {what} (a hub name, a local folder, "
+                            f"or 'bytes')")
+        return _from_pretrained(AutoTokenizer, str(path), name_or_path)
+    try:  # the cache first: no network, no retries
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    hint = hub_unreachable_hint(f"tokenizer {name_or_path!r}", INSTEAD)
+    if hint is not None:
+        raise DataError(hint)
+    return _from_pretrained(AutoTokenizer, name_or_path, name_or_path)
+
+
+def _from_pretrained(auto, source: str, name: str):
+    try:
+        return auto.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise DataError(f"could not load tokenizer {name!r} (a hub name, a local folder, or 'bytes'): "
+                        f"{' '.join(str(e).split())}") from e
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A hub name is ``name`` or ``owner/name``; anything with a leading ``.``, ``/``, ``~`` or more
+    slashes can only be a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def get_tokenizer(name: str):
     """'bytes' -> ByteTokenizer; otherwise a hub name or local folder -> HFTokenizer."""
     if name == "bytes":
@@ -86,5 +123,5 @@ def default_tokenizer_name(config) -> str:
     if isinstance(name, dict):
         name = name.get("name")
     if name is None:
-        raise ValueError(f"the model has {config.tokens} tokens and its config names no tokenizer: pass --tokenizer")
+        raise DataError(f"the model has {config.tokens} tokens and its config names no tokenizer: pass --tokenizer")
     return str(name)
