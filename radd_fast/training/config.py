@@ -3,16 +3,46 @@
 ``RunConfig.from_dict`` takes the composed Hydra config (or a plain nested dict,
 as the tests pass) and builds one dataclass per section. Published keys keep
 their names and meanings; the extra keys are documented in configs/config.yaml.
-A misspelt key inside a known section raises ``ConfigError`` naming the valid keys.
+A misspelt key inside a known section raises ``ConfigError`` naming the valid keys;
+a number that is not finite, not a number, or out of its range raises one naming the
+key (``optim.lr=nan`` is refused here, not by torch or by a NaN run).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import DTYPES, ConfigError, RADDConfig, _to_plain
 from ..losses import LOSS_TYPES, TIME_SAMPLERS
+
+INF = math.inf
+# Suffixes of a data file: a data.train / data.valid value with one (or a '/') names a path, not a corpus.
+DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".npy", ".bin")
+
+
+def check_number(key: str, value, whole: bool = False, low: float = -INF, high: float = INF,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """Raise ``ConfigError`` naming ``key`` unless ``value`` is a finite number in the range.
+
+    whole: an integer is required (2.0 is accepted, 2.5 is not); low / high: bounds, inclusive
+    unless ``low_open`` / ``high_open``; optional: None is accepted.
+    """
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a {'whole number' if whole else 'number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value}")
+    if whole and value != int(value):
+        raise ConfigError(f"{key} must be a whole number, got {value}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        raise ConfigError(f"{key} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, "
+                          f"got {value}")
 
 
 @dataclass
@@ -45,13 +75,12 @@ class TrainingConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"unknown training.dtype {self.dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
         for name in ("batch_size", "accum", "snapshot_freq", "log_freq", "snapshot_freq_for_preemption"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_iters < 0 or self.eval_freq < 0:
-            raise ConfigError(f"training.n_iters and training.eval_freq must be >= 0, got {self.n_iters}, "
-                              f"{self.eval_freq}")
-        if not 0.0 <= self.ema <= 1.0:
-            raise ConfigError(f"training.ema must be in [0, 1], got {self.ema}")
+            check_number(f"training.{name}", getattr(self, name), whole=True, low=1)
+        for name in ("n_iters", "eval_freq"):
+            check_number(f"training.{name}", getattr(self, name), whole=True, low=0)
+        check_number("training.ema", self.ema, low=0.0, high=1.0)
+        check_number("training.sampling_eps", self.sampling_eps, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_number("training.seed", self.seed, whole=True)
 
 
 @dataclass
@@ -68,8 +97,13 @@ class OptimConfig:
     def __post_init__(self):
         if self.optimizer not in ("AdamW", "Adam"):
             raise ConfigError(f"unknown optim.optimizer {self.optimizer!r}; expected 'AdamW' or 'Adam'")
-        if self.lr <= 0 or self.warmup < 0:
-            raise ConfigError(f"optim.lr must be > 0 and optim.warmup >= 0, got {self.lr}, {self.warmup}")
+        check_number("optim.lr", self.lr, low=0.0, low_open=True)
+        check_number("optim.warmup", self.warmup, whole=True, low=0)
+        check_number("optim.weight_decay", self.weight_decay, low=0.0)
+        for name in ("beta1", "beta2"):
+            check_number(f"optim.{name}", getattr(self, name), low=0.0, high=1.0, high_open=True)
+        check_number("optim.eps", self.eps, low=0.0, low_open=True)
+        check_number("optim.grad_clip", self.grad_clip)
 
 
 @dataclass
@@ -78,6 +112,17 @@ class DataConfig:
     valid: str | None = "wikitext103"  # null: no evaluation loss
     cache_dir: str = "data"
     num_proc: int | None = 8  # tokenisation workers for Hugging Face corpora
+
+    def __post_init__(self):
+        check_number("data.num_proc", self.num_proc, whole=True, low=1, optional=True)
+        for key in ("train", "valid"):
+            value = getattr(self, key)
+            if value is not None and _names_a_path(str(value)) and not Path(value).expanduser().exists():
+                raise ConfigError(f"data.{key}={value}: no such file or folder")
+
+
+def _names_a_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.endswith(DATA_FILE_SUFFIXES)
 
 
 @dataclass
@@ -88,6 +133,10 @@ class SamplingConfig:
     strategy: str = "direct"
     num_samples: int = 4  # per rank
 
+    def __post_init__(self):
+        check_number("sampling.steps", self.steps, whole=True, low=1)
+        check_number("sampling.num_samples", self.num_samples, whole=True, low=1)
+
 
 @dataclass
 class EvalConfig:
@@ -95,6 +144,10 @@ class EvalConfig:
     perplexity: bool = True  # generative PPL of the snapshot samples
     perplexity_batch_size: int = 32
     perplexity_model: str = "gpt2-large"
+
+    def __post_init__(self):
+        check_number("eval.batch_size", self.batch_size, whole=True, low=1)
+        check_number("eval.perplexity_batch_size", self.perplexity_batch_size, whole=True, low=1)
 
 
 @dataclass
