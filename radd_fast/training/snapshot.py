@@ -1,46 +1,33 @@
 """Snapshot sampling during training: samples under the EMA weights, and their generative PPL.
 
-Uses ``radd_fast.sampling.generate`` when that module is installed in this
-checkout, and ``radd_fast.evaluation.gen_ppl.score_samples`` for the PPL; when
-either is missing the step is skipped with one log line (training goes on: the
-samples are a diagnostic, not part of the training state). Errors raised inside
-them are not caught.
+Samples come from ``radd_fast.sampling.generate``, their perplexity under
+``eval.perplexity_model`` from ``radd_fast.evaluation.gen_ppl.score_samples``. A
+scorer that cannot be had (not cached and no network, no such folder) is a
+warning that skips the perplexity for the rest of the run, never a crash: the
+samples are a diagnostic, not part of the training state.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+from ..evaluation.gen_ppl import score_samples
+from ..hub import hub_unreachable_hint
+from ..sampling import generate
 from .distributed import all_reduce_mean
 
 log = logging.getLogger(__name__)
 SEPARATOR = "=" * 92
-_warned: set = set()
-
-
-def _optional(module: str, name: str):
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is None or not module.startswith(e.name):  # a missing dependency inside it is a real error
-            raise
-        mod = None
-    fn = getattr(mod, name, None)
-    if fn is None and module not in _warned:
-        _warned.add(module)
-        log.warning("%s.%s is not available: skipping it during training", module, name)
-    return fn
+# Scorers found unusable in this process: warned about once, then skipped.
+_unusable_scorers: set = set()
 
 
 @torch.no_grad()
 def snapshot_samples(model, ema, noise, tokenizer, cfg, step: int, run_dir: Path, env, metrics) -> list[str] | None:
     """Write samples/iter_<step>/sample_<rank>.txt (published layout); returns this rank's texts."""
-    generate = _optional("radd_fast.sampling", "generate")
-    if generate is None:
-        return None
     folder = Path(run_dir) / "samples" / f"iter_{step}"
     folder.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -55,11 +42,44 @@ def snapshot_samples(model, ema, noise, tokenizer, cfg, step: int, run_dir: Path
         for text in texts:
             fh.write(text + "\n" + SEPARATOR + "\n")
     if cfg.eval.perplexity:
-        score = _optional("radd_fast.evaluation.gen_ppl", "score_samples")
-        if score is not None:
-            res = score([{"text": t} for t in texts], cfg.eval.perplexity_model, device=env.device,
-                        batch_size=cfg.eval.perplexity_batch_size, progress=False)
-            ppl = all_reduce_mean(torch.tensor(float(res["mean_ppl"]), device=env.device), env).item()
-            log.info("step %d: generative perplexity %.3f (%s)", step, ppl, cfg.eval.perplexity_model)
-            metrics.log(step, gen_ppl=ppl)
+        _log_generative_perplexity(texts, cfg, step, env, metrics)
     return texts
+
+
+def _log_generative_perplexity(texts: list[str], cfg, step: int, env, metrics) -> None:
+    """Score the snapshot's samples; an unusable scorer is warned about once and skipped."""
+    name = cfg.eval.perplexity_model
+    if name in _unusable_scorers:
+        return
+    problem = scorer_problem(name)
+    res = None
+    if problem is None:
+        try:
+            res = score_samples([{"text": t} for t in texts], name, device=env.device,
+                                batch_size=cfg.eval.perplexity_batch_size, progress=False)
+        except UserError as e:  # the scorer could not be loaded: a diagnostic is lost, not the run
+            problem = str(e)
+    if problem is not None:
+        _unusable_scorers.add(name)
+        log.warning("step %d: skipping the generative perplexity for the rest of the run: %s", step, problem)
+        return
+    ppl = all_reduce_mean(torch.tensor(float(res["mean_ppl"]), device=env.device), env).item()
+    log.info("step %d: generative perplexity %.3f (%s)", step, ppl, name)
+    metrics.log(step, gen_ppl=ppl)
+
+
+def scorer_problem(name: str) -> str | None:
+    """Why the scorer ``name`` cannot be loaded now (no such folder; not cached and the hub out of
+    reach), or None when it may be: found before transformers spends its retries on it."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None
+    instead = "pass eval.perplexity_model=<local folder of a causal LM> or eval.perplexity=false"
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return f"scorer {name!r} is not a folder; {instead}"
+    # huggingface_hub only for this cache lookup (transformers imports it anyway when scoring)
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None
+    return hub_unreachable_hint(f"scorer {name!r}", instead)
