@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from radd_fast.data import ByteTokenizer, HFTokenizer  # noqa: E402
-from radd_fast.evaluation import score_samples, unigram_entropy  # noqa: E402
+from radd_fast.evaluation import cli, score_samples, unigram_entropy  # noqa: E402
 from radd_fast.evaluation.gen_ppl import load_scorer, token_nll  # noqa: E402
 
 CORPUS = ["the cat sat on the mat and the dog sat on the log. ", "a quick brown fox jumps over a lazy dog! "]
@@ -122,8 +122,6 @@ def test_constant_sample_has_zero_entropy(scorer):
 
 
 def test_cli_gen_ppl(scorer_dir, tmp_path, capsys):
-    from radd_fast.evaluation import cli
-
     samples = tmp_path / "samples.jsonl"
     byte_tok = ByteTokenizer()
     lines = [{"ids": byte_tok.encode(t), "text": t} for t in TEXTS] + [{"ids": [100] * 30}]

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="zero_shot: add the exact any-order likelihood of this order as a column")
     ap.add_argument("--steps", default=",".join(map(str, GEN_PPL_STEPS)), help="gen_ppl: comma-separated step counts")
     ap.add_argument("--num_samples", type=int, default=1024, help="gen_ppl: samples per step count")
-    ap.add_argument("--sample_chunk", type=int, default=64, help="gen_ppl: samples per generate call and flush")
+    ap.add_argument("--sample_chunk", type=int, default=256, help="gen_ppl: samples per generate call and flush")
     ap.add_argument("--rows_in_flight", type=int, default=64, help="gen_ppl: rows per model evaluation")
     ap.add_argument("--sampling_dtype", default="float64", help="gen_ppl: Gumbel noise dtype (paper: float64)")
     ap.add_argument("--method", default="tweedie", help="gen_ppl: sampling method")
