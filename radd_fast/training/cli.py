@@ -1,0 +1,158 @@
+"""The training CLI (``python train.py`` / ``python -m radd_fast.training.cli``): Hydra composes
+configs/config.yaml and the command-line overrides, ``train`` runs.
+
+    python train.py model=tiny tokenizer=bytes tokens=256 data.train=input.txt data.valid=input.txt
+    torchrun --nproc_per_node 8 train.py training.accum=1
+    python train.py load_dir=runs/2026.01.01/120000            # resume
+
+Under torchrun every rank runs this; only rank 0 lets Hydra write the run folder
+(ranks > 0 get ``hydra.output_subdir=null hydra.run.dir=.`` added to their overrides)
+and rank 0 tells the others where it is. Every user error (a bad override key or
+value, a missing data file or load_dir, a ConfigError of the run config) is one
+``error: ...`` line and exit code 2; ``--debug`` or ``RADD_DEBUG=1`` shows the traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from ..config import ConfigError
+from ..errors import UserError, run_cli
+from .distributed import cleanup, init_distributed
+from .loop import train
+
+# configs/ sits beside the package in the checkout (train.py runs from there).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_NAME = "config"
+# Ranks > 0 compose the same config but write nothing: no .hydra folder, no run folder of their own.
+QUIET_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra.run.dir=.")
+# Hydra's own flags that take the next argument as their value (not an override).
+HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                          "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
+
+
+def _run_dir(load_dir, new: str) -> str:
+    """hydra.run.dir: a new run's own folder, or for a resume ``<load_dir>/resumes/<date>_<time>``."""
+    return f"{load_dir}/resumes/{Path(new).parent.name}_{Path(new).name}" if load_dir else new
+
+
+OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+
+
+def main(argv=None) -> int:
+    """``train.py``'s entry point: 0 when the run finished, 2 (one ``error:`` line) on a user error."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    if not (CONFIG_DIR / f"{CONFIG_NAME}.yaml").exists():
+        raise ConfigError(f"no {CONFIG_NAME}.yaml in {CONFIG_DIR}: train.py runs from a radd-fast checkout")
+    check_overrides(task_overrides(argv))
+    if int(os.environ.get("RANK", "0")) != 0:
+        argv = [*argv, *QUIET_RANK_OVERRIDES]
+    failure: list[UserError] = []
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "train.py", *argv]  # @hydra.main reads its arguments there
+    try:
+        _hydra_entry(failure)
+    finally:
+        sys.argv = saved
+    if failure:  # raised inside the task, where Hydra would print it with a traceback
+        raise failure[0]
+    return 0
+
+
+def task_overrides(argv: list[str]) -> list[str]:
+    """The ``key=value`` overrides among the arguments: Hydra's flags and their values left out."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in HYDRA_FLAGS_WITH_VALUE
+        else:
+            out.append(arg)
+    return out
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose the config once with ``overrides``, so a bad key, value or group is one line."""
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            compose(config_name=CONFIG_NAME, overrides=overrides)
+    except HydraException as e:
+        raise ConfigError(describe_hydra_error(e)) from e
+
+
+def describe_hydra_error(error: HydraException) -> str:
+    """Hydra's multi-line message as one line: what is wrong and with which override."""
+    full_key = getattr(error.__cause__, "full_key", None)
+    if full_key and "not in struct" in str(error.__cause__):
+        return f"unknown config key {full_key!r} (command-line override); see configs/config.yaml for the keys"
+    text = ""
+    for line in str(error).splitlines():
+        if line.startswith(("Config search path", "See https://")):
+            break
+        if not line.strip():
+            continue
+        listed = line.startswith(("\t", " "))  # an indented line is one entry of a list ("Available options")
+        sep = "" if not text else (" " if text.endswith(":") else ", " if listed else "; ")
+        text += sep + line.strip()
+    return text + " (command-line override)"
+
+
+def _hydra_entry(failure: list) -> None:
+    @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
+    def task(cfg) -> None:
+        try:
+            run(cfg)
+        except UserError as e:
+            failure.append(e)
+
+    task()
+
+
+def run(cfg) -> dict:
+    """Train (or resume) with the composed config; returns the history (``train``'s)."""
+    env = init_distributed()
+    try:
+        if cfg.load_dir:
+            run_dir = Path(cfg.load_dir)
+            cfg = resume_config(cfg.load_dir)
+        else:
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if env.world > 1:  # rank 0's folder for everyone
+            shared = [str(run_dir)]
+            dist.broadcast_object_list(shared, src=0)
+            run_dir = Path(shared[0])
+        history = train(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        if env.is_main:
+            print(f"done: step {history['step']}, run folder {run_dir}")
+        return history
+    finally:
+        cleanup(env)
+
+
+def resume_config(load_dir: str):
+    """The run's own config, with this call's command-line overrides (except load_dir) on top."""
+    folder = Path(load_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"load_dir={load_dir}: no such folder")
+    saved = folder / ".hydra" / "config.yaml"
+    if not saved.exists():
+        raise ConfigError(f"load_dir={load_dir}: no {saved}; is it a run folder?")
+    overrides = [o.lstrip("+") for o in HydraConfig.get().overrides.task
+                 if not o.lstrip("+").startswith(("load_dir=", "hydra."))]
+    return OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
