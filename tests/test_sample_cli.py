@@ -1,4 +1,5 @@
-"""sample.py end to end on a saved checkpoint with the byte tokenizer."""
+"""sample.py end to end on a saved checkpoint with the byte tokenizer (in process; the
+subprocess runs a user makes, with their exit codes and one-line errors, are test_cli_errors.py)."""
 import json
 
 import pytest
@@ -19,7 +20,7 @@ def ckpt(tmp_path_factory):
                                                     ("fast", "ordered", "top_k")])
 def test_cli_writes_jsonl_with_the_conditioning(ckpt, tmp_path, capsys, engine, method, strategy):
     out = tmp_path / "s.jsonl"
-    args = ["--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "3", "--num_samples", "5",
+    args = ["--model_path", ckpt, "--tokenizer", "bytes", "--rows_in_flight", "3", "--num_samples", "5",
             "--steps", "8", "--method", method, "--strategy", strategy, "--prefix", "ab", "--suffix", "yz",
             "--infill", "6:mid", "--seed", "0", "--engine", engine, "--out", str(out), "--no_progress",
             "--device", "cpu"]
@@ -35,6 +36,41 @@ def test_cli_writes_jsonl_with_the_conditioning(ckpt, tmp_path, capsys, engine, 
         assert isinstance(r["text"], str) and 1 <= r["enfe"] <= 8
     printed = capsys.readouterr().out
     assert "E-NFE" in printed and "tokens/s" in printed and "sample 4" in printed
+    assert printed.count("E-NFE") == 1  # one summary line, not the engine's and the CLI's
+
+
+def test_batch_size_is_the_number_of_samples(ckpt, tmp_path):
+    """Published meaning: --batch_size N draws N samples (rows in flight are --rows_in_flight)."""
+    out = tmp_path / "s.jsonl"
+    assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "6", "--steps", "4",
+                        "--seed", "0", "--out", str(out), "--no_progress", "--device", "cpu"]) == 0
+    assert len(out.read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_ordered_defaults_to_left_to_right(ckpt, tmp_path, engine):
+    """--method ordered with steps = length reveals one position per step, left to right (published
+    run_sample.py passes arange); --order random is a different schedule."""
+    def run(*extra):
+        out = tmp_path / "o.jsonl"
+        assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "2", "--steps", "16",
+                            "--method", "ordered", "--seed", "1", "--engine", engine, "--out", str(out),
+                            "--no_progress", "--device", "cpu", *extra]) == 0
+        return [json.loads(line)["ids"] for line in out.read_text().splitlines()]
+
+    assert run() == run("--order", "left_to_right")
+    assert run() != run("--order", "random")
+
+
+def test_published_strategy_para_defaults():
+    from radd_fast.sampling.cli import build_parser, check_args
+
+    def para(*extra):
+        return check_args(build_parser().parse_args(["--device", "cpu", *extra])).sampler.strategy_para
+
+    assert para("--strategy", "top_p") == 0.8  # run_sample.py's --strategy_para default
+    assert para("--strategy", "top_k") == 400  # catsample.top_k_sampling's k (0.8 is no k)
+    assert para("--strategy", "direct") is None
 
 
 def test_cli_is_deterministic_with_a_seed(ckpt, tmp_path):
@@ -49,6 +85,9 @@ def test_cli_is_deterministic_with_a_seed(ckpt, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--method", "ddim"], "invalid choice"),
+    (["--strategy", "top_k", "--strategy_para", "5.5"], "got 5.5 (--strategy_para)"),
+    (["--infill", "10:"], "no text after the colon"),
+    (["--infill", "-5:x"], "position must be >= 0"),
     (["--strategy", "greedy"], "invalid choice"),
     (["--strategy", "top_p", "--strategy_para", "1.5"], "top_p needs"),
     (["--strategy", "top_k", "--strategy_para", "0"], "top_k needs"),
@@ -59,7 +98,7 @@ def test_cli_is_deterministic_with_a_seed(ckpt, tmp_path):
     (["--length", "17"], "exceeds the model's length"),
 ])
 def test_cli_errors(ckpt, capsys, extra, message):
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--device", "cpu", "--no_progress"] + extra)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    code = sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--device", "cpu", "--no_progress"] + extra)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err

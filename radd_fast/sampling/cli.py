@@ -1,0 +1,329 @@
+"""The sampling CLI (``python sample.py`` / ``python -m radd_fast.sampling.cli``).
+
+Sample text from a RADD checkpoint: the published ``run_sample.py`` flags with their
+published meanings, plus a few::
+
+    python sample.py --model_path JingyangOu/radd-t-dce --batch_size 8 --steps 1024
+    python sample.py --model_path ckpt --tokenizer bytes --prefix "Once upon" --suffix "the end." \\
+        --infill "40:in the middle" --batch_size 16 --seed 0 --out out/samples.jsonl
+
+``--batch_size`` is the number of samples (published); ``--num_samples`` says the same and
+wins when both are given; ``--rows_in_flight`` is how many rows one model evaluation takes
+(default: up to 64 on CUDA, 16 on CPU). ``--method ordered`` reveals left to right as
+published (``--order random``: a random order per row). ``--strategy_para`` defaults to the
+published 0.8 for top_p, and to the published ``top_k_sampling`` k = 400 for top_k.
+
+Prints each sample, then one summary line: E-NFE (model evaluations per sample), tokens/s
+and wall time. ``--engine fast`` (default) runs ``radd_fast.sampling.generate``;
+``--engine reference`` the published-style DiffusionSampler / OrderedSampler loop.
+``--out`` writes JSONL, one object per sample, flushed as each is written:
+{"index", "text", "ids", "enfe"}. Every bad flag or file is one ``error: ...`` line and
+exit code 2, found before any sampling (``--debug`` or ``RADD_DEBUG=1``: the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import check_device, load_model
+from ..config import parse_dtype
+from ..data.tokenizers import default_tokenizer_name, get_tokenizer
+from ..errors import UserError, run_cli
+from ..progress import progress_bar
+from .conditioning import initial_state, projection, text_conditioning
+from .config import SamplerConfig
+from .engine import generate
+from .reference import DiffusionSampler, OrderedSampler
+from .schedule import METHODS
+from .strategies import STRATEGIES
+
+# The published run_sample.py's --strategy_para default is 0.8 for every strategy; 0.8 is no
+# whole number, so top_k takes the published top_k_sampling default instead (strategies.py).
+PUBLISHED_CLI_PARA = {"top_p": 0.8}
+ORDERS = ("left_to_right", "random")
+# Rows per model evaluation when --rows_in_flight is not given.
+AUTO_ROWS_IN_FLIGHT = {"cuda": 64, "cpu": 16}
+
+
+class SampleArgError(UserError):
+    """A bad sample.py flag (printed as one line, exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so run_cli reports it in one line."""
+
+    def error(self, message: str):
+        raise SampleArgError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Published flags (same names and meanings).
+    p.add_argument("--model_path", default="JingyangOu/radd-t-dce", help="hub repo id, hub-layout folder or run folder")
+    p.add_argument("--batch_size", type=int, default=1, help="number of samples (published meaning)")
+    p.add_argument("--length", type=int, default=None, help="sequence length (default: the model's)")
+    p.add_argument("--steps", type=int, default=1024)
+    p.add_argument("--method", choices=METHODS, default="tweedie")
+    p.add_argument("--strategy", choices=STRATEGIES, default="direct")
+    p.add_argument("--strategy_para", type=float, default=None,
+                   help="p for top_p (default 0.8, published), whole-number k for top_k (default 400)")
+    # Additions.
+    p.add_argument("--num_samples", type=int, default=None, help="number of samples (default: --batch_size)")
+    p.add_argument("--rows_in_flight", type=int, default=None,
+                   help="rows per model evaluation (default: min(samples, 64) on CUDA, min(samples, 16) on CPU)")
+    p.add_argument("--order", choices=ORDERS, default="left_to_right",
+                   help="--method ordered: reveal order (published: left to right)")
+    p.add_argument("--prefix", default="", help="text fixed at the start")
+    p.add_argument("--suffix", default="", help="text fixed at the end")
+    p.add_argument("--infill", action="append", default=[], metavar="POS:TEXT",
+                   help="text fixed from token position POS on (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tokenizer", default=None,
+                   help="hub name, local folder, or 'bytes' (default: the checkpoint config's, else by vocab size)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="compute dtype: bf16 / fp16 / fp32 (default: the model's)")
+    p.add_argument("--backend", choices=("reference", "fast"), default=None,
+                   help="model kernels (default: fast on CUDA, reference elsewhere)")
+    p.add_argument("--engine", choices=("fast", "reference"), default="fast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (fast engine)")
+    p.add_argument("--sampling_dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--out", default=None, help="JSONL output path (its folder must exist)")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+@dataclass
+class Run:
+    """The checked arguments of one call."""
+
+    args: argparse.Namespace
+    device: torch.device
+    num_samples: int
+    infill: list[tuple[int, str]]
+    sampler: SamplerConfig  # the order is set once the length is known (after loading)
+
+
+def main(argv=None) -> int:
+    """``sample.py``'s entry point: 0 on success, 2 (one ``error:`` line) on a user error."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    run = check_args(build_parser().parse_args(_join_infill_values(argv)))
+    out = open_output(run.args.out)  # before any work: a bad path never costs a sampling run
+    try:
+        model, noise = _with_flag("--model_path", load_model, run.args.model_path, device=run.device,
+                                  backend=_backend(run), dtype=run.args.dtype)
+        check_finite_weights(model, run.args.model_path)
+        tok = _with_flag("--tokenizer", load_tokenizer, run.args.tokenizer, model.config)
+        length = check_length(run.args.length, model.length)
+        init, cond = _conditioning(run, tok, length, model.mask_id)
+        sampler = run.sampler.replace(order=_order(run, length))
+        t0 = time.perf_counter()
+        enfe_all: list[int] = []
+        chunks = _fast(run, sampler, model, noise, length, cond) if run.args.engine == "fast" else \
+            _reference(run, sampler, model, noise, length, init)
+        for first, tokens, enfe in chunks:
+            write_samples(out, tok, first, tokens, enfe)
+            enfe_all += [int(e) for e in enfe]
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        wall = time.perf_counter() - t0
+    finally:
+        if out is not None:
+            out.close()
+    print(summary_line(run, length, init, model.mask_id, enfe_all, wall))
+    return 0
+
+
+# -- checks before any work -----------------------------------------------------------------------
+def check_args(args: argparse.Namespace) -> Run:
+    """Every flag that can be checked without the model, with the flag named in each error."""
+    for flag in ("steps", "batch_size", "num_samples", "length", "rows_in_flight"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SampleArgError(f"--{flag} must be >= 1, got {value}")
+    if args.dtype is not None:
+        _with_flag("--dtype", parse_dtype, args.dtype)
+    device = _with_flag("--device", check_device, args.device)
+    infill = [parse_infill(spec) for spec in args.infill]
+    num_samples = args.num_samples or args.batch_size
+    try:
+        sampler = SamplerConfig(steps=args.steps, method=args.method, strategy=args.strategy,
+                                strategy_para=_cli_para(args.strategy, args.strategy_para),
+                                sampling_dtype=args.sampling_dtype, compile=args.compile,
+                                rows_in_flight=rows_in_flight(args.rows_in_flight, num_samples, device))
+    except ValueError as e:
+        raise SampleArgError(f"{e} (--strategy_para)" if "strategy_para" in str(e) else str(e)) from None
+    return Run(args, device, num_samples, infill, sampler)
+
+
+def _cli_para(strategy: str, para):
+    return PUBLISHED_CLI_PARA.get(strategy) if para is None else para
+
+
+def _join_infill_values(argv: list[str]) -> list[str]:
+    """``--infill -5:x`` -> ``--infill=-5:x``: argparse takes a value starting with '-' for a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--infill" and i + 1 < len(argv):
+            out.append(f"--infill={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def parse_infill(spec: str) -> tuple[int, str]:
+    """'POS:TEXT' -> (POS, TEXT) with POS a token position >= 0 and TEXT not empty."""
+    pos, sep, text = spec.partition(":")
+    pos = pos.strip()
+    if not sep or not pos.lstrip("-").isdigit():
+        raise SampleArgError(f"--infill expects POS:TEXT with an integer POS, got {spec!r}")
+    if int(pos) < 0:
+        raise SampleArgError(f"--infill position must be >= 0 (a token position), got {spec!r}")
+    if not text:
+        raise SampleArgError(f"--infill {spec!r} has no text after the colon")
+    return int(pos), text
+
+
+def open_output(path: str | None):
+    """The JSONL file opened for writing, or None; a missing or unwritable folder fails here."""
+    if path is None:
+        return None
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise SampleArgError(f"--out {path} is a folder; pass a file path, e.g. {target / 'samples.jsonl'}")
+    if not target.parent.is_dir():
+        raise SampleArgError(f"--out {path}: folder {target.parent} does not exist")
+    try:
+        return target.open("w", encoding="utf-8")
+    except OSError as e:
+        raise SampleArgError(f"--out {path} cannot be written: {e.strerror}") from None
+
+
+def load_tokenizer(name: str | None, config):
+    """The tokenizer for ``config``; its ids must be exactly the model's real tokens."""
+    if name is None:
+        name = default_tokenizer_name(config)
+    tok = get_tokenizer(str(name))
+    if tok.vocab_size > config.tokens:
+        raise SampleArgError(f"tokenizer {name!r} has {tok.vocab_size} ids but the model only {config.tokens} tokens")
+    if tok.vocab_size < config.tokens:
+        raise SampleArgError(f"the model has {config.tokens} tokens but tokenizer {name!r} decodes only "
+                             f"{tok.vocab_size} ids")
+    return tok
+
+
+def check_finite_weights(model, source) -> None:
+    """NaN / inf weights sample garbage (all end-of-text) without any other sign: refuse them."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise SampleArgError(f"model {source} has non-finite (NaN / inf) weights in {len(bad)} tensor(s), e.g. "
+                             f"{bad[0]} (--model_path)")
+
+
+def check_length(length: int | None, model_length: int) -> int:
+    if length is None:
+        return model_length
+    if length > model_length:
+        raise SampleArgError(f"--length {length} exceeds the model's length {model_length}")
+    return length
+
+
+def rows_in_flight(requested: int | None, num_samples: int, device: torch.device) -> int:
+    """Rows per evaluation: the flag, else a per-device cap on the number of samples."""
+    if requested is not None:
+        return requested
+    return min(num_samples, AUTO_ROWS_IN_FLIGHT.get(device.type, AUTO_ROWS_IN_FLIGHT["cpu"]))
+
+
+def _with_flag(flag: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with any user error re-raised naming ``flag``."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        text = str(e)
+        raise type(e)(text if flag in text else f"{text} ({flag})") from e
+
+
+def _backend(run: Run) -> str:
+    return run.args.backend or ("fast" if run.device.type == "cuda" else "reference")
+
+
+def _conditioning(run: Run, tok, length: int, mask_id: int):
+    """(initial state [1 or N, L], the conditioning pairs); a misfit prefix / suffix / infill names its flag."""
+    args = run.args
+    try:
+        cond = text_conditioning(length, tok.encode(args.prefix) if args.prefix else [],
+                                 tok.encode(args.suffix) if args.suffix else [],
+                                 {pos: tok.encode(text) for pos, text in run.infill})
+        return initial_state(cond, run.num_samples, length, mask_id, run.device), cond
+    except ValueError as e:
+        raise SampleArgError(f"{e} (--prefix / --suffix / --infill)") from None
+
+
+# -- sampling: each engine yields (index of the first sample, tokens [n, L], E-NFE [n]) -------------
+def _order(run: Run, length: int):
+    return torch.arange(length) if run.args.method == "ordered" and run.args.order == "left_to_right" else None
+
+
+def _fast(run: Run, cfg: SamplerConfig, model, noise, length: int, cond):
+    """One ``generate`` call (it plans all rows together); the samples come back at its end.
+    Its own summary line is off: this CLI prints one, the same for both engines."""
+    tokens, stats = generate(model, noise, run.num_samples, length, config=cfg, conditioning=cond,
+                             seed=run.args.seed, progress=not run.args.no_progress, summary=False)
+    yield 0, tokens, stats.enfe.tolist()
+
+
+def _reference(run: Run, cfg: SamplerConfig, model, noise, length: int, init):
+    """The published loop, ``cfg.rows_in_flight`` samples at a time; each chunk is yielded when done."""
+    args, rows = run.args, cfg.rows_in_flight
+    gen_seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()))
+    bar = progress_bar(not args.no_progress, total=run.num_samples, desc="sampling", unit="sample")
+    try:
+        for b0 in range(0, run.num_samples, rows):
+            B = min(rows, run.num_samples - b0)
+            kw = dict(seed=gen_seed + b0, sampling_dtype=cfg.sampling_dtype)
+            if cfg.method == "ordered":
+                sampler = OrderedSampler(model, (B, length), model.vocab_size, cfg.strategy, cfg.strategy_para,
+                                         order=cfg.order, **kw)
+            else:
+                sampler = DiffusionSampler(cfg.method, model, noise, (B, length), model.vocab_size, cfg.strategy,
+                                           cfg.strategy_para, **kw)
+            start = init if init.shape[0] == 1 else init[b0:b0 + B]
+            tokens = sampler.sample(cfg.steps, projection(start, model.mask_id))
+            bar.update(B)
+            yield b0, tokens, sampler.last_row_nfe.tolist()
+    finally:
+        bar.close()
+
+
+# -- output --------------------------------------------------------------------------------------
+def write_samples(out, tok, first: int, tokens: torch.Tensor, enfe) -> None:
+    """Print each sample and append it to ``out`` (JSONL), flushed, so an interrupted run keeps it."""
+    for i, ids in enumerate(tokens.cpu().tolist()):
+        text = tok.decode(ids)
+        print(f"{'=' * 30} sample {first + i} {'=' * 30}\n{text}", flush=True)
+        if out is not None:
+            out.write(json.dumps({"index": first + i, "text": text, "ids": ids, "enfe": int(enfe[i])}) + "\n")
+            out.flush()
+
+
+def summary_line(run: Run, length: int, init, mask_id: int, enfe: list[int], wall: float) -> str:
+    """The one summary of a call: samples, E-NFE per sample, sampled tokens per second, wall time."""
+    n_free = int((init == mask_id).sum()) * (run.num_samples if init.shape[0] == 1 else 1)
+    mean_enfe = sum(enfe) / max(len(enfe), 1)
+    return (f"engine {run.args.engine} | {run.num_samples} samples x {length} tokens | E-NFE {mean_enfe:.1f} "
+            f"per sample | {n_free / max(wall, 1e-9):,.0f} tokens/s | wall {wall:.2f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
