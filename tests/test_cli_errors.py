@@ -1,0 +1,263 @@
+"""Every bad input a new user meets gives one ``error: ...`` line naming the flag or file, exit code 2,
+and no traceback; ``--debug`` / ``RADD_DEBUG=1`` shows the traceback.
+
+The scripts run as a user runs them (``python sample.py ...``, ``python train.py ...`` as
+subprocesses, started together so that their start-up overlaps); the long list of bad
+sample.py inputs also runs in process through the same ``main``. Nothing touches the
+network: ``HF_HUB_OFFLINE=1`` everywhere, hub names must fail at once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from radd_fast.config import ConfigError
+from radd_fast.sampling import cli as sample_cli
+from radd_fast.training.config import RunConfig
+
+from .test_sampling_utils import tiny_model
+from .train_helpers import tiny_config, write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RADD_DEBUG")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RADD_DEBUG", raising=False)
+
+
+def _save(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+def _edit_config(folder: Path, **model_changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    for key, value in model_changes.items():
+        if key == "tokens":
+            cfg["tokens"] = value
+        else:
+            cfg["model"][key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, str]:
+    """Tiny checkpoints, good and broken in each way a user meets (d = 32, 16 positions, 256 tokens)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    good = _save(tiny_model(tokens=256, length=16), root / "good")
+    out = {"good": good, "file": good / "config.json", "missing": root / "missing"}
+
+    no_weights = root / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((good / "config.json").read_text())
+    out["no_weights"] = no_weights
+
+    out["vocab"] = _save(tiny_model(tokens=256, length=16), root / "vocab")
+    _edit_config(out["vocab"], tokens=200)
+    out["shape"] = _save(tiny_model(tokens=256, length=16), root / "shape")
+    _edit_config(out["shape"], hidden_size=64)
+    out["tok_larger"] = _save(tiny_model(tokens=200, length=16), root / "tok_larger")
+    out["tok_smaller"] = _save(tiny_model(tokens=300, length=16), root / "tok_smaller")
+
+    out["truncated_st"] = _save(tiny_model(tokens=256, length=16), root / "truncated_st")
+    data = (out["truncated_st"] / "model.safetensors").read_bytes()
+    (out["truncated_st"] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out["garbage_json"] = _save(tiny_model(tokens=256, length=16), root / "garbage_json")
+    (out["garbage_json"] / "config.json").write_text("{tokens: 256,,")
+
+    nan = tiny_model(tokens=256, length=16)
+    with torch.no_grad():
+        nan.output_layer.linear.weight[0, 0] = float("nan")
+    out["nan"] = _save(nan, root / "nan")
+
+    model = tiny_model(tokens=256, length=16)
+    state = {"model": model.state_dict(), "ema": {"shadow_params": [p.detach() for p in model.parameters()]}}
+    for name, cut in (("empty_pth", 0), ("truncated_pth", 0.5)):
+        run = root / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / "checkpoints-meta").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(model.config.to_dict()))
+        torch.save(state, run / "checkpoints-meta" / "checkpoint.pth")
+        data = (run / "checkpoints-meta" / "checkpoint.pth").read_bytes()
+        (run / "checkpoints-meta" / "checkpoint.pth").write_bytes(data[: int(len(data) * cut)])
+        out[name] = run
+    return {k: str(v) for k, v in out.items()}
+
+
+def _assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+# -- sample.py, in process: every bad input -----------------------------------------------------------
+BASE = ["--tokenizer", "bytes", "--device", "cpu", "--no_progress", "--steps", "4"]
+SAMPLE_CASES = {
+    "missing folder": (["--model_path", "{missing}"], ["no such checkpoint folder", "--model_path"]),
+    "folder without weights": (["--model_path", "{no_weights}"], ["no weights", "--model_path"]),
+    "file as folder": (["--model_path", "{file}"], ["is a file", "--model_path"]),
+    "vocab mismatch": (["--model_path", "{vocab}"], ["vocab mismatch", "model.safetensors"]),
+    "shape mismatch": (["--model_path", "{shape}"], ["shape mismatch", "model.safetensors"]),
+    "tokenizer larger than the model": (["--model_path", "{tok_larger}"], ["256 ids but the model only 200",
+                                                                          "--tokenizer"]),
+    "tokenizer smaller than the model": (["--model_path", "{tok_smaller}"], ["decodes only 256", "--tokenizer"]),
+    "truncated safetensors": (["--model_path", "{truncated_st}"], ["model.safetensors", "truncated or corrupt"]),
+    "garbage config.json": (["--model_path", "{garbage_json}"], ["config.json is not valid JSON"]),
+    "empty checkpoint.pth": (["--model_path", "{empty_pth}"], ["checkpoint.pth is empty"]),
+    "truncated checkpoint.pth": (["--model_path", "{truncated_pth}"], ["checkpoint.pth", "truncated or corrupt"]),
+    "NaN weights": (["--model_path", "{nan}"], ["non-finite", "--model_path"]),
+    "bad dtype": (["--model_path", "{good}", "--dtype", "fp12"], ["unknown dtype 'fp12'", "--dtype"]),
+    "bogus device": (["--model_path", "{good}", "--device", "bogus"], ["unknown device 'bogus'", "--device"]),
+    "missing tokenizer folder": (["--model_path", "{good}", "--tokenizer", "/nonexistent/tok"],
+                                 ["no such folder", "--tokenizer"]),
+    "hub tokenizer offline": (["--model_path", "{good}", "--tokenizer", "gpt2"],
+                              ["HF_HUB_OFFLINE is set", "bytes", "--tokenizer"]),
+    "hub model offline": (["--model_path", "JingyangOu/radd-t-dce"], ["not in the local Hugging Face cache",
+                                                                      "--model_path"]),
+    "out in a missing folder": (["--model_path", "{missing}", "--out", "{missing}/s.jsonl"],
+                                ["--out", "does not exist"]),  # found before the model is even read
+    "out is a folder": (["--model_path", "{good}", "--out", "{good}"], ["--out", "is a folder"]),
+    "empty infill text": (["--model_path", "{good}", "--infill", "10:"], ["--infill", "no text"]),
+    "negative infill position": (["--model_path", "{good}", "--infill", "-5:x"], ["--infill", ">= 0"]),
+    "fractional top_k": (["--model_path", "{good}", "--strategy", "top_k", "--strategy_para", "2.5"],
+                         ["--strategy_para", "2.5"]),
+    "unknown method": (["--model_path", "{good}", "--method", "ddim"], ["--method", "invalid choice"]),
+    "zero rows in flight": (["--model_path", "{good}", "--rows_in_flight", "0"], ["--rows_in_flight"]),
+}
+if torch.cuda.is_available():
+    SAMPLE_CASES.pop("bogus device")
+else:
+    SAMPLE_CASES["cuda without CUDA"] = (["--model_path", "{good}", "--device", "cuda"],
+                                         ["CUDA is not available", "--device"])
+
+
+@pytest.mark.parametrize("case", sorted(SAMPLE_CASES))
+def test_sample_bad_input_is_one_line(ckpts, capsys, case):
+    args, needles = SAMPLE_CASES[case]
+    code = sample_cli.main(BASE + [a.format(**ckpts) for a in args])
+    captured = capsys.readouterr()
+    _assert_one_error_line(code, captured.err, *needles)
+    assert "sample 0" not in captured.out  # nothing was sampled
+
+
+def test_out_is_written_and_flushed_per_sample(ckpts, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert sample_cli.main(BASE + ["--model_path", ckpts["good"], "--batch_size", "3", "--rows_in_flight", "2",
+                                   "--engine", "reference", "--out", str(out)]) == 0
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1, 2]
+    assert capsys.readouterr().out.count("E-NFE") == 1
+
+
+def test_load_model_errors(ckpts):
+    from radd_fast import CheckpointError, load_model
+
+    with pytest.raises(CheckpointError, match="needs a hub repo id or a checkpoint folder, got None"):
+        load_model(None)
+    with pytest.raises(ConfigError, match="unknown device 'bogus'"):
+        load_model(ckpts["good"], device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            load_model(ckpts["good"], device="cuda")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_model(ckpts["garbage_json"])
+
+
+# -- training config validation --------------------------------------------------------------------
+@pytest.mark.parametrize("section,key,value,message", [
+    ("optim", "lr", math.nan, "optim.lr must be finite"),
+    ("optim", "lr", math.inf, "optim.lr must be finite"),
+    ("optim", "lr", -1e-3, "optim.lr must be in (0"),
+    ("optim", "lr", "fast", "optim.lr must be a number"),
+    ("optim", "beta2", 1.0, "optim.beta2 must be in [0"),
+    ("optim", "eps", 0.0, "optim.eps must be in (0"),
+    ("optim", "weight_decay", -0.1, "optim.weight_decay"),
+    ("optim", "grad_clip", math.nan, "optim.grad_clip must be finite"),
+    ("training", "ema", 1.5, "training.ema must be in [0"),
+    ("training", "batch_size", 2.5, "training.batch_size must be a whole number"),
+    ("training", "n_iters", -1, "training.n_iters must be in [0"),
+    ("training", "sampling_eps", 0.0, "training.sampling_eps"),
+    ("sampling", "steps", 0, "sampling.steps"),
+    ("eval", "batch_size", 0, "eval.batch_size"),
+    ("data", "train", "/nonexistent/corpus.txt", "data.train=/nonexistent/corpus.txt: no such file"),
+])
+def test_run_config_rejects_bad_numbers_naming_the_key(tmp_path, section, key, value, message):
+    cfg = tiny_config(tmp_path, **{section: {key: value}})
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict(cfg)
+    assert message in str(e.value)
+
+
+def test_run_config_accepts_the_shipped_defaults(tmp_path):
+    RunConfig.from_dict(tiny_config(tmp_path))
+
+
+# -- the scripts as a user runs them (subprocesses, started together) -------------------------------------
+@pytest.fixture(scope="module")
+def script_runs(ckpts, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("scripts")
+    text = write_text(tmp)
+    train_common = ["model=tiny", "tokenizer=bytes", "tokens=256", f"data.train={text}", f"data.valid={text}",
+                    f"data.cache_dir={tmp / 'cache'}", "model.length=16", "training.batch_size=2",
+                    "training.accum=1", "training.n_iters=1", "training.eval_freq=0",
+                    "training.snapshot_sampling=false", "training.progress=false", f"hydra.run.dir={tmp / 'run'}"]
+    sample_common = ["--tokenizer", "bytes", "--device", "cpu", "--no_progress", "--steps", "4"]
+    commands = {
+        "sample: missing model folder": ["sample.py", "--model_path", ckpts["missing"], *sample_common],
+        "sample: truncated safetensors": ["sample.py", "--model_path", ckpts["truncated_st"], *sample_common],
+        "sample: bogus device": ["sample.py", "--model_path", ckpts["good"], *sample_common, "--device", "bogus"],
+        "sample: negative infill": ["sample.py", "--model_path", ckpts["good"], *sample_common, "--infill", "-5:x"],
+        "sample: out folder missing": ["sample.py", "--model_path", ckpts["good"], *sample_common,
+                                       "--out", str(tmp / "nope" / "s.jsonl")],
+        "sample: --debug": ["sample.py", "--model_path", ckpts["missing"], *sample_common, "--debug"],
+        "train: unknown override key": ["train.py", *train_common, "training.batchsize=4"],
+        "train: optim.lr=nan": ["train.py", *train_common, "optim.lr=nan"],
+        "train: missing data.train": ["train.py", *train_common, f"data.train={tmp / 'nope.txt'}"],
+        "train: bad load_dir": ["train.py", *train_common, f"load_dir={tmp / 'no_run'}"],
+    }
+    procs = {name: subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, cmd in commands.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
+
+
+@pytest.mark.parametrize("name,needles", [
+    ("sample: missing model folder", ["no such checkpoint folder", "--model_path"]),
+    ("sample: truncated safetensors", ["model.safetensors", "truncated or corrupt"]),
+    ("sample: bogus device", ["unknown device 'bogus'", "--device"]),
+    ("sample: negative infill", ["--infill", ">= 0"]),
+    ("sample: out folder missing", ["--out", "does not exist"]),
+    ("train: unknown override key", ["unknown config key 'training.batchsize'"]),
+    ("train: optim.lr=nan", ["optim.lr must be finite"]),
+    ("train: missing data.train", ["data.train=", "no such file"]),
+    ("train: bad load_dir", ["load_dir=", "no such folder"]),
+])
+def test_scripts_print_one_error_line(script_runs, name, needles):
+    result = script_runs[name]
+    _assert_one_error_line(result.returncode, result.stderr, *needles)
+
+
+def test_debug_shows_the_traceback(script_runs):
+    result = script_runs["sample: --debug"]
+    assert result.returncode != 0 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
