@@ -241,8 +241,17 @@ def test_gen_ppl_suite_fails_fast_on_a_missing_scorer(corpus, tmp_path, capsys):
     argv = gen_argv(corpus, tmp_path / "no_such_scorer", tmp_path / "w")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: could not load the scorer") and "Traceback" not in err
+    assert err.startswith("error: scorer ") and "is not a folder; pass --scorer" in err and "Traceback" not in err
     assert not list((tmp_path / "w").glob("samples_*.jsonl"))  # refused before any sampling
+
+
+def test_a_hub_scorer_offline_fails_at_once(monkeypatch):
+    """No network (HF_HUB_OFFLINE) and not cached: one line saying what to pass, no hub retries."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # not cached here
+    with pytest.raises(EvalError, match="HF_HUB_OFFLINE is set; pass --scorer <local folder"):
+        load_scorer("gpt2-large", "cpu")
 
 
 def test_paper_numbers_are_the_published_ones():

@@ -30,8 +30,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..hub import hub_unreachable_hint
 from ..progress import progress_bar
 from .protocol import EvalError
+
+SCORER_INSTEAD = "pass --scorer <local folder of a causal LM>"
 
 
 def read_samples(path) -> list[dict]:
@@ -72,9 +75,29 @@ def same_vocabulary(a, b) -> bool:
     return callable(get_a) and callable(get_b) and get_a() == get_b()
 
 
+def scorer_problem(name: str, instead: str = SCORER_INSTEAD) -> str | None:
+    """Why the scorer ``name`` cannot be loaded now (not a folder; a hub name neither cached nor
+    reachable), or None when it may be: said in seconds, before the hub client spends its retries."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists() or str(name).startswith((".", "/", "~")) or str(name).count("/") > 1:
+        return f"scorer {name!r} is not a folder; {instead}"
+    # huggingface_hub only for this cache lookup (transformers imports it anyway when scoring)
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(str(name), "config.json"), str):
+        return None
+    return hub_unreachable_hint(f"scorer {name!r}", instead)
+
+
 def load_scorer(name_or_path: str, device, dtype=torch.float32):
     """(causal LM in eval mode, its tokenizer) from a hub name or a local folder; EvalError naming the
-    scorer when it cannot be loaded (no such folder, or a hub name with no network)."""
+    scorer when it cannot be loaded (no such folder, or a hub name with no network), before any
+    retries."""
+    problem = scorer_problem(str(name_or_path))
+    if problem is not None:
+        raise EvalError(problem)
     # transformers is heavy and only needed for gen-PPL: imported here, not at module import
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
