@@ -261,3 +261,20 @@ def test_scripts_print_one_error_line(script_runs, name, needles):
 def test_debug_shows_the_traceback(script_runs):
     result = script_runs["sample: --debug"]
     assert result.returncode != 0 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
+
+
+# -- training faults that must not stop a run ----------------------------------------------------------
+def test_a_missing_scorer_skips_the_generative_perplexity(tmp_path, caplog):
+    """Offline, the default scorer gpt2-large cannot be had: the snapshot warns once and training goes on."""
+    from radd_fast.training import snapshot, train
+
+    snapshot._unusable_scorers.clear()
+    cfg = tiny_config(tmp_path, training={"n_iters": 2, "snapshot_freq": 1, "snapshot_sampling": True,
+                                          "eval_freq": 0},
+                      eval={"batch_size": 4, "perplexity": True, "perplexity_model": "gpt2-large"},
+                      sampling={"steps": 2, "num_samples": 1})
+    with caplog.at_level("WARNING", logger="radd_fast.training.snapshot"):
+        assert train(cfg, tmp_path / "run")["step"] == 2
+    warnings = [r.getMessage() for r in caplog.records if "generative perplexity" in r.getMessage()]
+    assert len(warnings) == 1 and "HF_HUB_OFFLINE is set" in warnings[0]  # once, not at every snapshot
+    assert (tmp_path / "run" / "samples" / "iter_2" / "sample_0.txt").exists()
