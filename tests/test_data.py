@@ -123,6 +123,7 @@ def test_hub_corpus_is_detokenised_tokenised_and_cached(tmp_path, monkeypatch):
         return datasets.Dataset.from_dict({"text": ["a @-@ b , c", "", "d ."]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets_module, "hub_reachable", lambda: True)  # never probe the network in tests
     tok = ByteTokenizer()
     blocks = load_blocks("wikitext2", "validation", tok, length=4, cache_dir=tmp_path, num_proc=None)
     assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]
@@ -130,6 +131,15 @@ def test_hub_corpus_is_detokenised_tokenised_and_cached(tmp_path, monkeypatch):
     assert blocks[np.arange(len(blocks))].ravel().tolist() == expected[: len(expected) // 4 * 4]
     load_blocks("wikitext2", "validation", tok, length=4, cache_dir=tmp_path, num_proc=None)
     assert len(calls) == 1  # cached
+
+
+def test_hub_corpus_without_network_fails_at_once(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets_module, "hub_reachable", lambda: False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub client was called"))
+    with pytest.raises(DataError, match="hub cannot be reached .*pass a local text file"):
+        load_blocks("ptb", "test", ByteTokenizer(), length=4, cache_dir=tmp_path)
 
 
 def test_data_errors(tmp_path):

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import UserError
+from ..hub import hub_offline, hub_reachable
 from .detokenizers import DETOKENIZERS, detokenizer_identity
 
 CACHE_VERSION = 1
@@ -222,6 +223,10 @@ def _hf_tokenised(corpus: HFCorpus, split: str, tokenizer, detok, cache_dir, num
         import datasets
     except ImportError as e:
         raise DataError("Hugging Face corpora need the `datasets` package: pip install 'radd-fast[data]'") from e
+    if not hub_offline() and not hub_reachable():  # the hub client would spend its retries, then fail
+        raise DataError(f"{corpus.path!r} ({corpus.name}, split {split!r}) is not tokenised in {cache_dir} yet and "
+                        f"the Hugging Face hub cannot be reached (no network?): pass a local text file instead, "
+                        f"or set HF_HUB_OFFLINE=1 to read a local Hugging Face cache")
     try:
         ds = datasets.load_dataset(corpus.path, corpus.name, split=split, cache_dir=str(Path(cache_dir) / "hf"))
     except Exception as e:  # the hub raises many types; name the corpus and re-raise
