@@ -68,7 +68,7 @@ def test_head_runs_on_exactly_the_revealed_rows(model, monkeypatch, strategy, ke
     norm, linear = _Counter(model.output_layer.norm_final), _Counter(model.output_layer.linear)
     shapes = []
     hidden = model.hidden
-    monkeypatch.setattr(model, "hidden", lambda x: shapes.append(tuple(x.shape)) or hidden(x))
+    monkeypatch.setattr(model, "hidden", lambda x, **kw: shapes.append(tuple(x.shape)) or hidden(x, **kw))
     try:
         tokens, stats = generate(model, LogLinearNoise(), n, L, 9, strategy=strategy, strategy_para=2,
                                  conditioning={3: 1}, batch_size=64, seed=0, progress=False, use_kernels=kernels,

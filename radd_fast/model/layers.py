@@ -74,13 +74,23 @@ class DDiTBlock(nn.Module):
         )
         self.ops = ReferenceOps
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, d] fp32 residual stream; cos, sin: [T, hd/2]
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, d] fp32 residual stream; cos, sin: [T, hd/2] -> [B, T, d].
+
+        rows: optional [P] int64 flat indices into the B * T positions: every position still
+        gives keys and values to the attention, but the attention output projection, the
+        residual adds and the MLP run at those rows only -> [P, d] (exact; used by the last
+        block when only some positions need the head).
+        """
         B, T, d = x.shape
         ops = self.ops
         h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias)
         qkv = self.attn_qkv(h).view(B, T, 3, self.n_heads, d // self.n_heads)
         a = ops.attention_with_rotary(qkv, cos, sin).reshape(B, T, d)
+        if rows is not None:
+            x = x.reshape(B * T, d).index_select(0, rows)
+            a = a.reshape(B * T, d).index_select(0, rows)
         x, h = ops.add_layer_norm(x, self.attn_out(a), self.norm2.weight, self.norm2.bias, self.dropout, self.training)
         return x + F.dropout(self.mlp(h), self.dropout, self.training)
 

@@ -7,8 +7,6 @@ loss and the sparse-head sampler use to run the head only where it is needed.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,8 +14,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import hub
 from ..config import RADDConfig, parse_dtype
+from .head import OutputHead
 from .layers import DDiTBlock, DDitFinalLayer, EmbeddingLayer, Rotary
 from .ops import get_ops
+from .precision import autocast, default_compute_dtype
 
 
 class RADD(nn.Module):
@@ -77,19 +77,15 @@ class RADD(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """Autocast dtype of the blocks and head. On CPU fp32 unless asked (the published
-        autocast is CUDA-only); on CUDA the config's dtype (reference) or bf16 (fast)."""
+        """Autocast dtype of the blocks and head: the explicit choice (``dtype=`` /
+        ``set_compute_dtype``), else fp32 off CUDA and the config's ``model.dtype`` on CUDA.
+        Independent of the kernel backend."""
         if self._dtype_override is not None:
             return self._dtype_override
-        if self.device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if self.backend == "fast" else parse_dtype(self.config.model.dtype)
+        return default_compute_dtype(self.device, self.config.model.dtype)
 
     def autocast(self):
-        dtype = self.compute_dtype
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.device, self.compute_dtype)
 
     # -- forward passes -------------------------------------------------------------------------
     def check_indices(self, indices: torch.Tensor) -> None:
@@ -105,28 +101,38 @@ class RADD(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}) (vocab size incl. MASK), "
                              f"got min {lo.item()} max {hi.item()}: vocab mismatch between data and model?")
 
-    def hidden(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
+    def hidden(self, indices: torch.Tensor, check: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Residual stream after the last block: [B, T] int -> [B, T, d] (fp32).
 
         ``check=False`` skips the token-range check (a host sync) for callers that already
         validated the tokens, e.g. the losses, which check the clean batch once.
+        ``rows``: [P] int64 flat indices into the B * T positions -> only their rows, [P, d]. The
+        last block then runs its attention output, MLP and residual adds at those rows alone (all
+        positions still give keys and values): exact, and about 1/n_blocks of the body cheaper.
         """
         if check:
             self.check_indices(indices)
         x = self.vocab_embed(indices)
         cos, sin = self.rotary_emb(indices.shape[1], x.device)
+        last = len(self.blocks) - 1
         with self.autocast():
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
+                block_rows = rows if i == last else None
                 if self.use_checkpoint and self.training:
-                    x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                    x = checkpoint(block, x, cos, sin, block_rows, use_reentrant=False)
                 else:
-                    x = block(x, cos, sin)
+                    x = block(x, cos, sin, block_rows)
+        if rows is not None and last < 0:  # no blocks: the embedding rows themselves
+            x = x.reshape(-1, x.shape[-1]).index_select(0, rows)
         return x
+
+    def output_head(self) -> OutputHead:
+        """The output head (final norm + projection) with this model's backend and compute dtype."""
+        return OutputHead(self.output_layer, self.backend, self.compute_dtype)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + output projection: [..., d] -> raw logits [..., V] (compute dtype)."""
-        with self.autocast():
-            return self.output_layer(h)
+        return self.output_head().logits(h)
 
     def logits(self, indices: torch.Tensor) -> torch.Tensor:
         """Raw logits [B, T, V]."""
@@ -138,24 +144,12 @@ class RADD(nn.Module):
 
     def log_probs_at(self, h: torch.Tensor) -> torch.Tensor:
         """Log-probs over the V-1 real tokens at selected rows only: h [N, d] -> [N, V-1] fp32."""
-        return self.head(h)[..., :-1].float().log_softmax(-1)
+        return self.output_head().log_probs(h)
 
     def target_log_probs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(targets) at selected rows: h [N, d] (from ``hidden``), targets [N] -> [N] fp32.
-
-        The fast backend never builds the [N, V] logits: the fused linear + log-softmax kernel
-        keeps an online log-sum-exp over vocabulary tiles. The reference is the published
-        computation (full log-softmax over the V-1 real tokens, then gather).
-        """
-        if self.backend == "fast":
-            from ..kernels.linear_log_softmax import linear_log_softmax_gather
-
-            dtype = self.compute_dtype
-            hn = self.output_layer.norm_final(h).to(dtype)
-            w, b = self.output_layer.linear.weight[:-1], self.output_layer.linear.bias[:-1]
-            # validate=False: no host sync per call; callers (losses, eval) check token ids up front.
-            return linear_log_softmax_gather(hn, w.to(dtype), b.to(dtype), targets, validate=False)[0]
-        return self.log_probs_at(h).gather(-1, targets[:, None]).squeeze(-1)
+        """log p(targets) at selected rows: h [N, d] (from ``hidden``), targets [N] -> [N] fp32
+        (``OutputHead.log_probs_at``: the fused loss head on the fast backend)."""
+        return self.output_head().log_probs_at(h, targets)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_pretrained(self, folder) -> None:

@@ -36,7 +36,9 @@ class SamplerConfig:
     buckets: pad evaluation shapes to powers of two (False:
     exact shapes); wave_size: rows planned at once (memory bound; default max(32 x rows, 4096));
     cuda_graphs: replay the body from CUDA graphs (default on for CUDA); compile: torch.compile
-    the body; use_kernels: override the head's backend policy (None: kernels on the fast backend).
+    the body; use_kernels: override the head's backend policy (None: kernels on the fast backend);
+    prune_last_block: the last block's attention output, MLP and residual adds only at the revealed
+    positions (exact: every position still gives keys and values).
     """
 
     steps: int = 1024
@@ -52,6 +54,7 @@ class SamplerConfig:
     cuda_graphs: bool | None = None
     compile: bool = False
     use_kernels: bool | None = None
+    prune_last_block: bool = True
     _strategy: Strategy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -135,7 +135,7 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
             wave = Wave(x0, group, K, rows, cfg.buckets)
             bar.total += wave.ticks
             bar.refresh()
-            out[w0:w0 + x0.shape[0]] = wave.run(body, head, cfg.strategy_fn, seed, counters.evaluations, bar)
+            out[w0:w0 + x0.shape[0]] = wave.run(body, head, cfg.strategy_fn, seed, counters.evaluations, bar, cfg.prune_last_block)
             counters.add(wave)
             enfe.append(K.cpu())
     finally:
@@ -216,28 +216,33 @@ class Wave:
     def ticks(self) -> int:
         return self.plan.ticks
 
-    def body_shapes(self) -> dict[tuple[int, int], int]:
-        """How often each (batch, length) evaluation shape occurs: the CUDA graphs worth capturing."""
-        shapes: dict[tuple[int, int], int] = {}
-        for b in self.plan.batch:
-            shapes[(int(b), self.L)] = shapes.get((int(b), self.L), 0) + 1
+    def body_shapes(self, prune: bool) -> dict[tuple[int, ...], int]:
+        """How often each evaluation shape occurs, (batch, length) or (batch, length, head rows) when the
+        last block is pruned: the CUDA graphs worth capturing."""
+        shapes: dict[tuple[int, ...], int] = {}
+        for b, p in zip(self.plan.batch, self.head_p):
+            shape = (int(b), self.L, int(p)) if prune else (int(b), self.L)
+            shapes[shape] = shapes.get(shape, 0) + 1
         return shapes
 
-    def evaluate(self, t: int, body, head, strategy, key: int) -> None:
-        """Evaluation t: the body on its rows, the head + strategy at the positions it reveals."""
+    def evaluate(self, t: int, body, head, strategy, key: int, prune: bool) -> None:
+        """Evaluation t: the body on its rows, the head + strategy at the positions it reveals.
+
+        prune: the body computes its last block at the revealed rows only (exact)."""
         Bb, N, P = int(self.plan.batch[t]), int(self.head_n[t]), int(self.head_p[t])
         rows, ks = self.rows_d[t, :Bb], self.k_d[t, :Bb]
-        h = body(self.x.index_select(0, rows))  # [Bb, L, d]
         reveal = (self.grp.index_select(0, rows) == ks[:, None]).view(-1)
         src, dst = compact(reveal, rows, self.L, P, N, self.trash)
-        head.sample_at(h.reshape(Bb * self.L, -1).index_select(0, src), dst, self.x_flat, strategy, key)
+        x = self.x.index_select(0, rows)
+        h_rows = body(x, src) if prune else body(x).reshape(Bb * self.L, -1).index_select(0, src)
+        head.sample_at(h_rows, dst, self.x_flat, strategy, key)
 
-    def run(self, body, head, strategy, seed: int, first_evaluation: int, bar) -> torch.Tensor:
+    def run(self, body, head, strategy, seed: int, first_evaluation: int, bar, prune: bool) -> torch.Tensor:
         """Every evaluation of the wave, in plan order: tokens [R, L]."""
         if self.ticks:
-            body.prepare(self.body_shapes())
+            body.prepare(self.body_shapes(prune))
         for t in range(self.ticks):
-            self.evaluate(t, body, head, strategy, noise_key(seed, first_evaluation + t))
+            self.evaluate(t, body, head, strategy, noise_key(seed, first_evaluation + t), prune)
             bar.update(1)
         return self.x[:self.R].clone()
 

@@ -16,17 +16,22 @@ MIN_TICKS_FOR_GRAPH = 4  # buckets used fewer times run eagerly (a capture costs
 
 
 class BodyRunner:
-    """x [Bb, L] int64 -> model.hidden(x) [Bb, L, d], through CUDA graphs where enabled."""
+    """The transformer body of one evaluation, through CUDA graphs where enabled.
+
+    ``body(x)``: x [Bb, L] int64 -> model.hidden(x) [Bb, L, d]; ``body(x, rows)`` with rows [P]
+    flat indices into the Bb * L positions -> their hidden rows [P, d] (the last block pruned to
+    them). A graph is keyed by the shapes it was captured for: (Bb, L) or (Bb, L, P).
+    """
 
     def __init__(self, model, cuda_graphs: bool, compile: bool):
         self.model = model
         self.fn = torch.compile(model.hidden, dynamic=False) if compile else model.hidden
         self.use_graphs = cuda_graphs
-        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graphs: dict[tuple[int, ...], tuple] = {}
         self.pool = None
 
-    def prepare(self, shapes_used: dict[tuple[int, int], int]) -> None:
-        """Capture one graph per (batch, length) used at least MIN_TICKS_FOR_GRAPH times, largest first."""
+    def prepare(self, shapes_used: dict[tuple[int, ...], int]) -> None:
+        """Capture one graph per shape used at least MIN_TICKS_FOR_GRAPH times, largest first."""
         if not self.use_graphs:
             return
         for shape in sorted(shapes_used, reverse=True):
@@ -41,28 +46,32 @@ class BodyRunner:
                 self.graphs.clear()
                 return
 
-    def _capture(self, shape):
+    def _capture(self, shape: tuple[int, ...]):
         device = self.model.device
-        inp = torch.full(shape, self.model.mask_id, dtype=torch.int64, device=device)
+        inp = torch.full(shape[:2], self.model.mask_id, dtype=torch.int64, device=device)
+        rows = torch.zeros(shape[2], dtype=torch.int64, device=device) if len(shape) == 3 else None
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: autotuning, caches, lazy init
             for _ in range(2):
-                self.fn(inp)
+                self.fn(inp, rows=rows)
         torch.cuda.current_stream(device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(inp)
-        return graph, inp, out
+            out = self.fn(inp, rows=rows)
+        return graph, inp, rows, out
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        entry = self.graphs.get(tuple(x.shape))
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        shape = tuple(x.shape) if rows is None else (*x.shape, rows.shape[0])
+        entry = self.graphs.get(shape)
         if entry is None:
-            return self.fn(x)
-        graph, inp, out = entry
+            return self.fn(x, rows=rows)
+        graph, inp, rows_buf, out = entry
         inp.copy_(x)
+        if rows is not None:
+            rows_buf.copy_(rows)
         graph.replay()
         return out  # valid until the next replay of any graph (shared pool): used at once
 
