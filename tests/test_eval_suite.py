@@ -21,8 +21,8 @@ from radd_fast.data import ByteTokenizer, get_tokenizer, load_blocks
 from radd_fast.evaluation import cli
 from radd_fast.evaluation.gen_ppl import load_scorer, unigram_entropy
 from radd_fast.evaluation.gen_suite import run_gen_suite, samples_path
-from radd_fast.evaluation.paper_numbers import GEN_PPL_FP64, ZERO_SHOT_DATASETS, ZERO_SHOT_TABLE
-from radd_fast.evaluation.protocol import EvalError, derived_seed, detokenizer_of
+from radd_fast.evaluation.paper_numbers import GEN_PPL_FP64, ZERO_SHOT_DATASETS, ZERO_SHOT_TABLE, paper_row
+from radd_fast.evaluation.protocol import EvalError, derived_seed, detokenizer_of, model_loss_type
 from radd_fast.evaluation.suite import STATE_FILE, run_zero_shot
 from radd_fast.losses import get_loss_fn
 from radd_fast.noise import get_noise
@@ -252,6 +252,14 @@ def test_a_hub_scorer_offline_fails_at_once(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # not cached here
     with pytest.raises(EvalError, match="HF_HUB_OFFLINE is set; pass --scorer <local folder"):
         load_scorer("gpt2-large", "cpu")
+
+
+def test_the_model_decides_its_loss_and_paper_row():
+    assert model_loss_type(tiny_model("k_DCE").config, "anything") == "k_DCE"  # recorded by training
+    assert model_loss_type(tiny_model(None).config, "JingyangOu/radd-t-dce") == "t_DCE"
+    assert model_loss_type(tiny_model(None).config, "JingyangOu/radd-lambda-dce") == "lambda_DCE"
+    assert paper_row("lambda_DCE", "/models/radd-t-dce/") == "radd-t-dce"  # the checkpoint's name wins
+    assert paper_row("lambda_DCE", "runs/mine") == "radd-lambda-dce" and paper_row("k_DCE", "runs/mine") is None
 
 
 def test_paper_numbers_are_the_published_ones():
