@@ -14,6 +14,7 @@ from radd_fast import PRESETS, RADD, RADDConfig
 from radd_fast.config import ModelConfig
 from radd_fast.flops import forward_flops_per_token
 
+from .run import markdown_table
 from .timing import median_ms, peak_memory_mb
 
 
@@ -63,7 +64,5 @@ def run(device: torch.device, quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from .run import markdown_table
-
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(markdown_table(run(dev, quick=dev.type != "cuda")))
