@@ -1,4 +1,4 @@
-"""Noise schedules (spec section 3): sigma(t) and its time derivative.
+"""Noise schedules (docs/MODEL.md, noise schedules): sigma(t) and its time derivative.
 
 A token is masked at time t with probability 1 - exp(-sigma(t)). Calling a
 schedule returns ``(sigma, dsigma)`` like the published ``noise(t)``.

@@ -1,4 +1,4 @@
-"""Losses (spec 4): each against a direct implementation of the published formulas on the
+"""Losses (docs/LOSSES.md): each against a direct implementation of the published formulas on the
 full ``model(x)`` log-probs, on the same perturbed batch (same RNG), values and gradients;
 expectation checks against exact any-order NLLs; bad inputs."""
 import importlib.util

@@ -64,7 +64,7 @@ def test_group_steps_ranks_distinct_steps():
 
 @pytest.mark.parametrize("steps,length", [(64, 64), (128, 32), (16, 100), (1, 7)])
 def test_enfe_matches_theory(steps, length):
-    """E-NFE per row = distinct reveal steps; mean N (1 - (1 - 1/N)^L) for loglinear (spec 5)."""
+    """E-NFE per row = distinct reveal steps; mean N (1 - (1 - 1/N)^L) for loglinear (docs/SAMPLING.md)."""
     R = 20000
     rates = update_rates(LogLinearNoise(), steps, "tweedie", eps=1e-5)
     _, K = group_steps(draw_reveal_steps(rates, torch.ones(R, length, dtype=torch.bool), torch.Generator().manual_seed(1)))

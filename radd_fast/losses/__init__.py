@@ -1,4 +1,4 @@
-"""RADD training / evaluation losses (spec 4) and the published ``get_loss_fn`` entry point.
+"""RADD training / evaluation losses (docs/LOSSES.md) and the published ``get_loss_fn`` entry point.
 
 Every loss is a small function of ``(model, batch, noise)`` returning the
 per-sequence loss [B]; ``get_loss_fn`` adds input checks, the published

@@ -1,4 +1,4 @@
-"""Exact NLL of one generation order (spec 4): ar_forward, ar_backward, ar_random.
+"""Exact NLL of one generation order (docs/LOSSES.md): ar_forward, ar_backward, ar_random.
 
 For i = 0..L-1 the positions ``order[i:]`` are masked and -log p of the token at
 ``order[i]`` is added: L forward passes of the whole batch, one head row per

@@ -1,4 +1,4 @@
-"""Denoising (score / concrete-score) losses of RADD (spec 4): t_DSE, t_DCE, lambda_DCE, k_DCE.
+"""Denoising (score / concrete-score) losses of RADD (docs/LOSSES.md): t_DSE, t_DCE, lambda_DCE, k_DCE.
 
 Each returns the per-sequence loss [B]. Each takes optional fixed randomness
 (``t`` / ``lam`` / ``k`` and ``perturbed``) so tests and evaluation can score a

@@ -1,4 +1,4 @@
-"""Time samplers (spec 4): one time (or masking rate) per sequence of a batch, in [0, 1).
+"""Time samplers (docs/LOSSES.md): one time (or masking rate) per sequence of a batch, in [0, 1).
 
 - ``naive``:     iid uniform.
 - ``vdm``:       ``t_j = (u0 + j/B) mod 1``, one ``u0`` per batch (stratified, low variance).

@@ -21,7 +21,7 @@ from .precision import autocast, default_compute_dtype
 
 
 class RADD(nn.Module):
-    """The published architecture (spec 2). Example::
+    """The published architecture (docs/MODEL.md). Example::
 
         cfg = RADDConfig(tokens=255, model=PRESETS["tiny"])
         model = RADD(cfg)

@@ -1,4 +1,4 @@
-"""Sampling from RADD (spec 5): the fast engine and the published-API reference samplers.
+"""Sampling from RADD (docs/SAMPLING.md): the fast engine and the published-API reference samplers.
 
 - ``generate(model, noise, num_samples, length, steps, config=SamplerConfig(...))``: the fast engine
   (engine.py), every option typed and validated in ``SamplerConfig`` (config.py);

@@ -1,4 +1,4 @@
-"""Conditioning (spec 5.4): fixed (position, token) pairs that are never masked and never change.
+"""Conditioning (docs/SAMPLING.md): fixed (position, token) pairs that are never masked and never change.
 
 Accepted forms, all turned into one "initial state" tensor [1 or R, L] holding the
 fixed tokens and MASK at every free position:

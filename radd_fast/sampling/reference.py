@@ -1,13 +1,13 @@
-"""Drop-in samplers with the published API and semantics (spec 5): the reference path.
+"""Drop-in samplers with the published API and semantics (docs/SAMPLING.md): the reference path.
 
 ``DiffusionSampler(method, model, noise, batch_dims, token_dim, strategy, ...)`` and
 ``OrderedSampler(model, batch_dims, token_dim, strategy, ...)`` follow the
 published loops step by step: a full forward (published output layout) on the
-rows that changed since their last evaluation (the per-row cache, spec 5.3), a
+rows that changed since their last evaluation (the per-row cache), a
 full log-softmax, then the strategy on every masked position. ``update_cnt``
 counts rows whose tokens changed, summed over steps (E-NFE x batch).
 
-Deliberate differences from the published code (spec quirks): random numbers are
+Deliberate differences from the published code (quirks): random numbers are
 drawn on the model's device (optionally from a seeded generator); the cache holds
 fp32 log-probs (published: fp16 probabilities); top-p / top-k exclude the MASK
 column; the default order of ``OrderedSampler`` is a permutation of the
@@ -20,7 +20,7 @@ same arguments and counters. Example::
 
     sampler = DiffusionSampler("tweedie", model, noise, (8, 1024), model.vocab_size, "direct")
     x = sampler.sample(1024)                        # [8, 1024] int64, no MASK left
-    print(sampler.update_cnt / 8)                   # ~647 = E-NFE (spec 5)
+    print(sampler.update_cnt / 8)                   # ~647 = E-NFE (docs/SAMPLING.md)
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ class Sampler:
 
 
 class DiffusionSampler(Sampler):
-    """tweedie / euler sampling with the per-row cache (spec 5, 5.3)."""
+    """tweedie / euler sampling with the per-row cache (docs/SAMPLING.md)."""
 
     def __init__(self, method, model, noise, batch_dims, token_dim, strategy, strategy_para=None, eps=1e-5,
                  device=None, **kwargs):
@@ -157,7 +157,7 @@ class DiffusionSampler(Sampler):
 
 
 class OrderedSampler(Sampler):
-    """Any-order autoregressive sampling (spec 5.5): one position (or one chunk) of ``order`` per step."""
+    """Any-order autoregressive sampling (docs/SAMPLING.md): one position (or one chunk) of ``order`` per step."""
 
     def __init__(self, model, batch_dims, token_dim, strategy, strategy_para=None, order=None, device=None, **kwargs):
         super().__init__(model, batch_dims, token_dim, strategy, strategy_para, device, **kwargs)

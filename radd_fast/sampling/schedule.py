@@ -1,7 +1,7 @@
-"""The reveal schedule (spec 5): which position of which row is revealed at which step.
+"""The reveal schedule (docs/SAMPLING.md): which position of which row is revealed at which step.
 
 A masked token's chance to be revealed at step i (the "update rate") depends only
-on the noise schedule, never on the model output (spec 5.1-5.3). So the whole
+on the noise schedule, never on the model output (docs/SAMPLING.md). So the whole
 schedule can be drawn up front: each free token draws its reveal step from the
 categorical P(step i) = rate_i * prod_{j<i} (1 - rate_j) (the last step reveals
 everything left). A row needs a model evaluation only at its distinct reveal
@@ -124,7 +124,7 @@ def group_steps(step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ordered_groups(free: torch.Tensor, steps: int, order: torch.Tensor | None = None,
                    generator: torch.Generator | None = None, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any-order AR schedule (spec 5.5): free positions revealed in ``order``, in ``steps`` chunks.
+    """Any-order AR schedule (docs/SAMPLING.md): free positions revealed in ``order``, in ``steps`` chunks.
 
     free [R, L] bool; order: a permutation of range(L) shared by all rows (fixed positions in it are
     skipped), or None for a random one (per row, or one for all rows when ``shared``, as published).
@@ -152,7 +152,7 @@ def ordered_groups(free: torch.Tensor, steps: int, order: torch.Tensor | None = 
 
 
 def expected_enfe(steps: int, n_free: int) -> float:
-    """E-NFE of a row with n_free masked tokens and loglinear noise: N (1 - (1 - 1/N)^L) (spec 5)."""
+    """E-NFE of a row with n_free masked tokens and loglinear noise: N (1 - (1 - 1/N)^L) (docs/SAMPLING.md)."""
     return steps * (1.0 - (1.0 - 1.0 / steps) ** n_free)
 
 
