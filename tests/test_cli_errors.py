@@ -159,6 +159,26 @@ def test_sample_bad_input_is_one_line(ckpts, capsys, case):
     assert "sample 0" not in captured.out  # nothing was sampled
 
 
+def test_a_refused_run_leaves_an_existing_out_file_alone(ckpts, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    out.write_text("earlier samples\n")
+    code = sample_cli.main(BASE + ["--model_path", ckpts["vocab"], "--out", str(out)])
+    _assert_one_error_line(code, capsys.readouterr().err, "vocab mismatch")
+    assert out.read_text() == "earlier samples\n"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into any folder")
+def test_out_in_an_unwritable_folder(ckpts, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code = sample_cli.main(BASE + ["--model_path", ckpts["good"], "--out", str(locked / "s.jsonl")])
+    finally:
+        locked.chmod(0o700)
+    _assert_one_error_line(code, capsys.readouterr().err, "--out", "cannot be written")
+
+
 def test_out_is_written_and_flushed_per_sample(ckpts, tmp_path, capsys):
     out = tmp_path / "s.jsonl"
     assert sample_cli.main(BASE + ["--model_path", ckpts["good"], "--batch_size", "3", "--rows_in_flight", "2",

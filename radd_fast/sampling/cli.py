@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -116,15 +117,16 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     run = check_args(build_parser().parse_args(_join_infill_values(argv)))
-    out = open_output(run.args.out)  # before any work: a bad path never costs a sampling run
+    out_path = check_output(run.args.out)  # before any work: a bad path never costs a sampling run
+    model, noise = _with_flag("--model_path", load_model, run.args.model_path, device=run.device,
+                              backend=_backend(run), dtype=run.args.dtype)
+    check_finite_weights(model, run.args.model_path)
+    tok = _with_flag("--tokenizer", load_tokenizer, run.args.tokenizer, model.config)
+    length = check_length(run.args.length, model.length)
+    init, cond = _conditioning(run, tok, length, model.mask_id)
+    sampler = run.sampler.replace(order=_order(run, length))
+    out = open_output(out_path)  # only now: a run refused above leaves an existing file as it was
     try:
-        model, noise = _with_flag("--model_path", load_model, run.args.model_path, device=run.device,
-                                  backend=_backend(run), dtype=run.args.dtype)
-        check_finite_weights(model, run.args.model_path)
-        tok = _with_flag("--tokenizer", load_tokenizer, run.args.tokenizer, model.config)
-        length = check_length(run.args.length, model.length)
-        init, cond = _conditioning(run, tok, length, model.mask_id)
-        sampler = run.sampler.replace(order=_order(run, length))
         t0 = time.perf_counter()
         enfe_all: list[int] = []
         chunks = _fast(run, sampler, model, noise, length, cond) if run.args.engine == "fast" else \
@@ -194,8 +196,8 @@ def parse_infill(spec: str) -> tuple[int, str]:
     return int(pos), text
 
 
-def open_output(path: str | None):
-    """The JSONL file opened for writing, or None; a missing or unwritable folder fails here."""
+def check_output(path: str | None) -> Path | None:
+    """The JSONL path, checked without touching it: a folder, a missing or unwritable folder fail here."""
     if path is None:
         return None
     target = Path(path).expanduser()
@@ -203,10 +205,20 @@ def open_output(path: str | None):
         raise SampleArgError(f"--out {path} is a folder; pass a file path, e.g. {target / 'samples.jsonl'}")
     if not target.parent.is_dir():
         raise SampleArgError(f"--out {path}: folder {target.parent} does not exist")
+    writable = os.access(target, os.W_OK) if target.exists() else os.access(target.parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise SampleArgError(f"--out {path} cannot be written (permission denied)")
+    return target
+
+
+def open_output(target: Path | None):
+    """The checked JSONL path opened for writing, or None."""
+    if target is None:
+        return None
     try:
         return target.open("w", encoding="utf-8")
-    except OSError as e:
-        raise SampleArgError(f"--out {path} cannot be written: {e.strerror}") from None
+    except OSError as e:  # e.g. a read-only file system, which os.access does not see
+        raise SampleArgError(f"--out {target} cannot be written: {e.strerror}") from None
 
 
 def load_tokenizer(name: str | None, config):
