@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 
 from .config import ConfigError, RADDConfig, parse_dtype
 from .errors import UserError
-from .hub import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, hub_unreachable_hint
+
+# save_pretrained / push_to_hub lived here before hub.py: still importable from here.
+from .hub import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, hub_unreachable_hint, push_to_hub, save_pretrained  # noqa: F401
 from .model import RADD
 from .noise import Noise, get_noise
 
