@@ -27,12 +27,17 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5, name: str = "") -> None:
-    """torch.testing.assert_close with a message that says where the worst mismatch is."""
+    """|actual - expected| <= atol + rtol |expected| at the finite entries of ``expected``, with a
+    message that says where the worst mismatch is; non-finite entries must match exactly.
+
+    Where ``expected`` holds NaN, ``actual`` must be NaN; where it holds +inf / -inf, the same
+    infinity; where it is finite, ``actual`` must be finite (NaN in an unwritten output fails)."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{name}: non-finite values (unwritten output?) at {(~torch.isfinite(a)).nonzero()[:5].tolist()}"
-    diff = (a - e).abs()
-    tol = atol + rtol * e.abs()
+    _assert_same_non_finite(a, e, name)
+    finite = torch.isfinite(e)
+    diff = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    tol = atol + rtol * torch.where(finite, e.abs(), torch.zeros_like(e))
     bad = diff > tol
     if bad.any():
         idx = diff.sub(tol).flatten().argmax().item()
@@ -42,6 +47,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-
             f"got {a.flatten()[idx].item():.6g}, expected {e.flatten()[idx].item():.6g} "
             f"(max abs diff {diff.max().item():.3g}, atol {atol}, rtol {rtol})"
         )
+
+
+def _assert_same_non_finite(a: torch.Tensor, e: torch.Tensor, name: str) -> None:
+    """NaN where expected is NaN, the same signed inf where it is inf, finite elsewhere (float64 [...])."""
+    for label, got, want in (
+        ("NaN", a.isnan(), e.isnan()),
+        ("+inf", a == float("inf"), e == float("inf")),
+        ("-inf", a == float("-inf"), e == float("-inf")),
+    ):
+        wrong = got != want
+        if wrong.any():
+            where = wrong.nonzero()[:5].tolist()
+            raise AssertionError(f"{name}: {label} positions differ from the expected tensor's "
+                                 f"({int(wrong.sum())} elements, first at {where}; unwritten output?)")
 
 
 def assert_within_torch_error(fast: torch.Tensor, ref32: torch.Tensor, torch_same_dtype: torch.Tensor, factor: float = 2.0, atol: float = 1e-6, name: str = "") -> None:
