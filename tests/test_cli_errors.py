@@ -298,3 +298,16 @@ def test_a_missing_scorer_skips_the_generative_perplexity(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "generative perplexity" in r.getMessage()]
     assert len(warnings) == 1 and "HF_HUB_OFFLINE is set" in warnings[0]  # once, not at every snapshot
     assert (tmp_path / "run" / "samples" / "iter_2" / "sample_0.txt").exists()
+
+
+def test_train_cli_arguments_per_rank():
+    """Ranks > 0 add Hydra's own quiet overrides (no .hydra, no run folder of their own); the
+    pre-check sees only the key=value overrides, not Hydra's flags or their values."""
+    from radd_fast.training import cli as train_cli
+
+    argv = ["model=tiny", "--cfg", "job", "optim.lr=1e-3"]
+    assert train_cli.hydra_arguments(argv, 0) == argv
+    assert train_cli.hydra_arguments(argv, 3) == [*argv, "hydra.output_subdir=null", "hydra.run.dir=."]
+    assert train_cli.task_overrides(argv) == ["model=tiny", "optim.lr=1e-3"]
+    with pytest.raises(ConfigError, match="Could not find 'model/huge'; Available options in 'model': medium"):
+        train_cli.check_overrides(["model=huge"])

@@ -56,11 +56,10 @@ def _main(argv: list[str]) -> int:
     if not (CONFIG_DIR / f"{CONFIG_NAME}.yaml").exists():
         raise ConfigError(f"no {CONFIG_NAME}.yaml in {CONFIG_DIR}: train.py runs from a radd-fast checkout")
     check_overrides(task_overrides(argv))
-    if int(os.environ.get("RANK", "0")) != 0:
-        argv = [*argv, *QUIET_RANK_OVERRIDES]
     failure: list[UserError] = []
     saved = sys.argv
-    sys.argv = [saved[0] if saved else "train.py", *argv]  # @hydra.main reads its arguments there
+    # @hydra.main reads its arguments from sys.argv: this call's, restored below.
+    sys.argv = [saved[0] if saved else "train.py", *hydra_arguments(argv, int(os.environ.get("RANK", "0")))]
     try:
         _hydra_entry(failure)
     finally:
@@ -68,6 +67,11 @@ def _main(argv: list[str]) -> int:
     if failure:  # raised inside the task, where Hydra would print it with a traceback
         raise failure[0]
     return 0
+
+
+def hydra_arguments(argv: list[str], rank: int) -> list[str]:
+    """What Hydra is given: the command line, plus the quiet overrides on ranks > 0."""
+    return [*argv, *QUIET_RANK_OVERRIDES] if rank != 0 else list(argv)
 
 
 def task_overrides(argv: list[str]) -> list[str]:
