@@ -5,6 +5,7 @@ import json
 import pytest
 
 import sample
+from radd_fast.sampling import cli as sample_cli
 
 from .test_sampling_utils import tiny_model
 
@@ -102,3 +103,27 @@ def test_cli_errors(ckpt, capsys, extra, message):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert message in err
+
+
+def test_chunks_are_written_as_they_finish_and_every_record_says_how_it_was_sampled(ckpt, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The fast engine samples one wave-sized chunk at a time (chunk c seeded from (--seed, c)); each chunk's
+    lines are on disk before the next chunk starts; fp64 Gumbel unless --sampling_dtype float32."""
+    out = tmp_path / "s.jsonl"
+    seen = []
+    real = sample_cli.generate
+
+    def spy(*args, **kwargs):
+        seen.append(len(out.read_text().splitlines()))  # lines written before this chunk starts
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample_cli, "generate", spy)
+    monkeypatch.setattr(sample_cli.SamplerConfig, "planned_wave_size", lambda self, rows: 4)
+    assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "10", "--steps", "4",
+                        "--seed", "3", "--out", str(out), "--no_progress", "--device", "cpu"]) == 0
+    assert seen == [0, 4, 8]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(10))
+    assert all("fp64 Gumbel" in r["sampler"] for r in rows)
+    assert "fp64 Gumbel" in capsys.readouterr().out.splitlines()[-1]
+    assert sample_cli.chunk_seed(3, 0) != sample_cli.chunk_seed(3, 1) == sample_cli.chunk_seed(3, 1)

@@ -9,20 +9,24 @@ published meanings, plus a few::
 
 ``--batch_size`` is the number of samples (published); ``--num_samples`` says the same and
 wins when both are given; ``--rows_in_flight`` is how many rows one model evaluation takes
-(default: up to 64 on CUDA, 16 on CPU). ``--method ordered`` reveals left to right as
+(default: from the free device memory, see ``SamplerConfig``). ``--method ordered`` reveals left to right as
 published (``--order random``: a random order per row). ``--strategy_para`` defaults to the
 published 0.8 for top_p, and to the published ``top_k_sampling`` k = 400 for top_k.
 
-Prints each sample, then one summary line: E-NFE (model evaluations per sample), tokens/s
-and wall time. ``--engine fast`` (default) runs ``radd_fast.sampling.generate``;
+Prints each sample, then one summary line: what was sampled (method, steps, strategy, the
+Gumbel dtype: float64 by default, the paper's protocol; ``--sampling_dtype float32`` draws
+the published code's noise), E-NFE (model evaluations per sample), tokens/s and wall time.
+The fast engine samples in chunks of a wave (``SamplerConfig.planned_wave_size``), chunk c
+seeded from (``--seed``, c), so every chunk is written as soon as it is done. ``--engine fast`` (default) runs ``radd_fast.sampling.generate``;
 ``--engine reference`` the published-style DiffusionSampler / OrderedSampler loop.
 ``--out`` writes JSONL, one object per sample, flushed as each is written:
-{"index", "text", "ids", "enfe"}. Every bad flag or file is one ``error: ...`` line and
+{"index", "text", "ids", "enfe", "sampler"}. Every bad flag or file is one ``error: ...`` line and
 exit code 2, found before any sampling (``--debug`` or ``RADD_DEBUG=1``: the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -38,7 +42,7 @@ from ..data.tokenizers import default_tokenizer_name, get_tokenizer
 from ..errors import UserError, run_cli
 from ..progress import progress_bar
 from .conditioning import initial_state, projection, text_conditioning
-from .config import SamplerConfig
+from .config import SamplerConfig, auto_rows_in_flight
 from .engine import generate
 from .reference import DiffusionSampler, OrderedSampler
 from .schedule import METHODS
@@ -48,8 +52,6 @@ from .strategies import STRATEGIES
 # whole number, so top_k takes the published top_k_sampling default instead (strategies.py).
 PUBLISHED_CLI_PARA = {"top_p": 0.8}
 ORDERS = ("left_to_right", "random")
-# Rows per model evaluation when --rows_in_flight is not given.
-AUTO_ROWS_IN_FLIGHT = {"cuda": 64, "cpu": 16}
 
 
 class SampleArgError(UserError):
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Additions.
     p.add_argument("--num_samples", type=int, default=None, help="number of samples (default: --batch_size)")
     p.add_argument("--rows_in_flight", type=int, default=None,
-                   help="rows per model evaluation (default: min(samples, 64) on CUDA, min(samples, 16) on CPU)")
+                   help="rows per model evaluation (default: from the free device memory; at most 16 on CPU)")
     p.add_argument("--order", choices=ORDERS, default="left_to_right",
                    help="--method ordered: reveal order (published: left to right)")
     p.add_argument("--prefix", default="", help="text fixed at the start")
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model kernels (default: fast on CUDA, reference elsewhere)")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (fast engine)")
-    p.add_argument("--sampling_dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--sampling_dtype", choices=("float32", "float64"), default="float64",
+                   help="Gumbel noise dtype: float64 (the paper's protocol) or float32 (the published code's noise)")
     p.add_argument("--out", default=None, help="JSONL output path (its folder must exist)")
     p.add_argument("--no_progress", action="store_true")
     return p
@@ -124,7 +127,9 @@ def _main(argv: list[str]) -> int:
     tok = _with_flag("--tokenizer", load_tokenizer, run.args.tokenizer, model.config)
     length = check_length(run.args.length, model.length)
     init, cond = _conditioning(run, tok, length, model.mask_id)
-    sampler = run.sampler.replace(order=_order(run, length))
+    rows = run.sampler.rows_in_flight or auto_rows_in_flight(run.num_samples, length, model.config.model.hidden_size,
+                                                             run.device)
+    sampler = run.sampler.replace(order=_order(run, length), rows_in_flight=rows)
     out = open_output(out_path)  # only now: a run refused above leaves an existing file as it was
     try:
         t0 = time.perf_counter()
@@ -132,7 +137,7 @@ def _main(argv: list[str]) -> int:
         chunks = _fast(run, sampler, model, noise, length, cond) if run.args.engine == "fast" else \
             _reference(run, sampler, model, noise, length, init)
         for first, tokens, enfe in chunks:
-            write_samples(out, tok, first, tokens, enfe)
+            write_samples(out, tok, first, tokens, enfe, sampler.describe())
             enfe_all += [int(e) for e in enfe]
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
@@ -140,7 +145,7 @@ def _main(argv: list[str]) -> int:
     finally:
         if out is not None:
             out.close()
-    print(summary_line(run, length, init, model.mask_id, enfe_all, wall))
+    print(summary_line(run, sampler, length, init, model.mask_id, enfe_all, wall))
     return 0
 
 
@@ -160,7 +165,7 @@ def check_args(args: argparse.Namespace) -> Run:
         sampler = SamplerConfig(steps=args.steps, method=args.method, strategy=args.strategy,
                                 strategy_para=_cli_para(args.strategy, args.strategy_para),
                                 sampling_dtype=args.sampling_dtype, compile=args.compile,
-                                rows_in_flight=rows_in_flight(args.rows_in_flight, num_samples, device))
+                                rows_in_flight=args.rows_in_flight)  # None: settled once the model is loaded
     except ValueError as e:
         raise SampleArgError(f"{e} (--strategy_para)" if "strategy_para" in str(e) else str(e)) from None
     return Run(args, device, num_samples, infill, sampler)
@@ -250,13 +255,6 @@ def check_length(length: int | None, model_length: int) -> int:
     return length
 
 
-def rows_in_flight(requested: int | None, num_samples: int, device: torch.device) -> int:
-    """Rows per evaluation: the flag, else a per-device cap on the number of samples."""
-    if requested is not None:
-        return requested
-    return min(num_samples, AUTO_ROWS_IN_FLIGHT.get(device.type, AUTO_ROWS_IN_FLIGHT["cpu"]))
-
-
 def _with_flag(flag: str, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` with any user error re-raised naming ``flag``."""
     try:
@@ -287,12 +285,22 @@ def _order(run: Run, length: int):
     return torch.arange(length) if run.args.method == "ordered" and run.args.order == "left_to_right" else None
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of sampling chunk ``chunk`` of a run seeded ``seed``: the same on any device or rank."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(chunk)}:sample".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**62 - 1)
+
+
 def _fast(run: Run, cfg: SamplerConfig, model, noise, length: int, cond):
-    """One ``generate`` call (it plans all rows together); the samples come back at its end.
+    """``generate`` one chunk of a wave at a time (chunk c seeded from (--seed, c)), each yielded when done.
     Its own summary line is off: this CLI prints one, the same for both engines."""
-    tokens, stats = generate(model, noise, run.num_samples, length, config=cfg, conditioning=cond,
-                             seed=run.args.seed, progress=not run.args.no_progress, summary=False)
-    yield 0, tokens, stats.enfe.tolist()
+    seed = run.args.seed if run.args.seed is not None else int(torch.randint(0, 2**62, ()))
+    chunk = cfg.planned_wave_size(cfg.rows_in_flight)
+    for c, first in enumerate(range(0, run.num_samples, chunk)):
+        n = min(chunk, run.num_samples - first)
+        tokens, stats = generate(model, noise, n, length, config=cfg, conditioning=cond, seed=chunk_seed(seed, c),
+                                 progress=not run.args.no_progress, summary=False)
+        yield first, tokens, stats.enfe.tolist()
 
 
 def _reference(run: Run, cfg: SamplerConfig, model, noise, length: int, init):
@@ -319,21 +327,24 @@ def _reference(run: Run, cfg: SamplerConfig, model, noise, length: int, init):
 
 
 # -- output --------------------------------------------------------------------------------------
-def write_samples(out, tok, first: int, tokens: torch.Tensor, enfe) -> None:
-    """Print each sample and append it to ``out`` (JSONL), flushed, so an interrupted run keeps it."""
+def write_samples(out, tok, first: int, tokens: torch.Tensor, enfe, sampler: str = "") -> None:
+    """Print each sample and append it to ``out`` (JSONL), flushed, so an interrupted run keeps it.
+    ``sampler``: ``SamplerConfig.describe()``, recorded in every line."""
     for i, ids in enumerate(tokens.cpu().tolist()):
         text = tok.decode(ids)
         print(f"{'=' * 30} sample {first + i} {'=' * 30}\n{text}", flush=True)
         if out is not None:
-            out.write(json.dumps({"index": first + i, "text": text, "ids": ids, "enfe": int(enfe[i])}) + "\n")
+            record = {"index": first + i, "text": text, "ids": ids, "enfe": int(enfe[i]), "sampler": sampler}
+            out.write(json.dumps(record) + "\n")
             out.flush()
 
 
-def summary_line(run: Run, length: int, init, mask_id: int, enfe: list[int], wall: float) -> str:
-    """The one summary of a call: samples, E-NFE per sample, sampled tokens per second, wall time."""
+def summary_line(run: Run, cfg: SamplerConfig, length: int, init, mask_id: int, enfe: list[int], wall: float) -> str:
+    """The one summary of a call: what was sampled, E-NFE per sample, sampled tokens per second, wall time."""
     n_free = int((init == mask_id).sum()) * (run.num_samples if init.shape[0] == 1 else 1)
     mean_enfe = sum(enfe) / max(len(enfe), 1)
-    return (f"engine {run.args.engine} | {run.num_samples} samples x {length} tokens | E-NFE {mean_enfe:.1f} "
+    return (f"engine {run.args.engine} | {cfg.describe()} | {run.num_samples} samples x {length} tokens | "
+            f"E-NFE {mean_enfe:.1f} "
             f"per sample | {n_free / max(wall, 1e-9):,.0f} tokens/s | wall {wall:.2f} s")
 
 
