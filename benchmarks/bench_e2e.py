@@ -1,26 +1,32 @@
-"""End-to-end suite: the published computation ("reference") vs radd-fast ("fast"), side by side.
+"""End-to-end suite: the published code, our reference and radd-fast, side by side in one process.
 
-    python -m benchmarks.bench_e2e [--quick] [--out DIR] [--sizes small,medium] [--sections ...] [--compile]
+    python -m benchmarks.bench_e2e [--quick] [--published PATH] [--out DIR] [--sizes small,medium]
+                                   [--sections sampling,train,eval,forward] [--steps 1024,4096] [--compile]
 
-Sections (each row names its section, size and provider):
+Providers (docs/BENCHMARKS.md): ``published`` = the published code itself, imported from PATH
+(``--published`` or ``RADD_PUBLISHED``; benchmarks/published.py); ``reference`` = our plain-PyTorch
+model and samplers at the published precision (fp16 autocast on CUDA); ``fast`` = the fast backend,
+fused masked loss, sampling engine (bf16); ``fast+compile`` with --compile. Every provider holds the
+same random weights (a non-zero output layer: a fresh model's zero head makes sampling degenerate).
+Ratios: ``vs published`` (the headline) and ``vs reference``, cost of the base / cost of the row.
+
+Sections, each row naming its section, size and provider:
 - forward: ``model(x)`` (published output, full [B, T, V]) over a batch sweep; tokens/s, TFLOP/s.
-- train: one optimizer step of lambda_DCE. reference = eager, full-logits loss (``model(x)`` then
-  gather, as published), fp16 autocast + GradScaler; fast = fast backend + fused masked loss
-  (``radd_fast.losses``) + bf16 (+ torch.compile of the blocks with --compile). tokens/s, MFU, peak MB.
-- sampling: tweedie + direct at steps {64, 256, 1024, 4096}: reference without cache (a full
-  forward of every row each step), reference with the published per-row cache (``DiffusionSampler``),
-  fast engine (``radd_fast.sampling.generate``). Wall time, E-NFE (+ theory N(1-(1-1/N)^L)), samples/s.
-- eval: zero-shot lambda_DCE on one [B, L] batch with a few Monte Carlo timesteps: published loop
-  (full logits, one forward per draw), ``evaluate_ppl`` reference engine, ``evaluate_ppl`` fast engine
-  (fused loss, bf16, draws batched). Throughput in sequences x timesteps / s.
+- train: one optimizer step of lambda_DCE (AdamW, grad clip 1.0, GradScaler in fp16); tokens/s,
+  MFU on the full-model FLOPs, peak MB. The first step (autotuning, compilation) is ``warmup_s``.
+- sampling: tweedie + direct at each steps value: the published sampler with its per-row cache and
+  without it, our reference sampler (cache), the fast engine. Wall time, E-NFE (+ theory
+  N(1-(1-1/N)^L)), samples/s, ms per ``rows/eval``-row evaluation against its FLOP roofline. The
+  engine's CUDA-graph capture is timed apart (``capture_s``) and not in its wall time.
+- eval: zero-shot lambda_DCE on one [B, L] batch with Monte Carlo timesteps: the published
+  evaluation computation, ``evaluate_ppl`` on the reference and fast models. seq x timesteps / s.
 
-Writes ``e2e.json`` (environment, settings, rows), ``e2e.md`` (one table per section) and PNG plots
-(benchmarks/plots.py; skipped with a message without matplotlib) into --out.
-Sizes: quick = d 32, 1 block, L 32, 256 tokens (CPU, about a minute); small = d 768 x 12 blocks, medium =
-d 1024 x 24 blocks, both V = 50258, L = 1024 (GPU). FLOPs per token: ``radd_fast.flops`` (the project's one
-count); a training step is 3x forward. MFU = achieved / the card's dense bf16 peak.
-On CPU the fast provider uses the fast backend's PyTorch fallbacks (the Triton interpreter is
-switched off for the run: interpreted kernels take minutes and time nothing real).
+Writes ``e2e.json`` (environment, settings, rows; rewritten after every section, so a run cut short
+keeps what it measured), ``e2e.md`` (one table per section) and PNG plots (benchmarks/plots.py).
+Sizes: quick = d 32, 1 block, L 32, 256 tokens (CPU, well under a minute); small = d 768 x 12 blocks,
+medium = d 1024 x 24 blocks, both V = 50258, L = 1024 (GPU). On CPU the fast backend runs its PyTorch
+fallbacks (the Triton interpreter is switched off for the run) on one thread: CPU tables prove the
+harness runs; they are not speed claims.
 """
 from __future__ import annotations
 
@@ -28,310 +34,309 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from radd_fast import PRESETS, RADD, RADDConfig, get_noise
-from radd_fast.config import ModelConfig
+from radd_fast import RADD
+from radd_fast.errors import run_cli
 from radd_fast.evaluation import evaluate_ppl
-from radd_fast.flops import forward_flops_per_token, peak_flops
+from radd_fast.flops import forward_flops_per_token, peak_flops, train_flops_per_token
 from radd_fast.losses import get_loss_fn
-from radd_fast.losses.masking import mask_with_prob
-from radd_fast.losses.time_samplers import decoupled
-from radd_fast.sampling import DiffusionSampler, expected_enfe, generate, update_rates
+from radd_fast.sampling import DiffusionSampler, generate
+from radd_fast.sampling import evaluator as sampling_evaluator
 
+from . import published as pubcode
+from .e2e_setup import (
+    CPU_LABEL,
+    PLANS,
+    Plan,
+    Providers,
+    add_ratios,
+    attempt,
+    build_providers,
+    cpu_settings,
+    dtype_name,
+    peak_mb,
+    published_dtype,
+    published_from_env,
+    reset_peak,
+    samples_for,
+    seconds,
+    size_config,
+    timed,
+)
+from .plots import make_plots
 from .run import environment, markdown_table
-from .timing import median_ms, sync
+from .timing import median_ms
 
 SECTIONS = ("forward", "train", "sampling", "eval")
+# The published training config (configs/config.yaml, optim section): our providers use the same.
+ADAMW = {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+GRAD_CLIP = 1.0
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Workload of one size: batch sweep of the forward, training batch / steps, sampling steps and
-    sample counts (reference samplers, fast engine), eval batch and Monte Carlo timesteps."""
-
-    forward_batches: tuple
-    train_batch: int
-    train_steps: int
-    sampling_steps: tuple
-    ref_samples: int
-    fast_samples: int
-    eval_batch: int
-    eval_mc: int
-
-
-PLANS = {
-    "quick": Plan((2, 8), 4, 2, (8, 32, 128), 16, 64, 4, 4),
-    "small": Plan((1, 4, 8, 16), 8, 5, (64, 256, 1024, 4096), 4, 16, 16, 16),
-    "medium": Plan((4, 8), 4, 5, (64, 256, 1024, 4096), 4, 16, 16, 16),
-}
-
-
-def size_config(size: str) -> RADDConfig:
-    if size == "quick":
-        return RADDConfig(tokens=256, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=1, length=32,
-                                                        dropout=0.0, name="quick"))
-    if size not in PRESETS:
-        raise ValueError(f"unknown size {size!r}; expected quick or one of {sorted(PRESETS)}")
-    return RADDConfig(tokens=50257, model=ModelConfig(**{**PRESETS[size].__dict__, "dropout": 0.02}))
-
-
-def providers(cfg: RADDConfig, device: torch.device, compile: bool = False) -> dict:
-    """reference: published computation and precision (fp16 autocast on CUDA); fast: fast backend, bf16.
-    Same weights (a random head: a fresh model's zero head would make every output uniform)."""
-    torch.manual_seed(0)
-    ref = RADD(cfg).to(device)
-    with torch.no_grad():
-        torch.nn.init.normal_(ref.output_layer.linear.weight, std=0.02)
-    cuda = device.type == "cuda"
-    ref.set_compute_dtype(torch.float16 if cuda else torch.float32)
-    fast = RADD(cfg, backend="fast").to(device).set_compute_dtype(torch.bfloat16 if cuda else torch.float32)
-    fast.load_state_dict(ref.state_dict())
-    out = {"reference": ref, "fast": fast}
-    if compile:
-        comp = RADD(cfg, backend="fast").to(device).set_compute_dtype(fast.compute_dtype)
-        comp.load_state_dict(ref.state_dict())
-        comp.validate_inputs = False  # its range check syncs (a graph break)
-        # The body has static [B, T] shapes; the loss's masked-row gather and fused head stay eager.
-        comp.hidden = torch.compile(comp.hidden)
-        out["fast+compile"] = comp
-    return out
-
-
-def _reset_peak(device) -> int:
-    """Start a peak-memory window; returns the bytes allocated now (the baseline)."""
-    if device.type != "cuda":
-        return 0
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device)
-
-
-def _peak_mb(device, before: int) -> float | None:
-    """Peak MB allocated above the baseline since ``_reset_peak`` (CUDA only)."""
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
-
-
-def _timed(fn, device, reps: int) -> float:
-    """Mean seconds of fn over reps runs (after one warm-up), synchronised."""
-    fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / reps
-
-
-# -- forward -------------------------------------------------------------------------------------------
-def bench_forward(models: dict, device, size: str, batches: tuple, T: int) -> list[dict]:
+# -- forward ---------------------------------------------------------------------------------------
+def bench_forward(P: Providers, device, size: str, batches: tuple, T: int) -> list[dict]:
     rows = []
-    V = models["reference"].vocab_size
+    flops = forward_flops_per_token(P.ref, T)
     for B in batches:
-        x = torch.randint(0, V - 1, (B, T), device=device)
-        base = None
-        for name, model in models.items():
-            model.eval()
+        x = torch.randint(0, P.ref.vocab_size - 1, (B, T), device=device)
+        runs = [("published", published_dtype(P, device), pubcode.forward_fn(P.pub_model, x))] if P.pub else []
+        runs += [(name, dtype_name(m), _our_forward(m, x)) for name, m in P.ours.items()]
+        group = []
+        for name, dtype, fn in runs:
+            def measure(fn=fn):
+                warm = seconds(fn, device)
+                before = reset_peak(device)
+                ms = median_ms(fn, device)
+                return {"ms": ms, "tokens/s": B * T / ms * 1e3, "TFLOP/s": flops * B * T / ms / 1e9,
+                        "peak_MB": peak_mb(device, before), "warmup_s": warm}
 
-            def fwd():
-                with torch.no_grad():
-                    return model(x)
-
-            before = _reset_peak(device)
-            ms = median_ms(fwd, device)
-            base = base or ms
-            rows.append({"section": "forward", "size": size, "provider": name, "B": B, "T": T, "ms": ms,
-                         "tokens/s": B * T / ms * 1e3,
-                         "TFLOP/s": forward_flops_per_token(model, T) * B * T / ms / 1e9,
-                         "peak_MB": _peak_mb(device, before), "speedup": base / ms})
+            attempt(group, {"section": "forward", "size": size, "provider": name, "dtype": dtype, "B": B, "T": T},
+                    measure)
+        rows += add_ratios(group, lambda r: r["ms"])
     return rows
 
 
-# -- training step -------------------------------------------------------------------------------------
-def published_lambda_dce(model: RADD, batch: torch.Tensor) -> torch.Tensor:
-    """The published loss computation: full [B, T, V] log-probs from ``model(x)``, gather, mask, sum / lam."""
-    lam = decoupled(batch.shape[0], batch.device)
-    perturbed = mask_with_prob(batch, lam, model.mask_id)
-    logp = model(perturbed).gather(-1, batch[..., None]).squeeze(-1)  # [B, T]
-    masked = perturbed == model.mask_id
-    return -(logp.double() * masked).sum(-1) / lam.double()
+def _our_forward(model: RADD, x):
+    model.eval()
+
+    @torch.no_grad()
+    def forward():
+        return model(x)
+
+    return forward
 
 
-def _train_step(model, loss_fn, opt, scaler, x):
+# -- training step ---------------------------------------------------------------------------------
+def _our_train_step(model: RADD, noise, x):
+    """Our training step at the published settings: lambda_DCE (masked rows through the head only),
+    AdamW, GradScaler when the autocast dtype is fp16, grad clip 1.0."""
+    model.train()
+    loss_fn = get_loss_fn(noise, model.vocab_size, train=True, loss_type="lambda_DCE")
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    scaler = torch.amp.GradScaler("cuda", enabled=x.device.type == "cuda" and model.compute_dtype == torch.float16)
+
     def step():
-        opt.zero_grad(set_to_none=True)
         loss = loss_fn(model, x).mean()
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         scaler.step(opt)
         scaler.update()
+        opt.zero_grad(set_to_none=True)
+
     return step
 
 
-def bench_train(models: dict, device, size: str, B: int, T: int, steps: int) -> list[dict]:
-    """AdamW steps (published hyper-parameters, grad clip 1.0) of lambda_DCE on a fixed batch."""
-    rows, base = [], None
-    cuda = device.type == "cuda"
-    for name, model in models.items():
-        model.train()
-        noise = get_noise(model.config).to(device)
-        fused = get_loss_fn(noise, model.vocab_size, train=True, loss_type="lambda_DCE")
-        loss_fn = published_lambda_dce if name == "reference" else fused
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        scaler = torch.amp.GradScaler("cuda", enabled=cuda and model.compute_dtype == torch.float16)
-        x = torch.randint(0, model.vocab_size - 1, (B, T), device=device)
-        before = _reset_peak(device)
-        sec = _timed(_train_step(model, loss_fn, opt, scaler, x), device, steps)
-        peak = _peak_mb(device, before)
-        model.zero_grad(set_to_none=True)
-        opt = None  # free the optimizer state before the next provider
-        base = base or sec
-        flops = 3 * forward_flops_per_token(model, T) * B * T
-        pf = peak_flops(device)
-        rows.append({"section": "train", "size": size, "provider": name, "B": B, "T": T,
-                     "dtype": str(model.compute_dtype).replace("torch.", ""), "ms": sec * 1e3,
-                     "tokens/s": B * T / sec, "MFU": flops / sec / pf if pf else None, "peak_MB": peak,
-                     "speedup": base / sec})
-        model.eval()
-    return rows
-
-
-# -- sampling ------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_without_cache(model: RADD, noise, num: int, L: int, steps: int, generator) -> torch.Tensor:
-    """tweedie + direct with a full forward of every row at every step (no cache): NFE = steps."""
-    device = model.device
-    rates = update_rates(noise, steps, "tweedie", device=device)
-    x = torch.full((num, L), model.mask_id, dtype=torch.long, device=device)
-    for i in range(steps):
-        logp = model(x)[..., :model.mask_id]
-        masked = x == model.mask_id
-        rate = rates[i].float()
-        scores = torch.cat([logp[masked] + rate.log(), torch.log1p(-rate).expand(int(masked.sum()), 1)], -1)
-        u = torch.rand(scores.shape, device=device, generator=generator).clamp_min(1e-20)
-        x[masked] = (scores - (-u.log()).log()).argmax(-1)
-    return x
-
-
-def bench_sampling(models: dict, device, size: str, steps_list: tuple, L: int, num_ref: int,
-                   num_fast: int) -> list[dict]:
-    ref, fast = models["reference"], models["fast"]
-    noise = get_noise(ref.config).to(device)
-    ref.eval()
-    fast.eval()
+def bench_train(P: Providers, device, size: str, B: int, T: int, steps: int) -> list[dict]:
+    """Optimizer steps on one fixed batch, per provider; the weights are restored afterwards."""
+    x = torch.randint(0, P.ref.vocab_size - 1, (B, T), device=device)
+    saved = {k: v.detach().clone() for k, v in P.ref.state_dict().items()}
+    published = lambda: pubcode.train_step_fn(P.pub, P.pub_model, P.pub_noise, x)
+    runs = [("published", published_dtype(P, device), published)] if P.pub else []
+    runs += [(name, dtype_name(m), lambda m=m: _our_train_step(m, P.noise, x)) for name, m in P.ours.items()]
+    flops = train_flops_per_token(P.ref, T) * B * T
+    peak = peak_flops(device)
     rows = []
-    for steps in steps_list:
-        g = torch.Generator(device=device).manual_seed(steps)
-        theory = expected_enfe(steps, L)
-        sync(device)
-        t0 = time.perf_counter()
-        sample_without_cache(ref, noise, num_ref, L, steps, g)
-        sync(device)
-        t_nc = time.perf_counter() - t0
-        sampler = DiffusionSampler("tweedie", ref, noise, (num_ref, L), ref.vocab_size, "direct", seed=steps)
-        t0 = time.perf_counter()
-        sampler.sample(steps)
-        sync(device)
-        t_c = time.perf_counter() - t0
-        generate(fast, noise, min(num_fast, 8), L, steps, seed=0, progress=False)  # warm-up (graphs, kernels)
-        _, stats = generate(fast, noise, num_fast, L, steps, seed=steps, progress=False)
-        common = {"section": "sampling", "size": size, "steps": steps, "L": L, "E-NFE theory": theory}
-        for provider, cache, num, wall, enfe in (
-                ("reference", False, num_ref, t_nc, float(steps)),
-                ("reference", True, num_ref, t_c, sampler.update_cnt / num_ref),
-                ("fast", True, num_fast, stats.wall_time, stats.enfe_mean)):
-            rows.append({**common, "provider": provider, "cache": cache, "samples": num, "wall_s": wall,
-                         "E-NFE": enfe, "samples/s": num / wall, "speedup": (num / wall) / (num_ref / t_nc)})
+    for name, dtype, make_step in runs:
+        def measure(make_step=make_step):
+            before = reset_peak(device)
+            warm, sec = timed(make_step(), device, steps)  # the optimizer state lives only in here
+            return {"ms": sec * 1e3, "tokens/s": B * T / sec, "MFU": flops / sec / peak if peak else None,
+                    "peak_MB": peak_mb(device, before), "warmup_s": warm}
+
+        attempt(rows, {"section": "train", "size": size, "provider": name, "dtype": dtype, "B": B, "T": T}, measure)
+        P.restore_weights(saved)
+    for model in [*P.ours.values(), *([P.pub_model] if P.pub else [])]:
+        model.eval()
+    return add_ratios(rows, lambda r: r["ms"])
+
+
+# -- sampling --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def graph_capture_seconds(device):
+    """Collects the seconds the engine spends capturing CUDA graphs (``BodyRunner.prepare``, which also
+    runs the warm-up calls that compile), so that its wall time can exclude them."""
+    spent: list[float] = []
+    runner = sampling_evaluator.BodyRunner
+    original = runner.prepare
+
+    def timed_prepare(self, shapes):
+        spent.append(seconds(lambda: original(self, shapes), device))
+
+    runner.prepare = timed_prepare
+    try:
+        yield spent
+    finally:
+        runner.prepare = original
+
+
+@dataclass
+class SampleRun:
+    """What one sampler call produced: tokens [n, L], E-NFE per sample, the seconds of graph capture
+    kept out of ``wall_s`` (None: no capture), the fraction of evaluated positions through the head."""
+
+    tokens: torch.Tensor
+    enfe: float
+    wall_s: float
+    capture_s: float | None = None
+    head_fraction: float = 1.0
+
+
+def _timed_sampler(fn, device) -> SampleRun:
+    """A sampler returning (tokens, E-NFE), timed as a whole (it captures nothing)."""
+    out = {}
+    wall = seconds(lambda: out.update(result=fn()), device)
+    tokens, enfe = out["result"]
+    return SampleRun(tokens, enfe, wall)
+
+
+def _engine_run(model: RADD, noise, num: int, L: int, steps: int, device) -> SampleRun:
+    """The fast engine; a short warm-up at the same rows in flight first (kernel compilation and
+    autotuning), and the graph capture of the timed call subtracted from its wall time."""
+    generate(model, noise, min(num, 64), L, min(steps, 16), seed=0, progress=False)
+    with graph_capture_seconds(device) as spent:
+        tokens, stats = generate(model, noise, num, L, steps, seed=steps, progress=False)
+    capture = getattr(stats, "capture_time", None)  # an engine that reports it already excludes it
+    wall = stats.wall_time
+    if capture is None:
+        capture = sum(spent)
+        wall -= capture
+    return SampleRun(tokens, stats.enfe_mean, wall, capture, stats.head_rows / max(stats.eval_rows * L, 1))
+
+
+def _our_cached(model: RADD, noise, num: int, L: int, steps: int):
+    sampler = DiffusionSampler("tweedie", model, noise, (num, L), model.vocab_size, "direct", seed=steps)
+    return sampler.sample(steps), sampler.update_cnt / num
+
+
+def _sampler_runs(P: Providers, device, plan: Plan, L: int, steps: int) -> list[tuple]:
+    """(provider, cache, samples, call -> SampleRun) for every sampler run at ``steps``."""
+    runs = []
+    cached = samples_for(plan.cached_samples, steps)
+    nocache = samples_for(plan.nocache_samples, steps)
+    if P.pub:
+        def published(n=cached):
+            return _timed_sampler(lambda: pubcode.sample_cached(P.pub, P.pub_model, P.pub_noise, n, L, steps,
+                                                                steps), device)
+
+        def published_nocache(n=nocache):
+            return _timed_sampler(lambda: pubcode.sample_without_cache(P.pub, P.pub_model, P.pub_noise, n, L,
+                                                                       steps, steps), device)
+
+        runs.append(("published", True, cached, published))
+        if nocache:
+            runs.append(("published no-cache", False, nocache, published_nocache))
+    runs.append(("reference", True, cached,
+                 lambda: _timed_sampler(lambda: _our_cached(P.ref, P.noise, cached, L, steps), device)))
+    runs.append(("fast", True, plan.fast_samples,
+                 lambda: _engine_run(P.ours["fast"], P.noise, plan.fast_samples, L, steps, device)))
+    return runs
+
+
+def _warm_up_samplers(P: Providers, L: int) -> None:
+    """Two steps of each eager sampler: cuBLAS / SDPA initialisation is not a sampler's time."""
+    if P.pub:
+        pubcode.sample_cached(P.pub, P.pub_model, P.pub_noise, 2, L, 2, 0)
+    _our_cached(P.ref, P.noise, 2, L, 2)
+
+
+def bench_sampling(P: Providers, device, size: str, plan: Plan, L: int) -> list[dict]:
+    """ms/eval = wall x rows/eval / (E-NFE x samples): one evaluation of rows/eval rows, the sampler's
+    own work per step included; roofline = its FLOPs (head at ``head_fraction`` of the positions)
+    over the card's dense 16-bit peak."""
+    peak = peak_flops(device)
+    unit = plan.rows_per_eval
+    rows = []
+    _warm_up_samplers(P, L)
+    for steps in plan.sampling_steps:
+        group = []
+        for provider, cache, num, call in _sampler_runs(P, device, plan, L, steps):
+            def measure(provider=provider, num=num, call=call):
+                before = reset_peak(device)
+                res = call()
+                if bool((res.tokens == P.ref.mask_id).any()):
+                    raise RuntimeError(f"{provider}: MASK tokens left after sampling")
+                ms_eval = res.wall_s * 1e3 * unit / (res.enfe * num)
+                roof = forward_flops_per_token(P.ref, L, res.head_fraction) * L * unit / peak * 1e3 if peak else None
+                note = {"note": pubcode.CPU_NOTE} if provider == "published" and device.type == "cpu" else {}
+                return {"wall_s": res.wall_s, "capture_s": res.capture_s, "E-NFE": res.enfe,
+                        "E-NFE theory": steps * (1 - (1 - 1 / steps) ** L), "samples/s": num / res.wall_s,
+                        "rows/eval": unit, "ms/eval": ms_eval, "roofline ms/eval": roof,
+                        "x roofline": ms_eval / roof if roof else None, "peak_MB": peak_mb(device, before), **note}
+
+            attempt(group, {"section": "sampling", "size": size, "provider": provider, "cache": cache,
+                            "steps": steps, "L": L, "samples": num}, measure)
+        rows += add_ratios(group, lambda r: r["wall_s"] / r["samples"])
     return rows
 
 
-# -- zero-shot evaluation ------------------------------------------------------------------------------
-def bench_eval(models: dict, device, size: str, B: int, L: int, mc: int) -> list[dict]:
-    ref = models["reference"]
-    noise = get_noise(ref.config).to(device)
-    x = torch.randint(0, ref.vocab_size - 1, (B, L), device=device)
-    ref.eval()
-
-    @torch.no_grad()
-    def published():
-        return sum(published_lambda_dce(ref, x).mean() for _ in range(mc)) / mc
+# -- zero-shot evaluation --------------------------------------------------------------------------
+def bench_eval(P: Providers, device, size: str, B: int, L: int, mc: int) -> list[dict]:
+    x = torch.randint(0, P.ref.vocab_size - 1, (B, L), device=device)
 
     def engine(model):
-        return lambda: evaluate_ppl(model, noise, [x], "lambda_DCE", mc, progress=False)
+        return lambda: evaluate_ppl(model, P.noise, [x], "lambda_DCE", mc, progress=False).mean_loss
 
-    runs = [("published loop", published), ("reference engine", engine(ref))]
-    runs += [(f"{name} engine", engine(m)) for name, m in models.items() if name != "reference"]
-    rows, base = [], None
+    runs = [("published", pubcode.eval_fn(P.pub, P.pub_model, P.pub_noise, x, mc))] if P.pub else []
+    runs += [(name, engine(m)) for name, m in P.ours.items()]
+    rows = []
+    reps = 2 if device.type == "cuda" else 1
     for name, fn in runs:
-        before = _reset_peak(device)
-        sec = _timed(fn, device, reps=2 if device.type == "cuda" else 1)
-        base = base or sec
-        rows.append({"section": "eval", "size": size, "provider": name, "B": B, "L": L, "mc_timesteps": mc,
-                     "s": sec, "seq*timesteps/s": B * mc / sec, "tokens/s": B * L * mc / sec,
-                     "peak_MB": _peak_mb(device, before), "speedup": base / sec})
-    return rows
+        def measure(fn=fn):
+            before = reset_peak(device)
+            loss = {}
+            warm, sec = timed(lambda: loss.update(value=float(fn())), device, reps)
+            return {"s": sec, "seq*timesteps/s": B * mc / sec, "tokens/s": B * L * mc / sec,
+                    "loss (nats/seq)": loss["value"], "peak_MB": peak_mb(device, before), "warmup_s": warm}
+
+        attempt(rows, {"section": "eval", "size": size, "provider": name, "B": B, "L": L, "mc_timesteps": mc},
+                measure)
+    return add_ratios(rows, lambda r: r["s"])
 
 
-# -- driver --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _cpu_settings(device: torch.device):
-    """On CPU: the fast backend's PyTorch fallbacks instead of the Triton interpreter, and one thread
-    (a shared CPU makes multi-threaded timings of tiny ops erratic). Restored afterwards."""
-    if device.type == "cuda":
-        yield
-        return
-    old_env, old_threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
-    os.environ["TRITON_INTERPRET"] = "0"
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        if old_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old_env
-
-
+# -- driver ----------------------------------------------------------------------------------------
 def run(device: torch.device, quick: bool, sizes=None, sections=SECTIONS, steps=None, compile: bool = False,
-        eval_mc: int | None = None) -> list[dict]:
-    """Every section for every size; returns one flat list of rows (the benchmarks.run contract).
-    Without CUDA only the quick size runs. Default sizes: quick, or small on a GPU (about two
-    minutes, what benchmarks.run / gpu_check can afford); the CLI adds medium."""
+        eval_mc: int | None = None, published=None, on_rows=None) -> list[dict]:
+    """Every section (in the order given) for every size; one flat list of rows (the benchmarks.run
+    contract). Without CUDA only the quick size runs. ``on_rows(rows)`` is called after each section."""
     device = torch.device(device)
     quick = quick or device.type != "cuda"
     sizes = list(sizes or (["quick"] if quick else ["small"]))
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; expected some of {SECTIONS}")
-    rows = []
-    with _cpu_settings(device):
+    published = published_from_env(published)
+    rows: list[dict] = []
+    with cpu_settings(device):
         for size in sizes:
-            cfg = size_config(size)
-            plan = PLANS[size]
-            plan = replace(plan, sampling_steps=tuple(steps or plan.sampling_steps), eval_mc=eval_mc or plan.eval_mc)
-            L = cfg.model.length
-            models = providers(cfg, device, compile)
-            if "forward" in sections:
-                rows += bench_forward(models, device, size, plan.forward_batches, L)
-            if "train" in sections:
-                rows += bench_train(models, device, size, plan.train_batch, L, plan.train_steps)
-            if "sampling" in sections:
-                rows += bench_sampling(models, device, size, plan.sampling_steps, L, plan.ref_samples,
-                                       plan.fast_samples)
-            if "eval" in sections:
-                rows += bench_eval(models, device, size, plan.eval_batch, L, plan.eval_mc)
-            del models
+            plan = replace(PLANS[size], sampling_steps=tuple(steps or PLANS[size].sampling_steps),
+                           eval_mc=eval_mc or PLANS[size].eval_mc)
+            _run_size(rows, size, plan, device, sections, compile, published, on_rows)
             if device.type == "cuda":
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # the size's models are gone
     return rows
+
+
+def _run_size(rows: list[dict], size: str, plan: Plan, device, sections, compile: bool, published, on_rows) -> None:
+    """The sections of one size, appended to ``rows`` (``on_rows(rows)`` after each)."""
+    cfg = size_config(size)
+    L = cfg.model.length
+    P = build_providers(cfg, device, compile, published)
+    section_runs = {
+        "forward": lambda: bench_forward(P, device, size, plan.forward_batches, L),
+        "train": lambda: bench_train(P, device, size, plan.train_batch, L, plan.train_steps),
+        "sampling": lambda: bench_sampling(P, device, size, plan, L),
+        "eval": lambda: bench_eval(P, device, size, plan.eval_batch, L, plan.eval_mc),
+    }
+    for section in sections:
+        rows += section_runs[section]()
+        if on_rows:
+            on_rows(rows)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -342,16 +347,37 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def header(env: dict, settings: dict, device: torch.device) -> str:
+    """The markdown preamble: what ran where (card, driver, versions, date, published code)."""
+    card = env.get("gpu") or "CPU"
+    lines = ["# End-to-end benchmark: published code vs reference vs radd-fast", "",
+             f"- card: {card}; driver: {env.get('driver') or '-'}; CUDA: {env.get('cuda') or '-'}",
+             f"- torch {env['torch']}, triton {env.get('triton')}, python {env['python']}; date {env['date']}",
+             f"- published code: {_published_line(env.get('published'))}",
+             f"- settings: `{json.dumps(settings)}`"]
+    if device.type != "cuda":
+        lines.append(f"- **{CPU_LABEL}**")
+    return "\n".join(lines) + "\n\n"
+
+
+def _published_line(info: dict | None) -> str:
+    if not info:
+        return "not given (--published PATH or $RADD_PUBLISHED): no published rows"
+    return f"`{info['path']}` (sha256 of its .py/.yaml files {info['sha256'][:16]}), rows labelled `{info['label']}`"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_e2e", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU-friendly, seconds)")
+    ap.add_argument("--published", default=None, metavar="PATH",
+                    help=f"a checkout of the published RADD code (default: ${pubcode.ENV_VAR}; none: no published rows)")
     ap.add_argument("--out", default="benchmarks/out/e2e", help="folder for e2e.json, e2e.md and the plots")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default=None,
-                    help="comma-separated: quick, small, medium (default: quick with --quick or on CPU, "
-                         "else small,medium)")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    ap.add_argument("--steps", default=None, help="sampling steps, comma-separated (default 64,256,1024,4096)")
+                    help="comma-separated: quick, small, medium (default: quick with --quick or on CPU, else small,medium)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, run in this order; of {SECTIONS}")
+    ap.add_argument("--steps", default=None, help="sampling steps, comma-separated (default: the size's plan)")
     ap.add_argument("--eval_mc", type=int, default=None, help="Monte Carlo timesteps in the eval section")
     ap.add_argument("--compile", action="store_true", help="add a fast+torch.compile provider")
     args = ap.parse_args(argv)
@@ -360,23 +386,32 @@ def main(argv=None) -> int:
     steps = [int(s) for s in split(args.steps)] if args.steps else None
     quick = args.quick or device.type != "cuda"
     sizes = split(args.sizes) or (["quick"] if quick else ["small", "medium"])
-    t0 = time.perf_counter()
-    rows = run(device, quick, sizes, split(args.sections), steps, args.compile, args.eval_mc)
+    published = published_from_env(args.published)
+    env = environment()
+    if published:
+        env["published"] = pubcode.load_published(published).describe()  # fails here, before any work
+    settings = {**vars(args), "published": published, "sizes": sizes}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items()}
-    (out / "e2e.json").write_text(json.dumps({"env": environment(), "settings": settings, "rows": rows},
-                                             indent=1, default=str))
-    table = markdown(rows)
-    (out / "e2e.md").write_text(f"# End-to-end benchmark\n\n`{json.dumps(environment())}`\n\n{table}")
-    print(table)
-    from .plots import make_plots
 
+    def write(rows):
+        (out / "e2e.json").write_text(json.dumps({"env": env, "settings": settings, "rows": rows}, indent=1,
+                                                 default=str))
+        (out / "e2e.md").write_text(header(env, settings, device) + markdown(rows))
+
+    t0 = time.perf_counter()
+    rows = run(device, quick, sizes, split(args.sections), steps, args.compile, args.eval_mc, published, write)
+    write(rows)
+    print(header(env, settings, device) + markdown(rows))
     for path in make_plots(rows, out):
         print(f"plot: {path}")
     print(f"results in {out} ({time.perf_counter() - t0:.0f} s)")
-    return 0 if all(math.isfinite(r.get("speedup", 0.0)) for r in rows) else 1
+    ratios = [v for r in rows for k, v in r.items() if k.startswith("vs ")]
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"FAILED: {len(failed)} provider runs (rows with an 'error' column)")
+    return 0 if ratios and not failed and all(math.isfinite(v) and v > 0 for v in ratios) else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -1,5 +1,6 @@
-"""The end-to-end benchmark suite in quick mode (CPU, tiny model): it runs, writes its JSON, table and
-plots, and the cached samplers' E-NFE matches the theory N (1 - (1 - 1/N)^L) within 5%."""
+"""The end-to-end benchmark suite in quick mode (CPU, tiny model): it runs every section with the
+published code beside ours (when the published checkout is there), writes its JSON, tables and
+plots, and every cached sampler's E-NFE matches the theory N (1 - (1 - 1/N)^L) within 5%."""
 from __future__ import annotations
 
 import json
@@ -8,36 +9,60 @@ import sys
 
 import pytest
 
-from benchmarks import bench_e2e
+from benchmarks import bench_e2e, e2e_setup
 from benchmarks.plots import make_plots
+from tests.test_published_harness import published_checkout
+
+OURS = ("reference", "fast")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """One quick run; with the published code when present (None: without, and its tests skip)."""
+    try:
+        published = published_checkout()
+    except pytest.skip.Exception:
+        published = None
     out = tmp_path_factory.mktemp("e2e")
-    assert bench_e2e.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
-    return out, json.loads((out / "e2e.json").read_text())
+    argv = ["--quick", "--device", "cpu", "--out", str(out)] + (["--published", str(published)] if published else [])
+    assert bench_e2e.main(argv) == 0
+    return out, json.loads((out / "e2e.json").read_text()), published
 
 
 def test_quick_run_writes_every_section(quick_run):
-    out, res = quick_run
+    out, res, published = quick_run
     rows = res["rows"]
-    assert {r["section"] for r in rows} == set(bench_e2e.SECTIONS)
+    assert [r["section"] for r in rows][0] == "forward" and {r["section"] for r in rows} == set(bench_e2e.SECTIONS)
     assert res["env"]["torch"] and res["settings"]["quick"] is True
+    for section in ("forward", "train", "eval"):
+        providers = [r["provider"] for r in rows if r["section"] == section]
+        assert set(providers) == set(OURS) | ({"published"} if published else set()), section
     for r in rows:
-        assert math.isfinite(r["speedup"]) and r["speedup"] > 0, r
-    train = [r for r in rows if r["section"] == "train"]
-    assert {r["provider"] for r in train} == {"reference", "fast"} and all(r["tokens/s"] > 0 for r in train)
-    evals = {r["provider"] for r in rows if r["section"] == "eval"}
-    assert evals == {"published loop", "reference engine", "fast engine"}
+        assert math.isfinite(r["vs reference"]) and r["vs reference"] > 0, r
+    assert all(r["tokens/s"] > 0 for r in rows if r["section"] == "train")
     md = (out / "e2e.md").read_text()
-    assert "## sampling" in md and "E-NFE" in md and "seq*timesteps/s" in md
+    assert e2e_setup.CPU_LABEL in md and "## sampling" in md and "E-NFE" in md and "seq*timesteps/s" in md
+
+
+def test_published_rows_are_the_baseline(quick_run):
+    _, res, published = quick_run
+    if not published:
+        published_checkout()  # skips with the reason
+    rows = res["rows"]
+    assert res["env"]["published"]["label"] == "published" and len(res["env"]["published"]["sha256"]) == 64
+    for r in rows:
+        assert math.isfinite(r["vs published"]) and r["vs published"] > 0, r
+        if r["provider"] == "published":
+            assert r["vs published"] == 1.0
+    sampling = {r["provider"] for r in rows if r["section"] == "sampling"}
+    assert sampling == {"published", "published no-cache", "reference", "fast"}
+    assert all("fp16" in r["note"] for r in rows if r["section"] == "sampling" and r["provider"] == "published")
 
 
 def test_enfe_matches_theory(quick_run):
-    _, res = quick_run
+    _, res, _ = quick_run
     sampling = [r for r in res["rows"] if r["section"] == "sampling"]
-    assert {r["steps"] for r in sampling} == set(bench_e2e.PLANS["quick"].sampling_steps)
+    assert {r["steps"] for r in sampling} == set(e2e_setup.PLANS["quick"].sampling_steps)
     for r in sampling:
         theory = r["steps"] * (1 - (1 - 1 / r["steps"]) ** r["L"])
         assert r["E-NFE theory"] == pytest.approx(theory)
@@ -45,11 +70,13 @@ def test_enfe_matches_theory(quick_run):
             assert abs(r["E-NFE"] - theory) <= 0.05 * theory, r
         else:
             assert r["E-NFE"] == r["steps"]
+        assert r["ms/eval"] == pytest.approx(r["wall_s"] * 1e3 * r["rows/eval"] / (r["E-NFE"] * r["samples"]))
+        assert r["roofline ms/eval"] is None  # no peak FLOP rate on CPU
 
 
 def test_plots(quick_run):
     pytest.importorskip("matplotlib")
-    out, _ = quick_run
+    out, _, _ = quick_run
     for name in ("enfe_vs_steps.png", "sampling_speedup.png", "tokens_per_s_vs_batch.png"):
         assert (out / name).stat().st_size > 1000
 
@@ -59,3 +86,24 @@ def test_plots_skip_without_matplotlib(quick_run, tmp_path, monkeypatch, capsys)
     assert make_plots(quick_run[1]["rows"], tmp_path) == []
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_plans_size_the_samplers():
+    small = e2e_setup.PLANS["small"]
+    assert e2e_setup.samples_for(small.cached_samples, 1024) == 16
+    assert e2e_setup.samples_for(small.cached_samples, 4096) == 8
+    assert e2e_setup.samples_for(small.nocache_samples, 4096) == 0  # not run: minutes at 4096 steps
+    assert small.fast_samples == small.rows_per_eval == 64
+
+
+def test_a_failing_provider_gets_an_error_row_and_no_ratio():
+    def broken():
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 6 GiB")
+
+    group = []
+    e2e_setup.attempt(group, {"provider": "published"}, broken)
+    e2e_setup.attempt(group, {"provider": "reference"}, lambda: {"s": 2.0})
+    e2e_setup.attempt(group, {"provider": "fast"}, lambda: {"s": 0.5})
+    e2e_setup.add_ratios(group, lambda r: r["s"])
+    assert group[0] == {"provider": "published", "error": "RuntimeError: CUDA out of memory. Tried to allocate 6 GiB"}
+    assert group[2]["vs reference"] == 4.0 and "vs published" not in group[2]
