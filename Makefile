@@ -1,7 +1,7 @@
 # Developer entry points. `make test` is the command CI runs (see README).
 PY ?= python
 
-.PHONY: test lint bench bench-quick bench-micro gpu-check
+.PHONY: test lint bench bench-quick bench-micro gpu-check mutate
 
 test:
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -p no:cacheprovider --benchmark-disable
@@ -20,3 +20,12 @@ gpu-check:
 
 bench-micro:
 	$(PY) -m pytest benchmarks/test_micro_kernels.py -p no:cacheprovider --benchmark-group-by=group
+
+# Mutation testing (not part of `test`: minutes per module). Needs mutmut (pip install mutmut==3.8.1).
+# make mutate                                      the core modules (tools/mutate.py CORE_MODULES)
+# make mutate MODULE=radd_fast/noise.py            one module
+# make mutate REPORT=benchmarks/results/mutation_<date>.md   also write the markdown report
+MODULE ?=
+REPORT ?=
+mutate:
+	TRITON_INTERPRET=1 $(PY) tools/mutate.py $(if $(MODULE),$(MODULE),--all) $(if $(REPORT),--report $(REPORT),)
