@@ -215,26 +215,21 @@ def _our_cached(model: RADD, noise, num: int, L: int, steps: int):
 
 
 def _sampler_runs(P: Providers, device, plan: Plan, L: int, steps: int) -> list[tuple]:
-    """(provider, cache, samples, call -> SampleRun) for every sampler run at ``steps``."""
-    runs = []
+    """(provider, cache, samples, call -> SampleRun) for every sampler run at ``steps``, the figures
+    that matter most first (a run cut short by a timeout keeps them): the engine, the published
+    sampler, our reference, the published sampler without its cache."""
     cached = samples_for(plan.cached_samples, steps)
     nocache = samples_for(plan.nocache_samples, steps)
+    runs = [("fast", True, plan.fast_samples,
+             lambda: _engine_run(P.ours["fast"], P.noise, plan.fast_samples, L, steps, device))]
     if P.pub:
-        def published(n=cached):
-            return _timed_sampler(lambda: pubcode.sample_cached(P.pub, P.pub_model, P.pub_noise, n, L, steps,
-                                                                steps), device)
-
-        def published_nocache(n=nocache):
-            return _timed_sampler(lambda: pubcode.sample_without_cache(P.pub, P.pub_model, P.pub_noise, n, L,
-                                                                       steps, steps), device)
-
-        runs.append(("published", True, cached, published))
-        if nocache:
-            runs.append(("published no-cache", False, nocache, published_nocache))
+        runs.append(("published", True, cached, lambda: _timed_sampler(
+            lambda: pubcode.sample_cached(P.pub, P.pub_model, P.pub_noise, cached, L, steps, steps), device)))
     runs.append(("reference", True, cached,
                  lambda: _timed_sampler(lambda: _our_cached(P.ref, P.noise, cached, L, steps), device)))
-    runs.append(("fast", True, plan.fast_samples,
-                 lambda: _engine_run(P.ours["fast"], P.noise, plan.fast_samples, L, steps, device)))
+    if P.pub and nocache:
+        runs.append(("published no-cache", False, nocache, lambda: _timed_sampler(
+            lambda: pubcode.sample_without_cache(P.pub, P.pub_model, P.pub_noise, nocache, L, steps, steps), device)))
     return runs
 
 

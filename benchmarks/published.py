@@ -139,8 +139,14 @@ def load_published(path) -> Published:
     if root in _LOADED:
         return _LOADED[root]
     check_dependencies()
+    modules = {}
     with _isolated_imports(root), quiet():
-        modules = {name: importlib.import_module(name) for name in MODULES}
+        for name in MODULES:
+            try:
+                modules[name] = importlib.import_module(name)
+            except Exception as e:  # their code, their dependencies: say which module, from where
+                raise PublishedCodeError(f"importing {name} of the published code at {root} failed: "
+                                         f"{type(e).__name__}: {e}") from e
     pub = Published(path=root, modules=modules, digest=tree_digest(root))
     _LOADED[root] = pub
     return pub
