@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from benchmarks import gpu_summary
 from benchmarks import run as bench_run
 
 
@@ -26,3 +27,16 @@ def test_failing_benchmark_is_reported_and_fails_the_run(tmp_path, monkeypatch, 
     monkeypatch.setattr(bench_run, "MODULES", ["does_not_exist"])
     assert bench_run.main(["--quick", "--out", str(tmp_path)]) == 1
     assert "does_not_exist: FAILED" in capsys.readouterr().out
+
+
+def test_markdown_table_marks_missing_values():
+    table = bench_run.markdown_table([{"a": 1.5, "b": None}, {"a": 2.0}])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1.5 | - |", "| 2 |  |"]
+
+
+def test_gpu_summary_says_what_is_missing_and_reads_pytest(tmp_path, capsys):
+    assert gpu_summary.main([str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "no env.txt" in text and "pytest: no tests.log" in text and "no e2e/e2e.json" in text
+    assert gpu_summary.pytest_line("x\n===== 3 passed, 1 skipped in 2.01s =====\n") == "3 passed, 1 skipped in 2.01s"
+    assert gpu_summary.pytest_line("collecting\n") == "no pytest summary line (cut short?)"
