@@ -94,6 +94,55 @@ class DDiTBlock(nn.Module):
         x, h = ops.add_layer_norm(x, self.attn_out(a), self.norm2.weight, self.norm2.bias, self.dropout, self.training)
         return x + F.dropout(self.mlp(h), self.dropout, self.training)
 
+    # -- the approximate sampler's key/value cache (radd_fast/model/kv_cache.py) --------------------
+    def forward_filling(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` that also returns this block's keys and values for a cache (inference only).
+
+        x: [B, T, d]; cos, sin: [T, hd/2] -> (out, k, v): out exactly ``forward(x, cos, sin, rows)``
+        (the same ops on the same shapes, so bit-equal), k and v [B, T, h, hd] in the compute dtype,
+        k after rotary. The keys come from a separate rotary pass because the fast attention may fuse
+        rotary into its loads and never materialise them; that pass costs one read of q and k.
+        """
+        B, T, d = x.shape
+        ops = self.ops
+        h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias)
+        qkv = self.attn_qkv(h).view(B, T, 3, self.n_heads, d // self.n_heads)
+        a = ops.attention_with_rotary(qkv, cos, sin).reshape(B, T, d)
+        k, v = ops.rotary(qkv, cos, sin)[:, :, 1:].unbind(2)
+        if rows is not None:
+            x = x.reshape(B * T, d).index_select(0, rows)
+            a = a.reshape(B * T, d).index_select(0, rows)
+        x, h = ops.add_layer_norm(x, self.attn_out(a), self.norm2.weight, self.norm2.bias, self.dropout, self.training)
+        return x + F.dropout(self.mlp(h), self.dropout, self.training), k, v
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slots: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+        """This block at a few positions per row, attending over cached keys and values (inference only).
+
+        x: [B, S, d] residual rows of the pushed positions; cos, sin: [B * S, hd/2] rotary tables
+        gathered at their positions; k_cache, v_cache: [slots + 1, L + 1, h, hd] this block's cache
+        (position L is a dump for padding queries, never attended to); slots: [B] each row's cache
+        slot; write: [B * S] flat indices into [(slots + 1) * (L + 1)] where each position's new key
+        and value go (padding: the dump position). The pushed positions' entries are overwritten
+        first, then their queries attend over all L cached keys of their row -> [B, S, d].
+        """
+        B, S, d = x.shape
+        n_slots, L1, nh, hd = k_cache.shape
+        ops = self.ops
+        h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias)
+        # [1, B * S] so that each query row gets its own position's rotary table
+        qkv = ops.rotary(self.attn_qkv(h).view(1, B * S, 3, nh, hd), cos, sin).view(B, S, 3, nh, hd)
+        q, k, v = qkv.unbind(2)  # [B, S, h, hd]
+        k_cache.view(n_slots * L1, nh, hd).index_copy_(0, write, k.reshape(B * S, nh, hd).to(k_cache.dtype))
+        v_cache.view(n_slots * L1, nh, hd).index_copy_(0, write, v.reshape(B * S, nh, hd).to(v_cache.dtype))
+        keys = k_cache.index_select(0, slots)[:, :L1 - 1].transpose(1, 2)  # [B, h, L, hd]
+        values = v_cache.index_select(0, slots)[:, :L1 - 1].transpose(1, 2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values)  # [B, h, S, hd]
+        a = a.transpose(1, 2).reshape(B, S, d)
+        x, h = ops.add_layer_norm(x, self.attn_out(a), self.norm2.weight, self.norm2.bias, self.dropout, self.training)
+        return x + F.dropout(self.mlp(h), self.dropout, self.training)
+
 
 class DDitFinalLayer(nn.Module):
     """LN_final then Linear(d, V); zero-initialised as published."""
