@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,10 @@ class SamplerConfig:
     the body; use_kernels: override the head's backend policy (None: kernels on the fast backend);
     prune_last_block: the last block's attention output, MLP and residual adds only at the revealed
     positions (exact: every position still gives keys and values).
+    Approximate (opt-in, changes the samples): refresh_every: None (exact, the default) or R >= 1: a
+    row's every R-th evaluation is exact and fills a cache of its keys and values, the R - 1 between
+    push only the positions changed since then and those revealed now (sampling/cached.py;
+    docs/SAMPLING.md, "Beyond exact"); R = 1 gives the exact samples.
     """
 
     steps: int = 1024
@@ -55,6 +60,7 @@ class SamplerConfig:
     compile: bool = False
     use_kernels: bool | None = None
     prune_last_block: bool = True
+    refresh_every: int | None = None
     _strategy: Strategy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -69,6 +75,8 @@ class SamplerConfig:
             raise ValueError(f"rows_in_flight (batch_size) must be >= 1, got {self.rows_in_flight!r}")
         if self.wave_size is not None and int(self.wave_size) < 1:
             raise ValueError(f"wave_size must be >= 1, got {self.wave_size!r}")
+        if self.refresh_every is not None:
+            object.__setattr__(self, "refresh_every", _check_refresh_every(self.refresh_every))
 
     @property
     def strategy_fn(self) -> Strategy:
@@ -93,8 +101,23 @@ class SamplerConfig:
     def describe(self) -> str:
         """One line for summaries and JSONL records: what was sampled, and how the noise was drawn."""
         para = "" if self.strategy_para is None else f"={self.strategy_para}"
+        approximate = "" if self.refresh_every is None else f", approximate (refresh every {self.refresh_every})"
         return (f"{self.method}, {self.steps} steps, {self.strategy}{para}, "
-                f"{self.sampling_dtype.replace('float', 'fp')} Gumbel")
+                f"{self.sampling_dtype.replace('float', 'fp')} Gumbel{approximate}")
+
+    @property
+    def approximate(self) -> bool:
+        """True when the samples do not follow the model exactly (key/value caching is on)."""
+        return self.refresh_every is not None
+
+
+def _check_refresh_every(value) -> int:
+    """A whole number >= 1 (bools and fractions refused: a typo must not silently round)."""
+    whole = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and value == int(value)
+    if not whole or int(value) < 1:
+        raise ValueError(f"refresh_every must be a whole number >= 1 (or None for the exact sampler), got {value!r}")
+    return int(value)
 
 
 # Rows in flight when not given: enough to fill a GPU's SMs with RADD-small-sized matmuls (an estimate
@@ -103,13 +126,15 @@ MAX_AUTO_ROWS = {"cuda": 256, "cpu": 16}
 ACTIVATION_BYTES_PER_TOKEN_DIM = 64  # transient inference activations per token and model dim (2x margin)
 
 
-def auto_rows_in_flight(num_samples: int, length: int, hidden_size: int, device: torch.device) -> int:
+def auto_rows_in_flight(num_samples: int, length: int, hidden_size: int, device: torch.device,
+                        cache_bytes_per_row: int = 0) -> int:
     """Rows per evaluation: at most ``MAX_AUTO_ROWS`` for the device type and ``num_samples``, and on CUDA
-    what half of the free memory holds at about 64 bytes per token and model dim (no gradients kept)."""
+    what half of the free memory holds at about 64 bytes per token and model dim (no gradients kept),
+    plus ``cache_bytes_per_row`` (the approximate sampler's key/value cache, ``KVCache.bytes_per_row``)."""
     cap = MAX_AUTO_ROWS.get(device.type, MAX_AUTO_ROWS["cpu"])
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        per_row = ACTIVATION_BYTES_PER_TOKEN_DIM * length * hidden_size
+        per_row = ACTIVATION_BYTES_PER_TOKEN_DIM * length * hidden_size + int(cache_bytes_per_row)
         cap = min(cap, max(1, int(0.5 * free // per_row)))
     return max(1, min(cap, int(num_samples)))
 

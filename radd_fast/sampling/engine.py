@@ -13,7 +13,9 @@
 Host syncs: two per wave (the plan needs K and the per-evaluation head counts),
 one at the end (the no-MASK-left check); none inside the loop. Rows are processed
 in waves of ``wave_size`` (default max(32 x rows in flight, 4096)) to bound memory.
-Every option lives in ``SamplerConfig`` (config.py).
+Every option lives in ``SamplerConfig`` (config.py). ``refresh_every=R`` (opt-in, approximate)
+swaps ``Wave`` for ``cached.CachedWave``, which reuses each row's keys and values between
+full evaluations (docs/SAMPLING.md, "Beyond exact"); None (the default) is this exact engine.
 
 Example::
 
@@ -31,8 +33,10 @@ import numpy as np
 import torch
 
 from ..model.head import noise_key
+from ..model.kv_cache import KVCache
 from ..progress import progress_bar
 from .batching import plan_ticks
+from .cached import CachedWave
 from .conditioning import initial_state
 from .config import SamplerConfig, auto_rows_in_flight, sampler_config
 from .evaluator import BodyRunner, compact
@@ -55,6 +59,15 @@ class SamplingStats:
     cuda_graphs: int  # graphs captured
     sampler: str = ""  # SamplerConfig.describe(): method, steps, strategy, Gumbel dtype
     rows_in_flight: int = 0  # rows per evaluation (the batch of the body)
+    body_token_rows: int = 0  # positions pushed through the blocks (exact engine: L per row evaluation)
+    body_token_rows_padded: int = 0  # the same, with the padding of the static shapes
+    body_token_rows_exact: int = 0  # what the exact engine computes for the same evaluations (L per row evaluation)
+    refresh_every: int | None = None  # None: exact; R: the approximate sampler (cached.py)
+
+    @property
+    def body_fraction(self) -> float:
+        """Body token-rows computed as a fraction of the exact engine's (1.0 when exact)."""
+        return self.body_token_rows / max(self.body_token_rows_exact, 1)
 
     @property
     def enfe_mean(self) -> float:
@@ -70,12 +83,14 @@ class SamplingStats:
 
     def summary(self) -> str:
         """The one summary line of a run."""
-        return (f"{self.sampler} | E-NFE {self.enfe_mean:.1f} per sample | {self.tokens_per_s:,.0f} tokens/s | "
+        body = "" if self.refresh_every is None else f" | body token-rows {100 * self.body_fraction:.0f}% of exact"
+        return (f"{self.sampler} | E-NFE {self.enfe_mean:.1f} per sample{body} | {self.tokens_per_s:,.0f} tokens/s | "
                 f"{self.samples_per_s:.2f} samples/s | {self.wall_time:.2f} s")
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "enfe"}
-        out.update(enfe_mean=self.enfe_mean, samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s)
+        out.update(enfe_mean=self.enfe_mean, samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s,
+                   body_fraction=self.body_fraction)
         return out
 
 
@@ -96,7 +111,8 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     ``options`` override its fields (``batch_size`` is accepted for ``rows_in_flight``), and ``steps``
     overrides ``config.steps``. conditioning: fixed tokens, never changed (see conditioning.py);
     seed: deterministic output on one device; progress: a tqdm bar over evaluations; summary: print
-    one summary line at the end (default: with ``progress``).
+    one summary line at the end (default: with ``progress``). ``refresh_every=R`` (an option) samples
+    approximately, reusing keys and values for R - 1 evaluations of a row out of R (cached.py).
     """
     _check_model(model)
     cfg = sampler_config(config, **options, **({} if steps is None else {"steps": steps}))
@@ -114,7 +130,9 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     generator = torch.Generator(device=device).manual_seed(int(seed))
     init = initial_state(conditioning, num_samples, length, model.mask_id, device)
     rates = update_rates(noise, cfg.steps, cfg.method, cfg.eps, device) if cfg.needs_noise else None
-    rows = cfg.rows_in_flight or auto_rows_in_flight(num_samples, length, model.config.model.hidden_size, device)
+    cache_bytes = 0 if cfg.refresh_every is None else KVCache.bytes_per_row(model, length)
+    rows = cfg.rows_in_flight or auto_rows_in_flight(num_samples, length, model.config.model.hidden_size, device,
+                                                     cache_bytes)
     wave_size = cfg.planned_wave_size(rows)
     cuda_graphs = device.type == "cuda" if cfg.cuda_graphs is None else bool(cfg.cuda_graphs) and device.type == "cuda"
 
@@ -123,6 +141,7 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     model.validate_inputs = False  # its check syncs; the tokens written here are valid by construction
     body = BodyRunner(model, cuda_graphs, cfg.compile)
     head = model.output_head().sampler(cfg.noise_dtype, generator, cfg.use_kernels)
+    cache = None if cfg.refresh_every is None else KVCache.allocate(model, rows, length)  # approximate: per row in flight
     out = torch.empty(num_samples, length, dtype=torch.int64, device=device)
     counters = Counters()
     enfe = []
@@ -132,7 +151,10 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
         for w0 in range(0, num_samples, wave_size):
             x0 = init.expand(num_samples, length)[w0:w0 + wave_size]
             group, K = _reveal_groups(x0 == model.mask_id, rates, cfg, generator)
-            wave = Wave(x0, group, K, rows, cfg.buckets)
+            if cache is None:
+                wave = Wave(x0, group, K, rows, cfg.buckets)
+            else:
+                wave = CachedWave(x0, group, K, rows, cfg.buckets, cfg.refresh_every, cache)
             bar.total += wave.ticks
             bar.refresh()
             out[w0:w0 + x0.shape[0]] = wave.run(body, head, cfg.strategy_fn, seed, counters.evaluations, bar, cfg.prune_last_block)
@@ -150,7 +172,8 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     enfe = torch.cat(enfe) if enfe else torch.zeros(0, dtype=torch.int64)
     stats = SamplingStats(enfe=enfe, enfe_theory=_theory(rates, init, model.mask_id), wall_time=wall,
                           num_samples=num_samples, length=length, steps=cfg.steps, cuda_graphs=len(body.graphs),
-                          sampler=cfg.describe(), rows_in_flight=rows, **counters.as_dict())
+                          sampler=cfg.describe(), rows_in_flight=rows, refresh_every=cfg.refresh_every,
+                          **counters.as_dict())
     if progress if summary is None else summary:
         print(stats.summary())
     return out, stats
@@ -172,13 +195,20 @@ class Counters:
     eval_rows: int = 0
     eval_rows_padded: int = 0
     evaluations: int = 0
+    body_token_rows: int = 0
+    body_token_rows_padded: int = 0
+    body_token_rows_exact: int = 0
 
-    def add(self, wave: "Wave") -> None:
+    def add(self, wave) -> None:
+        """A finished wave: a ``Wave`` or a ``cached.CachedWave`` (both give these counts)."""
         self.evaluations += wave.ticks
-        self.eval_rows += int(wave.plan.active.sum())
-        self.eval_rows_padded += int(wave.plan.batch.sum())
+        self.eval_rows += wave.eval_rows
+        self.eval_rows_padded += wave.eval_rows_padded
         self.head_rows += int(wave.head_n.sum())
         self.head_rows_padded += int(wave.head_p.sum())
+        self.body_token_rows += wave.body_token_rows
+        self.body_token_rows_padded += wave.body_token_rows_padded
+        self.body_token_rows_exact += wave.body_token_rows_exact
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -215,6 +245,25 @@ class Wave:
     @property
     def ticks(self) -> int:
         return self.plan.ticks
+
+    @property
+    def eval_rows(self) -> int:
+        return int(self.plan.active.sum())
+
+    @property
+    def eval_rows_padded(self) -> int:
+        return int(self.plan.batch.sum())
+
+    @property
+    def body_token_rows(self) -> int:
+        """Every evaluation pushes all L positions of its rows through the blocks."""
+        return self.eval_rows * self.L
+
+    @property
+    def body_token_rows_padded(self) -> int:
+        return self.eval_rows_padded * self.L
+
+    body_token_rows_exact = body_token_rows
 
     def body_shapes(self, prune: bool) -> dict[tuple[int, ...], int]:
         """How often each evaluation shape occurs, (batch, length) or (batch, length, head rows) when the

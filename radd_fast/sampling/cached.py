@@ -1,0 +1,224 @@
+"""The approximate sampler: each row's keys and values reused between evaluations (opt-in).
+
+``generate(..., refresh_every=R)`` (docs/SAMPLING.md, "Beyond exact"). Evaluation k of a
+row is *full* when k % R == 0: the exact engine's evaluation, which also fills the
+row's key/value cache (``radd_fast.model.kv_cache``). The other evaluations are
+*cached*: only the positions whose token changed since that fill (revealed at
+evaluations k0 .. k-1, k0 = k - k % R) and the positions revealed now (k) go through
+the blocks; their queries attend over the row's cached keys and values, their own
+entries overwritten first. The head runs at the revealed positions, as in the
+exact engine. R = 1 is the exact engine bit for bit (every evaluation is full).
+
+Both kinds share one tick of the exact engine's plan (``batching.plan_ticks``): a tick's
+full rows form one sub-batch ([Bf, L], padded to a power of two), its cached rows
+another ([Bc, S]: S pushed positions per row, padded to a power of two; padding
+queries repeat a real position and write their keys to the cache's dump position).
+Every shape and count is planned on the host in the wave's three syncs, as in the
+exact engine; nothing in the loop syncs. The cached path runs eagerly (no CUDA
+graphs yet): its shapes are static, so graphs are the next step.
+"""
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import torch
+
+from ..model.head import noise_key
+from ..model.kv_cache import KVCache, hidden_cached, hidden_filling
+from .batching import bucket, plan_ticks
+from .evaluator import compact
+
+
+def _pow2(n: np.ndarray, buckets: bool) -> np.ndarray:
+    """Head rows / pushed positions padded like the exact engine's head rows: next power of two (0 stays 0)."""
+    n = np.asarray(n, dtype=np.int64)
+    if not buckets:
+        return n.copy()
+    return np.where(n > 0, np.left_shift(1, np.ceil(np.log2(np.maximum(n, 1))).astype(np.int64)), 0)
+
+
+def assign_slots(rows: np.ndarray, k: np.ndarray, K: np.ndarray, n_slots: int) -> np.ndarray:
+    """Cache slot of every row [R + 1] (the padding row R: the dump slot ``n_slots``).
+
+    A row lives on consecutive ticks from its first evaluation (k = 0) for K ticks; at most
+    ``n_slots`` rows live at once (the plan's width), so a freed slot is always at hand.
+    """
+    R = K.shape[0]
+    slot = np.full(R + 1, n_slots, dtype=np.int64)
+    t_idx, j_idx = np.nonzero(k == 0)
+    started = rows[t_idx, j_idx]
+    free = list(range(n_slots))
+    busy: list[tuple[int, int]] = []  # (tick the slot frees up, slot): a min-heap
+    for t, r in sorted(zip(t_idx.tolist(), started.tolist())):
+        while busy and busy[0][0] <= t:
+            heapq.heappush(free, heapq.heappop(busy)[1])
+        s = heapq.heappop(free)
+        slot[r] = s
+        heapq.heappush(busy, (t + int(K[r]), s))
+    return slot
+
+
+def entry_counts(grp: torch.Tensor, K: torch.Tensor, rows_d: torch.Tensor, k_d: torch.Tensor,
+                 refresh_every: int) -> np.ndarray:
+    """Per plan entry (tick t, place j): positions revealed and positions pushed -> [2, T, B] int64 (host).
+
+    grp [R + 1, L] (reveal group per position, -1 fixed); rows_d, k_d [T, B] the plan. Revealed:
+    the row's group k. Pushed by a cached evaluation: groups k0 .. k (k0 = k - k % R). Two syncs
+    (K.max and the one copy back), like the exact engine's head-row counts.
+    """
+    n_groups = int(K.max()) + 1 if K.numel() else 1
+    R1 = grp.shape[0]
+    idx = torch.arange(R1, device=grp.device)[:, None] * n_groups + grp.long()
+    idx = torch.where(grp >= 0, idx, torch.full_like(idx, R1 * n_groups))  # fixed tokens: a dump slot
+    counts = torch.zeros(R1 * n_groups + 1, dtype=torch.int64, device=grp.device)
+    counts.scatter_add_(0, idx.view(-1), torch.ones_like(idx.view(-1)))
+    upto = counts[:-1].view(R1, n_groups).cumsum(dim=1)  # [R1, G] positions in groups <= g
+    due = k_d >= 0  # padding entries (k = -2) reveal and push nothing
+    k = k_d.long().clamp(min=0)
+    k0 = k - k % refresh_every
+    revealed = counts[rows_d * n_groups + k] * due
+    before = torch.where(k0 > 0, upto[rows_d, (k0 - 1).clamp(min=0)], torch.zeros_like(k0))
+    pushed = (upto[rows_d, k] - before) * due
+    return torch.stack([revealed, pushed]).cpu().numpy()
+
+
+def _sub_batch(rows: np.ndarray, k: np.ndarray, take: np.ndarray, pad_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of each tick where ``take`` [T, B], first in plan order, then padding (pad_row, k = -2)."""
+    order = np.argsort(~take, axis=1, kind="stable")
+    taken = np.take_along_axis(take, order, axis=1)
+    sub_rows = np.where(taken, np.take_along_axis(rows, order, axis=1), pad_row)
+    sub_k = np.where(taken, np.take_along_axis(k, order, axis=1), -2).astype(np.int32)
+    return sub_rows, sub_k
+
+
+class CachedWave:
+    """One wave of rows sampled with key/value caching: the same buffers, plan and ``run`` as ``engine.Wave``.
+
+    x0 [R, L], group [R, L], K [R] as in ``Wave``; refresh_every R >= 1; cache: a ``KVCache`` with at
+    least rows_in_flight slots and length L. Per tick t (host arrays [T] unless noted):
+    full_rows / full_k [T, B], full_b (padded batch), full_N / full_P (head rows, padded); the same
+    for the cached sub-batch, plus cached_S (pushed positions per row, padded).
+    """
+
+    def __init__(self, x0: torch.Tensor, group: torch.Tensor, K: torch.Tensor, rows_in_flight: int, buckets: bool,
+                 refresh_every: int, cache: KVCache):
+        R, L = x0.shape
+        device = x0.device
+        self.R, self.L, self.refresh_every, self.cache = R, L, int(refresh_every), cache
+        # Token buffers as in engine.Wave: R rows, a padding row, one trash cell for padded head rows.
+        self.trash = (R + 1) * L
+        self.x_flat = torch.empty(self.trash + 1, dtype=torch.int64, device=device)
+        self.x = self.x_flat[:self.trash].view(R + 1, L)
+        self.x[:R] = x0
+        self.x[R] = x0[0] if R else 0
+        self.x_flat[self.trash] = 0
+        self.grp = torch.full((R + 1, L), -1, dtype=torch.int32, device=device)
+        self.grp[:R] = group
+        K_host = K.cpu().numpy()
+        self.plan = plan_ticks(K_host, rows_in_flight, pad_row=R, buckets=buckets)  # host sync 1
+        if cache.length != L or cache.slots < self.plan.rows.shape[1]:
+            raise ValueError(f"the cache holds {cache.slots} rows of {cache.length} positions; "
+                             f"this wave needs {self.plan.rows.shape[1]} of {L}")
+        self._plan_sub_batches(K, K_host, buckets)
+
+    @property
+    def ticks(self) -> int:
+        return self.plan.ticks
+
+    def _plan_sub_batches(self, K: torch.Tensor, K_host: np.ndarray, buckets: bool) -> None:
+        """Split every tick into its full and cached rows and size both (host sync 2 and 3)."""
+        plan, R, L, device = self.plan, self.R, self.L, self.x.device
+        T, B = plan.rows.shape
+        active = np.arange(B)[None, :] < plan.active[:, None]
+        if T:
+            revealed, pushed = entry_counts(self.grp, K, torch.from_numpy(plan.rows).to(device),
+                                            torch.from_numpy(plan.k).to(device), self.refresh_every)
+        else:
+            revealed = pushed = np.zeros((0, B), dtype=np.int64)
+        full = active & (plan.k % self.refresh_every == 0)
+        cached = active & ~full
+        self.full_rows, self.full_k = _sub_batch(plan.rows, plan.k, full, R)
+        self.cached_rows, self.cached_k = _sub_batch(plan.rows, plan.k, cached, R)
+        n_full, n_cached = full.sum(axis=1), cached.sum(axis=1)
+        self.full_b = np.where(n_full > 0, bucket(n_full, B), 0) if buckets else n_full
+        self.cached_b = np.where(n_cached > 0, bucket(n_cached, B), 0) if buckets else n_cached
+        self.full_N, self.cached_N = (revealed * full).sum(axis=1), (revealed * cached).sum(axis=1)
+        self.full_P, self.cached_P = _pow2(self.full_N, buckets), _pow2(self.cached_N, buckets)
+        S = (pushed * cached).max(axis=1) if T else np.zeros(0, np.int64)
+        self.cached_S = np.minimum(_pow2(S, buckets), L)
+        self.head_n, self.head_p = self.full_N + self.cached_N, self.full_P + self.cached_P
+        # Work counts: rows through the body, and token-rows (positions pushed through the blocks).
+        self.eval_rows = int(plan.active.sum())
+        self.eval_rows_padded = int(self.full_b.sum() + self.cached_b.sum())
+        self.body_token_rows = int(L * n_full.sum() + (pushed * cached).sum())
+        self.body_token_rows_padded = int(L * self.full_b.sum() + (self.cached_b * self.cached_S).sum())
+        self.body_token_rows_exact = int(L * plan.active.sum())
+        self.slot_d = torch.from_numpy(assign_slots(plan.rows, plan.k, K_host, self.cache.slots)).to(device)
+        self.full_rows_d, self.full_k_d = (torch.from_numpy(a).to(device) for a in (self.full_rows, self.full_k))
+        self.cached_rows_d, self.cached_k_d = (torch.from_numpy(a).to(device) for a in (self.cached_rows, self.cached_k))
+
+    # -- one evaluation ---------------------------------------------------------------------------
+    def _full(self, t: int, model, prune: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact engine's evaluation of tick t's full rows, filling their caches: (h_rows [P, d], dst [P])."""
+        Bb, N, P = int(self.full_b[t]), int(self.full_N[t]), int(self.full_P[t])
+        rows, ks = self.full_rows_d[t, :Bb], self.full_k_d[t, :Bb]
+        reveal = (self.grp.index_select(0, rows) == ks[:, None]).view(-1)
+        src, dst = compact(reveal, rows, self.L, P, N, self.trash)
+        x = self.x.index_select(0, rows)
+        slots = self.slot_d.index_select(0, rows)
+        if prune:
+            return hidden_filling(model, x, self.cache, slots, rows=src), dst
+        return hidden_filling(model, x, self.cache, slots).reshape(Bb * self.L, -1).index_select(0, src), dst
+
+    def _cached(self, t: int, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tick t's cached rows: their pushed positions through the blocks (h_rows [P, d], dst [P])."""
+        Bb, S, N, P = int(self.cached_b[t]), int(self.cached_S[t]), int(self.cached_N[t]), int(self.cached_P[t])
+        rows, ks = self.cached_rows_d[t, :Bb], self.cached_k_d[t, :Bb]
+        g = self.grp.index_select(0, rows)  # [Bb, L]
+        positions, valid = pushed_positions(g, ks, self.refresh_every, S)
+        slots = self.slot_d.index_select(0, rows)
+        write = self.cache.write_index(slots, torch.where(valid, positions, torch.full_like(positions, self.L)))
+        tokens = self.x.index_select(0, rows).gather(1, positions)
+        h = hidden_cached(model, tokens, positions, write, self.cache, slots)  # [Bb, S, d]
+        reveal = ((g.gather(1, positions) == ks[:, None]) & valid).view(-1)
+        src, _ = compact(reveal, rows, S, P, N, self.trash)
+        dst = rows.index_select(0, src // S) * self.L + positions.view(-1).index_select(0, src)
+        dst = torch.where(torch.arange(P, device=dst.device) < N, dst, torch.full_like(dst, self.trash))
+        return h.reshape(Bb * S, -1).index_select(0, src), dst
+
+    def evaluate(self, t: int, model, head, strategy, key: int, prune: bool) -> None:
+        """Evaluation t: full rows, cached rows, then one head call at all the positions they reveal."""
+        parts = []
+        if self.full_b[t]:
+            parts.append(self._full(t, model, prune))
+        if self.cached_b[t]:
+            parts.append(self._cached(t, model))
+        h_rows, dst = parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        head.sample_at(h_rows, dst, self.x_flat, strategy, key)
+
+    def run(self, body, head, strategy, seed: int, first_evaluation: int, bar, prune: bool) -> torch.Tensor:
+        """Every evaluation of the wave, in plan order: tokens [R, L] (``body``: the model's ``BodyRunner``)."""
+        for t in range(self.ticks):
+            self.evaluate(t, body.model, head, strategy, noise_key(seed, first_evaluation + t), prune)
+            bar.update(1)
+        return self.x[:self.R].clone()
+
+
+def pushed_positions(g: torch.Tensor, ks: torch.Tensor, refresh_every: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions a cached evaluation pushes, packed into S slots per row.
+
+    g [B, L] reveal groups of the rows; ks [B] the evaluation (-2: padding row, pushes nothing)
+    -> positions [B, S] int64 (groups k0 .. k in position order, then the first of them repeated)
+    and valid [B, S] bool. No host sync (a scatter, not a boolean index).
+    """
+    B, L = g.shape
+    k = ks.long()[:, None]
+    k0 = k - k % refresh_every
+    push = (g >= k0) & (g <= k) & (k >= 0)
+    rank = push.cumsum(dim=1) - 1
+    ar = torch.arange(L, device=g.device)
+    dest = torch.where(push, rank, S + ar)  # distinct dump slots beyond S: no duplicate-index writes
+    packed = torch.zeros(B, S + L, dtype=torch.int64, device=g.device).scatter_(1, dest, ar.expand(B, L))[:, :S]
+    valid = torch.arange(S, device=g.device)[None, :] < push.sum(dim=1, keepdim=True)
+    return torch.where(valid, packed, packed[:, :1]), valid

@@ -1,0 +1,220 @@
+"""The approximate sampler (refresh_every): exact where it must be, counts in closed form, labelled."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from radd_fast import RADD, LogLinearNoise, ModelConfig, RADDConfig
+from radd_fast.model.head import RevealSampler
+from radd_fast.model.kv_cache import KVCache, hidden_cached, hidden_filling
+from radd_fast.sampling import SamplerConfig, generate
+from radd_fast.sampling.cached import CachedWave, assign_slots
+from radd_fast.sync_counter import SyncCounter
+
+from .helpers import assert_close
+from .test_sampling_syncs import AT_END, PER_WAVE
+from .test_sampling_utils import tiny_model
+
+
+def _model(n_blocks: int, length: int, backend: str = "reference", tokens: int = 11) -> RADD:
+    torch.manual_seed(4)
+    cfg = RADDConfig(tokens=tokens, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=n_blocks, length=length,
+                                                      dropout=0.0, name="cache"))
+    model = RADD(cfg, backend=backend).eval()
+    with torch.no_grad():
+        model.output_layer.linear.weight.normal_(0, 0.3)
+        model.output_layer.norm_final.bias.zero_()
+    return model
+
+
+# -- R = 1 is the exact engine ------------------------------------------------------------------------
+EXACT_CASES = {
+    "direct": dict(use_kernels=False),
+    "top_k": dict(use_kernels=False, strategy="top_k", strategy_para=3),
+    "no-pruning": dict(use_kernels=False, prune_last_block=False),
+    "no-buckets-waves": dict(use_kernels=False, buckets=False, wave_size=7),
+    "ordered": dict(use_kernels=False, method="ordered"),
+    "kernel": dict(use_kernels=True),
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_refresh_every_one_is_the_exact_engine_bit_for_bit(case):
+    options = EXACT_CASES[case]
+    if options.get("use_kernels"):
+        pytest.importorskip("triton")
+    model = _model(n_blocks=2, length=10)
+    cfg = SamplerConfig(steps=7, rows_in_flight=4, **options)
+    n = 6 if options.get("use_kernels") else 18  # the kernels run in the Triton interpreter on CPU
+    exact, s_exact = generate(model, LogLinearNoise(), n, config=cfg, conditioning={2: 5}, seed=5, progress=False)
+    one, s_one = generate(model, LogLinearNoise(), n, config=cfg.replace(refresh_every=1), conditioning={2: 5},
+                          seed=5, progress=False)
+    assert torch.equal(exact, one) and torch.equal(s_exact.enfe, s_one.enfe)
+    assert (s_one.head_rows, s_one.head_rows_padded, s_one.eval_rows, s_one.eval_rows_padded) == \
+        (s_exact.head_rows, s_exact.head_rows_padded, s_exact.eval_rows, s_exact.eval_rows_padded)
+    assert s_one.body_token_rows == s_one.body_token_rows_exact == s_exact.body_token_rows == s_exact.eval_rows * 10
+
+
+# -- the cached evaluation ---------------------------------------------------------------------------------
+def _fill(model, x):
+    B, L = x.shape
+    cache = KVCache.allocate(model, slots=B + 1, length=L)
+    slots = torch.tensor([2, 0, 3][:B])  # any slots, not in order
+    with torch.no_grad():
+        full = hidden_filling(model, x, cache, slots)
+    return cache, slots, full
+
+
+def _positions(L: int):
+    """Per row: the pushed positions, the first repeated as padding (valid False), S = 4."""
+    positions = torch.tensor([[1, 4, 6, 1], [0, 0, 0, 0], [2, 3, 5, 7]])
+    valid = torch.tensor([[True, True, True, False], [True, False, False, False], [True, True, True, True]])
+    return positions, valid
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_filling_is_the_model_forward_and_caches_keys(backend):
+    model = _model(n_blocks=3, length=9, backend=backend)
+    x = torch.randint(0, model.vocab_size, (3, 9))
+    cache, slots, full = _fill(model, x)
+    with torch.no_grad():
+        assert torch.equal(full, model.hidden(x))
+        rows = torch.tensor([0, 5, 13, 26, 5])
+        assert torch.equal(hidden_filling(model, x, cache, slots, rows=rows), model.hidden(x, rows=rows))
+    assert cache.k[:, slots].abs().sum() > 0 and cache.k[:, 1].abs().sum() == 0  # slot 1 unused: untouched
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_cached_rows_equal_the_full_forward_when_nothing_changed(backend):
+    model = _model(n_blocks=3, length=9, backend=backend)
+    x = torch.randint(0, model.vocab_size, (3, 9))
+    cache, slots, full = _fill(model, x)
+    before_k, before_v = cache.k.clone(), cache.v.clone()
+    positions, valid = _positions(9)
+    write = cache.write_index(slots, torch.where(valid, positions, torch.full_like(positions, cache.length)))
+    with torch.no_grad():
+        h = hidden_cached(model, x.gather(1, positions), positions, write, cache, slots)  # [3, 4, d]
+    want = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
+    assert_close(h, want, atol=1e-5, rtol=1e-5, name="cached hidden rows")
+    # Pushed entries rewritten with (nearly) the same values; the padding queries only touched the dump.
+    assert_close(cache.k[:, :, :cache.length], before_k[:, :, :cache.length], atol=1e-5, rtol=1e-5, name="keys")
+    assert_close(cache.v[:, :, :cache.length], before_v[:, :, :cache.length], atol=1e-5, rtol=1e-5, name="values")
+
+
+def test_one_block_cached_rows_are_exact_after_changes():
+    """With one block the keys and values depend on a position's own token only: caching is exact
+    as long as every changed position is pushed, which checks the overwrite-then-attend order."""
+    model = _model(n_blocks=1, length=9)
+    x = torch.randint(0, model.vocab_size, (3, 9))
+    cache, slots, _ = _fill(model, x)
+    positions, valid = _positions(9)
+    x_new = x.clone()
+    x_new[0, 4], x_new[2, 7], x_new[2, 2] = (x[0, 4] + 1) % 11, (x[2, 7] + 3) % 11, (x[2, 2] + 1) % 11
+    write = cache.write_index(slots, torch.where(valid, positions, torch.full_like(positions, cache.length)))
+    with torch.no_grad():
+        h = hidden_cached(model, x_new.gather(1, positions), positions, write, cache, slots)
+        full = model.hidden(x_new)
+    want = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
+    assert_close(h[valid], want[valid], atol=1e-5, rtol=1e-5, name="one-block cached rows")
+
+
+def test_engine_cached_evaluations_see_the_exact_rows_on_a_one_block_model(monkeypatch):
+    """End to end (slots, pushed groups, padding, waves): every hidden row the head gets equals
+    model.hidden of the current tokens, since one-block caching is exact."""
+    model = tiny_model(tokens=8, length=11)
+    original = RevealSampler.sample_at
+    checked = []
+
+    def checking(self, h_rows, dst, x_flat, strategy, key):
+        real = dst < x_flat.numel() - 1  # padded head rows write to the trash cell
+        want = model.hidden(x_flat[:-1].view(-1, 11)).reshape(-1, h_rows.shape[1]).index_select(0, dst[real])
+        assert_close(h_rows[real], want, atol=1e-5, rtol=1e-5, name="head rows")
+        checked.append(int(real.sum()))
+        return original(self, h_rows, dst, x_flat, strategy, key)
+
+    monkeypatch.setattr(RevealSampler, "sample_at", checking)
+    _, stats = generate(model, LogLinearNoise(), 13, steps=9, refresh_every=3, rows_in_flight=4, wave_size=6,
+                        use_kernels=False, conditioning={4: 2}, seed=1, progress=False)
+    assert sum(checked) == stats.head_rows == 13 * 10
+    assert stats.body_token_rows < stats.body_token_rows_exact
+
+
+# -- counts ---------------------------------------------------------------------------------------------------
+def _closed_form(group: np.ndarray, K: np.ndarray, R: int, L: int) -> int:
+    """Sum over rows and evaluations k: L when k % R == 0, else the positions in groups k0 .. k."""
+    total = 0
+    for g, n_eval in zip(group, K):
+        for k in range(n_eval):
+            k0 = k - k % R
+            total += L if k % R == 0 else int(((g >= k0) & (g <= k)).sum())
+    return total
+
+
+@pytest.mark.parametrize("R,rows_in_flight", [(2, 1), (3, 2), (4, 3), (1, 2)])
+def test_body_token_rows_closed_form_on_a_hand_made_plan(R, rows_in_flight):
+    group = np.array([[0, 1, 1, 2, 3, 3, -1, 4],
+                      [0, 0, 0, 0, 0, 0, -1, 0],
+                      [2, 1, 0, 3, 4, 5, -1, 6],
+                      [1, 0, 1, 0, 1, 0, -1, 1]], dtype=np.int32)
+    K = group.max(axis=1) + 1  # [5, 1, 7, 2]
+    L = group.shape[1]
+    x0 = torch.where(torch.from_numpy(group) >= 0, 7, 3)  # 7 = MASK where free, a fixed token elsewhere
+    model = tiny_model(tokens=7, length=L)
+    cache = KVCache.allocate(model, rows_in_flight, L)
+    wave = CachedWave(x0, torch.from_numpy(group), torch.from_numpy(K), rows_in_flight, True, R, cache)
+    assert wave.body_token_rows == _closed_form(group, K, R, L)
+    assert wave.body_token_rows_exact == L * int(K.sum()) and wave.eval_rows == int(K.sum())
+    assert wave.body_token_rows_padded >= wave.body_token_rows
+    assert int(wave.head_n.sum()) == int((group >= 0).sum())
+    evals_full = sum(-(-int(k) // R) for k in K)  # evaluations with k % R == 0
+    assert int((wave.full_b > 0).sum()) <= wave.ticks and wave.body_token_rows >= L * evals_full
+
+
+def test_slots_never_shared_by_two_live_rows():
+    rows = np.array([[0, 1], [0, 2], [3, 2], [3, 4]])
+    k = np.array([[0, 0], [1, 0], [0, 1], [1, 0]])
+    K = np.array([2, 1, 2, 2, 1])
+    slot = assign_slots(rows, k, K, n_slots=2)
+    assert slot[-1] == 2  # the padding row: the dump slot
+    for t in range(rows.shape[0]):
+        assert len(set(slot[rows[t]].tolist())) == 2
+
+
+# -- API, labels, syncs ---------------------------------------------------------------------------------------
+def test_the_approximate_label_and_stats():
+    cfg = SamplerConfig(steps=8, refresh_every=4)
+    assert cfg.approximate and "approximate (refresh every 4)" in cfg.describe()
+    assert not SamplerConfig().approximate and "approximate" not in SamplerConfig().describe()
+    model = tiny_model(tokens=8, length=12)
+    _, stats = generate(model, LogLinearNoise(), 6, config=cfg, use_kernels=False, seed=0, progress=False)
+    assert stats.refresh_every == 4 and "approximate (refresh every 4)" in stats.summary()
+    assert "body token-rows" in stats.summary() and 0 < stats.body_fraction < 1
+    record = stats.as_dict()
+    assert record["sampler"] == cfg.describe() and record["refresh_every"] == 4
+    assert record["body_token_rows_exact"] == stats.eval_rows * 12 == int(stats.enfe.sum()) * 12
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, float("nan"), float("inf"), "4"])
+def test_refresh_every_must_be_a_whole_number(bad):
+    with pytest.raises(ValueError, match="refresh_every"):
+        SamplerConfig(refresh_every=bad)
+
+
+@pytest.mark.parametrize("R", [3])
+def test_syncs_per_wave_stay_fixed(R):
+    model = tiny_model(tokens=8, length=12)
+    totals = []
+    for steps, wave_size in [(2, 8), (12, 8), (12, 4)]:
+        cfg = SamplerConfig(steps=steps, rows_in_flight=4, wave_size=wave_size, use_kernels=False, refresh_every=R)
+        with SyncCounter() as syncs:
+            generate(model, LogLinearNoise(), 8, config=cfg, seed=3, progress=False)
+        totals.append(syncs.total)
+    assert totals == [PER_WAVE + AT_END, PER_WAVE + AT_END, 2 * PER_WAVE + AT_END]
+
+
+def test_cache_bytes_per_row():
+    model = tiny_model(tokens=8, length=12)
+    assert KVCache.bytes_per_row(model, 12) == 1 * 2 * 12 * 32 * 4  # blocks x (k, v) x L x d x fp32
+    small = RADDConfig(tokens=50257, model=ModelConfig(hidden_size=768, n_heads=12, n_blocks=12, length=1024, name="s"))
+    assert KVCache.bytes_per_row(SimpleNamespace(config=small), 1024, torch.bfloat16) == 12 * 2 * 1024 * 768 * 2
