@@ -1,6 +1,8 @@
 """Training loop, run folder, checkpoints, resume, Hydra entry point, clear errors (CPU, offline)."""
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,10 +38,14 @@ def test_run_folder_layout_and_load_model(straight_run):
                 "checkpoints-meta/checkpoint.pth", "logs", "metrics.jsonl"):
         assert (run / rel).exists(), rel
     ckpt = load_meta(run)  # weights_only=True: plain tensors, numbers and dicts only
-    assert {"model", "ema", "optimizer", "step", "scaler", "rng", "data"} <= set(ckpt)
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "scaler", "data", "world", "run"}
+    assert "rng" not in ckpt  # every generator is reseeded before use: no state to save
     assert ckpt["step"] == 6 and set(ckpt["ema"]) == {"decay", "num_updates", "shadow_params"}
-    assert ckpt["rng"]["cpu"].shape[0] == 1 and ckpt["data"]["train"] == {"epoch": ckpt["data"]["train"]["epoch"],
-                                                                          "batch": ckpt["data"]["train"]["batch"]}
+    assert ckpt["data"]["train"] == {"epoch": ckpt["data"]["train"]["epoch"], "batch": ckpt["data"]["train"]["batch"]}
+    assert ckpt["run"]["training.batch_size"] == 4 and ckpt["run"]["model.hidden_size"] == 32
+    for rel in ("checkpoints-meta/checkpoint.pth", "checkpoints/checkpoint_3.pth", "checkpoints/checkpoint_6.pth"):
+        digest, name = (run / (rel + ".sha256")).read_text().split()  # sha256sum -c format
+        assert name == Path(rel).name and digest == hashlib.sha256((run / rel).read_bytes()).hexdigest()
     model, noise = radd_fast.load_model(run)  # the run format: EMA weights served
     names = [n for n, _ in model.named_parameters()]
     for name, shadow in zip(names, ckpt["ema"]["shadow_params"]):
@@ -72,7 +78,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(straight_run, tmp_p
         return float("nan") if step == 4 else loss  # step index before the increment: the 5th step
 
     monkeypatch.setattr(loop_module, "_accumulate", poisoned)
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 5.*last good checkpoint"):
+    meta = tmp_path / "run" / "checkpoints-meta" / "checkpoint.pth"
+    with pytest.raises(NonFiniteLossError, match=f"loss is nan at step 5.*the last good checkpoint is "
+                                                 f"{re.escape(str(meta))} \\(step 4\\)"):
         train(tiny_config(tmp_path), tmp_path / "run")
     ckpt = load_meta(tmp_path / "run")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -60,6 +60,63 @@ def assert_same_state(a: dict, b: dict, exact: bool = True, atol: float = 0.0) -
             assert torch.equal(s[key], y) if exact else torch.allclose(s[key], y, atol=atol, rtol=1e-4)
 
 
+class Killed(BaseException):
+    """Stands for a SIGKILL inside the loop: not an Exception, so nothing on the way catches it."""
+
+
+def metric_records(run_dir: Path, keys=("loss", "eval_loss", "grad_norm", "lr", "gen_ppl")) -> list[tuple]:
+    """metrics.jsonl as (step, key, value) for the keys that do not depend on wall-clock time."""
+    import json
+
+    out = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out += [(record["step"], k, record[k]) for k in keys if k in record]
+    return out
+
+
+def run_files(run_dir: Path) -> dict[str, bytes | None]:
+    """What a run folder holds besides logs and configs: every file's name, and the samples' content.
+
+    (Checkpoint bytes are not compared: pickle shares equal strings only when they are the same
+    object, so a resumed run's equal state can pickle to other bytes. ``assert_same_checkpoint``.)
+    """
+    run_dir = Path(run_dir)
+    out = {}
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir).as_posix()
+        if path.is_dir() or rel.startswith((".hydra", "resumes", "cache")) or rel in ("logs", "metrics.jsonl"):
+            continue
+        out[rel] = path.read_bytes() if rel.startswith("samples/") else None
+    return out
+
+
+def assert_same_checkpoint(a, b, where: str = "") -> None:
+    """Two loaded checkpoints are equal in every entry: same keys, same values, tensors bit for bit."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} vs {list(b)}"
+        for key in a:
+            assert_same_checkpoint(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_checkpoint(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def assert_same_checkpoints(run_a: Path, run_b: Path) -> None:
+    """Every checkpoint of two run folders (meta and snapshots) holds the same state."""
+    names = sorted(p.relative_to(run_a).as_posix() for p in Path(run_a).glob("checkpoints*/checkpoint*.pth"))
+    assert names == sorted(p.relative_to(run_b).as_posix() for p in Path(run_b).glob("checkpoints*/checkpoint*.pth"))
+    for name in names:
+        assert_same_checkpoint(torch.load(Path(run_a) / name, weights_only=True),
+                               torch.load(Path(run_b) / name, weights_only=True), name)
+
+
 def free_port() -> int:
     import socket
 

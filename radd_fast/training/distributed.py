@@ -54,16 +54,6 @@ def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
-def all_gather_rows(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """[n] on each rank -> [world, n] on the CPU (rank order), via the group's device."""
-    if env.world == 1:
-        return t[None].cpu()
-    src = t.to(env.device)
-    out = [torch.empty_like(src) for _ in range(env.world)]
-    dist.all_gather(out, src)
-    return torch.stack(out).cpu()
-
-
 def cleanup(env: DistEnv) -> None:
     if env.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

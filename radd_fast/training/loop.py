@@ -2,17 +2,38 @@
 
 One process or torchrun DDP (NCCL on GPU, gloo on CPU). Each step: ``accum``
 micro-batches per rank, the loss averaged over the global batch, one optimizer
-update (warmup, clipping, loss scaling for fp16), an EMA update. Checkpoints
-(state.py) go to ``checkpoints-meta/checkpoint.pth`` every
-``snapshot_freq_for_preemption`` steps and ``checkpoints/checkpoint_<step>.pth``
-every ``snapshot_freq``; a run folder that holds a meta checkpoint is resumed.
+update (warmup, clipping, loss scaling for fp16), an EMA update.
 
-Reproducibility: before each micro-batch every generator is seeded from
-(seed, step, index of the micro-batch in the global batch). The masks, times and
-dropout of a step therefore do not depend on the number of ranks or on where a run
-was interrupted: N straight steps and N/2 + resume give the same losses and
-weights on CPU, and 2 ranks x accum 1 matches 1 rank x accum 2 up to float
-summation order. (The RNG states are still saved per rank, as published.)
+Run folder (published layout): ``checkpoints/checkpoint_<step>.pth`` and
+``samples/iter_<step>/`` every ``snapshot_freq`` steps, ``checkpoints-meta/checkpoint.pth``
+(the resume point) every ``snapshot_freq_for_preemption``, ``metrics.jsonl`` and ``logs``.
+A folder that holds a checkpoint is resumed (state.py verifies it, and falls back to the
+newest intact snapshot). Faults lose nothing and leave no debris:
+- within a step the meta checkpoint is written last, so a run killed anywhere resumes at a
+  step whose snapshot and samples are on disk and redoes the rest: the resumed folder holds
+  what the uninterrupted run's holds;
+- on resume, stale checkpoint temporaries are removed and ``metrics.jsonl`` loses the
+  records past the resumed step (they are logged again), so it reads as one run;
+- weights that are not finite are never saved, and a non-finite loss, gradient norm or
+  weight stops the run naming the checkpoint it can resume from (or saying there is none).
+
+Reproducibility: before each micro-batch every generator is seeded from (seed, step, index
+of the micro-batch in the global batch, stream); no generator state is saved or restored
+(the reseeding makes it unnecessary). The masks, times and dropout of a step therefore do
+not depend on the number of ranks or on where a run was interrupted. On CPU, training runs
+under torch's deterministic algorithms (``deterministic_algorithms``: the embedding's
+backward otherwise adds with atomics across threads) and the per-sequence loss is a
+fixed-order segment sum (``losses.common.per_sequence``), so two processes with the same
+config and thread count give the same losses and weights bit for bit, straight or killed
+and resumed; 2 ranks x accum 1 matches 1 rank x accum 2 up to float summation order (the
+gradient all-reduce).
+
+On CUDA (not measured here) the same seeding holds and the embedding gradient (sort-based
+``index_put_``), the per-sequence sum, the Triton kernels (no atomics), fused AdamW and the
+EMA are deterministic. What is not: the attention backward of PyTorch SDPA's flash and
+memory-efficient kernels and of flash-attn (atomic adds into dq; ``set_attention_impl("triton")``
+avoids them), cuBLAS algorithm choice across GPU models or library versions, and the NCCL
+all-reduce across topologies.
 """
 from __future__ import annotations
 
@@ -31,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ConfigError, parse_dtype
 from ..data import ResumableLoader, check_batch_split, get_tokenizer, load_blocks
 from ..ema import ExponentialMovingAverage
+from ..errors import UserError
 from ..flops import peak_flops, train_flops_per_token
 from ..losses import get_loss_fn
 from ..model import RADD
@@ -40,13 +62,28 @@ from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distri
 from .metrics import Metrics
 from .optim import apply_update, build_optimizer, unscale_and_clip
 from .snapshot import snapshot_samples
-from .state import META, SNAPSHOTS, atomic_save, build_checkpoint, capture_rng, load_checkpoint, restore
+from .state import (
+    META,
+    SNAPSHOTS,
+    all_finite,
+    atomic_save,
+    build_checkpoint,
+    check_resume_settings,
+    find_resume_checkpoint,
+    remove_stale_temporaries,
+    restore,
+    resume_settings,
+)
 
 log = logging.getLogger("radd_fast.training")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN / inf; the update was not applied."""
+class NonFiniteLossError(UserError):
+    """The loss, the gradient norm or the weights became NaN / inf; nothing non-finite was saved.
+
+    A UserError (one ``error:`` line from the CLI): the fix is the user's, e.g. a lower
+    ``optim.lr``, then a resume from the checkpoint the message names.
+    """
 
 
 class LossModule(nn.Module):
@@ -66,6 +103,33 @@ def seed_for(seed: int, step: int, micro: int, stream: str = "train") -> None:
     torch.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(device: torch.device):
+    """On CPU, torch's deterministic algorithms for the duration of training.
+
+    Why: the backward of the embedding lookup (``embedding[ids]``) is an ``index_put_`` with
+    accumulate, which torch runs on CPU with atomic float adds across threads once it has
+    32768 elements or more (the tiny preset at batch 16 x 64 tokens already): the order of the
+    adds, hence the gradient's bits, changed from process to process whenever torch had more
+    than one thread. Deterministic mode runs it in a fixed order (warn_only: an op without a
+    deterministic version warns instead of stopping the run). Its NaN fill of every
+    ``torch.empty`` is switched off: it guards against reading uninitialised memory, which
+    no op here does, and costs a pass over each new buffer. CUDA is left as the user set it
+    (see the module docstring). The previous settings are restored afterwards.
+    """
+    if device.type != "cpu" or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -76,7 +140,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def train(config, run_dir, device: str | None = None) -> dict:
-    """Train, or resume when ``run_dir`` holds ``checkpoints-meta/checkpoint.pth``.
+    """Train, or resume when ``run_dir`` holds a checkpoint (the meta one, else the newest intact snapshot).
 
     config: a RunConfig, or the nested dict / Hydra config of configs/config.yaml.
     Returns ``{"step", "losses": [(step, loss)], "eval_losses": [(step, loss)]}`` (losses of this call).
@@ -91,7 +155,8 @@ def train(config, run_dir, device: str | None = None) -> dict:
     run_dir = Path(run_dir)
     handler = _setup_logging(run_dir, env)
     try:
-        return _train(cfg, run_dir, env)
+        with deterministic_algorithms(env.device):
+            return _train(cfg, run_dir, env)
     finally:
         if handler is not None:
             logging.getLogger("radd_fast").removeHandler(handler)
@@ -109,6 +174,7 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     dtype = resolve_dtype(t.dtype, device)
     if env.is_main:
         _write_config(cfg, run_dir)
+        remove_stale_temporaries(run_dir)
 
     tokenizer = get_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > cfg.model.tokens:
@@ -135,15 +201,9 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     optimizer = build_optimizer(params, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    step = 0
-    if (run_dir / META).exists():
-        ckpt = load_checkpoint(run_dir / META, device)
-        step = restore(ckpt, model, ema, optimizer, scaler, env)
-        train_loader.load_state_dict(ckpt["data"]["train"])
-        if valid_loader is not None and "valid" in ckpt["data"]:
-            valid_loader.load_state_dict(ckpt["data"]["valid"])
-        del ckpt
-        log.info("resumed %s at step %d", run_dir, step)
+    settings = resume_settings(cfg)
+    step, resume_point = _resume(run_dir, device, settings, model, ema, optimizer, scaler, train_loader,
+                                 valid_loader)
 
     loss_kw = dict(sampling_eps=t.sampling_eps, loss_type=t.loss_type, time_sampler=t.time_sampler)
     loss_fn = get_loss_fn(noise, model.vocab_size, train=True, **loss_kw)
@@ -160,12 +220,19 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
                       cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.raw)
 
     def save(path: Path) -> None:
+        """Write a checkpoint of this step (rank 0), after checking that nothing in it is NaN / inf."""
+        nonlocal resume_point
+        if not all_finite([*params, *ema.shadow_params]):
+            raise NonFiniteLossError(f"the weights are not finite after step {step}: {path} was not written; "
+                                     f"{_last_good(resume_point)}")
         data = {"train": train_loader.state_dict()}
         if valid_loader is not None:
             data["valid"] = valid_loader.state_dict()
-        ckpt = build_checkpoint(model, ema, optimizer, scaler, step, data, capture_rng(env), env.world)
         if env.is_main:
-            atomic_save(ckpt, path)
+            atomic_save(build_checkpoint(model, ema, optimizer, scaler, step, data, env.world, settings), path)
+        # What a resume would read: the meta checkpoint once there is a good one, else the newest snapshot.
+        if path == run_dir / META or resume_point is None or resume_point[0] != run_dir / META:
+            resume_point = (path, step)
 
     history = {"losses": [], "eval_losses": []}
     window_time, window_steps = 0.0, 0  # training time only: evaluation, checkpoints, samples excluded
@@ -174,13 +241,13 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
             step_start = time.perf_counter()
             loss = _accumulate(step_module, train_loader.next_step(), scaler, step, t.seed, env)
             if not math.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss} at step {step + 1}: stopping before the update; the last "
-                                         f"good checkpoint is {run_dir / META}")
+                raise NonFiniteLossError(f"loss is {loss} at step {step + 1}: stopping before the update; "
+                                         f"{_last_good(resume_point)}")
             step += 1
             grad_norm = unscale_and_clip(optimizer, scaler, params, step, cfg.optim)
             if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips the step
                 raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}: stopping before the update; "
-                                         f"the last good checkpoint is {run_dir / META}")
+                                         f"{_last_good(resume_point)}")
             apply_update(optimizer, scaler)
             ema.update(params)
             history["losses"].append((step, loss))
@@ -202,18 +269,48 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
                 history["eval_losses"].append((step, eval_loss))
                 metrics.log(step, eval_loss=eval_loss)
                 log.info("step %d: evaluation loss %.4f", step, eval_loss)
-            if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
-                save(run_dir / META)
+            # The resume point last: a kill before it redoes this step's snapshot and samples.
             if step % t.snapshot_freq == 0 or step == t.n_iters:
                 save(run_dir / SNAPSHOTS / f"checkpoint_{step}.pth")
                 if t.snapshot_sampling:
                     seed_for(t.seed, step, env.rank, "sample")
                     snapshot_samples(model, ema, noise, tokenizer, cfg, step, run_dir, env, metrics)
                 barrier(env)
+            if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
+                save(run_dir / META)
     finally:
         metrics.close()
     history["step"] = step
     return history
+
+
+def _resume(run_dir: Path, device, settings: dict, model, ema, optimizer, scaler, train_loader,
+            valid_loader) -> tuple[int, tuple[Path, int] | None]:
+    """Load the run folder's checkpoint into the training objects: (step, (path, step) or None)."""
+    found = find_resume_checkpoint(run_dir, device)
+    if found is None:
+        log.info("no checkpoint in %s: starting at step 0", run_dir)
+        return 0, None
+    ckpt, path = found
+    check_resume_settings(ckpt, settings, path)
+    step = restore(ckpt, path, model, ema, optimizer, scaler)
+    data = ckpt.get("data", {})
+    if "train" in data:
+        train_loader.load_state_dict(data["train"])
+    else:
+        log.warning("%s holds no data position (published format): the data starts again at its first batch", path)
+    if valid_loader is not None and "valid" in data:
+        valid_loader.load_state_dict(data["valid"])
+    log.info("resumed %s at step %d from %s", run_dir, step, path)
+    return step, (path, step)
+
+
+def _last_good(resume_point: tuple[Path, int] | None) -> str:
+    """The end of a non-finite error: which file a resume would start from, or that there is none."""
+    if resume_point is None:
+        return "no checkpoint has been written yet, so there is none to resume from"
+    path, step = resume_point
+    return f"the last good checkpoint is {path} (step {step}); a resume starts from it"
 
 
 def _accumulate(step_module, micro_batches, scaler, step: int, seed: int, env: DistEnv) -> float:

@@ -2,12 +2,47 @@
 
 Throughput: tokens/s over the global batch. MFU: the FLOP count and peak table
 of ``radd_fast.flops`` (one for the project).
+
+A resumed run starts at the checkpoint's step, so every record after that step was
+made by the interrupted process and is made again: they are dropped when the file is
+opened (``drop_records_after``), and TensorBoard purges its events after that step, so
+both read as one uninterrupted run.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def drop_records_after(path: str | os.PathLike, step: int) -> int:
+    """Rewrite the JSONL file ``path`` without its records past ``step``; returns how many went.
+
+    A line that does not parse (the process was killed while writing it) goes too. The file
+    is replaced atomically, so a kill here leaves the old or the new file, never a mix.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
 
 class Metrics:
     """Rank 0 writes; other ranks get a no-op object. ``log(step, **values)`` appends one JSON line."""
@@ -18,7 +53,8 @@ class Metrics:
         self.bar = self.tb = self.wandb = None
         if not enabled:
             return
-        self.file = (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8")
+        drop_records_after(Path(run_dir) / METRICS_FILE, initial)
+        self.file = (Path(run_dir) / METRICS_FILE).open("a", encoding="utf-8")
         if progress:
             from tqdm.auto import tqdm
 
@@ -26,7 +62,7 @@ class Metrics:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=initial + 1)
         if wandb_project:
             import wandb
 

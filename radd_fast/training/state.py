@@ -1,71 +1,181 @@
-"""Training checkpoints: what they hold, written atomically, read back with weights_only=True.
+"""Training checkpoints: what they hold, how they are written, how a resume finds an intact one.
 
-Layout (published run format plus resume state; every value is a tensor, a number,
-a string or a list/dict of those, so ``torch.load(weights_only=True)`` reads it
-and ``radd_fast.load_model(<run>)`` serves its EMA weights)::
+Layout (the published run format plus resume state; every value is a tensor, a number,
+a string or a list/dict of those, so ``torch.load(weights_only=True)`` reads it and
+``radd_fast.load_model(<run>)`` serves its EMA weights)::
 
     {"model": state_dict, "ema": {decay, num_updates, shadow_params}, "optimizer": state_dict,
      "step": int, "scaler": state_dict, "data": {"train": {epoch, batch}, "valid": {...}},
-     "rng": {"cpu": uint8 [world, n], "cuda": uint8 [world, m] (CUDA runs only)}, "world": int}
+     "world": int, "run": {"model.hidden_size": 768, ...: the settings a resume may not change}}
 
-A save goes to a temporary file in the same folder, is fsynced, then renamed over
-the target (and the folder fsynced): a crash mid-save leaves the previous
-checkpoint intact, never a truncated one.
+No generator state is saved: the loop reseeds every generator before each use
+(``loop.seed_for``), so a resumed run draws what the uninterrupted run drew without one.
+
+Writing (``atomic_save``): the data goes to ``.<name>.tmp<pid>`` in the same folder, hashed
+(SHA-256) while it is written, fsynced, and renamed over the target; then the sidecar
+``<name>.sha256`` (``sha256sum -c`` reads it) is written the same way. The old sidecar is
+removed just before the rename, so at every instant the folder holds a matching pair or a
+checkpoint without a sidecar, never a checkpoint with someone else's checksum. A kill leaves
+at worst a temporary file, removed at the next start (``remove_stale_temporaries``). A full
+disk raises a ``CheckpointError`` that starts with "no space left on device"; the
+checkpoint already there is untouched.
+
+Reading (``find_resume_checkpoint``): ``checkpoints-meta/checkpoint.pth`` when it is intact
+(its sidecar matches and it loads; without a sidecar -- a published run, or a kill between
+the two renames -- it must load); otherwise the newest intact
+``checkpoints/checkpoint_<step>.pth``, with a warning naming both; a ``CheckpointError``
+saying what is wrong with each file when none is usable.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 
-from .distributed import DistEnv, all_gather_rows
+from ..checkpoint import CheckpointError, load_state_dict_checked
 
 log = logging.getLogger(__name__)
 
 META = Path("checkpoints-meta") / "checkpoint.pth"  # for resuming (published name)
 SNAPSHOTS = Path("checkpoints")  # checkpoint_<step>.pth
+SIDECAR_SUFFIX = ".sha256"
+REQUIRED_KEYS = ("model", "ema", "optimizer", "step")  # the published checkpoint's keys
+# Settings that give the saved weights and the saved data position their meaning: a resume
+# that changed one would load mismatched weights or read other batches than the run it continues.
+RESUME_KEYS = ("tokens", "tokenizer", "model.type", "model.hidden_size", "model.n_heads", "model.n_blocks",
+               "model.length", "model.scale_by_sigma", "training.batch_size")
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # .checkpoint.pth.tmp<pid>, .checkpoint.pth.sha256.tmp<pid>
+_SNAPSHOT = re.compile(r"^checkpoint_(\d+)\.pth$")
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+class _HashingWriter:
+    """A write-only file object that hashes what passes through (torch.save writes sequentially)."""
+
+    def __init__(self, fh, digest):
+        self.fh, self.digest = fh, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _write_temporary(path: Path, write) -> Path:
+    """``write(fh)`` into this process's temporary beside ``path``, flushed and fsynced; returns it."""
+    tmp = _temporary_path(path)
+    try:
+        with tmp.open("wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the renames themselves durable
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file, then its checksum sidecar."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    digest = hashlib.sha256()
     try:
-        with tmp.open("wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = _write_temporary(path, lambda fh: torch.save(obj, _HashingWriter(fh, digest)))
+        sidecar_path(path).unlink(missing_ok=True)  # from here until the new sidecar: no sidecar at all
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+        line = f"{digest.hexdigest()}  {path.name}\n".encode()
+        os.replace(_write_temporary(sidecar_path(path), lambda fh: fh.write(line)), sidecar_path(path))
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:
+        if _is_disk_full(e):
+            raise CheckpointError(f"no space left on device while writing {path}: the checkpoint already there "
+                                  f"(if any) is unchanged; free some space and resume from it") from e
+        raise
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere in the chain (torch wraps the OSError of its writer in a RuntimeError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "no space left on device" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that killed writers left in the checkpoint folders; returns them.
+
+    Only a temporary whose writer is gone is removed: its pid is not a live process, or it is
+    this process's own pid (reused by the system; this process has not written yet). One whose
+    writer still runs -- another process writing in this folder -- is left alone.
+    """
+    removed = []
+    for folder in (Path(run_dir) / META.parent, Path(run_dir) / SNAPSHOTS):
+        if not folder.is_dir():
+            continue
+        for file in sorted(folder.iterdir()):
+            match = _TEMPORARY.match(file.name)
+            if match is None:
+                continue
+            pid = int(match.group(1))
+            if pid == os.getpid() or not _pid_alive(pid):
+                file.unlink(missing_ok=True)
+                removed.append(file)
+                log.info("removed %s, left by a writer that was killed (pid %d)", file, pid)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
-def capture_rng(env: DistEnv) -> dict:
-    """Every rank's generator states, gathered (collective: call on all ranks)."""
-    out = {"cpu": all_gather_rows(torch.get_rng_state(), env)}
-    if env.device.type == "cuda":
-        out["cuda"] = all_gather_rows(torch.cuda.get_rng_state(env.device), env)
-    return out
+# ---- what a checkpoint holds ---------------------------------------------------------------------------
+def resume_settings(cfg) -> dict:
+    """``{key: value}`` of RESUME_KEYS for a RunConfig (stored in the checkpoint as ``run``)."""
+    model = cfg.model.model
+    values = {"tokens": cfg.model.tokens, "tokenizer": cfg.tokenizer, "model.type": model.type,
+              "model.hidden_size": model.hidden_size, "model.n_heads": model.n_heads,
+              "model.n_blocks": model.n_blocks, "model.length": model.length,
+              "model.scale_by_sigma": model.scale_by_sigma, "training.batch_size": cfg.training.batch_size}
+    return {key: values[key] for key in RESUME_KEYS}
 
 
-def restore_rng(rng: dict, env: DistEnv) -> None:
-    if rng["cpu"].shape[0] != env.world:
-        log.warning("checkpoint holds RNG states of %d ranks, this run has %d: not restored",
-                    rng["cpu"].shape[0], env.world)
-        return
-    torch.set_rng_state(rng["cpu"][env.rank])
-    if env.device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"][env.rank], env.device)
-
-
-def build_checkpoint(model, ema, optimizer, scaler, step: int, data: dict, rng: dict, world: int) -> dict:
+def build_checkpoint(model, ema, optimizer, scaler, step: int, data: dict, world: int, settings: dict) -> dict:
     return {
         "model": model.state_dict(),
         "ema": ema.state_dict(),
@@ -73,22 +183,119 @@ def build_checkpoint(model, ema, optimizer, scaler, step: int, data: dict, rng: 
         "step": int(step),
         "scaler": scaler.state_dict(),
         "data": data,
-        "rng": rng,
         "world": int(world),
+        "run": dict(settings),
     }
 
 
+def all_finite(tensors) -> bool:
+    """True when every tensor holds only finite values (one host sync)."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+# ---- reading -------------------------------------------------------------------------------------------
+def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):  # 16 MiB at a time: a multi-GB checkpoint never sits in memory twice
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sidecar_problem(path: Path) -> str | None:
+    """Why the sidecar says ``path`` is not the file that was written, or None (matches, or no sidecar)."""
+    sidecar = sidecar_path(path)
+    if not sidecar.exists():
+        return None
+    fields = sidecar.read_text(errors="replace").split()
+    if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+        return f"its checksum file {sidecar.name} is unreadable"
+    if _file_sha256(path) != fields[0]:
+        return f"its SHA-256 does not match {sidecar.name} (truncated or corrupted)"
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike, device) -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
+    """Read one training checkpoint, verified; ``CheckpointError`` naming the file when it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (zero bytes)")
+    problem = _sidecar_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # unpickling / zip errors come in many types; none may execute code
+        raise CheckpointError(f"{path}: not a readable weights-only torch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint (no {missing} entry)")
+    if not all_finite([*ckpt["model"].values(), *ckpt["ema"].get("shadow_params", [])]):
+        raise CheckpointError(f"{path}: holds weights that are not finite (NaN / inf)")
+    return ckpt
 
 
-def restore(ckpt: dict, model, ema, optimizer, scaler, env: DistEnv) -> int:
-    """Load a checkpoint into the training objects; returns its step."""
-    model.load_state_dict(ckpt["model"])
+def snapshot_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """checkpoints/checkpoint_<step>.pth of a run folder, newest step first."""
+    folder = Path(run_dir) / SNAPSHOTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), f) for f in folder.iterdir() if (m := _SNAPSHOT.match(f.name)) and f.is_file()]
+    return [f for _, f in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike, device) -> tuple[dict, Path] | None:
+    """The checkpoint a run in ``run_dir`` resumes from, and its path; None when the folder holds none.
+
+    The meta checkpoint first (the resume point, written last at each step); when it is missing
+    or unusable, the newest intact snapshot, with a warning naming both.
+    """
+    run_dir = Path(run_dir)
+    meta = run_dir / META
+    candidates = ([meta] if meta.exists() else []) + snapshot_paths(run_dir)
+    if not candidates:
+        return None
+    problems = [] if meta.exists() else [f"{meta}: no such file"]
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path, device)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if path != meta:
+            log.warning("%s; resuming from %s (step %d) instead", "; ".join(problems), path, int(ckpt["step"]))
+        return ckpt, path
+    raise CheckpointError(f"no usable checkpoint in {run_dir}: " + "; ".join(problems))
+
+
+def check_resume_settings(ckpt: dict, settings: dict, path: Path) -> None:
+    """Refuse a resume whose model or batch settings differ from the checkpoint's (naming the keys)."""
+    saved = ckpt.get("run")
+    if not isinstance(saved, dict):
+        return  # an older or published checkpoint: the weights' shapes are still checked on load
+    changed = [f"{k}={saved[k]!r} -> {settings[k]!r}" for k in RESUME_KEYS if k in saved and saved[k] != settings[k]]
+    if changed:
+        raise CheckpointError(f"cannot resume from {path}: the run changed {', '.join(changed)} (checkpoint -> "
+                              f"now); resume with the checkpoint's values or start a new run folder")
+
+
+def restore(ckpt: dict, path: Path, model, ema, optimizer, scaler) -> int:
+    """Load the checkpoint read from ``path`` into the training objects; returns its step.
+
+    Shape or key mismatches raise ``CheckpointError`` naming the file and every key at fault.
+    """
+    try:
+        load_state_dict_checked(model, ckpt["model"])
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume from {path}: {e}") from e
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if "rng" in ckpt:
-        restore_rng({k: v.cpu() for k, v in ckpt["rng"].items()}, env)
     return int(ckpt["step"])

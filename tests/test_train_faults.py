@@ -1,0 +1,396 @@
+"""Faults during training lose nothing and leave no debris (CPU, offline, in process).
+
+A kill is simulated by raising ``Killed`` (a BaseException) at a chosen point of the loop;
+the real SIGKILL of a ``train.py`` process is in test_reproducible.py. Each resumed run is
+compared with the uninterrupted one: losses, metrics.jsonl, the files of the run folder,
+and the weights / EMA / optimizer state bit for bit.
+"""
+import errno
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import radd_fast
+from radd_fast.checkpoint import CheckpointError
+from radd_fast.training import NonFiniteLossError, train
+from radd_fast.training import loop as loop_module
+from radd_fast.training import state as state_module
+from radd_fast.training.metrics import drop_records_after
+from radd_fast.training.state import atomic_save, find_resume_checkpoint, remove_stale_temporaries, sidecar_path
+from tests.train_helpers import (
+    Killed,
+    assert_same_checkpoints,
+    assert_same_state,
+    load_meta,
+    metric_records,
+    run_files,
+    tiny_config,
+)
+
+META = os.path.join("checkpoints-meta", "checkpoint.pth")
+
+
+def fake_samples(model, ema, noise, tokenizer, cfg, step, run_dir, env, metrics):
+    """Stands for snapshot sampling: one file per snapshot, and a metrics record, like the real one."""
+    folder = run_dir / "samples" / f"iter_{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sample_0.txt").write_text(f"samples of step {step}\n")
+    metrics.log(step, gen_ppl=float(step))
+
+
+def sampling_config(folder):
+    return tiny_config(folder, training={"snapshot_sampling": True})
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """6 uninterrupted steps with (fake) snapshot samples at 3 and 6: the reference."""
+    folder = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop_module, "snapshot_samples", fake_samples)
+        history = train(sampling_config(folder), folder / "run")
+    return folder / "run", history
+
+
+@pytest.fixture(scope="module")
+def five_steps(tmp_path_factory):
+    """A run stopped after step 5: meta at 5, snapshots 3 and 5 (copied by the tests that damage it)."""
+    folder = tmp_path_factory.mktemp("five")
+    cfg = tiny_config(folder)
+    train(dict(cfg, training=dict(cfg["training"], n_iters=5)), folder / "run")
+    return folder
+
+
+def assert_same_as_straight(run, straight_run):
+    assert metric_records(run) == metric_records(straight_run)
+    assert run_files(run) == run_files(straight_run)
+    assert_same_checkpoints(run, straight_run)
+
+
+# ---- write ordering: a kill anywhere in a snapshot step --------------------------------------------------
+@pytest.mark.parametrize("where", ["after_snapshot_checkpoint", "after_samples", "inside_meta_write"])
+def test_killed_in_a_snapshot_step_resumes_to_the_same_folder(straight, tmp_path, monkeypatch, where):
+    """Step 6 writes checkpoint_6, samples/iter_6, then the meta checkpoint (the resume point) last:
+    killed between any two, the resumed run redoes step 6 and its folder equals the straight run's."""
+    run = tmp_path / "run"
+    real_save, real_samples = state_module.atomic_save, fake_samples
+
+    def save(obj, path):
+        if where == "inside_meta_write" and obj["step"] == 6 and path.name == "checkpoint.pth":
+            path.parent.joinpath(f".{path.name}.tmp{os.getpid()}").write_bytes(b"half a checkpoint")
+            raise Killed
+        real_save(obj, path)
+        if where == "after_snapshot_checkpoint" and obj["step"] == 6:
+            raise Killed
+
+    def samples(*args):
+        real_samples(*args)
+        if where == "after_samples" and args[5] == 6:
+            raise Killed
+
+    monkeypatch.setattr(loop_module, "atomic_save", save)
+    monkeypatch.setattr(loop_module, "snapshot_samples", samples)
+    with pytest.raises(Killed):
+        train(sampling_config(tmp_path), run)
+    assert load_meta(run)["step"] == 4
+    monkeypatch.setattr(loop_module, "atomic_save", real_save)
+    monkeypatch.setattr(loop_module, "snapshot_samples", fake_samples)
+    rest = train(sampling_config(tmp_path), run)
+    assert rest["losses"] == straight[1]["losses"][4:]
+    assert_same_as_straight(run, straight[0])  # no temporary left, no duplicate metrics, same samples
+
+
+# ---- metrics.jsonl after a kill ----------------------------------------------------------------------------
+def test_metrics_after_kill_and_resume_read_as_one_run(straight, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real = loop_module._accumulate
+
+    def dies_in_step_6(step_module, micro_batches, scaler, step, seed, env):
+        if step == 5:
+            raise Killed
+        return real(step_module, micro_batches, scaler, step, seed, env)
+
+    monkeypatch.setattr(loop_module, "_accumulate", dies_in_step_6)
+    monkeypatch.setattr(loop_module, "snapshot_samples", fake_samples)
+    with pytest.raises(Killed):
+        train(sampling_config(tmp_path), run)
+    assert max(step for step, _, _ in metric_records(run)) == 5  # step 5 logged, resume point at 4
+    monkeypatch.setattr(loop_module, "_accumulate", real)
+    train(sampling_config(tmp_path), run)
+    records = metric_records(run)
+    assert [s for s, k, _ in records if k == "loss"] == [1, 2, 3, 4, 5, 6]
+    assert_same_as_straight(run, straight[0])
+
+
+def test_drop_records_after_keeps_earlier_steps_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    assert drop_records_after(path, 2) == 2
+    assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n'
+    assert drop_records_after(path, 2) == 0 and drop_records_after(tmp_path / "absent.jsonl", 0) == 0
+
+
+# ---- stale temporaries ---------------------------------------------------------------------------------
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    meta_dir, snap_dir = tmp_path / "checkpoints-meta", tmp_path / "checkpoints"
+    meta_dir.mkdir()
+    snap_dir.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = [meta_dir / f".checkpoint.pth.tmp{dead_pid()}", snap_dir / f".checkpoint_3.pth.tmp{dead_pid()}",
+                meta_dir / f".checkpoint.pth.sha256.tmp{dead_pid()}", meta_dir / f".checkpoint.pth.tmp{os.getpid()}"]
+        kept = [meta_dir / f".checkpoint.pth.tmp{alive.pid}", meta_dir / "checkpoint.pth", snap_dir / "notes.tmp1"]
+        for path in dead + kept:
+            path.write_bytes(b"x" * 10)
+        assert sorted(remove_stale_temporaries(tmp_path)) == sorted(dead)
+        assert all(p.exists() for p in kept) and not any(p.exists() for p in dead)
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_training_run_starts_by_removing_stale_temporaries(five_steps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(five_steps / "run", run)
+    stale = run / "checkpoints-meta" / f".checkpoint.pth.tmp{dead_pid()}"
+    stale.write_bytes(b"\0" * 1000)
+    cfg = tiny_config(tmp_path)
+    train(dict(cfg, training=dict(cfg["training"], n_iters=5)), run)  # nothing to do but start
+    assert not stale.exists()
+
+
+# ---- corrupt checkpoints ---------------------------------------------------------------------------------
+def corrupt(path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "zero_bytes": b"",
+                      "random_bytes": torch.randint(0, 256, (len(data),), dtype=torch.uint8).numpy().tobytes(),
+                      "one_flipped_byte": data[:-100] + bytes([data[-100] ^ 1]) + data[-99:]}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero_bytes", "random_bytes", "one_flipped_byte"])
+def test_corrupt_meta_falls_back_to_the_newest_intact_snapshot(five_steps, straight, tmp_path, how, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(five_steps / "run", run)
+    corrupt(run / META, how)
+    with caplog.at_level(logging.WARNING, logger="radd_fast"):
+        history = train(tiny_config(tmp_path), run)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert str(run / META) in warning and f"resuming from {run / 'checkpoints' / 'checkpoint_5.pth'} (step 5)" in warning
+    assert history["losses"] == straight[1]["losses"][5:]
+    assert_same_state(load_meta(run), load_meta(straight[0]))  # the new meta checkpoint is whole again
+
+
+def test_fallback_skips_every_damaged_snapshot_and_says_why(five_steps, straight, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(five_steps / "run", run)
+    corrupt(run / META, "zero_bytes")
+    corrupt(run / "checkpoints" / "checkpoint_5.pth", "one_flipped_byte")
+    with caplog.at_level(logging.WARNING, logger="radd_fast"):
+        history = train(tiny_config(tmp_path), run)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "the file is empty (zero bytes)" in warning and "SHA-256 does not match checkpoint_5.pth.sha256" in warning
+    assert "checkpoint_3.pth (step 3)" in warning
+    assert history["losses"] == straight[1]["losses"][3:]
+    assert_same_state(load_meta(run), load_meta(straight[0]))
+
+
+def test_no_usable_checkpoint_is_a_clear_error(five_steps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(five_steps / "run", run)
+    for path in [run / META, *(run / "checkpoints").glob("checkpoint_*.pth")]:
+        corrupt(path, "truncated")
+    with pytest.raises(CheckpointError, match=f"no usable checkpoint in {re.escape(str(run))}: ") as info:
+        train(tiny_config(tmp_path), run)
+    message = str(info.value)
+    assert "\n" not in message and all(name in message for name in ("checkpoint.pth", "checkpoint_5.pth",
+                                                                      "checkpoint_3.pth"))
+
+
+def test_a_checkpoint_without_sidecar_is_verified_by_loading(five_steps, tmp_path):
+    """Published runs have no sidecar, and a kill between the data rename and the sidecar leaves none."""
+    run = tmp_path / "run"
+    shutil.copytree(five_steps / "run", run)
+    sidecar_path(run / META).unlink()
+    ckpt, path = find_resume_checkpoint(run, "cpu")
+    assert path == run / META and ckpt["step"] == 5
+    corrupt(run / META, "truncated")
+    assert find_resume_checkpoint(run, "cpu")[1].name == "checkpoint_5.pth"
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_not_resumed_from(five_steps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(five_steps / "run", run)
+    ckpt = load_meta(run)
+    next(iter(ckpt["model"].values())).view(-1)[0] = float("nan")
+    atomic_save(ckpt, run / META)  # a valid sidecar: only the values are wrong
+    with pytest.raises(CheckpointError, match="not finite"):
+        state_module.load_checkpoint(run / META, "cpu")
+    assert find_resume_checkpoint(run, "cpu")[1].name == "checkpoint_5.pth"
+
+
+def test_the_published_loader_still_reads_the_run(five_steps):
+    model, _ = radd_fast.load_model(five_steps / "run")
+    assert torch.equal(next(model.parameters()), load_meta(five_steps / "run")["ema"]["shadow_params"][0])
+
+
+# ---- what a resume refuses ---------------------------------------------------------------------------------
+def test_no_checkpoint_says_it_starts_at_step_0(tmp_path, caplog):
+    cfg = tiny_config(tmp_path)
+    with caplog.at_level(logging.INFO, logger="radd_fast"):
+        train(dict(cfg, training=dict(cfg["training"], n_iters=1)), tmp_path / "run")
+    assert f"no checkpoint in {tmp_path / 'run'}: starting at step 0" in caplog.messages
+    assert "starting at step 0" in (tmp_path / "run" / "logs").read_text()
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"training": {"batch_size": 8}}, "training.batch_size=4 -> 8"),
+    ({"model": {"hidden_size": 64}}, "model.hidden_size=32 -> 64"),
+    ({"model": {"length": 32}}, "model.length=16 -> 32"),
+])
+def test_resume_with_changed_model_or_batch_size_is_refused(five_steps, tmp_path, change, expected):
+    run = tmp_path / "run"
+    shutil.copytree(five_steps / "run", run)
+    cfg = tiny_config(tmp_path)
+    for section, values in change.items():
+        cfg[section] = dict(cfg[section], **values)
+    with pytest.raises(CheckpointError, match=f"cannot resume from {re.escape(str(run / META))}: the run changed "
+                                              f"{re.escape(expected)}"):
+        train(cfg, run)
+
+
+def test_an_older_checkpoint_without_settings_still_names_the_shape_mismatch(five_steps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(five_steps / "run", run)
+    ckpt = load_meta(run)
+    del ckpt["run"]
+    atomic_save(ckpt, run / META)
+    cfg = tiny_config(tmp_path)
+    cfg["model"] = dict(cfg["model"], hidden_size=64)
+    with pytest.raises(CheckpointError, match=r"shape mismatch: .*expected \(257, 64\), found \(257, 32\)"):
+        train(cfg, run)
+
+
+def test_a_published_format_checkpoint_resumes_from_the_first_batch(five_steps, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(five_steps / "run", run)
+    ckpt = load_meta(run)
+    atomic_save({k: ckpt[k] for k in ("model", "ema", "optimizer", "step")}, run / META)
+    with caplog.at_level(logging.WARNING, logger="radd_fast"):
+        assert train(tiny_config(tmp_path), run)["step"] == 6
+    assert any("holds no data position (published format)" in m for m in caplog.messages)
+
+
+# ---- the NaN guard ---------------------------------------------------------------------------------------
+def test_nonfinite_weights_are_never_written_and_the_real_last_good_file_is_named(tmp_path, monkeypatch):
+    real = loop_module.apply_update
+    updates = []
+
+    def explodes_in_step_3(optimizer, scaler):
+        real(optimizer, scaler)
+        updates.append(1)
+        if len(updates) == 3:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(loop_module, "apply_update", explodes_in_step_3)
+    run = tmp_path / "run"
+    meta = run / META
+    with pytest.raises(NonFiniteLossError, match=f"the weights are not finite after step 3: .*checkpoint_3.pth was not "
+                                                 f"written; the last good checkpoint is {re.escape(str(meta))} "
+                                                 r"\(step 2\)"):
+        train(tiny_config(tmp_path), run)
+    assert not (run / "checkpoints" / "checkpoint_3.pth").exists() and load_meta(run)["step"] == 2
+
+
+def test_nan_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop_module, "_accumulate", lambda *args: float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 1: .*no checkpoint has been written yet, "
+                                                 "so there is none to resume from"):
+        train(tiny_config(tmp_path), tmp_path / "run")
+
+
+def test_nan_after_only_a_snapshot_names_the_snapshot(tmp_path, monkeypatch):
+    """Without a meta checkpoint a resume starts from the newest snapshot: that is the file to name."""
+    real = loop_module._accumulate
+    monkeypatch.setattr(loop_module, "_accumulate", lambda m, b, s, step, seed, env: float("nan") if step == 3
+                        else real(m, b, s, step, seed, env))
+    cfg = tiny_config(tmp_path, training={"snapshot_freq_for_preemption": 100})
+    snapshot = tmp_path / "run" / "checkpoints" / "checkpoint_3.pth"
+    with pytest.raises(NonFiniteLossError, match=f"loss is nan at step 4: .*{re.escape(str(snapshot))} \\(step 3\\)"):
+        train(cfg, tmp_path / "run")
+
+
+# ---- disk full -----------------------------------------------------------------------------------------
+def enospc():
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FullDisk:
+    """Installs a disk that fills up: writes through state._HashingWriter fail once ``room`` bytes went."""
+
+    def __init__(self, monkeypatch, room: int):
+        self.room, self.full = room, False
+        real_write = state_module._HashingWriter.write
+
+        def write(writer, data):
+            if self.full:
+                self.room -= len(data)
+                if self.room < 0:
+                    raise enospc()
+            return real_write(writer, data)
+
+        monkeypatch.setattr(state_module._HashingWriter, "write", write)
+
+
+@pytest.mark.parametrize("where", ["while_torch_writes", "at_fsync"])
+def test_disk_full_says_so_first_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    """torch.save turns the writer's ENOSPC into 'RuntimeError: [enforce fail at inline_container.cc...]'
+    (the OSError only in its context); a filesystem with delayed allocation reports it at fsync."""
+    path = tmp_path / "checkpoint.pth"
+    atomic_save({"step": 1, "weights": torch.zeros(100)}, path)
+    before = path.read_bytes(), sidecar_path(path).read_bytes()
+    if where == "while_torch_writes":
+        FullDisk(monkeypatch, room=500).full = True
+    else:
+        def fsync(fd):
+            raise enospc()
+
+        monkeypatch.setattr(state_module.os, "fsync", fsync)
+    with pytest.raises(CheckpointError) as info:
+        atomic_save({"step": 2, "weights": torch.ones(10_000)}, path)
+    first_line = str(info.value).splitlines()[0]
+    assert first_line.startswith(f"no space left on device while writing {path}: the checkpoint already there")
+    assert (path.read_bytes(), sidecar_path(path).read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "checkpoint.pth.sha256"]
+
+
+def test_disk_full_during_training_stops_and_resumes_from_the_intact_checkpoint(straight, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    disk = FullDisk(monkeypatch, room=1000)
+    real_save = state_module.atomic_save
+
+    def save(obj, path):
+        disk.full = obj["step"] == 4  # the disk fills up during the step-4 meta checkpoint
+        real_save(obj, path)
+
+    monkeypatch.setattr(loop_module, "atomic_save", save)
+    monkeypatch.setattr(loop_module, "snapshot_samples", fake_samples)
+    with pytest.raises(CheckpointError, match="^no space left on device while writing"):
+        train(sampling_config(tmp_path), run)
+    assert load_meta(run)["step"] == 2
+    disk.full = False
+    monkeypatch.setattr(loop_module, "atomic_save", real_save)
+    train(sampling_config(tmp_path), run)
+    assert_same_as_straight(run, straight[0])
