@@ -4,8 +4,8 @@ Only masked rows ever reach the output head: the model's ``hidden`` runs on the
 whole perturbed batch, the N masked rows of it are gathered, and
 ``model.target_log_probs`` returns log p(clean token) for those rows alone ([N]
 instead of the [B, L, V] log-softmax; on the fast backend the [N, V] logits are
-never built either). Per-row weights are applied, then a segment sum
-(``index_add``) turns rows back into one loss per sequence.
+never built either). Per-row weights are applied, then a fixed-order segment sum
+(``per_sequence``) turns rows back into one loss per sequence.
 """
 from __future__ import annotations
 
@@ -42,5 +42,14 @@ def masked_target_log_probs(model, clean: torch.Tensor, perturbed: torch.Tensor)
 
 
 def per_sequence(values: torch.Tensor, seq: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Segment sum: values [N] of rows belonging to sequences seq [N] -> [B] (0 for no rows)."""
-    return values.new_zeros(batch_size).index_add_(0, seq, values)
+    """Segment sum in a fixed order: values [N] of rows of sequences seq [N] -> [B] (0 for no rows).
+
+    ``seq`` must be ascending (the row-major order ``masked_target_log_probs`` returns), so the
+    rows of a sequence are contiguous: each sequence's rows are summed by one reduction of a
+    fixed order, with no atomics. ``index_add_`` (used before) adds with atomics on CUDA, so
+    its sums depended on thread scheduling. Sync-free (the segment bounds are a ``searchsorted`` on the
+    device, static shape [B + 1]) and traceable by torch.compile; on CPU the result equals
+    ``index_add_``'s sequential sum bit for bit. Gradient: each row gets its sequence's gradient.
+    """
+    bounds = torch.searchsorted(seq, torch.arange(batch_size + 1, device=seq.device, dtype=seq.dtype))
+    return torch.segment_reduce(values, "sum", offsets=bounds, unsafe=True)  # unsafe: no host-side checks
