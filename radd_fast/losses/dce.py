@@ -33,9 +33,13 @@ def t_dce(model, batch, noise, t=None, perturbed=None, sampling_eps=1e-3, time_s
     """
     sigma, dsigma, perturbed = _time_perturb(batch, model.mask_id, noise, t, perturbed, sampling_eps, time_sampler)
     logp, seq = masked_target_log_probs(model, batch, perturbed)
+    return per_sequence(t_dce_rows(logp, seq, sigma, dsigma), seq, batch.shape[0])
+
+
+def t_dce_rows(logp, seq, sigma, dsigma):
+    """t_DCE's loss at each masked row: logp, seq [N]; sigma, dsigma [B] -> [N] fp32."""
     e = torch.expm1(sigma)
-    rows = (dsigma / e)[seq] * (torch.log(e)[seq] - logp)
-    return per_sequence(rows, seq, batch.shape[0])
+    return (dsigma / e)[seq] * (torch.log(e)[seq] - logp)
 
 
 def t_dse(model, batch, noise, t=None, perturbed=None, sampling_eps=1e-3, time_sampler="vdm"):
@@ -51,12 +55,17 @@ def t_dse(model, batch, noise, t=None, perturbed=None, sampling_eps=1e-3, time_s
     """
     sigma, dsigma, perturbed = _time_perturb(batch, model.mask_id, noise, t, perturbed, sampling_eps, time_sampler)
     logp, seq = masked_target_log_probs(model, batch, perturbed)
+    return per_sequence(t_dse_rows(logp, seq, sigma, dsigma), seq, batch.shape[0])
+
+
+def t_dse_rows(logp, seq, sigma, dsigma):
+    """t_DSE's loss at each masked row: logp, seq [N]; sigma, dsigma [B] -> [N] fp32."""
     e = torch.expm1(sigma)[seq]
     log_e = torch.log(e)
     neg = (log_e - logp) / e
     pos = 1 / e
     const = (1 / e) * (-log_e - 1)
-    return per_sequence(dsigma[seq] * (neg + pos + const), seq, batch.shape[0])
+    return dsigma[seq] * (neg + pos + const)
 
 
 def lambda_dce(model, batch, noise=None, lam=None, perturbed=None, time_sampler="decoupled"):
@@ -66,7 +75,12 @@ def lambda_dce(model, batch, noise=None, lam=None, perturbed=None, time_sampler=
     if perturbed is None:
         perturbed = mask_with_prob(batch, lam, model.mask_id)
     logp, seq = masked_target_log_probs(model, batch, perturbed)
-    return per_sequence(-logp.double() / lam.double()[seq], seq, batch.shape[0])
+    return per_sequence(lambda_dce_rows(logp, seq, lam), seq, batch.shape[0])
+
+
+def lambda_dce_rows(logp, seq, lam):
+    """lambda_DCE's loss at each masked row: logp, seq [N]; lam [B] -> [N] float64 (as published)."""
+    return -logp.double() / lam.double()[seq]
 
 
 def k_dce(model, batch, noise=None, k=None, perturbed=None):
@@ -82,4 +96,9 @@ def k_dce(model, batch, noise=None, k=None, perturbed=None):
     elif k is None:
         k = (perturbed == model.mask_id).sum(-1)
     logp, seq = masked_target_log_probs(model, batch, perturbed)
-    return per_sequence(-logp * (L / k.float())[seq], seq, B)
+    return per_sequence(k_dce_rows(logp, seq, k, L), seq, B)
+
+
+def k_dce_rows(logp, seq, k, length: int):
+    """k_DCE's loss at each masked row: logp, seq [N]; k [B] masked counts -> [N] fp32 (weight L / k)."""
+    return -logp * (length / k.float())[seq]

@@ -13,13 +13,16 @@ def mask_with_prob(x: torch.Tensor, p: torch.Tensor, mask_id: int) -> torch.Tens
     return torch.where(move, mask_id, x)
 
 
-def mask_k_random(x: torch.Tensor, k: torch.Tensor, mask_id: int) -> torch.Tensor:
+def mask_k_random(x: torch.Tensor, k: torch.Tensor, mask_id: int, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Mask exactly k [B] uniformly chosen positions of each sequence of x [B, L].
 
     The rank of each position in a random permutation is below k for exactly k positions,
     so no Python loop over the batch and no ties (unlike thresholding the uniforms).
+    keys: the uniforms [B, L] that rank the positions (drawn here when None).
     """
-    rank = torch.rand(x.shape, device=x.device).argsort(-1).argsort(-1)  # [B, L]
+    if keys is None:
+        keys = torch.rand(x.shape, device=x.device)
+    rank = keys.argsort(-1).argsort(-1)  # [B, L]
     return torch.where(rank < k[:, None], mask_id, x)
 
 

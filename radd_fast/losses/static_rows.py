@@ -1,0 +1,191 @@
+"""The denoising losses at a static number of head rows, with no host sync (docs/TRAINING.md).
+
+The eager losses (dce.py) draw each token's mask on the device and gather the N masked
+rows with ``nonzero``: N is data-dependent, so the host waits for the device once per
+micro-batch and the step cannot have static shapes. Here the same laws are drawn in two
+parts:
+
+1. on the host (``MaskPlanner.draw``, B numbers from a CPU generator): each sequence's
+   time / rate r_j as the loss's time sampler draws it, and its number of masked
+   positions n_j ~ Binomial(L, p_j) with p_j the masking probability of r_j (for k_DCE,
+   n_j = k_j ~ U{1..L} directly). The host then knows N = sum_j n_j without asking the device;
+2. on the device (``planned_rows``): which n_j positions, a uniformly random subset of that
+   size (the n_j smallest of L iid uniform keys).
+
+Masking every token independently with probability p is the same law as drawing the count
+n ~ Binomial(L, p) and then a uniform subset of n positions (given the count, every subset of
+that size is equally likely), so each loss keeps its published law exactly; the tests check
+the count distribution and the per-position uniformity against the closed form.
+
+The masked rows are gathered into a buffer of a static capacity C per micro-batch shape
+(``MaskPlanner.capacity``: mean + 8 standard deviations of N, to a multiple of 128), padding
+rows weighted 0 and left out of the per-sequence sums. A batch with N > C (the host knows)
+runs the same function at capacity N, the exact overflow path.
+
+Example::
+
+    planner = MaskPlanner("lambda_DCE", noise, length=L)
+    plan = planner.draw(B)                                    # host, no sync
+    C = planner.capacity(B)
+    keys = torch.rand(B, L, dtype=torch.float64, device=dev)
+    loss = planned_loss(model, "lambda_DCE", noise, batch, keys, plan.counts.to(dev), plan.rate.to(dev),
+                        max(C, plan.total))                   # [B], no sync
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .common import per_sequence
+from .dce import k_dce_rows, lambda_dce_rows, t_dce_rows, t_dse_rows
+from .registry import get_loss_spec
+from .time_samplers import get_time_sampler
+
+# The losses whose masked rows are planned here; the ar_* losses already run one head row
+# per sequence per pass (static shapes), and draw nothing whose size the host needs.
+PLANNED_LOSS_TYPES = ("t_DSE", "t_DCE", "lambda_DCE", "k_DCE")
+CAPACITY_SIGMAS = 8.0  # N > mean + 8 sd happens about once in 10^15 draws for a Gaussian N
+CAPACITY_MULTIPLE = 128  # matmul-friendly row counts
+CAPACITY_DRAWS = 2048  # rate draws behind the capacity's mean and variance (fixed seed: deterministic)
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """The host-side randomness of one micro-batch.
+
+    rate: [B] fp32, the loss's per-sequence time (t for t_DSE / t_DCE, lam for lambda_DCE,
+    k for k_DCE); counts: [B] int64 masked positions per sequence; total: N = counts.sum().
+    """
+
+    rate: torch.Tensor
+    counts: torch.Tensor
+    total: int
+
+
+class MaskPlanner:
+    """Draws ``MaskPlan``s for one loss on the host and sizes the static row buffer.
+
+    loss_type: one of ``PLANNED_LOSS_TYPES``; noise: the schedule (its ``move_chance`` gives the
+    masking probability of a time; evaluated on the host in float64); length: L, positions per
+    sequence; sampling_eps / time_sampler: as in ``get_loss_fn``.
+    """
+
+    def __init__(self, loss_type: str, noise, length: int, sampling_eps: float = 1e-3,
+                 time_sampler: str | None = None):
+        if loss_type not in PLANNED_LOSS_TYPES:
+            raise ValueError(f"loss {loss_type!r} has no planned masking; planned: {list(PLANNED_LOSS_TYPES)}")
+        spec = get_loss_spec(loss_type)
+        self.loss_type = loss_type
+        self.noise = noise
+        self.length = length
+        self.sampling_eps = sampling_eps if spec.uses_sampling_eps else 0.0
+        self.sampler = get_time_sampler(time_sampler or spec.time_sampler) if spec.time_sampler else None
+        self._capacities: dict[int, int] = {}
+
+    def rates(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rate [B] fp32, masking probability [B] float64) on the host; k_DCE: (k, k / L)."""
+        if self.loss_type == "k_DCE":
+            k = torch.randint(1, self.length + 1, (batch_size,), generator=generator)
+            return k.float(), k.double() / self.length
+        r = self.sampler(batch_size, "cpu", generator)
+        if self.loss_type == "lambda_DCE":
+            return r, r.double()
+        t = (1 - self.sampling_eps) * r + self.sampling_eps  # as the eager t-losses draw t
+        return t, self._move_chance(t.double())
+
+    def _move_chance(self, t: torch.Tensor) -> torch.Tensor:
+        sigma, _ = self.noise(t)
+        return -torch.expm1(-sigma)
+
+    def draw(self, batch_size: int, generator: torch.Generator | None = None) -> MaskPlan:
+        """One micro-batch's rates and masked counts, drawn on the host (no device work, no sync)."""
+        rate, p = self.rates(batch_size, generator)
+        if self.loss_type == "k_DCE":
+            counts = rate.long()
+        else:
+            trials = torch.full((batch_size,), float(self.length), dtype=torch.float64)
+            counts = torch.binomial(trials, p.clamp(0.0, 1.0), generator=generator).long()
+        return MaskPlan(rate, counts, int(counts.sum()))
+
+    def count_moments(self, batch_size: int) -> tuple[float, float]:
+        """Mean and variance of N = sum_j n_j for a batch of ``batch_size`` (law of total variance).
+
+        k_DCE: closed form (n_j iid U{1..L}). Otherwise, given the probabilities p_j the counts
+        are independent binomials: E[N] = L E[sum p], Var[N] = L E[sum p (1 - p)] + L^2 Var[sum p],
+        with the expectations over the time sampler taken from a fixed-seed Monte Carlo.
+        """
+        L = self.length
+        if self.loss_type == "k_DCE":
+            return batch_size * (L + 1) / 2, batch_size * (L * L - 1) / 12
+        generator = torch.Generator().manual_seed(0)
+        p = torch.stack([self.rates(batch_size, generator)[1] for _ in range(CAPACITY_DRAWS)])  # [D, B]
+        total_p = p.sum(-1)
+        mean = L * total_p.mean().item()
+        var = L * (p * (1 - p)).sum(-1).mean().item() + L * L * total_p.var().item()
+        return mean, var
+
+    def capacity(self, batch_size: int) -> int:
+        """Static head rows for micro-batches of ``batch_size``: mean + 8 sd of N, up to a multiple
+        of 128, at most B * L. Computed once per batch size (a few ms on the host)."""
+        if batch_size not in self._capacities:
+            mean, var = self.count_moments(batch_size)
+            rows = math.ceil((mean + CAPACITY_SIGMAS * math.sqrt(var)) / CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+            self._capacities[batch_size] = max(1, min(batch_size * self.length, rows))
+        return self._capacities[batch_size]
+
+
+def planned_rows(keys: torch.Tensor, counts: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked positions of a micro-batch, gathered into ``capacity`` rows with static shapes.
+
+    keys: [B, L] iid uniforms (float64: ties among 1024 float32 uniforms are a few percent
+    likely per sequence, float64 ties about 1e-10); counts: [B] int64, sum N <= capacity.
+    Sequence j masks the positions of its n_j smallest keys (a uniformly random n_j-subset).
+    Returns (mask [B, L] bool; seq [C] int64 ascending, B at the C - N padding rows; flat [C]
+    int64 indices into the B * L positions, a valid position at the padding rows). Slot s of
+    sequence j holds its s-th smallest key's position. No sync: sorts, a cumsum, searchsorted
+    and gathers only (no ``nonzero``, no scatter).
+    """
+    B, L = keys.shape
+    by_key = keys.argsort(-1)  # [B, L]: positions in key order
+    rank = by_key.argsort(-1)  # [B, L]: each position's place in that order
+    mask = rank < counts[:, None]
+    ends = counts.cumsum(0)  # [B]: one past each sequence's last slot
+    slot = torch.arange(capacity, device=keys.device)
+    seq = torch.searchsorted(ends, slot, right=True)  # [C], B past the last sequence's slots
+    row_seq = seq.clamp(max=B - 1)
+    within = (slot - (ends - counts)[row_seq]).clamp(0, L - 1)  # padding rows: some valid position
+    flat = row_seq * L + by_key[row_seq, within]
+    return mask, seq, flat
+
+
+def planned_loss(model, loss_type: str, noise, batch: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
+                 rate: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Per-sequence loss [B] of ``loss_type`` at a static ``capacity`` of head rows (no sync).
+
+    batch: [B, L] clean tokens (validated by the caller); keys [B, L] float64, counts [B] int64,
+    rate [B] fp32: a ``MaskPlan`` on the device plus the keys; capacity >= counts.sum(). The
+    model's last block and the head run at the ``capacity`` rows only; padding rows add 0.
+    Values equal the eager loss (dce.py) on the same perturbed batch; float64 for lambda_DCE.
+    """
+    B, L = batch.shape
+    mask, seq, flat = planned_rows(keys, counts, capacity)
+    perturbed = torch.where(mask, model.mask_id, batch)
+    h = model.hidden(perturbed, check=False, rows=flat)  # [C, d]
+    logp = model.target_log_probs(h, batch.reshape(-1)[flat])  # [C]
+    row_seq = seq.clamp(max=B - 1)
+    values = row_values(loss_type, noise, logp, row_seq, rate, counts, L)
+    values = torch.where(seq < B, values, 0.0)  # padding rows: finite values, weight 0
+    return per_sequence(values, seq, B)  # padding (seq = B) lies past the last segment
+
+
+def row_values(loss_type: str, noise, logp, seq, rate, counts, length: int) -> torch.Tensor:
+    """Each row's loss term, by the eager losses' own formulas (dce.py)."""
+    if loss_type == "lambda_DCE":
+        return lambda_dce_rows(logp, seq, rate)
+    if loss_type == "k_DCE":
+        return k_dce_rows(logp, seq, counts, length)
+    sigma, dsigma = noise(rate)
+    rows = t_dse_rows if loss_type == "t_DSE" else t_dce_rows
+    return rows(logp, seq, sigma, dsigma)
