@@ -11,6 +11,14 @@ attention's q k^T and p v; the last one the output projection, run on a
 fraction of the positions (1 for a full forward; the masked fraction for the
 losses, which run the head at masked rows only). A training step is 3x forward
 (backward = 2x). MFU = executed FLOPs / (seconds * peak).
+
+What a training micro-batch [B, L] executes (``executed_train_flops``; the static step runs the
+head and the last block's attention output + MLP at its C planned rows, every other matmul
+at all B * L positions; activation recomputation is not counted, as usual for MFU):
+
+    3 * [ B*L * (2 * W_body - 2 * W_rows_last + 4 * n_blocks * L * d) + C * (2 * W_rows_last + 2 * d * V) ]
+
+W_rows_last: the last block's row-wise weights (attention output projection and MLP).
 """
 from __future__ import annotations
 
@@ -35,6 +43,37 @@ def forward_flops_per_token(model, length: int, head_fraction: float = 1.0) -> f
     m = model.config.model
     head = 2.0 * m.hidden_size * model.vocab_size * head_fraction
     return 2.0 * body_matmul_weights(model) + 4.0 * m.n_blocks * length * m.hidden_size + head
+
+
+def last_block_row_weights(model) -> int:
+    """Matmul weights of the last block that run at the head rows only (attention output + MLP)."""
+    blocks = getattr(model, "blocks", ())
+    if len(blocks) == 0:
+        return 0
+    return sum(p.numel() for name, p in blocks[-1].named_parameters()
+               if p.dim() == 2 and not name.startswith("attn_qkv"))
+
+
+def executed_train_flops(model, batch_size: int, length: int, head_rows: int, last_block_rows: int | None = None) -> float:
+    """FLOPs one training micro-batch [batch_size, length] executes (forward + backward; module docstring).
+
+    head_rows: rows that reach the output head (the static step's capacity C, or N on the
+    overflow path); last_block_rows: rows of the last block's attention output and MLP
+    (default: every position, as an unpruned forward).
+    """
+    m = model.config.model
+    tokens = batch_size * length
+    rows_last = tokens if last_block_rows is None else last_block_rows
+    w_last = last_block_row_weights(model)
+    body = tokens * (2.0 * (body_matmul_weights(model) - w_last) + 4.0 * m.n_blocks * length * m.hidden_size)
+    pruned = rows_last * 2.0 * w_last
+    head = head_rows * 2.0 * m.hidden_size * model.vocab_size
+    return 3.0 * (body + pruned + head)
+
+
+# The formula beside every MFU number the training loop logs.
+MFU_FORMULA = ("mfu = executed FLOPs / (seconds * peak * ranks); executed = 3 x forward, the head and the "
+               "last block's attention output + MLP at the planned rows only (radd_fast.flops.executed_train_flops)")
 
 
 def train_flops_per_token(model, length: int, head_fraction: float = 1.0) -> float:
