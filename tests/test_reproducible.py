@@ -75,6 +75,15 @@ def test_per_sequence_is_the_sequential_sum_bit_for_bit(dtype):
     assert torch.equal(grad, grad_out[seq])  # each row gets its sequence's gradient
 
 
+def test_per_sequence_leaves_out_padding_rows_past_the_last_sequence():
+    seq = torch.tensor([0, 0, 1, 3, 3])  # B = 3: the rows of "sequence 3" are padding
+    values = torch.tensor([1.0, 2.0, 4.0, float("nan"), 8.0], requires_grad=True)
+    out = per_sequence(values, seq, 3)
+    assert torch.equal(out, torch.tensor([3.0, 4.0, 0.0]))
+    (grad,) = torch.autograd.grad(out, values, torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(grad, torch.tensor([1.0, 1.0, 2.0, 0.0, 0.0]))
+
+
 def test_per_sequence_does_not_depend_on_the_thread_count():
     torch.manual_seed(2)
     seq = torch.randint(0, 64, (200_000,)).sort().values

@@ -50,6 +50,8 @@ def per_sequence(values: torch.Tensor, seq: torch.Tensor, batch_size: int) -> to
     its sums depended on thread scheduling. Sync-free (the segment bounds are a ``searchsorted`` on the
     device, static shape [B + 1]) and traceable by torch.compile; on CPU the result equals
     ``index_add_``'s sequential sum bit for bit. Gradient: each row gets its sequence's gradient.
+    Rows with ``seq == batch_size`` (padding, sorted last) lie past the last segment: left out,
+    gradient 0 (``losses.static_rows`` relies on it).
     """
     bounds = torch.searchsorted(seq, torch.arange(batch_size + 1, device=seq.device, dtype=seq.dtype))
     return torch.segment_reduce(values, "sum", offsets=bounds, unsafe=True)  # unsafe: no host-side checks
