@@ -30,11 +30,14 @@ dtypes fp32, fp16, bf16, with fp32 accumulation. fp32 inputs use IEEE dots
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 
-from radd_fast.kernels.utils import HAS_TRITON, interpreter_on, next_power_of_2, require, triton_runs_on
+from radd_fast.kernels.utils import (
+    HAS_TRITON, TUNED_CAPABILITY, card_of, interpreter_on, next_power_of_2, pipeline_buffers, require, triton_runs_on,
+)
 
 if HAS_TRITON:
     import triton
@@ -346,22 +349,120 @@ _INTERPRETER_BWD = BwdConfig(16, 16, 1, 1, 16, 16, 1, 1)
 #   dq   128x32, 8 warps: hd 64 128 (rotary 171); hd >= 96: 64x64, 8 warps, no spill.
 # fp32 uses IEEE FMA dots (no tensor cores; a correctness path, auto never picks
 # it): small tiles, which keep the spills near zero.
-def default_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdConfig:
-    if device.type == "cpu":
-        return _INTERPRETER_FWD
+def _tuned_fwd(head_dim: int, dtype: torch.dtype) -> FwdConfig:
     if dtype == torch.float32:
         return FwdConfig(32, 32, 4, 1)
     return FwdConfig(128, 64, 8, 3)
 
 
-def default_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
-    if device.type == "cpu":
-        return _INTERPRETER_BWD
+def _tuned_bwd(head_dim: int, dtype: torch.dtype) -> BwdConfig:
     if dtype == torch.float32:
         return BwdConfig(16, 32, 4, 1, 32, 16, 4, 1)
     if head_dim <= 64:
         return BwdConfig(32, 128, 8, 3, 128, 32, 8, 3)
     return BwdConfig(32, 64, 8, 2, 64, 64, 8, 2)
+
+
+# ----------------------------------------------------------------------------- per-card choice
+# Shared memory of a configuration, estimated as Triton lays it out (an upper bound of the
+# sizes tools/aot_build.py reads from the compiled kernels; see docs/KERNELS.md): the tiles a
+# program loads once, plus `pipeline_buffers` copies of the tiles each loop step loads.
+def _tile_widths(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_HALF): the padded widths of full rows and of half rows."""
+    return max(16, next_power_of_2(head_dim)), max(16, next_power_of_2(head_dim // 2))
+
+
+def _loop_rows_bytes(rows: int, head_dim: int, dtype: torch.dtype, rotary: bool, n_full: int) -> int:
+    """Bytes of ``n_full`` [rows, hd] input tiles, plus the fp32 cos and sin of those rows under rotary."""
+    block_d, block_half = _tile_widths(head_dim)
+    size = n_full * rows * block_d * dtype.itemsize
+    if rotary:
+        size += 2 * rows * block_half * 4
+    return size
+
+
+def fwd_smem_bytes(cfg: FwdConfig, capability: tuple, dtype: torch.dtype, head_dim: int, rotary: bool) -> int:
+    """Estimated shared memory of ``_attn_fwd_kernel``: q once; k, v (+ cos, sin) per key step."""
+    block_d, _ = _tile_widths(head_dim)
+    once = cfg.block_m * block_d * dtype.itemsize
+    step = _loop_rows_bytes(cfg.block_n, head_dim, dtype, rotary, n_full=2)
+    return once + pipeline_buffers(capability, dtype, cfg.num_stages) * step
+
+
+def dkdv_smem_bytes(cfg: BwdConfig, capability: tuple, dtype: torch.dtype, head_dim: int, rotary: bool) -> int:
+    """Estimated shared memory of ``_attn_bwd_dkdv_kernel``: k, v once; q, dO (+ cos, sin), lse, delta per step."""
+    block_d, _ = _tile_widths(head_dim)
+    once = 2 * cfg.block_n1 * block_d * dtype.itemsize
+    step = _loop_rows_bytes(cfg.block_m1, head_dim, dtype, rotary, n_full=2) + 2 * cfg.block_m1 * 4
+    return once + pipeline_buffers(capability, dtype, cfg.num_stages1) * step
+
+
+def dq_smem_bytes(cfg: BwdConfig, capability: tuple, dtype: torch.dtype, head_dim: int, rotary: bool) -> int:
+    """Estimated shared memory of ``_attn_bwd_dq_kernel``: q, dO once; k, v (+ cos, sin) per key step."""
+    block_d, _ = _tile_widths(head_dim)
+    once = 2 * cfg.block_m2 * block_d * dtype.itemsize
+    step = _loop_rows_bytes(cfg.block_n2, head_dim, dtype, rotary, n_full=2)
+    return once + pipeline_buffers(capability, dtype, cfg.num_stages2) * step
+
+
+def _first_fitting(candidates, smem_of, smem_limit: int):
+    """The first candidate whose estimated shared memory fits ``smem_limit``, else the last."""
+    for cfg in candidates:
+        if smem_of(cfg) <= smem_limit:
+            return cfg
+    return candidates[-1]
+
+
+@functools.lru_cache(maxsize=None)  # pure, and asked on every launch
+def fwd_config_for(capability: tuple, smem_limit: int, dtype: torch.dtype, head_dim: int,
+                   rotary: bool) -> FwdConfig:
+    """The forward's tiles on a card: the tuned ones where they fit, else the first smaller that does.
+
+    Smaller means, in order: 32 keys a step, 2 stages, 64 queries a program. Head dims above
+    64 start at 32 keys a step on cards without wgmma: there the 128x64 tile holds its fp32
+    scores and accumulator in registers and spills (sm_80, hd 128 with rotary: 255 registers,
+    444 B of spill stores; 128x32: 250, none; see the AOT table).
+    """
+    tuned = _tuned_fwd(head_dim, dtype)
+    if capability == TUNED_CAPABILITY or dtype == torch.float32:
+        candidates = [tuned]
+    else:
+        narrow = replace(tuned, block_n=32)
+        wide = [tuned] if head_dim <= 64 else []
+        candidates = wide + [narrow, replace(narrow, num_stages=2), replace(narrow, block_m=64, num_stages=2)]
+    return _first_fitting(candidates, lambda c: fwd_smem_bytes(c, capability, dtype, head_dim, rotary), smem_limit)
+
+
+@functools.lru_cache(maxsize=None)  # pure, and asked on every launch
+def bwd_config_for(capability: tuple, smem_limit: int, dtype: torch.dtype, head_dim: int,
+                   rotary: bool) -> BwdConfig:
+    """The backward's tiles on a card, each of its two kernels shrunk independently until it fits:
+    dK/dV first with fewer stages, then fewer keys a program; dQ first with 32 keys a step,
+    then fewer stages, then fewer queries a program."""
+    tuned = _tuned_bwd(head_dim, dtype)
+    if capability == TUNED_CAPABILITY or dtype == torch.float32:
+        return tuned
+    dkdv = [tuned, replace(tuned, num_stages1=2), replace(tuned, num_stages1=2, block_n1=tuned.block_n1 // 2)]
+    dkdv_cfg = _first_fitting(dkdv, lambda c: dkdv_smem_bytes(c, capability, dtype, head_dim, rotary), smem_limit)
+    narrow = replace(dkdv_cfg, block_n2=32)
+    dq = [dkdv_cfg, narrow, replace(narrow, num_stages2=2), replace(narrow, num_stages2=2, block_m2=64)]
+    return _first_fitting(dq, lambda c: dq_smem_bytes(c, capability, dtype, head_dim, rotary), smem_limit)
+
+
+def default_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device, rotary: bool = False) -> FwdConfig:
+    """The forward's tiles for a launch on ``device`` (the interpreter's small ones on the CPU)."""
+    if device.type == "cpu":
+        return _INTERPRETER_FWD
+    capability, smem_limit = card_of(device)
+    return fwd_config_for(capability, smem_limit, dtype, head_dim, rotary)
+
+
+def default_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device, rotary: bool = False) -> BwdConfig:
+    """The backward's tiles for a launch on ``device`` (the interpreter's small ones on the CPU)."""
+    if device.type == "cpu":
+        return _INTERPRETER_BWD
+    capability, smem_limit = card_of(device)
+    return bwd_config_for(capability, smem_limit, dtype, head_dim, rotary)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -421,7 +522,7 @@ def flash_attention_forward(qkv: torch.Tensor, cos: torch.Tensor | None = None, 
             and out.stride(-1) == 1, f"out must be [B, T, h, hd] {qkv.dtype} with unit last stride; got "
             f"{tuple(out.shape)} {out.dtype}")
     lse = torch.empty((B, h, T), device=qkv.device, dtype=torch.float32)
-    cfg = config or default_fwd_config(hd, qkv.dtype, qkv.device)
+    cfg = config or default_fwd_config(hd, qkv.dtype, qkv.device, rotary=cos is not None)
     flags, even_d = _common(qkv, cos, hd)
     cos_t, sin_t = (cos, sin) if cos is not None else (qkv, qkv)  # dummies, never read
     grid = (triton.cdiv(T, cfg.block_m), B * h)
@@ -452,7 +553,7 @@ def flash_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.T
         dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     require(dqkv.shape == qkv.shape and dqkv.dtype == qkv.dtype and dqkv.stride(-1) == 1,
             f"dqkv must be {tuple(qkv.shape)} {qkv.dtype} with unit last stride")
-    cfg = config or default_bwd_config(hd, qkv.dtype, qkv.device)
+    cfg = config or default_bwd_config(hd, qkv.dtype, qkv.device, rotary=cos is not None)
     flags, even_d = _common(qkv, cos, hd)
 
     delta = torch.empty_like(lse)
@@ -484,6 +585,6 @@ def flash_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.T
 
 
 __all__ = [
-    "BwdConfig", "FwdConfig", "check_head_dim", "check_inputs", "check_rotary_tables", "default_bwd_config",
-    "default_fwd_config", "flash_attention_backward", "flash_attention_forward", "interpreter_on",
+    "BwdConfig", "FwdConfig", "bwd_config_for", "check_head_dim", "check_inputs", "check_rotary_tables",
+    "default_bwd_config", "default_fwd_config", "dkdv_smem_bytes", "dq_smem_bytes", "fwd_config_for", "fwd_smem_bytes", "flash_attention_backward", "flash_attention_forward", "interpreter_on",
 ]

@@ -40,13 +40,16 @@
 # t_DSE note: sum_v exp(log p_v) = sum_v exp(logit_v - lse) is identically 1
 #   (up to fp32 rounding) and its gradient is exactly zero, so the loss can use
 #   the closed form sum_v exp(log p_v - log e) = 1/e without touching the logits.
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from radd_fast.kernels.utils import HAS_TRITON, SUPPORTED_DTYPES, require, triton_runs_on
+from radd_fast.kernels.utils import (
+    HAS_TRITON, SUPPORTED_DTYPES, TUNED_CAPABILITY, card_of, pipeline_buffers, require, triton_runs_on,
+)
 
 if HAS_TRITON:
     import triton
@@ -207,19 +210,46 @@ class TileConfig:
         require(self.group_m >= 1, f"TileConfig.group_m must be >= 1, got {self.group_m}")
 
 
-def tile_config(dtype: torch.dtype, device: torch.device, backward: bool = False) -> TileConfig:
-    """Block sizes per (dtype, device); `backward` picks the dlogits kernel's (today the forward's).
-
-    Small tiles under the CPU interpreter keep the tests fast.
-    """
-    if device.type != "cuda":
-        return TileConfig(16, 64, 32)
+def _tuned_tiles(dtype: torch.dtype) -> TileConfig:
     if dtype == torch.float32:  # IEEE fp32 dot products: register-bound, smaller tiles
         return TileConfig(64, 64, 32, num_warps=4, num_stages=3)
     # 16-bit, H200 sweep at N=16384, d=768, C=50257 (benchmarks/bench_linear_log_softmax.py --sweep):
     # fwd 2.8-2.9 ms vs 3.3-3.7 ms for 256x128 / 128x128 / 64x256 tiles; bwd 8.2-9.1 ms vs 9.2-9.9 ms
     # for 128x128 / 256x128 (noise between runs is ~0.5 ms)
     return TileConfig(128, 256, 64, num_warps=8, num_stages=3)
+
+
+def tile_smem_bytes(cfg: TileConfig, capability: tuple, dtype: torch.dtype) -> int:
+    """Estimated shared memory of either kernel: ``pipeline_buffers`` copies of the x and W tiles
+    of one d step ([block_m + block_n, block_k] in the inputs' dtype); see docs/KERNELS.md."""
+    step = (cfg.block_m + cfg.block_n) * cfg.block_k * dtype.itemsize
+    return pipeline_buffers(capability, dtype, cfg.num_stages) * step
+
+
+@functools.lru_cache(maxsize=None)  # pure, and asked on every launch
+def tile_config_for(capability: tuple, smem_limit: int, dtype: torch.dtype, backward: bool = False) -> TileConfig:
+    """Block sizes on a card: the tuned ones where they fit, else (in order) 2 stages, then 128 classes a tile.
+
+    ``backward`` picks the dlogits kernel's (today the forward's)."""
+    tuned = _tuned_tiles(dtype)
+    if capability == TUNED_CAPABILITY:
+        return tuned
+    candidates = [tuned, replace(tuned, num_stages=2), replace(tuned, block_n=min(tuned.block_n, 128), num_stages=2)]
+    for cfg in candidates:
+        if tile_smem_bytes(cfg, capability, dtype) <= smem_limit:
+            return cfg
+    return candidates[-1]
+
+
+def tile_config(dtype: torch.dtype, device: torch.device, backward: bool = False) -> TileConfig:
+    """Block sizes per (dtype, device); `backward` picks the dlogits kernel's (today the forward's).
+
+    Small tiles under the CPU interpreter keep the tests fast; on CUDA, ``tile_config_for`` the card.
+    """
+    if device.type != "cuda":
+        return TileConfig(16, 64, 32)
+    capability, smem_limit = card_of(device)
+    return tile_config_for(capability, smem_limit, dtype, backward)
 
 
 def vocab_chunk_cols(n_rows: int, n_classes: int, itemsize: int, budget_bytes: int, block_n: int) -> int:

@@ -39,9 +39,15 @@
 #   torch.Generator seeded by `seed` (same distribution, different numbers).
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
-from radd_fast.kernels.utils import HAS_TRITON, SUPPORTED_DTYPES, next_power_of_2, require, triton_runs_on
+from radd_fast.kernels.utils import (
+    HAS_TRITON, SUPPORTED_DTYPES, TUNED_CAPABILITY, card_of, next_power_of_2, pipeline_buffers, require,
+    triton_runs_on,
+)
 
 if HAS_TRITON:
     import triton
@@ -299,20 +305,73 @@ def _torch_gumbel(n_rows, n_vocab, seed, device, dtype) -> torch.Tensor:
     return gumbel_ref((n_rows, n_vocab), dtype, device, gen)
 
 
-def _head_blocks(n_rows: int, d: int, n_vocab: int, fp64: bool, device) -> tuple[int, int, int, int]:
-    if device.type != "cuda":  # interpreter: fewer, larger programs
-        block_n = min(128, max(16, next_power_of_2(n_rows)))
-    else:
-        block_n = 16 if n_rows <= 16 else 32 if (n_rows <= 32 or fp64) else 64
+@dataclass(frozen=True)
+class HeadConfig:
+    """Launch configuration of ``_head_argmax_kernel``: tiles, vocabulary splits, warps, stages."""
+    block_n: int
+    block_v: int
+    block_d: int
+    splits: int
+    num_warps: int
+    num_stages: int = 3  # Triton's default, which the sm_90 build was measured with
+
+
+def head_smem_bytes(cfg: HeadConfig, capability: tuple, dtype: torch.dtype) -> int:
+    """Estimated shared memory: ``pipeline_buffers`` copies of one d step's h and W tiles
+    ([block_n + block_v, block_d] in the inputs' dtype); see docs/KERNELS.md."""
+    step = (cfg.block_n + cfg.block_v) * cfg.block_d * dtype.itemsize
+    return pipeline_buffers(capability, dtype, cfg.num_stages) * step
+
+
+def _head_warps(block_n: int, block_v: int) -> int:
+    return 8 if block_n * block_v >= 8192 else 4  # Philox keeps 4 words per score element live
+
+
+def _balanced_splits(n_rows: int, block_n: int, n_vocab: int, block_v: int, sm_count: int) -> int:
+    """Vocabulary splits: enough programs to fill the SMs when N is small, balanced tiles per split."""
+    tiles = -(-n_vocab // block_v)
+    splits = min(tiles, max(1, -(-4 * sm_count // -(-n_rows // block_n))))
+    return -(-tiles // -(-tiles // splits))
+
+
+@functools.lru_cache(maxsize=None)  # pure, and asked on every launch
+def head_config_for(capability: tuple, smem_limit: int, dtype: torch.dtype, n_rows: int, d: int,
+                    n_vocab: int, fp64: bool, sm_count: int) -> HeadConfig:
+    """The head's launch on a card: the tuned tiles where they fit, else 2 stages, then fewer rows a tile."""
+    block_n = 16 if n_rows <= 16 else 32 if (n_rows <= 32 or fp64) else 64
     block_v = min(128, max(16, next_power_of_2(n_vocab)))
     block_d = min(64, max(16, next_power_of_2(d)))
-    tiles = triton.cdiv(n_vocab, block_v)
-    if device.type == "cuda":  # enough programs to fill the SMs when N is small
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = min(tiles, max(1, triton.cdiv(4 * sms, triton.cdiv(n_rows, block_n))))
-    else:
-        splits = 1
-    return block_n, block_v, block_d, triton.cdiv(tiles, triton.cdiv(tiles, splits))
+
+    def config(bn: int, stages: int) -> HeadConfig:
+        splits = _balanced_splits(n_rows, bn, n_vocab, block_v, sm_count)
+        return HeadConfig(bn, block_v, block_d, splits, _head_warps(bn, block_v), stages)
+
+    tuned = config(block_n, 3)
+    if capability == TUNED_CAPABILITY:
+        return tuned
+    candidates = [tuned, config(block_n, 2), config(max(16, block_n // 2), 2)]
+    for cfg in candidates:
+        if head_smem_bytes(cfg, capability, dtype) <= smem_limit:
+            return cfg
+    return candidates[-1]
+
+
+def _head_config(n_rows: int, d: int, n_vocab: int, fp64: bool, dtype: torch.dtype, device) -> HeadConfig:
+    if device.type != "cuda":  # interpreter: fewer, larger programs, one split
+        block_n = min(128, max(16, next_power_of_2(n_rows)))
+        block_v = min(128, max(16, next_power_of_2(n_vocab)))
+        return HeadConfig(block_n, block_v, min(64, max(16, next_power_of_2(d))), 1, _head_warps(block_n, block_v))
+    capability, smem_limit = card_of(device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return head_config_for(capability, smem_limit, dtype, n_rows, d, n_vocab, fp64, sms)
+
+
+def finalize_blocks(n_rows: int, splits: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_S) of ``_finalize_kernel``: at most 8192 partials per program (64 per
+    thread at 4 warps): a fixed 64-row tile against up to 512 splits spilled registers in the
+    sm_90 build (ptxas -v, triton 3.6)."""
+    fs = max(2, next_power_of_2(splits))
+    return max(2, min(64, next_power_of_2(n_rows), 8192 // fs)), fs
 
 
 def head_sample_update(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_vocab: int,
@@ -334,23 +393,21 @@ def head_sample_update(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if not triton_runs_on(h):
         noise = _fallback_noise(noise, N, n_vocab, seed, h.device, fp64)
         return head_sample_update_ref(h, weight, bias, n_vocab, dst, x_flat, noise, fp64)
-    bn, bv, bd, splits = _head_blocks(N, D, n_vocab, fp64, h.device)
-    tiles_per_split = triton.cdiv(triton.cdiv(n_vocab, bv), splits)
+    cfg = _head_config(N, D, n_vocab, fp64, h.dtype, h.device)
+    splits = cfg.splits
+    tiles_per_split = triton.cdiv(triton.cdiv(n_vocab, cfg.block_v), splits)
     vals = torch.empty(N, splits, dtype=torch.float64 if fp64 else torch.float32, device=h.device)
     idx = torch.empty(N, splits, dtype=torch.int32, device=h.device)
     for r0, r1, key in row_chunks(N, n_vocab, seed) if noise is None else [(0, N, 0)]:
         nz = noise[r0:r1] if noise is not None else vals  # vals: an unused placeholder pointer
-        _head_argmax_kernel[(triton.cdiv(r1 - r0, bn), splits)](
+        _head_argmax_kernel[(triton.cdiv(r1 - r0, cfg.block_n), splits)](
             h[r0:r1], weight, bias, nz, vals[r0:r1], idx[r0:r1],
             key, r1 - r0, D, n_vocab, tiles_per_split,
             h.stride(0), weight.stride(0), nz.stride(0), vals.stride(0),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, NOISE_GIVEN=noise is not None, FP64=fp64, EVEN_D=D % bd == 0,
-            num_warps=8 if bn * bv >= 8192 else 4,  # Philox keeps 4 words per score element live
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, NOISE_GIVEN=noise is not None,
+            FP64=fp64, EVEN_D=D % cfg.block_d == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    # Merge tile: at most 8192 partials per program (64 per thread at 4 warps): a fixed 64-row
-    # tile against up to 512 splits spilled registers in the sm_90 build (ptxas -v, triton 3.6).
-    fs = max(2, next_power_of_2(splits))
-    fb = max(2, min(64, next_power_of_2(N), 8192 // fs))
+    fb, fs = finalize_blocks(N, splits)
     _finalize_kernel[(triton.cdiv(N, fb),)](
         vals, idx, dst if dst is not None else tokens, x_flat if x_flat is not None else tokens, tokens,
         N, splits, vals.stride(0), BLOCK_N=fb, BLOCK_S=fs, HAS_DST=dst is not None,

@@ -6,8 +6,9 @@ set it before ``import triton``). Elsewhere the callers use the ``*_ref`` path.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -79,3 +80,64 @@ def require_tensor(name: str, t: torch.Tensor, shape: Optional[tuple] = None, me
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- per-card limits
+# The largest shared memory one block may use (bytes), by compute capability: the "maximum
+# shared memory per thread block" (opt-in) of the CUDA C++ Programming Guide's table of
+# technical specifications. Triton refuses a launch whose kernel needs more (OutOfResources).
+# Used where the driver's own number is unavailable (older torch) and by the CPU tests.
+SMEM_PER_BLOCK_OPTIN = {
+    (8, 0): 163 * 1024,  # A100, A30 (164 KB per SM)
+    (8, 6): 99 * 1024,  # RTX 30xx, A10, A40 (100 KB per SM)
+    (8, 7): 163 * 1024,  # Jetson Orin
+    (8, 9): 99 * 1024,  # L4, L40S, RTX 40xx (100 KB per SM)
+    (9, 0): 227 * 1024,  # H100, H200 (228 KB per SM)
+    (10, 0): 227 * 1024,  # B200
+    (12, 0): 99 * 1024,  # RTX 50xx
+}
+# the cards tools/aot_build.py builds for and the tests check, by their target number
+CARD_CAPABILITIES = {80: (8, 0), 89: (8, 9), 90: (9, 0)}
+# The capability the launch configurations were tuned on (an H200): its choices are kept as they are.
+TUNED_CAPABILITY = (9, 0)
+
+
+def smem_limit_of(capability: Tuple[int, int]) -> int:
+    """Shared memory per block (bytes) of a compute capability; an unknown one gets the
+    smallest limit of its major version in the table (99 KB when the major is unknown too)."""
+    if capability in SMEM_PER_BLOCK_OPTIN:
+        return SMEM_PER_BLOCK_OPTIN[capability]
+    same_major = [v for (major, _), v in SMEM_PER_BLOCK_OPTIN.items() if major == capability[0]]
+    return min(same_major) if same_major else 99 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _card_of_cuda(index: int) -> Tuple[Tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    capability = (props.major, props.minor)
+    # the driver's own number where this torch exposes it; the table otherwise
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or smem_limit_of(capability)
+    return capability, int(smem)
+
+
+def card_of(device: torch.device) -> Tuple[Tuple[int, int], int]:
+    """``(capability, shared memory per block in bytes)`` of the CUDA device ``device``.
+
+    Read once per device (cached): the launchers call it on every launch.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _card_of_cuda(index)
+
+
+def tensor_core_pipeline(capability: Tuple[int, int], dtype: torch.dtype) -> bool:
+    """True where Triton's dots use Hopper's wgmma pipeline (16-bit inputs on sm_90).
+
+    It keeps ``num_stages`` copies of a loop's tiles in shared memory; the cp.async
+    pipeline of sm_80 / sm_89 (and every fp32 IEEE dot) keeps ``num_stages - 1``.
+    """
+    return capability[0] == 9 and dtype in (torch.float16, torch.bfloat16)
+
+
+def pipeline_buffers(capability: Tuple[int, int], dtype: torch.dtype, num_stages: int) -> int:
+    """How many copies of a loop's loaded tiles the software pipeline keeps in shared memory."""
+    return max(1, num_stages if tensor_core_pipeline(capability, dtype) else num_stages - 1)
