@@ -10,6 +10,7 @@ Noise schedules get the same treatment: sigma(t), sigma'(t) and the move chance 
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -263,3 +264,28 @@ def test_get_noise_reads_every_config_form():
     assert isinstance(get_noise(NoiseConfig(type="loglinear")), LogLinearNoise)
     cfg = RADDConfig(tokens=4)
     assert isinstance(get_noise(cfg), type(get_noise(cfg.noise)))
+
+
+@pytest.mark.parametrize("loss,per_token", [(t_dce, t_dce_per_token), (t_dse, t_dse_per_token)])
+def test_t_losses_defaults_are_eps_1e3_and_vdm(model, batch, recorder, loss, per_token):
+    """Called directly (not through get_loss_fn): t = 1e-3 + (1 - 1e-3) u, u stratified (vdm)."""
+    out = loss(model, batch, recorder.schedule)
+    t = recorder.times[-1].double()
+    assert bool((t >= 1e-3).all()) and bool((t <= 1).all())
+    u = ((t - 1e-3) / (1 - 1e-3)).sort().values
+    assert all(abs(g - 1 / B) < 1e-5 for g in (u[1:] - u[:-1]).tolist())
+    torch.testing.assert_close(out.double(), expected(per_token, t, recorder.n_masked), rtol=2e-5, atol=1e-5)
+
+
+def test_noise_defaults_and_other_config_forms():
+    assert LogLinearNoise().eps == 1e-3
+    geo = GeometricNoise()
+    assert (geo.sigma_min, geo.sigma_max) == (1e-3, 1.0)
+    # a read-only mapping (as a Hydra / OmegaConf section behaves) is read like a dict
+    section = types.MappingProxyType({"type": "geometric", "sigma_min": 0.02, "sigma_max": 3.0})
+    geo = get_noise(section)
+    assert isinstance(geo, GeometricNoise) and (geo.sigma_min, geo.sigma_max) == (0.02, 3.0)
+    cfg = NoiseConfig()
+    cfg.type = "cosine"  # past validation: the last line of defence still names it
+    with pytest.raises(ValueError, match="unknown noise type 'cosine'"):
+        get_noise(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,8 @@ from radd_fast import RADD, GeometricNoise, LogLinearNoise, ModelConfig, RADDCon
 from radd_fast.kernels.sampling_update import gumbel_noise
 from radd_fast.model.head import gumbel
 from radd_fast.sampling import DiffusionSampler, OrderedSampler, generate
+from radd_fast.sampling.batching import bucket, plan_ticks
+from radd_fast.sampling.conditioning import initial_state, projection, text_conditioning
 from radd_fast.sampling.schedule import (
     METHOD_SPECS,
     check_method,
@@ -399,8 +402,15 @@ def test_expected_enfe_closed_forms():
     assert expected_enfe(1, 10) == 1.0
     rates = torch.tensor([0.5, 1.0], dtype=torch.float64)  # P = [0.5, 0.5]
     assert expected_enfe_exact(rates, 3) == pytest.approx(2 * (1 - 0.5 ** 3))
+    values = expected_enfe_exact(rates, np.array([1, 3, 0]))  # one row length each
+    assert isinstance(values, np.ndarray) and values.tolist() == pytest.approx([1.0, 1.75, 0.0])
+    assert isinstance(expected_enfe_exact(rates, 1), float)
     group, K = group_steps(torch.zeros(0, 4, dtype=torch.int64))
-    assert group.shape == (0, 4) and K.shape == (0,)
+    assert group.shape == (0, 4) and K.shape == (0,) and group.dtype == torch.int32
+    group, K = group_steps(torch.tensor([[3]]))  # one token: its own group
+    assert group.tolist() == [[0]] and K.tolist() == [1]
+    group, K = group_steps(torch.tensor([[7, -1, 7, 2]]))
+    assert group.dtype == torch.int32 and group.tolist() == [[1, -1, 1, 0]] and K.tolist() == [2]
 
 
 def test_method_table_and_checks():
@@ -416,3 +426,117 @@ def test_method_table_and_checks():
     with pytest.raises(ValueError, match="update rates exist for"):
         update_rates(LogLinearNoise(), 4, "ordered")
     assert update_rates(LogLinearNoise(), 1, "euler").tolist() == [1.0]
+
+
+def test_schedule_draws_use_the_generator_they_are_given():
+    rates = update_rates(LogLinearNoise(), 6, "tweedie")
+    free = torch.ones(40, 10, dtype=torch.bool)
+    a = draw_reveal_steps(rates, free, torch.Generator().manual_seed(4))
+    torch.manual_seed(123)  # the global generator must not matter
+    assert torch.equal(a, draw_reveal_steps(rates, free, torch.Generator().manual_seed(4)))
+    assert not torch.equal(a, draw_reveal_steps(rates, free, torch.Generator().manual_seed(5)))
+    g1, _ = ordered_groups(free, 10, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(321)
+    assert torch.equal(g1, ordered_groups(free, 10, generator=torch.Generator().manual_seed(4))[0])
+
+
+def test_rates_of_a_schedule_that_unmasks_are_clamped_at_zero():
+    """A (user-written) schedule whose sigma falls in time gives negative raw rates: clamped to 0."""
+    def falling(t):
+        return 2.0 - t, -torch.ones_like(t)
+
+    rates = update_rates(falling, 5, "tweedie")
+    assert rates[:-1].tolist() == [0.0] * 4 and rates[-1] == 1.0
+    assert update_rates(falling, 5, "euler")[:-1].tolist() == [0.0] * 4
+
+
+def test_ordered_groups_one_step_per_position_at_a_long_length():
+    """K = n: group = place in the order, exactly, even where rank * K exceeds float32's integers."""
+    L = 20000
+    order = torch.randperm(L, generator=torch.Generator().manual_seed(0))
+    group, K = ordered_groups(torch.ones(1, L, dtype=torch.bool), steps=L, order=order)
+    expected = torch.empty(L, dtype=torch.int32).scatter_(0, order, torch.arange(L, dtype=torch.int32))
+    assert K.tolist() == [L] and torch.equal(group[0], expected)
+    chunks, K = ordered_groups(torch.ones(1, L, dtype=torch.bool), steps=16001, order=torch.arange(L))
+    assert K.tolist() == [16001]
+    assert torch.equal(chunks[0].long(), torch.arange(L) * 16001 // L)  # integer floor, not a rounded float
+
+
+# ------------------------------------------------------------------ the batching plan, by hand
+def test_bucket_is_the_next_power_of_two_capped():
+    assert bucket(np.array([1, 2, 3, 4, 5, 8, 9]), 8).tolist() == [1, 2, 4, 4, 8, 8, 8]
+    assert int(bucket(0, 4)) == 1 and int(bucket(3, 2)) == 2 and int(bucket(17, 64)) == 32
+
+
+def test_plan_ticks_small_cases_by_hand():
+    plan = plan_ticks(np.array([3, 1, 2]), batch_size=2, pad_row=3)  # the docstring's example
+    assert plan.ticks == 3 and plan.rows.tolist() == [[0, 1], [0, 2], [0, 2]]
+    assert plan.k.tolist() == [[0, 0], [1, 0], [2, 1]] and plan.k.dtype == np.int32
+    assert plan.active.tolist() == [2, 2, 2] and plan.batch.tolist() == [2, 2, 2]
+    # slots free at ticks 1, 1, 1, 1: rows 4 and 5 take slots 0 and 1, then the tail shrinks
+    plan = plan_ticks(np.array([1, 1, 1, 1, 1, 3]), batch_size=4, pad_row=9)
+    assert plan.rows.tolist() == [[0, 1, 2, 3], [4, 5, 9, 9], [5, 9, 9, 9], [5, 9, 9, 9]]
+    assert plan.k.tolist() == [[0, 0, 0, 0], [0, 0, -2, -2], [1, -2, -2, -2], [2, -2, -2, -2]]
+    assert plan.active.tolist() == [4, 2, 1, 1] and plan.batch.tolist() == [4, 2, 1, 1]
+    plan = plan_ticks(np.array([1, 1, 1, 2]), batch_size=8, pad_row=4, buckets=True)  # B = 4 rows
+    assert plan.rows.shape == (2, 4) and plan.active.tolist() == [4, 1] and plan.batch.tolist() == [4, 1]
+    plan = plan_ticks(np.array([2, 2, 2, 1]), batch_size=4, pad_row=5, buckets=False)
+    assert plan.active.tolist() == [4, 3] and plan.batch.tolist() == [4, 3]
+    plan = plan_ticks(np.array([2, 2, 2, 1]), batch_size=4, pad_row=5, buckets=True)
+    assert plan.batch.tolist() == [4, 4]
+
+
+def test_plan_ticks_skips_rows_without_evaluations():
+    plan = plan_ticks(np.array([0, 2, 0, 1]), batch_size=4, pad_row=7)
+    assert plan.rows.tolist() == [[1, 3], [1, 7]] and plan.k.tolist() == [[0, 0], [1, -2]]
+    assert plan.active.tolist() == [2, 1] and plan.batch.tolist() == [2, 1]
+    empty = plan_ticks(np.zeros(5, dtype=np.int64), batch_size=4, pad_row=5)
+    assert empty.ticks == 0 and empty.rows.shape == (0, 1) and empty.k.dtype == np.int32
+    assert empty.active.shape == (0,) and empty.batch.shape == (0,)
+
+
+# ------------------------------------------------------------------ conditioning forms
+def test_initial_state_forms_and_errors():
+    x = initial_state({2: torch.tensor(5), 4: torch.tensor([1, 2])}, 3, 7, mask_id=9, device="cpu")
+    assert x.tolist() == [[9, 9, 5, 9, 1, 2, 9]] and x.dtype == torch.int64
+    assert initial_state([(0, 3), (6, 0)], 3, 7, 9, "cpu").tolist() == [[3, 9, 9, 9, 9, 9, 0]]
+    rows = initial_state(torch.tensor([[-1, 4, 9], [2, -1, -1]]), 2, 3, 9, "cpu")
+    assert rows.tolist() == [[9, 4, 9], [2, 9, 9]] and rows.is_contiguous()
+    assert initial_state(torch.tensor([1, -1, 2]), 5, 3, 9, "cpu").tolist() == [[1, 9, 2]]
+    with pytest.raises(ValueError, match=r"conditioning tokens must be in \[0, 9\)"):
+        initial_state(torch.tensor([10, -1, 2]), 1, 3, 9, "cpu")
+    with pytest.raises(ValueError, match=r"conditioning tensor must be \[L=3\] or \[num_samples=2, L\]"):
+        initial_state(torch.zeros(3, 3, dtype=torch.int64), 2, 3, 9, "cpu")
+    with pytest.raises(ValueError, match="conditioning tensor"):
+        initial_state(torch.zeros(1, 4, dtype=torch.int64), 1, 3, 9, "cpu")
+    with pytest.raises(ValueError, match="conditioning tensor"):
+        initial_state(torch.zeros(1, 1, 3, dtype=torch.int64), 1, 3, 9, "cpu")
+    with pytest.raises(ValueError, match=r"conditioning position -1 is outside the sequence \[0, 3\)"):
+        initial_state({-1: 2}, 1, 3, 9, "cpu")
+    with pytest.raises(ValueError, match=r"conditioning token -2 at position 1 is not a real token id \[0, 9\)"):
+        initial_state([(1, -2)], 1, 3, 9, "cpu")
+    with pytest.raises(ValueError, match="conditioning must be None, a {position: token"):
+        initial_state(5, 1, 3, 9, "cpu")
+    with pytest.raises(ValueError, match="conditioning must be None"):
+        initial_state(["ab", "c"], 1, 3, 9, "cpu")
+
+
+def test_projection_writes_the_fixed_tokens():
+    proj = projection(torch.tensor([[9, 4, 9, 1]]), mask_id=9)
+    assert proj(torch.tensor([[0, 0, 0, 0], [5, 5, 5, 5]])).tolist() == [[0, 4, 0, 1], [5, 4, 5, 1]]
+
+
+def test_text_conditioning_boundaries():
+    assert text_conditioning(4, prefix=[1, 2], suffix=[3, 4]) == {0: 1, 1: 2, 2: 3, 3: 4}  # exactly full
+    assert text_conditioning(4, suffix=[7]) == {3: 7}
+    assert text_conditioning(4, infill={9: []}) == {}  # an empty span may sit anywhere
+    assert text_conditioning(4, infill={0: [5], 3: [6]}) == {0: 5, 3: 6}
+    with pytest.raises(ValueError, match=r"infill at -1: positions \[-1, 0\) fall outside the sequence \[0, 4\)"):
+        text_conditioning(4, infill={-1: [1]})
+    with pytest.raises(ValueError, match=r"infill at 3: positions \[3, 5\)"):
+        text_conditioning(4, infill={3: [1, 2]})
+    with pytest.raises(ValueError, match=r"prefix \(3 tokens\) \+ suffix \(2 tokens\) is longer than the sequence length 4"):
+        text_conditioning(4, prefix=[1, 2, 3], suffix=[4, 5])
+    with pytest.raises(ValueError, match="infill at 1: position 1 is already fixed to token 2"):
+        text_conditioning(3, prefix=[1, 2], infill={1: [3]})
+    assert text_conditioning(3, prefix=[1, 2], infill={1: [2]}) == {0: 1, 1: 2}  # the same token twice is fine

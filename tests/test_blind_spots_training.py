@@ -94,6 +94,15 @@ def test_first_adam_step_in_closed_form(kind):
     assert p.grad is None
 
 
+def test_fused_optimizer_exactly_on_cuda():
+    """Fused AdamW / Adam on CUDA, the for-each one elsewhere (the flag is read off a CPU build:
+    torch's fused kernels also exist for CPU tensors, so no GPU is needed to check it)."""
+    for kind in ("AdamW", "Adam"):
+        cfg = OptimConfig(optimizer=kind)
+        assert build_optimizer([torch.nn.Parameter(torch.ones(2))], cfg, torch.device("cpu")).defaults["fused"] is False
+        assert build_optimizer([torch.nn.Parameter(torch.ones(2))], cfg, torch.device("cuda")).defaults["fused"] is True
+
+
 # ------------------------------------------------------------------ accumulation
 class SquaredError(torch.nn.Module):
     """Per-sequence loss [B] = sum_j (w . x_ij)^2 / 10: deterministic, so gradients can be compared."""
@@ -208,3 +217,10 @@ def test_ema_state_round_trip_and_errors():
     with pytest.raises(ValueError, match="EMA state holds 2 tensors, the model has 1 trainable parameters"):
         ema.load_state_dict({**state, "shadow_params": [torch.zeros(2), torch.zeros(2)]})
     assert math.isfinite(ema.shadow_params[0].sum().item())
+
+
+def test_ema_restore_before_any_store_leaves_the_weights():
+    p = torch.nn.Parameter(torch.tensor([3.0]))
+    ema = ExponentialMovingAverage([p], decay=0.5)
+    ema.restore([p])  # nothing stored yet: a no-op, not an error
+    assert p.item() == 3.0
