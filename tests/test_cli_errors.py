@@ -252,6 +252,7 @@ def script_runs(ckpts, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "train: optim.lr=nan": ["train.py", *train_common, "optim.lr=nan"],
         "train: missing data.train": ["train.py", *train_common, f"data.train={tmp / 'nope.txt'}"],
         "train: bad load_dir": ["train.py", *train_common, f"load_dir={tmp / 'no_run'}"],
+        "train: batch does not split": ["train.py", *train_common, "training.batch_size=6", "training.accum=4"],
     }
     procs = {name: subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for name, cmd in commands.items()}
@@ -272,6 +273,7 @@ def script_runs(ckpts, tmp_path_factory) -> dict[str, subprocess.CompletedProces
     ("train: optim.lr=nan", ["optim.lr must be finite"]),
     ("train: missing data.train", ["data.train=", "no such file"]),
     ("train: bad load_dir", ["load_dir=", "no such folder"]),
+    ("train: batch does not split", ["training.batch_size = 6", "not divisible"]),
 ])
 def test_scripts_print_one_error_line(script_runs, name, needles):
     result = script_runs[name]

@@ -14,15 +14,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from .datasets import DataError, TokenBlocks
 
 
 def check_batch_split(batch_size: int, world: int, accum: int, what: str = "training.batch_size") -> int:
     """Per-rank micro-batch size, or a clear error when the global batch does not split evenly."""
     if batch_size < 1 or accum < 1:
-        raise ValueError(f"{what} ({batch_size}) and training.accum ({accum}) must be >= 1")
+        raise ConfigError(f"{what} ({batch_size}) and training.accum ({accum}) must be >= 1")
     if batch_size % (world * accum):
-        raise ValueError(f"{what} = {batch_size} is not divisible by ngpus x training.accum = {world} x {accum} "
+        raise ConfigError(f"{what} = {batch_size} is not divisible by ngpus x training.accum = {world} x {accum} "
                          f"= {world * accum}")
     return batch_size // (world * accum)
 
