@@ -130,12 +130,13 @@ def card_of(device: torch.device) -> Tuple[Tuple[int, int], int]:
 
 
 def tensor_core_pipeline(capability: Tuple[int, int], dtype: torch.dtype) -> bool:
-    """True where Triton's dots use Hopper's wgmma pipeline (16-bit inputs on sm_90).
+    """True where Triton's 16-bit dots use a multi-buffered tensor-core pipeline (wgmma on sm_90).
 
     It keeps ``num_stages`` copies of a loop's tiles in shared memory; the cp.async
-    pipeline of sm_80 / sm_89 (and every fp32 IEEE dot) keeps ``num_stages - 1``.
+    pipeline of sm_80 / sm_89 (and every fp32 IEEE dot) keeps ``num_stages - 1``. Newer
+    cards (sm_100, sm_120), never built here, are counted like sm_90: the larger estimate.
     """
-    return capability[0] == 9 and dtype in (torch.float16, torch.bfloat16)
+    return capability[0] >= 9 and dtype in (torch.float16, torch.bfloat16)
 
 
 def pipeline_buffers(capability: Tuple[int, int], dtype: torch.dtype, num_stages: int) -> int:
