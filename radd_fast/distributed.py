@@ -1,7 +1,8 @@
-"""Process-group set-up from the torchrun environment, and the few collectives the loop needs.
+"""Process-group set-up from the torchrun environment, and the few collectives training and sampling need.
 
 One process: no process group. ``torchrun --nproc_per_node N``: NCCL when CUDA
-is present (one GPU per local rank), gloo on CPU.
+is present (one GPU per local rank), gloo on CPU. (``eval.py --ngpus N`` spawns
+its own local ranks: ``radd_fast/evaluation/distributed.py``.)
 """
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from radd_fast import ExponentialMovingAverage
+from radd_fast.distributed import DistEnv
 from radd_fast.training import loop as loop_module
 from radd_fast.training import train
 from radd_fast.training.config import OptimConfig
-from radd_fast.training.distributed import DistEnv
 from radd_fast.training.optim import apply_update, build_optimizer, lr_at, unscale_and_clip
 
 from .train_helpers import tiny_config

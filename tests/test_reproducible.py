@@ -29,10 +29,10 @@ import torch
 
 from radd_fast import RADD, LogLinearNoise, ModelConfig, RADDConfig
 from radd_fast.data import ByteTokenizer, ResumableLoader, load_blocks
+from radd_fast.distributed import DistEnv
 from radd_fast.losses import get_loss_fn
 from radd_fast.losses.common import per_sequence
 from radd_fast.training import loop as loop_module
-from radd_fast.training.distributed import DistEnv
 from tests.train_helpers import assert_same_checkpoints, load_meta, metric_records, run_files, write_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from ..config import ConfigError
+from ..distributed import cleanup, init_distributed
 from ..errors import UserError, run_cli
-from .distributed import cleanup, init_distributed
 from .loop import train
 
 # configs/ sits beside the package in the checkout (train.py runs from there).

@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, parse_dtype
 from ..data import ResumableLoader, check_batch_split, get_tokenizer, load_blocks
+from ..distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from ..ema import ExponentialMovingAverage
 from ..errors import UserError
 from ..flops import peak_flops, train_flops_per_token
@@ -58,7 +59,6 @@ from ..losses import get_loss_fn
 from ..model import RADD
 from ..noise import get_noise
 from .config import RunConfig
-from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from .metrics import Metrics
 from .optim import apply_update, build_optimizer, unscale_and_clip
 from .snapshot import snapshot_samples

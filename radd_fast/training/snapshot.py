@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import all_reduce_mean
 from ..errors import UserError
 from ..evaluation.gen_ppl import score_samples
 from ..hub import hub_unreachable_hint
 from ..sampling import generate
-from .distributed import all_reduce_mean
 
 log = logging.getLogger(__name__)
 SEPARATOR = "=" * 92

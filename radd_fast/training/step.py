@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from ..data import DataError
+from ..distributed import DistEnv, all_reduce_mean
 from ..flops import executed_train_flops
 from ..losses.registry import get_loss_spec
 from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlan, MaskPlanner, planned_loss
-from .distributed import DistEnv, all_reduce_mean
 
 
 class PlannedLossModule(nn.Module):
