@@ -20,7 +20,7 @@ Example::
 
     cache = KVCache.allocate(model, slots=4, length=128)
     h = hidden_filling(model, x, cache, slots=torch.arange(4))          # [4, 128, d] == model.hidden(x)
-    h_few = hidden_cached(model, x.gather(1, pos), pos, write, cache, slots=torch.arange(4))  # [4, S, d]
+    h_few = hidden_cached(model, x.gather(1, pos), pos, cache.write_index(torch.arange(4), pos), cache)  # [4, S, d]
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ class KVCache:
         return cls(torch.zeros(shape, dtype=dtype, device=model.device), torch.zeros(shape, dtype=dtype, device=model.device))
 
     def write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Flat indices into one block's [(slots + 1) * (L + 1)] entries: slots [B], positions [B, S] -> [B * S]."""
+        """Flat indices into one block's [slots + 1, L + 1] entries: slots [B], positions [B, S] -> [B * S]
+        (for ``hidden_cached``, slots = arange(B): its rows are the leading slots)."""
         return (slots[:, None].long() * (self.length + 1) + positions.long()).reshape(-1)
 
 
@@ -91,20 +92,23 @@ def hidden_filling(model, indices: torch.Tensor, cache: KVCache, slots: torch.Te
     return x
 
 
-def hidden_cached(model, tokens: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, cache: KVCache,
-                  slots: torch.Tensor) -> torch.Tensor:
+def hidden_cached(model, tokens: torch.Tensor, positions: torch.Tensor, write: torch.Tensor,
+                  cache: KVCache) -> torch.Tensor:
     """The residual stream after the last block at a few positions per row, from the rows' caches.
 
-    tokens: [B, S] the current tokens at ``positions`` [B, S] (int64, < L); write: [B * S] where each
-    one's key and value go (``cache.write_index``; padding queries: the dump position L); slots: [B]
-    -> [B, S, d] fp32. Exact when no token outside ``positions`` changed since the cache was filled;
-    otherwise the unpushed positions' keys and values are those of the fill (the approximation).
+    Row b of the inputs is the row of cache slot b (b < B <= slots + 1: the leading slots, read in
+    place). tokens: [B, S] the current tokens at ``positions`` [B, S] (int64, < L); write: [B * S]
+    where each one's key and value go (``cache.write_index(arange(B), ...)``; padding queries: the
+    dump position L) -> [B, S, d] fp32. Exact when no token outside ``positions`` changed since the
+    cache was filled; otherwise the unpushed positions' keys and values are those of the fill (the
+    approximation).
     """
+    B = tokens.shape[0]
     x = model.vocab_embed(tokens)
     cos, sin = model.rotary_emb(cache.length, x.device)
     flat = positions.reshape(-1)
     cos, sin = cos.index_select(0, flat), sin.index_select(0, flat)  # [B * S, hd/2]
     with model.autocast():
         for i, block in enumerate(model.blocks):
-            x = block.forward_cached(x, cos, sin, cache.k[i], cache.v[i], slots, write)
+            x = block.forward_cached(x, cos, sin, cache.k[i, :B], cache.v[i, :B], write)
     return x

@@ -117,27 +117,27 @@ class DDiTBlock(nn.Module):
         return x + F.dropout(self.mlp(h), self.dropout, self.training), k, v
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, slots: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+                       v_cache: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
         """This block at a few positions per row, attending over cached keys and values (inference only).
 
-        x: [B, S, d] residual rows of the pushed positions; cos, sin: [B * S, hd/2] rotary tables
-        gathered at their positions; k_cache, v_cache: [slots + 1, L + 1, h, hd] this block's cache
-        (position L is a dump for padding queries, never attended to); slots: [B] each row's cache
-        slot; write: [B * S] flat indices into [(slots + 1) * (L + 1)] where each position's new key
-        and value go (padding: the dump position). The pushed positions' entries are overwritten
-        first, then their queries attend over all L cached keys of their row -> [B, S, d].
+        x: [B, S] residual rows of the pushed positions, [B, S, d]; cos, sin: [B * S, hd/2] rotary
+        tables gathered at their positions; k_cache, v_cache: [B, L + 1, h, hd] this block's cache of
+        the same B rows, contiguous (a leading slice of the whole cache: read in place, no gather;
+        position L is a dump for padding queries, never attended to); write: [B * S] flat indices
+        into the [B * (L + 1)] entries where each position's new key and value go. The pushed
+        positions' entries are overwritten first, then their queries attend over all L cached keys
+        of their row -> [B, S, d].
         """
         B, S, d = x.shape
-        n_slots, L1, nh, hd = k_cache.shape
+        _, L1, nh, hd = k_cache.shape
         ops = self.ops
         h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias)
         # [1, B * S] so that each query row gets its own position's rotary table
         qkv = ops.rotary(self.attn_qkv(h).view(1, B * S, 3, nh, hd), cos, sin).view(B, S, 3, nh, hd)
         q, k, v = qkv.unbind(2)  # [B, S, h, hd]
-        k_cache.view(n_slots * L1, nh, hd).index_copy_(0, write, k.reshape(B * S, nh, hd).to(k_cache.dtype))
-        v_cache.view(n_slots * L1, nh, hd).index_copy_(0, write, v.reshape(B * S, nh, hd).to(v_cache.dtype))
-        keys = k_cache.index_select(0, slots)[:, :L1 - 1].transpose(1, 2)  # [B, h, L, hd]
-        values = v_cache.index_select(0, slots)[:, :L1 - 1].transpose(1, 2)
+        k_cache.view(B * L1, nh, hd).index_copy_(0, write, k.reshape(B * S, nh, hd).to(k_cache.dtype))
+        v_cache.view(B * L1, nh, hd).index_copy_(0, write, v.reshape(B * S, nh, hd).to(v_cache.dtype))
+        keys, values = k_cache[:, :L1 - 1].transpose(1, 2), v_cache[:, :L1 - 1].transpose(1, 2)  # [B, h, L, hd] views
         a = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values)  # [B, h, S, hd]
         a = a.transpose(1, 2).reshape(B, S, d)
         x, h = ops.add_layer_norm(x, self.attn_out(a), self.norm2.weight, self.norm2.bias, self.dropout, self.training)

@@ -11,8 +11,10 @@ exact engine. R = 1 is the exact engine bit for bit (every evaluation is full).
 
 Both kinds share one tick of the exact engine's plan (``batching.plan_ticks``): a tick's
 full rows form one sub-batch ([Bf, L], padded to a power of two), its cached rows
-another ([Bc, S]: S pushed positions per row, padded to a power of two; padding
-queries repeat a real position and write their keys to the cache's dump position).
+another ([B, S], B the plan's width: each cached row at its cache slot, so that the
+attention reads the cache in place; S pushed positions per row, padded to a power of
+two; padding queries repeat a real position and write their keys to the cache's dump
+position).
 Every shape and count is planned on the host in the wave's three syncs, as in the
 exact engine; nothing in the loop syncs. The cached path runs eagerly (no CUDA
 graphs yet): its shapes are static, so graphs are the next step.
@@ -38,14 +40,14 @@ def _pow2(n: np.ndarray, buckets: bool) -> np.ndarray:
     return np.where(n > 0, np.left_shift(1, np.ceil(np.log2(np.maximum(n, 1))).astype(np.int64)), 0)
 
 
-def assign_slots(rows: np.ndarray, k: np.ndarray, K: np.ndarray, n_slots: int) -> np.ndarray:
-    """Cache slot of every row [R + 1] (the padding row R: the dump slot ``n_slots``).
+def assign_slots(rows: np.ndarray, k: np.ndarray, K: np.ndarray, n_slots: int, dump: int) -> np.ndarray:
+    """Cache slot (< n_slots) of every row [R + 1] (the padding row R: the cache's dump slot ``dump``).
 
     A row lives on consecutive ticks from its first evaluation (k = 0) for K ticks; at most
     ``n_slots`` rows live at once (the plan's width), so a freed slot is always at hand.
     """
     R = K.shape[0]
-    slot = np.full(R + 1, n_slots, dtype=np.int64)
+    slot = np.full(R + 1, dump, dtype=np.int64)
     t_idx, j_idx = np.nonzero(k == 0)
     started = rows[t_idx, j_idx]
     free = list(range(n_slots))
@@ -92,13 +94,26 @@ def _sub_batch(rows: np.ndarray, k: np.ndarray, take: np.ndarray, pad_row: int) 
     return sub_rows, sub_k
 
 
+def _by_slot(rows: np.ndarray, k: np.ndarray, take: np.ndarray, slot: np.ndarray, pad_row: int):
+    """The entries of each tick where ``take`` [T, B], placed at their row's cache slot (< B) so that
+    the cached evaluation reads the cache in place; the other places: padding (pad_row, k = -2)."""
+    by_rows = np.full(rows.shape, pad_row, dtype=np.int64)
+    by_k = np.full(rows.shape, -2, dtype=np.int32)
+    t_idx, j_idx = np.nonzero(take)
+    s_idx = slot[rows[t_idx, j_idx]]
+    by_rows[t_idx, s_idx] = rows[t_idx, j_idx]
+    by_k[t_idx, s_idx] = k[t_idx, j_idx]
+    return by_rows, by_k
+
+
 class CachedWave:
     """One wave of rows sampled with key/value caching: the same buffers, plan and ``run`` as ``engine.Wave``.
 
     x0 [R, L], group [R, L], K [R] as in ``Wave``; refresh_every R >= 1; cache: a ``KVCache`` with at
     least rows_in_flight slots and length L. Per tick t (host arrays [T] unless noted):
     full_rows / full_k [T, B], full_b (padded batch), full_N / full_P (head rows, padded); the same
-    for the cached sub-batch, plus cached_S (pushed positions per row, padded).
+    for the cached sub-batch, whose rows sit at their cache slots (cached_b is B, the plan's width,
+    or 0), plus cached_S (pushed positions per row, padded).
     """
 
     def __init__(self, x0: torch.Tensor, group: torch.Tensor, K: torch.Tensor, rows_in_flight: int, buckets: bool,
@@ -138,11 +153,12 @@ class CachedWave:
             revealed = pushed = np.zeros((0, B), dtype=np.int64)
         full = active & (plan.k % self.refresh_every == 0)
         cached = active & ~full
+        slot = assign_slots(plan.rows, plan.k, K_host, B, self.cache.dump_slot)
         self.full_rows, self.full_k = _sub_batch(plan.rows, plan.k, full, R)
-        self.cached_rows, self.cached_k = _sub_batch(plan.rows, plan.k, cached, R)
+        self.cached_rows, self.cached_k = _by_slot(plan.rows, plan.k, cached, slot, R)
         n_full, n_cached = full.sum(axis=1), cached.sum(axis=1)
         self.full_b = np.where(n_full > 0, bucket(n_full, B), 0) if buckets else n_full
-        self.cached_b = np.where(n_cached > 0, bucket(n_cached, B), 0) if buckets else n_cached
+        self.cached_b = np.where(n_cached > 0, B, 0)
         self.full_N, self.cached_N = (revealed * full).sum(axis=1), (revealed * cached).sum(axis=1)
         self.full_P, self.cached_P = _pow2(self.full_N, buckets), _pow2(self.cached_N, buckets)
         S = (pushed * cached).max(axis=1) if T else np.zeros(0, np.int64)
@@ -154,7 +170,7 @@ class CachedWave:
         self.body_token_rows = int(L * n_full.sum() + (pushed * cached).sum())
         self.body_token_rows_padded = int(L * self.full_b.sum() + (self.cached_b * self.cached_S).sum())
         self.body_token_rows_exact = int(L * plan.active.sum())
-        self.slot_d = torch.from_numpy(assign_slots(plan.rows, plan.k, K_host, self.cache.slots)).to(device)
+        self.slot_d = torch.from_numpy(slot).to(device)
         self.full_rows_d, self.full_k_d = (torch.from_numpy(a).to(device) for a in (self.full_rows, self.full_k))
         self.cached_rows_d, self.cached_k_d = (torch.from_numpy(a).to(device) for a in (self.cached_rows, self.cached_k))
 
@@ -174,13 +190,13 @@ class CachedWave:
     def _cached(self, t: int, model) -> tuple[torch.Tensor, torch.Tensor]:
         """Tick t's cached rows: their pushed positions through the blocks (h_rows [P, d], dst [P])."""
         Bb, S, N, P = int(self.cached_b[t]), int(self.cached_S[t]), int(self.cached_N[t]), int(self.cached_P[t])
-        rows, ks = self.cached_rows_d[t, :Bb], self.cached_k_d[t, :Bb]
+        rows, ks = self.cached_rows_d[t, :Bb], self.cached_k_d[t, :Bb]  # row b sits at cache slot b
         g = self.grp.index_select(0, rows)  # [Bb, L]
         positions, valid = pushed_positions(g, ks, self.refresh_every, S)
-        slots = self.slot_d.index_select(0, rows)
+        slots = torch.arange(Bb, device=rows.device)
         write = self.cache.write_index(slots, torch.where(valid, positions, torch.full_like(positions, self.L)))
         tokens = self.x.index_select(0, rows).gather(1, positions)
-        h = hidden_cached(model, tokens, positions, write, self.cache, slots)  # [Bb, S, d]
+        h = hidden_cached(model, tokens, positions, write, self.cache)  # [Bb, S, d]
         reveal = ((g.gather(1, positions) == ks[:, None]) & valid).view(-1)
         src, _ = compact(reveal, rows, S, P, N, self.trash)
         dst = rows.index_select(0, src // S) * self.L + positions.view(-1).index_select(0, src)
