@@ -57,10 +57,10 @@ def test_refresh_every_one_is_the_exact_engine_bit_for_bit(case):
 
 
 # -- the cached evaluation ---------------------------------------------------------------------------------
-def _fill(model, x):
+def _fill(model, x, slots=None):
     B, L = x.shape
     cache = KVCache.allocate(model, slots=B + 1, length=L)
-    slots = torch.tensor([2, 0, 3][:B])  # any slots, not in order
+    slots = torch.arange(B) if slots is None else slots
     with torch.no_grad():
         full = hidden_filling(model, x, cache, slots)
     return cache, slots, full
@@ -77,7 +77,7 @@ def _positions(L: int):
 def test_filling_is_the_model_forward_and_caches_keys(backend):
     model = _model(n_blocks=3, length=9, backend=backend)
     x = torch.randint(0, model.vocab_size, (3, 9))
-    cache, slots, full = _fill(model, x)
+    cache, slots, full = _fill(model, x, slots=torch.tensor([2, 0, 3]))  # any slots, in any order
     with torch.no_grad():
         assert torch.equal(full, model.hidden(x))
         rows = torch.tensor([0, 5, 13, 26, 5])
@@ -94,7 +94,7 @@ def test_cached_rows_equal_the_full_forward_when_nothing_changed(backend):
     positions, valid = _positions(9)
     write = cache.write_index(slots, torch.where(valid, positions, torch.full_like(positions, cache.length)))
     with torch.no_grad():
-        h = hidden_cached(model, x.gather(1, positions), positions, write, cache, slots)  # [3, 4, d]
+        h = hidden_cached(model, x.gather(1, positions), positions, write, cache)  # [3, 4, d]
     want = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
     assert_close(h, want, atol=1e-5, rtol=1e-5, name="cached hidden rows")
     # Pushed entries rewritten with (nearly) the same values; the padding queries only touched the dump.
@@ -113,7 +113,7 @@ def test_one_block_cached_rows_are_exact_after_changes():
     x_new[0, 4], x_new[2, 7], x_new[2, 2] = (x[0, 4] + 1) % 11, (x[2, 7] + 3) % 11, (x[2, 2] + 1) % 11
     write = cache.write_index(slots, torch.where(valid, positions, torch.full_like(positions, cache.length)))
     with torch.no_grad():
-        h = hidden_cached(model, x_new.gather(1, positions), positions, write, cache, slots)
+        h = hidden_cached(model, x_new.gather(1, positions), positions, write, cache)
         full = model.hidden(x_new)
     want = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
     assert_close(h[valid], want[valid], atol=1e-5, rtol=1e-5, name="one-block cached rows")
@@ -175,8 +175,8 @@ def test_slots_never_shared_by_two_live_rows():
     rows = np.array([[0, 1], [0, 2], [3, 2], [3, 4]])
     k = np.array([[0, 0], [1, 0], [0, 1], [1, 0]])
     K = np.array([2, 1, 2, 2, 1])
-    slot = assign_slots(rows, k, K, n_slots=2)
-    assert slot[-1] == 2  # the padding row: the dump slot
+    slot = assign_slots(rows, k, K, n_slots=2, dump=7)
+    assert slot[-1] == 7  # the padding row: the dump slot
     for t in range(rows.shape[0]):
         assert len(set(slot[rows[t]].tolist())) == 2
 
@@ -218,3 +218,16 @@ def test_cache_bytes_per_row():
     assert KVCache.bytes_per_row(model, 12) == 1 * 2 * 12 * 32 * 4  # blocks x (k, v) x L x d x fp32
     small = RADDConfig(tokens=50257, model=ModelConfig(hidden_size=768, n_heads=12, n_blocks=12, length=1024, name="s"))
     assert KVCache.bytes_per_row(SimpleNamespace(config=small), 1024, torch.bfloat16) == 12 * 2 * 1024 * 768 * 2
+
+
+def test_the_quality_benchmark_measures_no_kl_where_caching_is_exact():
+    """benchmarks/bench_cache_quality.py's teacher-forced KL: 0 at r = 1, ~0 on a one-block model
+    (caching exact there), > 0 with two blocks and no refresh; body fractions as the engine counts."""
+    bench = pytest.importorskip("benchmarks.bench_cache_quality")
+    one, two = _model(n_blocks=1, length=12), _model(n_blocks=2, length=12)
+    kl_one = bench.teacher_forced_kl(one, LogLinearNoise(), 4, 12, 8, [1, 3, bench.NEVER], seed=0)
+    kl_two = bench.teacher_forced_kl(two, LogLinearNoise(), 4, 12, 8, [1, 3, bench.NEVER], seed=0)
+    assert kl_one[1]["kl"] == kl_two[1]["kl"] == 0.0 and kl_one[1]["tf_body_fraction"] == 1.0
+    assert abs(kl_one[3]["kl"]) < 1e-9 and abs(kl_one[bench.NEVER]["kl"]) < 1e-9
+    assert kl_two[bench.NEVER]["kl"] > 1e-9
+    assert 0 < kl_two[3]["tf_body_fraction"] < 1
