@@ -58,3 +58,21 @@ def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def cleanup(env: DistEnv) -> None:
     if env.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's ``obj`` in rank order, on every rank (picklable objects; one process: ``[obj]``)."""
+    if env.world == 1:
+        return [obj]
+    out = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's ``obj`` on every rank (one process: ``obj``)."""
+    if env.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -39,6 +39,7 @@ import torch
 from ..checkpoint import check_device, load_model
 from ..config import parse_dtype
 from ..data.tokenizers import default_tokenizer_name, get_tokenizer
+from ..distributed import DistEnv, broadcast_object, cleanup, gather_objects, init_distributed
 from ..errors import UserError, run_cli
 from ..progress import progress_bar
 from .conditioning import initial_state, projection, text_conditioning
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling_dtype", choices=("float32", "float64"), default="float64",
                    help="Gumbel noise dtype: float64 (the paper's protocol) or float32 (the published code's noise)")
     p.add_argument("--out", default=None, help="JSONL output path (its folder must exist)")
+    p.add_argument("--wave_size", type=int, default=None,
+                   help="samples planned and written together (default: max(32 x rows in flight, 4096))")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -120,7 +123,26 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     run = check_args(build_parser().parse_args(_join_infill_values(argv)))
-    out_path = check_output(run.args.out)  # before any work: a bad path never costs a sampling run
+    env = _join_ranks(run)
+    try:
+        return _sample(run, env)
+    finally:
+        cleanup(env)
+
+
+def _join_ranks(run: Run) -> DistEnv:
+    """Under torchrun, one rank per process (a GPU each, or gloo on CPU); alone, this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return DistEnv(device=run.device)
+    if run.args.engine != "fast":
+        raise SampleArgError("several ranks (torchrun) need --engine fast; --engine reference runs in one process")
+    env = init_distributed(run.device.type)
+    run.device = env.device
+    return env
+
+
+def _sample(run: Run, env: DistEnv) -> int:
+    out_path = check_output(run.args.out) if env.is_main else None  # before any work
     model, noise = _with_flag("--model_path", load_model, run.args.model_path, device=run.device,
                               backend=_backend(run), dtype=run.args.dtype)
     check_finite_weights(model, run.args.model_path)
@@ -134,10 +156,11 @@ def _main(argv: list[str]) -> int:
     try:
         t0 = time.perf_counter()
         enfe_all: list[int] = []
-        chunks = _fast(run, sampler, model, noise, length, cond) if run.args.engine == "fast" else \
+        chunks = _fast(run, sampler, model, noise, length, cond, env) if run.args.engine == "fast" else \
             _reference(run, sampler, model, noise, length, init)
         for first, tokens, enfe in chunks:
-            write_samples(out, tok, first, tokens, enfe, sampler.describe())
+            if env.is_main:
+                write_samples(out, tok, first, tokens, enfe, sampler.describe())
             enfe_all += [int(e) for e in enfe]
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
@@ -145,14 +168,15 @@ def _main(argv: list[str]) -> int:
     finally:
         if out is not None:
             out.close()
-    print(summary_line(run, sampler, length, init, model.mask_id, enfe_all, wall))
+    if env.is_main:
+        print(summary_line(run, sampler, length, init, model.mask_id, enfe_all, wall, env.world))
     return 0
 
 
 # -- checks before any work -----------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> Run:
     """Every flag that can be checked without the model, with the flag named in each error."""
-    for flag in ("steps", "batch_size", "num_samples", "length", "rows_in_flight"):
+    for flag in ("steps", "batch_size", "num_samples", "length", "rows_in_flight", "wave_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise SampleArgError(f"--{flag} must be >= 1, got {value}")
@@ -165,7 +189,8 @@ def check_args(args: argparse.Namespace) -> Run:
         sampler = SamplerConfig(steps=args.steps, method=args.method, strategy=args.strategy,
                                 strategy_para=_cli_para(args.strategy, args.strategy_para),
                                 sampling_dtype=args.sampling_dtype, compile=args.compile,
-                                rows_in_flight=args.rows_in_flight)  # None: settled once the model is loaded
+                                rows_in_flight=args.rows_in_flight,  # None: settled once the model is loaded
+                                wave_size=args.wave_size)
     except ValueError as e:
         raise SampleArgError(f"{e} (--strategy_para)" if "strategy_para" in str(e) else str(e)) from None
     return Run(args, device, num_samples, infill, sampler)
@@ -291,16 +316,27 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int.from_bytes(digest, "little") & (2**62 - 1)
 
 
-def _fast(run: Run, cfg: SamplerConfig, model, noise, length: int, cond):
-    """``generate`` one chunk of a wave at a time (chunk c seeded from (--seed, c)), each yielded when done.
-    Its own summary line is off: this CLI prints one, the same for both engines."""
+def _fast(run: Run, cfg: SamplerConfig, model, noise, length: int, cond, env: DistEnv):
+    """``generate`` one wave-sized chunk at a time, chunk c seeded from (--seed, c), each yielded when done.
+
+    Over several ranks chunk c goes to rank c mod world and every round's chunks come back to every
+    rank in chunk order, so the samples (and rank 0's file) are the ones a single process makes.
+    The engine's own summary line is off: this CLI prints one, the same for both engines."""
     seed = run.args.seed if run.args.seed is not None else int(torch.randint(0, 2**62, ()))
+    seed = broadcast_object(seed, env)  # one run, one seed: rank 0's
     chunk = cfg.planned_wave_size(cfg.rows_in_flight)
-    for c, first in enumerate(range(0, run.num_samples, chunk)):
-        n = min(chunk, run.num_samples - first)
-        tokens, stats = generate(model, noise, n, length, config=cfg, conditioning=cond, seed=chunk_seed(seed, c),
-                                 progress=not run.args.no_progress, summary=False)
-        yield first, tokens, stats.enfe.tolist()
+    starts = list(range(0, run.num_samples, chunk))
+    for round_start in range(0, len(starts), env.world):
+        c = round_start + env.rank
+        mine = None
+        if c < len(starts):
+            n = min(chunk, run.num_samples - starts[c])
+            tokens, stats = generate(model, noise, n, length, config=cfg, conditioning=cond, seed=chunk_seed(seed, c),
+                                     progress=not run.args.no_progress and env.is_main, summary=False)
+            mine = (starts[c], tokens.cpu(), stats.enfe.tolist())
+        for item in gather_objects(mine, env):
+            if item is not None:
+                yield item
 
 
 def _reference(run: Run, cfg: SamplerConfig, model, noise, length: int, init):
@@ -339,11 +375,13 @@ def write_samples(out, tok, first: int, tokens: torch.Tensor, enfe, sampler: str
             out.flush()
 
 
-def summary_line(run: Run, cfg: SamplerConfig, length: int, init, mask_id: int, enfe: list[int], wall: float) -> str:
+def summary_line(run: Run, cfg: SamplerConfig, length: int, init, mask_id: int, enfe: list[int], wall: float,
+                 ranks: int = 1) -> str:
     """The one summary of a call: what was sampled, E-NFE per sample, sampled tokens per second, wall time."""
     n_free = int((init == mask_id).sum()) * (run.num_samples if init.shape[0] == 1 else 1)
     mean_enfe = sum(enfe) / max(len(enfe), 1)
-    return (f"engine {run.args.engine} | {cfg.describe()} | {run.num_samples} samples x {length} tokens | "
+    where = f" on {ranks} ranks" if ranks > 1 else ""
+    return (f"engine {run.args.engine}{where} | {cfg.describe()} | {run.num_samples} samples x {length} tokens | "
             f"E-NFE {mean_enfe:.1f} "
             f"per sample | {n_free / max(wall, 1e-9):,.0f} tokens/s | wall {wall:.2f} s")
 

@@ -1,0 +1,55 @@
+"""torchrun sample.py: the samples split over ranks (gloo on CPU), one --out file in sample order, and
+the same samples one process makes with the same seed."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_sampling_utils import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRITON_INTERPRET")}
+    return {**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    tiny_model(tokens=256, length=12).save_pretrained(folder)
+    return str(folder)
+
+
+def _args(ckpt: str, out: Path) -> list[str]:
+    return ["sample.py", "--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "7", "--wave_size", "2",
+            "--rows_in_flight", "2", "--steps", "5", "--seed", "11", "--device", "cpu", "--no_progress",
+            "--out", str(out)]
+
+
+def test_two_ranks_make_the_samples_of_one_process(ckpt, tmp_path):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    single = subprocess.run([sys.executable, *_args(ckpt, one)], cwd=ROOT, env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    ranks = subprocess.run([*launcher, *_args(ckpt, two)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert ranks.returncode == 0, ranks.stderr
+    a = [json.loads(line) for line in one.read_text().splitlines()]
+    b = [json.loads(line) for line in two.read_text().splitlines()]
+    assert [r["index"] for r in b] == list(range(7))
+    assert [r["ids"] for r in a] == [r["ids"] for r in b]
+    assert "on 2 ranks" in ranks.stdout and ranks.stdout.count("E-NFE") == 1  # rank 0 alone prints the summary
