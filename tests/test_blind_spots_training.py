@@ -1,9 +1,9 @@
 """Optimizer mechanics and EMA against hand-computed values (issue 17).
 
 The training tests compare a run with itself (straight vs resumed, one rank vs two); these check
-the mechanics directly: the clipped norm, the warmed-up lr, the first AdamW step in closed form,
-micro-batch accumulation equal to the global-batch gradient, the grad norm the loop logs, and
-the EMA recursion.
+the mechanics directly: the clipped norm (optim.unscale_and_clip and TrainStep.update), the
+warmed-up lr, the first AdamW step in closed form, micro-batch accumulation equal to the
+global-batch gradient, the grad norm the loop logs, and the EMA recursion.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import math
 import pytest
 import torch
 
-from radd_fast import ExponentialMovingAverage
-from radd_fast.distributed import DistEnv
-from radd_fast.training import loop as loop_module
+from radd_fast import RADD, ExponentialMovingAverage, LogLinearNoise, ModelConfig, RADDConfig
+from radd_fast.losses.registry import get_loss_spec
 from radd_fast.training import train
 from radd_fast.training.config import OptimConfig
 from radd_fast.training.optim import apply_update, build_optimizer, lr_at, unscale_and_clip
+from radd_fast.training.step import TrainStep
 
 from .train_helpers import tiny_config
 
@@ -103,45 +103,65 @@ def test_fused_optimizer_exactly_on_cuda():
         assert build_optimizer([torch.nn.Parameter(torch.ones(2))], cfg, torch.device("cuda")).defaults["fused"] is True
 
 
-# ------------------------------------------------------------------ accumulation
-class SquaredError(torch.nn.Module):
-    """Per-sequence loss [B] = sum_j (w . x_ij)^2 / 10: deterministic, so gradients can be compared."""
+# ------------------------------------------------------------------ TrainStep: accumulation, clip, logged norm
+def tiny_model() -> RADD:
+    torch.manual_seed(0)
+    model = RADD(RADDConfig(tokens=6, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=1, length=8,
+                                                         dropout=0.0, name="train-step")))
+    with torch.no_grad():
+        model.output_layer.linear.weight.normal_(0, 0.3)  # a non-uniform head: every gradient non-zero
+    return model
 
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
 
-    def forward(self, x):
-        return (x.double() @ self.w).pow(2).sum(-1) / 10
+def full_batch_grads(x: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of the global-batch mean loss, straight from the loss function (no TrainStep)."""
+    model = tiny_model()
+    get_loss_spec("ar_forward").fn(model.train(), x, LogLinearNoise()).mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("accum", [1, 2, 4])
 def test_accumulated_gradient_equals_the_global_batch_gradient(accum):
-    x = torch.randn(8, 5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    full = SquaredError()
-    full(x).mean().backward()
-    acc = SquaredError()
-    micro = [(j, chunk) for j, chunk in enumerate(x.chunk(accum))]
-    loss = loop_module._accumulate(acc, micro, no_scaler(), step=0, seed=0, env=DistEnv())
-    assert loss == pytest.approx(float(full(x).detach().mean()), rel=1e-12)
-    torch.testing.assert_close(acc.w.grad, full.w.grad, rtol=1e-12, atol=0)
+    """ar_forward is deterministic, so micro-batch weights 1/accum must give the global gradient."""
+    x = torch.randint(0, 6, (4, 8), generator=torch.Generator().manual_seed(1))
+    model = tiny_model()
+    stepper = TrainStep(model, LogLinearNoise(), "ar_forward")
+    for chunk in x.chunk(accum):
+        stepper.micro_batch(chunk, weight=1 / accum)
+    for p, want in zip(model.parameters(), full_batch_grads(x)):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)  # fp32 summation order only
 
 
-# ------------------------------------------------------------------ the loop: clip and logged norm
-def test_the_loop_clips_and_logs_the_pre_clip_norm(tmp_path, monkeypatch):
-    """Record the gradient the loop built (before clipping) and after: the logged grad_norm is the
-    former's norm, the update used the latter (norm <= grad_clip)."""
+@pytest.mark.parametrize("max_norm", [0.01, 0.0, 1e6])
+def test_train_step_clips_to_max_norm_and_reports_the_pre_clip_norm(max_norm):
+    """With SGD the applied step is -lr x the clipped gradient: read it off the weights."""
+    x = torch.randint(0, 6, (4, 8), generator=torch.Generator().manual_seed(2))
+    model = tiny_model()
+    params = list(model.parameters())
+    stepper = TrainStep(model, LogLinearNoise(), "ar_forward")
+    stepper.micro_batch(x, weight=1.0)
+    grads = [p.grad.clone() for p in params]
+    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    before = [p.detach().clone() for p in params]
+    stepper.update(torch.optim.SGD(params, lr=123.0), params, lr=0.5, max_norm=max_norm, step=1)
+    factor = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+    assert norm > 0.01  # the 0.01 case really clips
+    for p, p0, g in zip(params, before, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * factor * g, rtol=1e-5, atol=1e-8)
+        assert p.grad is None
+    assert stepper.read().grad_norm == pytest.approx(norm, rel=1e-5)
+
+
+def test_the_loop_logs_the_pre_clip_norm_and_passes_grad_clip(tmp_path, monkeypatch):
     seen = []
-    real = loop_module.unscale_and_clip
+    real = TrainStep.update
 
-    def spy(optimizer, scaler, params, step, cfg):
-        before = torch.cat([p.grad.detach().flatten() for p in params if p.grad is not None]).norm().item()
-        norm = real(optimizer, scaler, params, step, cfg)
-        after = torch.cat([p.grad.detach().flatten() for p in params if p.grad is not None]).norm().item()
-        seen.append((before, norm, after))
-        return norm
+    def spy(self, optimizer, params, lr, max_norm, step, scaler=None):
+        grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+        seen.append((torch.cat(grads).norm().item(), max_norm))
+        return real(self, optimizer, params, lr, max_norm, step, scaler)
 
-    monkeypatch.setattr(loop_module, "unscale_and_clip", spy)
+    monkeypatch.setattr(TrainStep, "update", spy)
     cfg = tiny_config(tmp_path, training={"n_iters": 2, "snapshot_freq": 2, "snapshot_freq_for_preemption": 2,
                                           "eval_freq": 100, "accum": 1},
                       optim={"lr": 1e-3, "warmup": 0, "grad_clip": 0.05})
@@ -149,9 +169,9 @@ def test_the_loop_clips_and_logs_the_pre_clip_norm(tmp_path, monkeypatch):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     norms = [r["grad_norm"] for r in logged if "grad_norm" in r]
     assert len(seen) == 2 and len(norms) == 2
-    for (before, norm, after), logged_norm in zip(seen, norms):
-        assert norm == pytest.approx(before, rel=1e-5) and logged_norm == pytest.approx(before, rel=1e-5)
-        assert before > 0.05 and after == pytest.approx(0.05, rel=1e-4)
+    for (before, max_norm), logged_norm in zip(seen, norms):
+        assert max_norm == 0.05 and before > 0.05
+        assert logged_norm == pytest.approx(before, rel=1e-5)
 
 
 # ------------------------------------------------------------------ EMA recursion
