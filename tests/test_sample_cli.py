@@ -127,3 +127,16 @@ def test_chunks_are_written_as_they_finish_and_every_record_says_how_it_was_samp
     assert all("fp64 Gumbel" in r["sampler"] for r in rows)
     assert "fp64 Gumbel" in capsys.readouterr().out.splitlines()[-1]
     assert sample_cli.chunk_seed(3, 0) != sample_cli.chunk_seed(3, 1) == sample_cli.chunk_seed(3, 1)
+
+
+def test_refresh_every_is_labelled_approximate_everywhere(ckpt, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "3", "--steps", "8",
+                        "--refresh_every", "4", "--seed", "0", "--out", str(out), "--no_progress",
+                        "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all("approximate (refresh every 4)" in r["sampler"] for r in rows)
+    assert "approximate (refresh every 4)" in capsys.readouterr().out.splitlines()[-1]
+    assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--refresh_every", "4", "--engine",
+                        "reference", "--device", "cpu"]) == 2
+    assert "--refresh_every" in capsys.readouterr().err

@@ -23,7 +23,9 @@ class EmbeddingLayer(nn.Module):
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.embedding[indices]  # [B, T, d], fp32, outside autocast as published
+        # [B, T, d], fp32, outside autocast as published. F.embedding, not indexing: its backward is a
+        # deterministic sum (indexing's is an accumulating index_put_ that adds with atomics across CPU threads).
+        return F.embedding(indices, self.embedding)
 
 
 class LayerNormWot(nn.Module):

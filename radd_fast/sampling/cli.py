@@ -41,6 +41,7 @@ from ..config import parse_dtype
 from ..data.tokenizers import default_tokenizer_name, get_tokenizer
 from ..distributed import DistEnv, broadcast_object, cleanup, gather_objects, init_distributed
 from ..errors import UserError, run_cli
+from ..model.kv_cache import KVCache
 from ..progress import progress_bar
 from .conditioning import initial_state, projection, text_conditioning
 from .config import SamplerConfig, auto_rows_in_flight
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling_dtype", choices=("float32", "float64"), default="float64",
                    help="Gumbel noise dtype: float64 (the paper's protocol) or float32 (the published code's noise)")
     p.add_argument("--out", default=None, help="JSONL output path (its folder must exist)")
+    p.add_argument("--refresh_every", type=int, default=None, metavar="R",
+                   help="APPROXIMATE: reuse each row's keys/values, a full evaluation every R of its evaluations "
+                        "(docs/SAMPLING.md); omit for exact sampling")
     p.add_argument("--wave_size", type=int, default=None,
                    help="samples planned and written together (default: max(32 x rows in flight, 4096))")
     p.add_argument("--no_progress", action="store_true")
@@ -149,8 +153,9 @@ def _sample(run: Run, env: DistEnv) -> int:
     tok = _with_flag("--tokenizer", load_tokenizer, run.args.tokenizer, model.config)
     length = check_length(run.args.length, model.length)
     init, cond = _conditioning(run, tok, length, model.mask_id)
+    cache_bytes = KVCache.bytes_per_row(model, length) if run.sampler.refresh_every else 0
     rows = run.sampler.rows_in_flight or auto_rows_in_flight(run.num_samples, length, model.config.model.hidden_size,
-                                                             run.device)
+                                                             run.device, cache_bytes)
     sampler = run.sampler.replace(order=_order(run, length), rows_in_flight=rows)
     out = open_output(out_path)  # only now: a run refused above leaves an existing file as it was
     try:
@@ -176,13 +181,15 @@ def _sample(run: Run, env: DistEnv) -> int:
 # -- checks before any work -----------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> Run:
     """Every flag that can be checked without the model, with the flag named in each error."""
-    for flag in ("steps", "batch_size", "num_samples", "length", "rows_in_flight", "wave_size"):
+    for flag in ("steps", "batch_size", "num_samples", "length", "rows_in_flight", "wave_size", "refresh_every"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise SampleArgError(f"--{flag} must be >= 1, got {value}")
     if args.dtype is not None:
         _with_flag("--dtype", parse_dtype, args.dtype)
     device = _with_flag("--device", check_device, args.device)
+    if args.refresh_every is not None and args.engine != "fast":
+        raise SampleArgError("--refresh_every (approximate key/value reuse) needs --engine fast")
     infill = [parse_infill(spec) for spec in args.infill]
     num_samples = args.num_samples or args.batch_size
     try:
@@ -190,7 +197,7 @@ def check_args(args: argparse.Namespace) -> Run:
                                 strategy_para=_cli_para(args.strategy, args.strategy_para),
                                 sampling_dtype=args.sampling_dtype, compile=args.compile,
                                 rows_in_flight=args.rows_in_flight,  # None: settled once the model is loaded
-                                wave_size=args.wave_size)
+                                wave_size=args.wave_size, refresh_every=args.refresh_every)
     except ValueError as e:
         raise SampleArgError(f"{e} (--strategy_para)" if "strategy_para" in str(e) else str(e)) from None
     return Run(args, device, num_samples, infill, sampler)

@@ -57,6 +57,7 @@ class SamplingStats:
     length: int
     steps: int
     cuda_graphs: int  # graphs captured
+    capture_time: float = 0.0  # seconds spent capturing CUDA graphs (warm-up included), not in wall_time
     sampler: str = ""  # SamplerConfig.describe(): method, steps, strategy, Gumbel dtype
     rows_in_flight: int = 0  # rows per evaluation (the batch of the body)
     body_token_rows: int = 0  # positions pushed through the blocks (exact engine: L per row evaluation)
@@ -146,7 +147,7 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     counters = Counters()
     enfe = []
     t0 = time.perf_counter()
-    bar = progress_bar(progress and num_samples > 0, total=0, desc="sampling", unit="eval")
+    bar = None  # made with the first wave's evaluation count: no empty bar before any work
     try:
         for w0 in range(0, num_samples, wave_size):
             x0 = init.expand(num_samples, length)[w0:w0 + wave_size]
@@ -155,28 +156,38 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
                 wave = Wave(x0, group, K, rows, cfg.buckets)
             else:
                 wave = CachedWave(x0, group, K, rows, cfg.buckets, cfg.refresh_every, cache)
-            bar.total += wave.ticks
-            bar.refresh()
+            bar = _grow(bar, wave.ticks, progress)
             out[w0:w0 + x0.shape[0]] = wave.run(body, head, cfg.strategy_fn, seed, counters.evaluations, bar, cfg.prune_last_block)
             counters.add(wave)
             enfe.append(K.cpu())
     finally:
         model.train(was_training)
         model.validate_inputs = was_validating
-        bar.close()
+        if bar is not None:
+            bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - body.capture_seconds  # graph capture is timed apart
     if bool((out == model.mask_id).any()):
         raise RuntimeError("internal error: MASK tokens left after sampling (the plan and the schedule disagree)")
     enfe = torch.cat(enfe) if enfe else torch.zeros(0, dtype=torch.int64)
     stats = SamplingStats(enfe=enfe, enfe_theory=_theory(rates, init, model.mask_id), wall_time=wall,
                           num_samples=num_samples, length=length, steps=cfg.steps, cuda_graphs=len(body.graphs),
                           sampler=cfg.describe(), rows_in_flight=rows, refresh_every=cfg.refresh_every,
+                          capture_time=body.capture_seconds,
                           **counters.as_dict())
     if progress if summary is None else summary:
         print(stats.summary())
     return out, stats
+
+
+def _grow(bar, ticks: int, enabled: bool):
+    """The progress bar over evaluations, made at the first wave and grown by each later one."""
+    if bar is None:
+        return progress_bar(enabled, total=ticks, desc="sampling", unit="eval")
+    bar.total += ticks
+    bar.refresh()
+    return bar
 
 
 def _reveal_groups(free: torch.Tensor, rates, cfg: SamplerConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:

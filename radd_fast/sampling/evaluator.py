@@ -8,6 +8,7 @@ on those rows alone and writes the tokens.
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -29,11 +30,20 @@ class BodyRunner:
         self.use_graphs = cuda_graphs
         self.graphs: dict[tuple[int, ...], tuple] = {}
         self.pool = None
+        self.capture_seconds = 0.0  # graph capture and its warm-up: timed apart from sampling
 
     def prepare(self, shapes_used: dict[tuple[int, ...], int]) -> None:
         """Capture one graph per shape used at least MIN_TICKS_FOR_GRAPH times, largest first."""
         if not self.use_graphs:
             return
+        start = time.perf_counter()
+        try:
+            self._capture_all(shapes_used)
+        finally:
+            torch.cuda.synchronize(self.model.device)
+            self.capture_seconds += time.perf_counter() - start
+
+    def _capture_all(self, shapes_used: dict[tuple[int, ...], int]) -> None:
         for shape in sorted(shapes_used, reverse=True):
             if shape in self.graphs or shapes_used[shape] < MIN_TICKS_FOR_GRAPH:
                 continue
@@ -41,7 +51,7 @@ class BodyRunner:
                 self.graphs[shape] = self._capture(shape)
             except RuntimeError as e:  # e.g. a kernel that syncs; say so loudly and run eagerly
                 warnings.warn(f"CUDA graph capture of the transformer body failed ({e}); running eagerly. "
-                              "Pass cuda_graphs=False to silence this.", RuntimeWarning, stacklevel=3)
+                              "Pass cuda_graphs=False to silence this.", RuntimeWarning, stacklevel=4)
                 self.use_graphs = False
                 self.graphs.clear()
                 return
