@@ -30,9 +30,9 @@ import torch
 from radd_fast import RADD, LogLinearNoise, ModelConfig, RADDConfig
 from radd_fast.data import ByteTokenizer, ResumableLoader, load_blocks
 from radd_fast.distributed import DistEnv
-from radd_fast.losses import get_loss_fn
 from radd_fast.losses.common import per_sequence
 from radd_fast.training import loop as loop_module
+from radd_fast.training.step import TrainStep
 from tests.train_helpers import assert_same_checkpoints, load_meta, metric_records, run_files, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,13 +126,16 @@ def test_a_step_draws_the_same_whatever_the_generator_held_before(tmp_path):
                                                           dropout=0.1))).train()
     blocks = load_blocks(str(write_text(tmp_path)), "train", ByteTokenizer(), 16, cache_dir=tmp_path / "cache")
     batches = ResumableLoader(blocks, 4, seed=0, accum=2).next_step()
-    module = loop_module.LossModule(model, get_loss_fn(LogLinearNoise(), model.vocab_size, train=True))
+    stepper = TrainStep(model, LogLinearNoise(), "lambda_DCE")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
     for prior in (0, 12345):
         torch.manual_seed(prior)
         torch.rand(prior % 97)  # leave the generator somewhere else
-        losses.append(loop_module._accumulate(module, batches, scaler, 7, 3, DistEnv()))
+        loop_module._accumulate(stepper, batches, scaler, 7, 3, DistEnv())
+        stepper.update(optimizer, list(model.parameters()), lr=0.0, max_norm=0.0, step=8)
+        losses += stepper.read().losses
     assert losses[0] == losses[1]
 
 

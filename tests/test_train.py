@@ -73,14 +73,15 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(straight_run, tmp_p
     run, straight = straight_run
     real = loop_module._accumulate
 
-    def poisoned(step_module, micro_batches, scaler, step, seed, env):
-        loss = real(step_module, micro_batches, scaler, step, seed, env)
-        return float("nan") if step == 4 else loss  # step index before the increment: the 5th step
+    def poisoned(stepper, micro_batches, scaler, step, seed, env):
+        real(stepper, micro_batches, scaler, step, seed, env)
+        if step == 4:  # step index before the increment: the 5th step
+            next(stepper.model.parameters()).grad.fill_(float("nan"))
 
     monkeypatch.setattr(loop_module, "_accumulate", poisoned)
     meta = tmp_path / "run" / "checkpoints-meta" / "checkpoint.pth"
-    with pytest.raises(NonFiniteLossError, match=f"loss is nan at step 5.*the last good checkpoint is "
-                                                 f"{re.escape(str(meta))} \\(step 4\\)"):
+    with pytest.raises(NonFiniteLossError, match=f"not finite at step 5: no update from that step on was applied; "
+                                                 f"the last good checkpoint is {re.escape(str(meta))} \\(step 4\\)"):
         train(tiny_config(tmp_path), tmp_path / "run")
     ckpt = load_meta(tmp_path / "run")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

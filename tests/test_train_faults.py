@@ -23,6 +23,7 @@ from radd_fast.training import loop as loop_module
 from radd_fast.training import state as state_module
 from radd_fast.training.metrics import drop_records_after
 from radd_fast.training.state import atomic_save, find_resume_checkpoint, remove_stale_temporaries, sidecar_path
+from radd_fast.training.step import TrainStep
 from tests.train_helpers import (
     Killed,
     assert_same_checkpoints,
@@ -294,17 +295,17 @@ def test_a_published_format_checkpoint_resumes_from_the_first_batch(five_steps, 
 
 # ---- the NaN guard ---------------------------------------------------------------------------------------
 def test_nonfinite_weights_are_never_written_and_the_real_last_good_file_is_named(tmp_path, monkeypatch):
-    real = loop_module.apply_update
+    real = TrainStep.update
     updates = []
 
-    def explodes_in_step_3(optimizer, scaler):
-        real(optimizer, scaler)
+    def explodes_in_step_3(self, optimizer, *args, **kwargs):
+        real(self, optimizer, *args, **kwargs)
         updates.append(1)
         if len(updates) == 3:
             with torch.no_grad():
                 optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
 
-    monkeypatch.setattr(loop_module, "apply_update", explodes_in_step_3)
+    monkeypatch.setattr(TrainStep, "update", explodes_in_step_3)
     run = tmp_path / "run"
     meta = run / META
     with pytest.raises(NonFiniteLossError, match=f"the weights are not finite after step 3: .*checkpoint_3.pth was not "
@@ -314,21 +315,30 @@ def test_nonfinite_weights_are_never_written_and_the_real_last_good_file_is_name
     assert not (run / "checkpoints" / "checkpoint_3.pth").exists() and load_meta(run)["step"] == 2
 
 
+def poison_gradients_at(step_index: int):
+    """A loop ``_accumulate`` whose gradients are NaN at the step with this (0-based) index."""
+    real = loop_module._accumulate
+
+    def poisoned(stepper, micro_batches, scaler, step, seed, env):
+        real(stepper, micro_batches, scaler, step, seed, env)
+        if step == step_index:
+            next(stepper.model.parameters()).grad.fill_(float("nan"))
+    return poisoned
+
+
 def test_nan_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop_module, "_accumulate", lambda *args: float("nan"))
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 1: .*no checkpoint has been written yet, "
+    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(0))
+    with pytest.raises(NonFiniteLossError, match="not finite at step 1: .*no checkpoint has been written yet, "
                                                  "so there is none to resume from"):
         train(tiny_config(tmp_path), tmp_path / "run")
 
 
 def test_nan_after_only_a_snapshot_names_the_snapshot(tmp_path, monkeypatch):
     """Without a meta checkpoint a resume starts from the newest snapshot: that is the file to name."""
-    real = loop_module._accumulate
-    monkeypatch.setattr(loop_module, "_accumulate", lambda m, b, s, step, seed, env: float("nan") if step == 3
-                        else real(m, b, s, step, seed, env))
+    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(3))
     cfg = tiny_config(tmp_path, training={"snapshot_freq_for_preemption": 100})
     snapshot = tmp_path / "run" / "checkpoints" / "checkpoint_3.pth"
-    with pytest.raises(NonFiniteLossError, match=f"loss is nan at step 4: .*{re.escape(str(snapshot))} \\(step 3\\)"):
+    with pytest.raises(NonFiniteLossError, match=f"not finite at step 4: .*{re.escape(str(snapshot))} \\(step 3\\)"):
         train(cfg, tmp_path / "run")
 
 

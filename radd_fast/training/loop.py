@@ -2,7 +2,10 @@
 
 One process or torchrun DDP (NCCL on GPU, gloo on CPU). Each step: ``accum``
 micro-batches per rank, the loss averaged over the global batch, one optimizer
-update (warmup, clipping, loss scaling for fp16), an EMA update.
+update (warmup, clipping, loss scaling for fp16), an EMA update. The step is
+``training.step.TrainStep`` (docs/TRAINING.md): static shapes, compiled whole with
+``training.compile``, and no host sync until a boundary step (a log, evaluation or
+checkpoint step) reads the losses, the gradient norm and the non-finite flag back at once.
 
 Run folder (published layout): ``checkpoints/checkpoint_<step>.pth`` and
 ``samples/iter_<step>/`` every ``snapshot_freq`` steps, ``checkpoints-meta/checkpoint.pth``
@@ -15,7 +18,9 @@ newest intact snapshot). Faults lose nothing and leave no debris:
 - on resume, stale checkpoint temporaries are removed and ``metrics.jsonl`` loses the
   records past the resumed step (they are logged again), so it reads as one run;
 - weights that are not finite are never saved, and a non-finite loss, gradient norm or
-  weight stops the run naming the checkpoint it can resume from (or saying there is none).
+  weight stops the run naming the checkpoint it can resume from (or saying there is none):
+  a non-finite step's update, and every later one, is skipped on the device, the next
+  boundary (every checkpoint step is one) names the step, and nothing after it is saved.
 
 Reproducibility: before each micro-batch every generator is seeded from (seed, step, index
 of the micro-batch in the global batch, stream); no generator state is saved or restored
@@ -40,13 +45,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, parse_dtype
@@ -54,14 +57,16 @@ from ..data import ResumableLoader, check_batch_split, get_tokenizer, load_block
 from ..distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from ..ema import ExponentialMovingAverage
 from ..errors import UserError
-from ..flops import peak_flops, train_flops_per_token
+from ..flops import MFU_FORMULA, peak_flops
 from ..losses import get_loss_fn
+from ..losses.static_rows import PLANNED_LOSS_TYPES
 from ..model import RADD
 from ..noise import get_noise
 from .config import RunConfig
 from .metrics import Metrics
-from .optim import apply_update, build_optimizer, unscale_and_clip
+from .optim import build_optimizer, lr_at
 from .snapshot import snapshot_samples
+from .step import TrainStep
 from .state import (
     META,
     SNAPSHOTS,
@@ -84,17 +89,6 @@ class NonFiniteLossError(UserError):
     A UserError (one ``error:`` line from the CLI): the fix is the user's, e.g. a lower
     ``optim.lr``, then a resume from the checkpoint the message names.
     """
-
-
-class LossModule(nn.Module):
-    """The loss as a module, so that DDP (which hooks ``forward``) sees the whole computation."""
-
-    def __init__(self, model: RADD, loss_fn):
-        super().__init__()
-        self.model, self.loss_fn = model, loss_fn
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)  # [B] per-sequence loss
 
 
 def seed_for(seed: int, step: int, micro: int, stream: str = "train") -> None:
@@ -192,7 +186,7 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = RADD(cfg.model).to(device)
     model.set_compute_dtype(dtype)
-    if t.compile:
+    if t.compile and t.loss_type not in PLANNED_LOSS_TYPES:  # the planned losses are compiled whole (TrainStep)
         for block in model.blocks:
             block.compile()
     noise = get_noise(cfg.model).to(device)
@@ -206,16 +200,21 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
                                  valid_loader)
 
     loss_kw = dict(sampling_eps=t.sampling_eps, loss_type=t.loss_type, time_sampler=t.time_sampler)
-    loss_fn = get_loss_fn(noise, model.vocab_size, train=True, **loss_kw)
-    eval_fn = get_loss_fn(noise, model.vocab_size, train=False, **loss_kw)
-    step_module = LossModule(model, loss_fn)
+    eval_fn = get_loss_fn(noise, model.vocab_size, train=False, **loss_kw)  # training: the static step
+    wrap = None
     if env.world > 1:
-        step_module = DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
+        def wrap(module):
+            return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+    stepper = TrainStep(model, noise, t.loss_type, sampling_eps=t.sampling_eps, time_sampler=t.time_sampler,
+                        compile=t.compile, cuda_graphs=t.compile and device.type == "cuda" and env.world == 1,
+                        wrap=wrap)
 
     tokens_per_step = t.batch_size * length
-    fpt, peak = train_flops_per_token(model, length), peak_flops(device, dtype)
+    peak = peak_flops(device, dtype)
     log.info("model: %.2fM parameters, %s, %d rank(s), global batch %d x %d tokens, %s",
              sum(p.numel() for p in params) / 1e6, dtype, env.world, t.batch_size, length, t.loss_type)
+    if peak:
+        log.info("MFU: %s", MFU_FORMULA)
     metrics = Metrics(run_dir, env.is_main, t.n_iters, step, t.progress, cfg.logging.tensorboard,
                       cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.raw)
 
@@ -235,48 +234,61 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
             resume_point = (path, step)
 
     history = {"losses": [], "eval_losses": []}
-    window_time, window_steps = 0.0, 0  # training time only: evaluation, checkpoints, samples excluded
+    # The host reads the device only at a boundary (a log, evaluation or checkpoint step): the window
+    # is the training time and work since the last log (evaluation, checkpoints, samples excluded).
+    window = {"seconds": 0.0, "steps": 0, "flops": 0.0, "overflows": 0}
+    started = None
     try:
         while step < t.n_iters:
-            step_start = time.perf_counter()
-            loss = _accumulate(step_module, train_loader.next_step(), scaler, step, t.seed, env)
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss} at step {step + 1}: stopping before the update; "
-                                         f"{_last_good(resume_point)}")
+            started = time.perf_counter() if started is None else started
+            _accumulate(stepper, train_loader.next_step(), scaler, step, t.seed, env)
             step += 1
-            grad_norm = unscale_and_clip(optimizer, scaler, params, step, cfg.optim)
-            if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips the step
-                raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}: stopping before the update; "
-                                         f"{_last_good(resume_point)}")
-            apply_update(optimizer, scaler)
+            stepper.update(optimizer, params, lr_at(step, cfg.optim), cfg.optim.grad_clip, step, scaler)
             ema.update(params)
-            history["losses"].append((step, loss))
-            window_time += time.perf_counter() - step_start  # the loss .item() synced the device already
-            window_steps += 1
-            metrics.progress(1, loss=loss)
+            metrics.progress(1)
+            logs = step % t.log_freq == 0 or step == t.n_iters
+            evaluates = valid_loader is not None and step % t.eval_freq == 0
+            snapshots = step % t.snapshot_freq == 0 or step == t.n_iters
+            resume_point_due = step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters
+            if not (logs or evaluates or snapshots or resume_point_due):
+                continue
+            report = stepper.read(env)  # the one host sync since the last boundary
+            window["seconds"] += time.perf_counter() - started
+            started = None
+            first = step - len(report.losses) + 1
+            history["losses"] += list(zip(range(first, step + 1), report.losses))
+            if report.problem():
+                raise NonFiniteLossError(f"{report.problem()}; {_last_good(resume_point)}")
+            window["steps"] += len(report.losses)
+            window["flops"] += report.flops
+            window["overflows"] += report.overflows
 
-            if step % t.log_freq == 0 or step == t.n_iters:
-                tok_s = tokens_per_step * window_steps / window_time
-                record = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                          "tokens_per_s": tok_s, "mfu": fpt * tok_s / (peak * env.world) if peak else None}
+            if logs:
+                loss = report.losses[-1]
+                tok_s = tokens_per_step * window["steps"] / window["seconds"]
+                record = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": report.grad_norm,
+                          "tokens_per_s": tok_s, "capacity_overflows": window["overflows"],
+                          "mfu": window["flops"] / (window["seconds"] * peak) if peak else None}
+                if peak:
+                    record["mfu_formula"] = MFU_FORMULA
                 metrics.log(step, **record)
                 metrics.progress(0, loss=loss, tok_s=tok_s, **({"mfu": record["mfu"]} if peak else {}))
                 log.info("step %d: loss %.4f, %.0f tokens/s", step, loss, tok_s)
-                window_time, window_steps = 0.0, 0
+                window = {"seconds": 0.0, "steps": 0, "flops": 0.0, "overflows": 0}
             # Evaluation first: a checkpoint of this step then holds the validation position after it.
-            if valid_loader is not None and step % t.eval_freq == 0:
+            if evaluates:
                 eval_loss = _evaluate(model, ema, eval_fn, valid_loader, step, t.seed, env)
                 history["eval_losses"].append((step, eval_loss))
                 metrics.log(step, eval_loss=eval_loss)
                 log.info("step %d: evaluation loss %.4f", step, eval_loss)
             # The resume point last: a kill before it redoes this step's snapshot and samples.
-            if step % t.snapshot_freq == 0 or step == t.n_iters:
+            if snapshots:
                 save(run_dir / SNAPSHOTS / f"checkpoint_{step}.pth")
                 if t.snapshot_sampling:
                     seed_for(t.seed, step, env.rank, "sample")
                     snapshot_samples(model, ema, noise, tokenizer, cfg, step, run_dir, env, metrics)
                 barrier(env)
-            if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
+            if resume_point_due:
                 save(run_dir / META)
     finally:
         metrics.close()
@@ -313,18 +325,19 @@ def _last_good(resume_point: tuple[Path, int] | None) -> str:
     return f"the last good checkpoint is {path} (step {step}); a resume starts from it"
 
 
-def _accumulate(step_module, micro_batches, scaler, step: int, seed: int, env: DistEnv) -> float:
-    """Forward + backward over this rank's micro-batches; returns the global mean loss (one sync)."""
-    total = torch.zeros((), device=env.device, dtype=torch.float64)
+def _accumulate(stepper: TrainStep, micro_batches, scaler, step: int, seed: int, env: DistEnv) -> None:
+    """Forward + backward over this rank's micro-batches (no host sync; the loss stays in ``stepper``).
+
+    Each micro-batch is seeded from (seed, step, its index in the global batch) first: its host
+    half (rates and masked counts) and its device half (positions, dropout) then do not depend
+    on the number of ranks or on where a run was resumed.
+    """
     n = len(micro_batches)
     for j, (micro, x) in enumerate(micro_batches):
         seed_for(seed, step, micro)
-        sync = j == n - 1 or env.world == 1
-        with contextlib.nullcontext() if sync else step_module.no_sync():
-            loss = step_module(x).mean()
-            scaler.scale(loss / n).backward()
-        total += loss.detach()
-    return all_reduce_mean(total / n, env).item()
+        sync = j == n - 1 or env.world == 1  # DDP: all-reduce the gradients with the last micro-batch only
+        with contextlib.nullcontext() if sync else stepper.module.no_sync():
+            stepper.micro_batch(x, weight=1 / n, scaler=scaler)
 
 
 @torch.no_grad()
