@@ -1,6 +1,6 @@
 """Loading: hub folders / repo ids, older ``.bin`` uploads, training-run folders (writing: hub.py).
 
-Layouts (spec 6):
+Layouts (docs/MODEL.md):
 - hub: ``config.json`` (the run config, nested) + ``model.safetensors`` (or ``pytorch_model.bin``);
 - run: ``.hydra/config.yaml`` + ``checkpoints-meta/checkpoint.pth`` holding
   ``{model, ema, optimizer, step}``; inference serves the EMA weights.

@@ -1,4 +1,4 @@
-"""Exponential moving average of parameters (spec 6.3), run-format compatible.
+"""Exponential moving average of parameters (docs/MODEL.md), run-format compatible.
 
 ``state_dict()`` is ``{decay, num_updates, shadow_params: [tensor per trainable
 parameter, in parameters() order]}``, exactly what the published run

@@ -216,6 +216,8 @@ def test_load_model_errors(ckpts):
     ("training", "n_iters", -1, "training.n_iters must be in [0"),
     ("training", "sampling_eps", 0.0, "training.sampling_eps"),
     ("sampling", "steps", 0, "sampling.steps"),
+    ("sampling", "predictor", "ddim", "unknown sampling method 'ddim'"),
+    ("sampling", "strategy", "beam", "unknown sampling strategy 'beam'"),
     ("eval", "batch_size", 0, "eval.batch_size"),
     ("data", "train", "/nonexistent/corpus.txt", "data.train=/nonexistent/corpus.txt: no such file"),
 ])

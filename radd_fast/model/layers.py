@@ -1,6 +1,6 @@
 """Modules of the published architecture, with the published parameter names.
 
-Names and shapes match the released state dicts (spec 6.1) so that published
+Names and shapes match the released state dicts (docs/MODEL.md, checkpoint layouts) so that published
 weights load with ``strict=True``. Each module takes its math from the model's
 ``ops`` (reference or fast), so the block code is shared by both backends.
 """

@@ -1,4 +1,4 @@
-"""Typed run configuration: the published Hydra keys (spec 8), validated on construction.
+"""Typed run configuration: the published Hydra keys (docs/TRAINING.md), validated on construction.
 
 ``RunConfig.from_dict`` takes the composed Hydra config (or a plain nested dict,
 as the tests pass) and builds one dataclass per section. Published keys keep
@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import DTYPES, ConfigError, RADDConfig, _to_plain
 from ..losses import LOSS_TYPES, TIME_SAMPLERS
+from ..sampling.config import SamplerConfig
 
 INF = math.inf
 # Suffixes of a data file: a data.train / data.valid value with one (or a '/') names a path, not a corpus.
@@ -136,6 +137,14 @@ class SamplingConfig:
     def __post_init__(self):
         check_number("sampling.steps", self.steps, whole=True, low=1)
         check_number("sampling.num_samples", self.num_samples, whole=True, low=1)
+        try:  # every sampling option checked now, not at the first snapshot hours later
+            self.sampler()
+        except ValueError as e:
+            raise ConfigError(f"sampling.predictor / sampling.strategy: {e}") from None
+
+    def sampler(self) -> SamplerConfig:
+        """The snapshot's options as the engine's typed config (the published ``predictor`` is the method)."""
+        return SamplerConfig(steps=int(self.steps), method=self.predictor, strategy=self.strategy)
 
 
 @dataclass

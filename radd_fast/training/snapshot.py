@@ -34,8 +34,7 @@ def snapshot_samples(model, ema, noise, tokenizer, cfg, step: int, run_dir: Path
     model.eval()
     with ema.average_parameters(list(model.parameters())):
         tokens, _ = generate(model, noise, num_samples=cfg.sampling.num_samples, length=model.length,
-                             steps=cfg.sampling.steps, method=cfg.sampling.predictor, strategy=cfg.sampling.strategy,
-                             progress=False)
+                             config=cfg.sampling.sampler(), progress=False)
     model.train(was_training)
     texts = tokenizer.batch_decode(tokens.tolist())
     with (folder / f"sample_{env.rank}.txt").open("w", encoding="utf-8") as fh:
