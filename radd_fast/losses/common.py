@@ -14,6 +14,18 @@ import torch
 
 def check_batch(model, batch: torch.Tensor, token_dim: int) -> None:
     """Clear errors for a batch the loss cannot score (one host sync for the range check)."""
+    check_batch_layout(model, batch, token_dim)
+    lo, hi = torch.stack(torch.aminmax(batch)).tolist()  # one host sync
+    if lo < 0 or hi >= token_dim - 1:
+        raise ValueError(f"clean tokens must be in [0, {token_dim - 1}) (the mask id is {token_dim - 1}, "
+                         f"V = token_dim = {token_dim}); got min {lo} max {hi}")
+
+
+def check_batch_layout(model, batch: torch.Tensor, token_dim: int) -> None:
+    """The checks of ``check_batch`` that read no device value: vocabulary, dtype and shape.
+
+    The static training step (training/step.py) checks the token range on the device instead.
+    """
     if model.vocab_size != token_dim:
         raise ValueError(f"token_dim {token_dim} (vocab size incl. MASK) does not match the model's "
                          f"vocab_size {model.vocab_size}")
@@ -24,10 +36,6 @@ def check_batch(model, batch: torch.Tensor, token_dim: int) -> None:
         raise ValueError(f"batch is empty: shape {tuple(batch.shape)}")
     if L > model.length:
         raise ValueError(f"sequence length {L} exceeds the model's length {model.length} (model.length)")
-    lo, hi = torch.stack(torch.aminmax(batch)).tolist()  # one host sync
-    if lo < 0 or hi >= token_dim - 1:
-        raise ValueError(f"clean tokens must be in [0, {token_dim - 1}) (the mask id is {token_dim - 1}, "
-                         f"V = token_dim = {token_dim}); got min {lo} max {hi}")
 
 
 def masked_target_log_probs(model, clean: torch.Tensor, perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,7 @@ from torch import nn
 from ..data import DataError
 from ..distributed import DistEnv, all_reduce_mean
 from ..flops import executed_train_flops
+from ..losses.common import check_batch_layout
 from ..losses.registry import get_loss_spec
 from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlan, MaskPlanner, planned_loss
 
@@ -159,7 +160,7 @@ class TrainStep:
         """Forward + backward of one micro-batch [B, L]; gradients accumulate with ``weight``
         (1 / micro-batches per step). ``plan``: from ``plan(B)``, drawn here when None. Returns
         the micro-batch's mean loss, a device scalar."""
-        self._check_layout(batch)
+        check_batch_layout(self.model, batch, self.model.vocab_size)  # no sync: the range is a device flag
         vocab = self.model.vocab_size
         self._bad_tokens = self._bad_tokens | (batch.amin() < 0) | (batch.amax() >= vocab - 1)
         # Out-of-range ids would fail inside the embedding or the head (a device-side assert on
@@ -204,15 +205,6 @@ class TrainStep:
         if self.device.type != "cuda":
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
-
-    def _check_layout(self, batch: torch.Tensor) -> None:
-        """The checks of ``losses.check_batch`` that need no device value (the token range is a
-        device flag, read by ``read``)."""
-        if batch.dim() != 2 or batch.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"batch must be an integer tensor [B, L], got {batch.dtype} {tuple(batch.shape)}")
-        if batch.numel() == 0 or batch.shape[1] > self.model.length:
-            raise ValueError(f"batch shape {tuple(batch.shape)} is empty or longer than the model's length "
-                             f"{self.model.length}")
 
     # -- the update ------------------------------------------------------------------------------
     def update(self, optimizer, params: list, lr: float, max_norm: float, step: int, scaler=None) -> None:
