@@ -9,10 +9,12 @@ import torch
 from scipy import stats
 
 from radd_fast import LogLinearNoise
+from radd_fast.config import ConfigError
 from radd_fast.flops import executed_train_flops, train_flops_per_token
 from radd_fast.losses import k_dce, lambda_dce, t_dce, t_dse
 from radd_fast.losses.masking import mask_k_random
 from radd_fast.losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_loss, planned_rows
+from radd_fast.training.loop import resolve_compile
 from radd_fast.training.step import TrainStep
 
 from .helpers import assert_close
@@ -199,3 +201,11 @@ def test_loss_compiles_to_one_graph():
     explained = torch._dynamo.explain(planned_loss)(model, "lambda_DCE", noise, torch.randint(0, TOKENS, (B, L)),
                                                      torch.rand(B, L, dtype=torch.float64), plan.counts, plan.rate, 20)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    assert resolve_compile("auto", torch.device("cuda")) is True
+    assert resolve_compile(True, torch.device("cpu")) is True and resolve_compile(False, torch.device("cuda")) is False
+    with pytest.raises(ConfigError, match="training.compile must be auto, true or false, got 'yes'"):
+        resolve_compile("yes", torch.device("cpu"))

@@ -133,6 +133,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def resolve_compile(value, device: torch.device) -> bool:
+    """``training.compile``: auto (on CUDA only: inductor takes minutes to compile on a CPU) | true | false."""
+    if value == "auto":
+        return device.type == "cuda"
+    if not isinstance(value, bool):
+        raise ConfigError(f"training.compile must be auto, true or false, got {value!r}")
+    return value
+
+
 def train(config, run_dir, device: str | None = None) -> dict:
     """Train, or resume when ``run_dir`` holds a checkpoint (the meta one, else the newest intact snapshot).
 
@@ -166,6 +175,7 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
         check_batch_split(cfg.eval.batch_size, env.world, t.accum, "eval.batch_size")
     device = env.device
     dtype = resolve_dtype(t.dtype, device)
+    compile_step = resolve_compile(t.compile, device)
     if env.is_main:
         _write_config(cfg, run_dir)
         remove_stale_temporaries(run_dir)
@@ -186,7 +196,7 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = RADD(cfg.model).to(device)
     model.set_compute_dtype(dtype)
-    if t.compile and t.loss_type not in PLANNED_LOSS_TYPES:  # the planned losses are compiled whole (TrainStep)
+    if compile_step and t.loss_type not in PLANNED_LOSS_TYPES:  # the planned losses are compiled whole (TrainStep)
         for block in model.blocks:
             block.compile()
     noise = get_noise(cfg.model).to(device)
@@ -206,7 +216,7 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
         def wrap(module):
             return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     stepper = TrainStep(model, noise, t.loss_type, sampling_eps=t.sampling_eps, time_sampler=t.time_sampler,
-                        compile=t.compile, cuda_graphs=t.compile and device.type == "cuda" and env.world == 1,
+                        compile=compile_step, cuda_graphs=compile_step and device.type == "cuda" and env.world == 1,
                         wrap=wrap)
 
     tokens_per_step = t.batch_size * length
