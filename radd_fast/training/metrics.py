@@ -1,7 +1,9 @@
 """Training metrics: a JSONL file, a tqdm bar, optional TensorBoard / wandb (rank 0 only).
 
-Throughput: tokens/s over the global batch. MFU: the FLOP count and peak table
-of ``radd_fast.flops`` (one for the project).
+Throughput: tokens/s over the global batch. MFU: the FLOPs the training step
+executes (``radd_fast.flops.executed_train_flops``: the head at the planned rows only)
+over the card's peak (``radd_fast.flops``, one table for the project); each record
+that holds an MFU holds its formula too (``mfu_formula``).
 
 A resumed run starts at the checkpoint's step, so every record after that step was
 made by the interrupted process and is made again: they are dropped when the file is
