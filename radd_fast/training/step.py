@@ -189,10 +189,22 @@ class TrainStep:
         if run is not self.module:
             self.model.rotary_emb(L, self.device)  # fill the rotary cache eagerly: tracing a miss recompiles
             if self.cuda_graphs:
+                self._own_gradient_buffers()
                 torch.compiler.cudagraph_mark_step_begin()
         self.flops += executed_train_flops(self.model, B, L, head_rows=capacity, last_block_rows=capacity)
         self.head_rows += capacity
         return run(batch, keys, counts, rate, capacity)
+
+    def _own_gradient_buffers(self) -> None:
+        """CUDA graphs: give every parameter a .grad of its own before the first replay.
+
+        A parameter without one would take the graph's backward output itself as its gradient,
+        memory that the next replay overwrites; with one, autograd adds into it in place (and
+        ``update`` zeroes it in place, ``set_to_none=False``).
+        """
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def _exact(self, batch: torch.Tensor) -> torch.Tensor:
         B, L = batch.shape
