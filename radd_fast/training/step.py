@@ -260,12 +260,16 @@ class TrainStep:
         """The steps since the last read, in one device-to-host transfer (the interval's sync).
 
         Raises DataError when a batch held a token id outside [0, V - 1). With several ranks the
-        step losses are averaged over them (one all-reduce per read, not per step).
+        step losses are averaged over them and the flags combined (the earliest non-finite step,
+        a bad batch on any rank), so every rank stops at the same read: two all-reduces per
+        read, none per step.
         """
         losses = torch.stack(self._window) if self._window else torch.zeros(0, dtype=torch.float64, device=self.device)
+        first_bad, bad_tokens = self._first_bad.double(), self._bad_tokens.double()
         if env is not None and env.world > 1:
             losses = all_reduce_mean(losses, env)
-        flags = torch.stack([self._grad_norm.double(), self._first_bad.double(), self._bad_tokens.double()])
+            first_bad, bad_tokens = _combine_over_ranks(first_bad, bad_tokens)
+        flags = torch.stack([self._grad_norm.double(), first_bad, bad_tokens])
         *step_losses, grad_norm, first_bad, bad_tokens = torch.cat([losses, flags]).tolist()
         report = StepReport(step_losses, grad_norm, int(first_bad), bool(bad_tokens), self.overflows, self.flops,
                             self.head_rows)
@@ -274,6 +278,17 @@ class TrainStep:
             raise DataError(f"a training batch holds token ids outside [0, {self.model.vocab_size - 1}) "
                             f"(the mask id is {self.model.mask_id}): the data does not fit the model's vocabulary")
         return report
+
+
+def _combine_over_ranks(first_bad: torch.Tensor, bad_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The earliest non-finite step over the ranks (0: none) and whether any rank saw a bad batch.
+
+    One all-reduce with MIN: a rank with no bad step sends +inf, and -bad_tokens so that the
+    minimum is minus the maximum.
+    """
+    packed = torch.stack([torch.where(first_bad > 0, first_bad, math.inf), -bad_tokens])
+    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MIN)
+    return torch.where(torch.isinf(packed[0]), 0.0, packed[0]), -packed[1]
 
 
 def _fold_into_scaler(scaler, optimizer, skip: torch.Tensor) -> None:
