@@ -1,6 +1,6 @@
 """The static-shape training step: the published masking law, the eager losses' values, and the
 compiled step equal to the eager one (losses and gradients, fp32 1e-5), overflows included."""
-import copy
+import itertools
 import math
 
 import numpy as np
@@ -12,6 +12,7 @@ from radd_fast import LogLinearNoise
 from radd_fast.config import ConfigError
 from radd_fast.flops import executed_train_flops, train_flops_per_token
 from radd_fast.losses import k_dce, lambda_dce, t_dce, t_dse
+from radd_fast.losses.ar import random_orders
 from radd_fast.losses.masking import mask_k_random
 from radd_fast.losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_loss, planned_rows
 from radd_fast.training.loop import resolve_compile
@@ -209,3 +210,14 @@ def test_compile_auto_is_on_for_cuda_only():
     assert resolve_compile(True, torch.device("cpu")) is True and resolve_compile(False, torch.device("cuda")) is False
     with pytest.raises(ConfigError, match="training.compile must be auto, true or false, got 'yes'"):
         resolve_compile("yes", torch.device("cpu"))
+
+
+def test_ar_random_orders_are_uniform_permutations():
+    """ar_random's one random draw: every order of 3 positions equally likely."""
+    torch.manual_seed(6)
+    orders = random_orders(12_000, 3)
+    codes = (orders * torch.tensor([9, 3, 1])).sum(-1).numpy()
+    counts = np.bincount(codes, minlength=27)
+    perms = [9 * a + 3 * b + c for a, b, c in itertools.permutations(range(3))]
+    assert counts.sum() == counts[perms].sum() == 12_000
+    assert stats.chisquare(counts[perms]).pvalue > 1e-4

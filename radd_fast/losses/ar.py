@@ -44,5 +44,10 @@ def ar_backward(model, batch, noise=None):
 def ar_random(model, batch, noise=None, order=None):
     """A uniformly random order per sequence (or the given ``order`` [B, L])."""
     if order is None:
-        order = torch.rand(batch.shape, device=batch.device).argsort(-1)
+        order = random_orders(*batch.shape, device=batch.device)
     return ar_nll(model, batch, order)
+
+
+def random_orders(batch_size: int, length: int, device=None) -> torch.Tensor:
+    """[B, L]: one uniformly random permutation of the positions per sequence (argsort of uniforms)."""
+    return torch.rand(batch_size, length, device=device).argsort(-1)
