@@ -493,6 +493,14 @@ def test_plan_ticks_skips_rows_without_evaluations():
     empty = plan_ticks(np.zeros(5, dtype=np.int64), batch_size=4, pad_row=5)
     assert empty.ticks == 0 and empty.rows.shape == (0, 1) and empty.k.dtype == np.int32
     assert empty.active.shape == (0,) and empty.batch.shape == (0,)
+    assert empty.rows.dtype == empty.active.dtype == empty.batch.dtype == np.int64
+
+
+def test_plan_ticks_defaults_to_buckets_and_takes_float_counts():
+    plan = plan_ticks(np.array([2, 2, 2, 1]), batch_size=4, pad_row=5)  # active [4, 3] -> bucket 4
+    assert plan.batch.tolist() == [4, 4]
+    as_float = plan_ticks(np.array([3.0, 1.0, 2.0]), batch_size=2, pad_row=3)  # counts from a float tensor
+    assert as_float.rows.tolist() == [[0, 1], [0, 2], [0, 2]] and as_float.rows.dtype == np.int64
 
 
 # ------------------------------------------------------------------ conditioning forms
@@ -515,8 +523,12 @@ def test_initial_state_forms_and_errors():
         initial_state({-1: 2}, 1, 3, 9, "cpu")
     with pytest.raises(ValueError, match=r"conditioning token -2 at position 1 is not a real token id \[0, 9\)"):
         initial_state([(1, -2)], 1, 3, 9, "cpu")
-    with pytest.raises(ValueError, match="conditioning must be None, a {position: token"):
+    with pytest.raises(ValueError, match=r"^conditioning must be None, a \{position: token\(s\)\} dict.*; got int$"):
         initial_state(5, 1, 3, 9, "cpu")
+    assert initial_state(None, 2, 3, 9, "cpu").dtype == torch.int64
+    assert initial_state({0: 1}, 2, 3, 9, "cpu").dtype == torch.int64
+    from_int32 = initial_state(torch.tensor([0, -1, 3], dtype=torch.int32), 2, 3, 9, "cpu")
+    assert from_int32.dtype == torch.int64 and from_int32.tolist() == [[0, 9, 3]]  # token 0 is a token
     with pytest.raises(ValueError, match="conditioning must be None"):
         initial_state(["ab", "c"], 1, 3, 9, "cpu")
 
@@ -540,3 +552,5 @@ def test_text_conditioning_boundaries():
     with pytest.raises(ValueError, match="infill at 1: position 1 is already fixed to token 2"):
         text_conditioning(3, prefix=[1, 2], infill={1: [3]})
     assert text_conditioning(3, prefix=[1, 2], infill={1: [2]}) == {0: 1, 1: 2}  # the same token twice is fine
+    with pytest.raises(ValueError, match=r"^infill at 0: position 1 is already fixed to token 2$"):
+        text_conditioning(4, prefix=[1, 2], infill={0: [1, 5]})  # the span's second token collides
