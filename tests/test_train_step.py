@@ -191,8 +191,6 @@ def test_executed_flops():
     assert math.isclose(full - pruned, 3 * (B * L - 10) * (2 * rows_last + 2 * d * V), rel_tol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="Rotary.forward's cache check compares a data_ptr(), a graph break "
-                                       "(radd_fast/model/layers.py; see docs/TRAINING.md)")
 def test_loss_compiles_to_one_graph():
     """The static-row loss traces as one graph: nothing in it needs the host."""
     B, L, noise = 2, 16, LogLinearNoise(EPS)

@@ -52,6 +52,8 @@ class Rotary(nn.Module):
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [T, hd/2] fp32 (the second half of cat(freqs, freqs) repeats the first)."""
+        if torch.compiler.is_compiling():  # traced once into the graph; the cache check would break it
+            return rotary_tables(seq_len, self.inv_freq, device)
         key = (seq_len, device, self.inv_freq.data_ptr())
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, *rotary_tables(seq_len, self.inv_freq, device))
