@@ -17,7 +17,7 @@ from .errors import UserError
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 NOISE_TYPES = ("loglinear", "geometric")
-BACKENDS = ("reference", "fast")
+BACKENDS = ("reference", "fast", "auto")  # auto: fast on CUDA, reference elsewhere
 
 
 class ConfigError(UserError):

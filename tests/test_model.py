@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from radd_fast import RADD, ConfigError, ModelConfig, NoiseConfig, RADDConfig
+from radd_fast.model.ops import resolve_backend
 from tests.helpers import assert_close
 from tests.independent_radd import published_config, published_log_probs, published_logits, published_state_dict
 
@@ -106,3 +107,16 @@ def test_config_ignores_and_records_unknown_keys_and_round_trips():
     with pytest.raises(ConfigError, match="tokens"):
         RADDConfig.from_dict({"model": {}})
     assert NoiseConfig().type == "loglinear"
+
+
+def test_auto_backend_follows_the_device():
+    assert resolve_backend("auto", torch.device("cuda")) == "fast"
+    assert resolve_backend("auto", torch.device("cpu")) == "reference"
+    assert resolve_backend("fast", torch.device("cpu")) == "fast"
+    with pytest.raises(ValueError, match="unknown backend 'turbo'"):
+        resolve_backend("turbo", torch.device("cpu"))
+    cfg = RADDConfig(tokens=TOKENS, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=1, length=8, name="auto",
+                                                      backend="auto"))
+    model = RADD(cfg)
+    assert model.backend == "reference" and model.to(torch.float32).backend == "reference"  # .to re-decides
+    assert model.set_backend("fast").to("cpu").backend == "fast"  # an explicit backend stays

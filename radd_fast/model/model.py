@@ -16,7 +16,7 @@ from .. import hub
 from ..config import RADDConfig, parse_dtype
 from .head import OutputHead
 from .layers import DDiTBlock, DDitFinalLayer, EmbeddingLayer, Rotary
-from .ops import get_ops
+from .ops import AUTO, get_ops, resolve_backend
 from .precision import autocast, default_compute_dtype
 
 
@@ -63,13 +63,25 @@ class RADD(nn.Module):
         return self.vocab_embed.embedding.device
 
     def set_backend(self, backend: str) -> "RADD":
-        """Swap every block's norm / rotary / attention between 'reference' and 'fast'."""
+        """Swap every block's norm / rotary / attention (and the head's kernels) between 'reference' and
+        'fast'; 'auto' picks fast on CUDA and reference elsewhere, and is decided again when the model moves."""
+        self._backend_choice = backend
+        self._apply_backend(resolve_backend(backend, self.device))
+        return self
+
+    def _apply_backend(self, backend: str) -> None:
         ops = get_ops(backend)
         self.backend = backend
         for module in self.modules():
             if hasattr(module, "ops"):
                 module.ops = ops
-        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()`` / ``.cuda()`` / ``.cpu()`` go through here: an 'auto' backend follows the new device."""
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_backend_choice", None) == AUTO:
+            self._apply_backend(resolve_backend(AUTO, self.device))
+        return out
 
     def set_compute_dtype(self, dtype) -> "RADD":
         self._dtype_override = parse_dtype(dtype)

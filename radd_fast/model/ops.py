@@ -109,8 +109,19 @@ class FastOps:
 BACKENDS = {"reference": ReferenceOps, "fast": FastOps}
 
 
+AUTO = "auto"  # the fast backend on CUDA, the reference one elsewhere (re-decided when the model moves)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """A backend name for ``device``: ``auto`` becomes ``fast`` on CUDA and ``reference`` elsewhere."""
+    if backend == AUTO:
+        return "fast" if device.type == "cuda" else "reference"
+    get_ops(backend)  # a clear error for an unknown name
+    return backend
+
+
 def get_ops(backend: str):
     """The ops class of ``backend``, one of ``BACKENDS``."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)} (or {AUTO})")
     return BACKENDS[backend]

@@ -63,7 +63,7 @@ class TrainingConfig:
     time_sampler: str | None = None  # None: the loss's own (vdm for t-losses, decoupled for lambda_DCE)
     sampling_eps: float = 1e-3
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or fp32 / bf16 / fp16 (fp16 uses a GradScaler)
-    compile: bool = False
+    compile: bool | str = "auto"  # auto: the step compiled whole on CUDA, eager on CPU; or true / false
     seed: int = 42
     progress: bool = True
 
@@ -73,6 +73,8 @@ class TrainingConfig:
         if self.time_sampler is not None and self.time_sampler not in TIME_SAMPLERS:
             raise ConfigError(f"unknown training.time_sampler {self.time_sampler!r}; expected one of "
                               f"{sorted(TIME_SAMPLERS)} or null")
+        if self.compile != "auto" and not isinstance(self.compile, bool):
+            raise ConfigError(f"training.compile must be auto, true or false, got {self.compile!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"unknown training.dtype {self.dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
         for name in ("batch_size", "accum", "snapshot_freq", "log_freq", "snapshot_freq_for_preemption"):
