@@ -390,9 +390,11 @@ def fwd_smem_bytes(cfg: FwdConfig, capability: tuple, dtype: torch.dtype, head_d
 
 
 def dkdv_smem_bytes(cfg: BwdConfig, capability: tuple, dtype: torch.dtype, head_dim: int, rotary: bool) -> int:
-    """Estimated shared memory of ``_attn_bwd_dkdv_kernel``: k, v once; q, dO (+ cos, sin), lse, delta per step."""
+    """Estimated shared memory of ``_attn_bwd_dkdv_kernel``: k, v and one [keys, queries] probability
+    tile (staged as the dV dot's operand; measured on the fp32 path) once; q, dO (+ cos, sin), lse,
+    delta per step."""
     block_d, _ = _tile_widths(head_dim)
-    once = 2 * cfg.block_n1 * block_d * dtype.itemsize
+    once = (2 * cfg.block_n1 * block_d + cfg.block_n1 * cfg.block_m1) * dtype.itemsize
     step = _loop_rows_bytes(cfg.block_m1, head_dim, dtype, rotary, n_full=2) + 2 * cfg.block_m1 * 4
     return once + pipeline_buffers(capability, dtype, cfg.num_stages1) * step
 
