@@ -335,6 +335,26 @@ def _ptxas_resources(ptx: str, cc: int) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1)) if spills else 0
 
 
+def _cubin_resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack-frame bytes) read back from the compiled cubin by the bundled
+    ``cuobjdump``: milliseconds where ``ptxas -v`` takes seconds. The stack frame holds the spills
+    (and any local arrays): 0 means no spills, but its size is not ptxas's spill-store count."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        run = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", run.stdout)
+    if usage is None:
+        raise RuntimeError(f"cuobjdump: {(run.stdout + run.stderr).strip()[-300:]}")
+    return int(usage.group(1)), int(usage.group(2))
+
+
+# how compile_one reads registers: "ptxas" (spill-store bytes, slow) or "cubin" (stack bytes, fast)
+RESOURCES_FROM = "ptxas"
+
+
 def spec_key(spec: Spec, cc: int) -> str:
     """What makes two launches the same compilation (their shape labels aside)."""
     signature, constexprs, attrs, options = _bind(spec.kernel, cc, spec.args, spec.kwargs)
@@ -351,10 +371,14 @@ def compile_one(spec: Spec, cc: int) -> dict:
         signature, constexprs, attrs, options = _bind(spec.kernel, cc, spec.args, spec.kwargs)
         compiled = triton.compile(ASTSource(spec.kernel, signature, constexprs, attrs),
                                   target=GPUTarget("cuda", cc, 32), options=vars(options))
-        regs, spills = _ptxas_resources(compiled.asm["ptx"], cc)
+        if RESOURCES_FROM == "ptxas":
+            regs, spills = _ptxas_resources(compiled.asm["ptx"], cc)
+            row.update(regs=regs, spill_bytes=spills)
+        else:
+            regs, stack = _cubin_resources(compiled.asm["cubin"])
+            row.update(regs=regs, spill_bytes=None, stack_bytes=stack)
         smem = int(compiled.metadata.shared)
-        row.update(status="OK", regs=regs, spill_bytes=spills, smem=smem, fits=smem <= limit,
-                   wgmma="wgmma" in compiled.asm["ptx"])
+        row.update(status="OK", smem=smem, fits=smem <= limit, wgmma="wgmma" in compiled.asm["ptx"])
     except Exception as e:  # a failed build is a result to report, not a crash
         row.update(status=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}", fits=False)
     return row
@@ -402,7 +426,8 @@ def _resources(row: dict) -> list[str]:
         return [f"**{row['status']}**", "", "", "", ""]
     mma = " wgmma" if row.get("wgmma") else ""
     estimate = "" if row["estimate"] is None else str(row["estimate"])
-    return ["OK", f"{row['regs']}/{row['spill_bytes']}{mma}", str(row["smem"]), estimate,
+    spill = row["spill_bytes"] if row.get("spill_bytes") is not None else f"stack {row['stack_bytes']}"
+    return ["OK", f"{row['regs']}/{spill}{mma}", str(row["smem"]), estimate,
             "yes" if row["fits"] else "**NO**"]
 
 
@@ -419,7 +444,9 @@ def render(rows: list[dict], targets: list[int], versions: str, date: str) -> st
         "RADD-small's head dim 64, fp16 attention also at hd 128, and the fp16/fp32 sampling head at 128 rows), "
         "compiled with `triton.compile(ASTSource(...), target=GPUTarget('cuda', cc, 32))` under the launcher's "
         "own argument specialization. Columns: registers per thread / spill-store bytes (the `ptxas -v` "
-        "bundled with triton; `wgmma` where the kernel uses Hopper's tensor-core pipeline), shared memory "
+        "bundled with triton) or, written `stack N`, the stack frame in bytes read from the cubin "
+        "(`--resources-from cubin`: 0 means no spills; `wgmma` where the kernel uses Hopper's "
+        "tensor-core pipeline), shared memory "
         "in bytes (Triton's allocation, which a launch checks against the card's limit), the launcher's "
         "estimate of it (docs/KERNELS.md), and whether it fits. The same rows, as JSON, are beside this file.",
         "",
@@ -462,6 +489,9 @@ def parse_args(argv):
     p.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="attention / rotary head dims")
     p.add_argument("--dtypes", default=",".join(DTYPES), help=f"subset of {','.join(DTYPES)}")
     p.add_argument("--from-json", help="re-render the table from a JSON this tool wrote, compiling nothing")
+    p.add_argument("--resources-from", choices=("ptxas", "cubin"), default="ptxas",
+                   help="registers and spill stores from ptxas -v (default), or registers and the stack "
+                        "frame from the cubin (cuobjdump: much faster)")
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="parallel compilations")
     return p.parse_args(argv)
 
@@ -479,6 +509,8 @@ def main(argv=None) -> int:
     if any(f not in FAMILIES for f in families):
         raise UserError(f"--families: choose from {','.join(FAMILIES)}, got {args.families!r}")
     _narrow_shapes(args.head_dims, args.dtypes)
+    global RESOURCES_FROM
+    RESOURCES_FROM = args.resources_from
     if args.from_json:
         if not os.path.isfile(args.from_json):
             raise UserError(f"--from-json: no such file {args.from_json!r}")
