@@ -6,6 +6,9 @@ running bar instead of into the middle of it.
 """
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 from tqdm.auto import tqdm
 
 
@@ -38,3 +41,34 @@ def progress_bar(enabled: bool, total: int | None = None, desc: str = "", unit: 
 def write(line: str) -> None:
     """Print ``line`` without breaking a running bar."""
     tqdm.write(line)
+
+
+class _AboveBar(logging.Handler):
+    """A console handler's records, written with ``tqdm.write`` so they land above a running bar."""
+
+    def __init__(self, inner: logging.StreamHandler):
+        super().__init__(inner.level)
+        self.inner = inner
+        self.setFormatter(inner.formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.inner.stream)
+        except Exception:  # a log line must never break the run; logging's own policy
+            self.handleError(record)
+
+
+def log_above_bars() -> Callable[[], None]:
+    """Swap the root logger's console handlers for ones that print above tqdm bars; returns the undo."""
+    root = logging.getLogger()
+    swapped = [(h, _AboveBar(h)) for h in root.handlers
+               if type(h) is logging.StreamHandler]  # console handlers only, not files
+    for old, new in swapped:
+        root.removeHandler(old)
+        root.addHandler(new)
+
+    def undo() -> None:
+        for old, new in swapped:
+            root.removeHandler(new)
+            root.addHandler(old)
+    return undo

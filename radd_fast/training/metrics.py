@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL file, a tqdm bar, optional TensorBoard / wandb (rank 0 only).
+"""Training metrics: a JSONL file, a progress bar, optional TensorBoard / wandb (rank 0 only).
 
 Throughput: tokens/s over the global batch. MFU: the FLOPs the training step
 executes (``radd_fast.flops.executed_train_flops``: the head at the planned rows only)
@@ -16,6 +16,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from ..progress import log_above_bars, progress_bar
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,14 +55,14 @@ class Metrics:
                  tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
         self.enabled = enabled
         self.bar = self.tb = self.wandb = None
+        self._undo_logging = None
         if not enabled:
             return
         drop_records_after(Path(run_dir) / METRICS_FILE, initial)
         self.file = (Path(run_dir) / METRICS_FILE).open("a", encoding="utf-8")
         if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+            self.bar = progress_bar(True, total=total, initial=initial, desc="train", unit="step")
+            self._undo_logging = log_above_bars()  # evaluation / checkpoint lines above the bar, not inside it
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -97,6 +99,8 @@ class Metrics:
         self.file.close()
         if self.bar is not None:
             self.bar.close()
+        if self._undo_logging is not None:
+            self._undo_logging()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
