@@ -29,7 +29,7 @@ import torch
 from ..model.head import noise_key
 from ..model.kv_cache import KVCache, hidden_cached, hidden_filling
 from .batching import bucket, plan_ticks
-from .evaluator import compact
+from .evaluator import compact, token_buffers
 
 
 def _pow2(n: np.ndarray, buckets: bool) -> np.ndarray:
@@ -119,17 +119,8 @@ class CachedWave:
     def __init__(self, x0: torch.Tensor, group: torch.Tensor, K: torch.Tensor, rows_in_flight: int, buckets: bool,
                  refresh_every: int, cache: KVCache):
         R, L = x0.shape
-        device = x0.device
         self.R, self.L, self.refresh_every, self.cache = R, L, int(refresh_every), cache
-        # Token buffers as in engine.Wave: R rows, a padding row, one trash cell for padded head rows.
-        self.trash = (R + 1) * L
-        self.x_flat = torch.empty(self.trash + 1, dtype=torch.int64, device=device)
-        self.x = self.x_flat[:self.trash].view(R + 1, L)
-        self.x[:R] = x0
-        self.x[R] = x0[0] if R else 0
-        self.x_flat[self.trash] = 0
-        self.grp = torch.full((R + 1, L), -1, dtype=torch.int32, device=device)
-        self.grp[:R] = group
+        self.x_flat, self.x, self.grp, self.trash = token_buffers(x0, group)  # as in engine.Wave
         K_host = K.cpu().numpy()
         self.plan = plan_ticks(K_host, rows_in_flight, pad_row=R, buckets=buckets)  # host sync 1
         if cache.length != L or cache.slots < self.plan.rows.shape[1]:

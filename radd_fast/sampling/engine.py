@@ -39,7 +39,7 @@ from .batching import plan_ticks
 from .cached import CachedWave
 from .conditioning import initial_state
 from .config import SamplerConfig, auto_rows_in_flight, sampler_config
-from .evaluator import BodyRunner, compact
+from .evaluator import BodyRunner, compact, token_buffers
 from .schedule import draw_reveal_steps, expected_enfe_exact, group_steps, ordered_groups, update_rates
 
 
@@ -238,14 +238,7 @@ class Wave:
         R, L = x0.shape
         device = x0.device
         self.R, self.L = R, L
-        self.trash = (R + 1) * L
-        self.x_flat = torch.empty(self.trash + 1, dtype=torch.int64, device=device)
-        self.x = self.x_flat[:self.trash].view(R + 1, L)
-        self.x[:R] = x0
-        self.x[R] = x0[0] if R else 0
-        self.x_flat[self.trash] = 0
-        self.grp = torch.full((R + 1, L), -1, dtype=torch.int32, device=device)
-        self.grp[:R] = group
+        self.x_flat, self.x, self.grp, self.trash = token_buffers(x0, group)
         self.plan = plan_ticks(K.cpu().numpy(), rows_in_flight, pad_row=R, buckets=buckets)  # host sync 1
         self.rows_d = torch.from_numpy(self.plan.rows).to(device)
         self.k_d = torch.from_numpy(self.plan.k).to(device)

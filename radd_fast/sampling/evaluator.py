@@ -86,6 +86,23 @@ class BodyRunner:
         return out  # valid until the next replay of any graph (shared pool): used at once
 
 
+def token_buffers(x0: torch.Tensor, group: torch.Tensor):
+    """The token buffers of one wave: x0 [R, L] (MASK where free), group [R, L] (-1 where fixed) ->
+    x_flat [(R + 1) L + 1] int64 holding the R rows, a padding row (valid tokens, nothing revealed)
+    and one trash cell that padded head rows write to; x, its [R + 1, L] view; grp [R + 1, L] int32
+    (the padding row reveals nothing); trash, the index of the trash cell."""
+    R, L = x0.shape
+    trash = (R + 1) * L
+    x_flat = torch.empty(trash + 1, dtype=torch.int64, device=x0.device)
+    x = x_flat[:trash].view(R + 1, L)
+    x[:R] = x0
+    x[R] = x0[0] if R else 0
+    x_flat[trash] = 0
+    grp = torch.full((R + 1, L), -1, dtype=torch.int32, device=x0.device)
+    grp[:R] = group
+    return x_flat, x, grp, trash
+
+
 def compact(reveal: torch.Tensor, rows: torch.Tensor, length: int, P: int, N: int, trash: int):
     """Static-shape gather plan of the revealed positions of one evaluation.
 
