@@ -30,6 +30,7 @@ from ..model.head import noise_key
 from ..model.kv_cache import KVCache, hidden_cached, hidden_filling
 from .batching import bucket, plan_ticks
 from .evaluator import compact, token_buffers
+from .schedule import group_sizes
 
 
 def _pow2(n: np.ndarray, buckets: bool) -> np.ndarray:
@@ -69,12 +70,8 @@ def entry_counts(grp: torch.Tensor, K: torch.Tensor, rows_d: torch.Tensor, k_d: 
     the row's group k. Pushed by a cached evaluation: groups k0 .. k (k0 = k - k % R). Two syncs
     (K.max and the one copy back), like the exact engine's head-row counts.
     """
-    n_groups = int(K.max()) + 1 if K.numel() else 1
+    counts, n_groups = group_sizes(grp, K)
     R1 = grp.shape[0]
-    idx = torch.arange(R1, device=grp.device)[:, None] * n_groups + grp.long()
-    idx = torch.where(grp >= 0, idx, torch.full_like(idx, R1 * n_groups))  # fixed tokens: a dump slot
-    counts = torch.zeros(R1 * n_groups + 1, dtype=torch.int64, device=grp.device)
-    counts.scatter_add_(0, idx.view(-1), torch.ones_like(idx.view(-1)))
     upto = counts[:-1].view(R1, n_groups).cumsum(dim=1)  # [R1, G] positions in groups <= g
     due = k_d >= 0  # padding entries (k = -2) reveal and push nothing
     k = k_d.long().clamp(min=0)

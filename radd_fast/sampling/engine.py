@@ -40,7 +40,7 @@ from .cached import CachedWave
 from .conditioning import initial_state
 from .config import SamplerConfig, auto_rows_in_flight, sampler_config
 from .evaluator import BodyRunner, compact, token_buffers
-from .schedule import draw_reveal_steps, expected_enfe_exact, group_steps, ordered_groups, update_rates
+from .schedule import draw_reveal_steps, expected_enfe_exact, group_sizes, group_steps, ordered_groups, update_rates
 
 
 @dataclass
@@ -302,12 +302,7 @@ class Wave:
 
 def _head_rows_per_tick(grp, K, rows_d, k_d) -> np.ndarray:
     """Revealed positions per evaluation [T] (on the device, one copy back): group sizes gathered by the plan."""
-    n_groups = int(K.max()) + 1 if K.numel() else 1
-    R1 = grp.shape[0]
-    idx = torch.arange(R1, device=grp.device)[:, None] * n_groups + grp.long()
-    idx = torch.where(grp >= 0, idx, torch.full_like(idx, R1 * n_groups))  # fixed tokens: a dump slot
-    counts = torch.zeros(R1 * n_groups + 1, dtype=torch.int64, device=grp.device)
-    counts.scatter_add_(0, idx.view(-1), torch.ones_like(idx.view(-1)))
+    counts, n_groups = group_sizes(grp, K)
     due = k_d >= 0  # padding entries (k = -2) reveal nothing
     take = torch.where(due, rows_d * n_groups + k_d.long(), torch.zeros_like(rows_d))
     return (counts[take] * due).sum(dim=1).cpu().numpy()

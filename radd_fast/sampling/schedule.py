@@ -122,6 +122,19 @@ def group_steps(step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return group, new.sum(dim=1)
 
 
+def group_sizes(grp: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Positions in each (row, group): grp [R1, L] (-1 fixed), K [R1 or fewer] -> (counts [R1 * G + 1]
+    int64 on the device, row r's group g at r * G + g, the last entry a dump for fixed tokens; G).
+    One host sync (G = K.max() + 1)."""
+    n_groups = int(K.max()) + 1 if K.numel() else 1
+    R1 = grp.shape[0]
+    idx = torch.arange(R1, device=grp.device)[:, None] * n_groups + grp.long()
+    idx = torch.where(grp >= 0, idx, torch.full_like(idx, R1 * n_groups))  # fixed tokens: the dump slot
+    counts = torch.zeros(R1 * n_groups + 1, dtype=torch.int64, device=grp.device)
+    counts.scatter_add_(0, idx.view(-1), torch.ones_like(idx.view(-1)))
+    return counts, n_groups
+
+
 def ordered_groups(free: torch.Tensor, steps: int, order: torch.Tensor | None = None,
                    generator: torch.Generator | None = None, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Any-order AR schedule (docs/SAMPLING.md): free positions revealed in ``order``, in ``steps`` chunks.
