@@ -107,7 +107,7 @@ def sweep_configs(B=32, T=1024, h=12, hd=64, dtype=torch.bfloat16, rotary=True, 
     dout = torch.randn_like(out)
     fwd_cfgs = [fa.FwdConfig(128, 64, 8, 3), fa.FwdConfig(128, 64, 4, 3), fa.FwdConfig(128, 128, 8, 3),
                 fa.FwdConfig(64, 64, 4, 3), fa.FwdConfig(128, 64, 8, 4), fa.FwdConfig(128, 32, 4, 3)]
-    base = fa.default_bwd_config(hd, dtype, qkv.device)
+    base = fa.default_bwd_config(hd, dtype, qkv.device, rotary=rotary)  # the launcher's own choice for this card
     dkdv = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 2)]
     dq = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2)]
     bwd_cfgs = [fa.BwdConfig(*c, *_dq_part(base)) for c in dkdv] + \
