@@ -274,11 +274,13 @@ def bench_sampling(P: Providers, device, size: str, plan: Plan, L: int) -> list[
 def bench_eval(P: Providers, device, size: str, B: int, L: int, mc: int) -> list[dict]:
     x = torch.randint(0, P.ref.vocab_size - 1, (B, L), device=device)
 
-    def engine(model):
-        return lambda: evaluate_ppl(model, P.noise, [x], "lambda_DCE", mc, progress=False).mean_loss
+    def engine(model, batched: bool):
+        return lambda: evaluate_ppl(model, P.noise, [x], "lambda_DCE", mc, mc_batching=batched,
+                                    progress=False).mean_loss
 
     runs = [("published", pubcode.eval_fn(P.pub, P.pub_model, P.pub_noise, x, mc))] if P.pub else []
-    runs += [(name, engine(m)) for name, m in P.ours.items()]
+    # reference: the published loop, one draw per forward; fast: the draws batched into large forwards
+    runs += [(name, engine(m, batched=name != "reference")) for name, m in P.ours.items()]
     rows = []
     reps = 2 if device.type == "cuda" else 1
     for name, fn in runs:
