@@ -293,6 +293,8 @@ def run_module(module: str, workdir: Path, equivalents: dict[str, Equivalent], m
         else:
             result.other.append((name, status))
     result.seconds = time.monotonic() - start
+    if not rerun and log.exists():  # the run's own duration: from writing its config to its last log line
+        result.seconds = log.stat().st_mtime - (dest / "setup.cfg").stat().st_mtime
     return result
 
 
