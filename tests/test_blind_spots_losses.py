@@ -289,3 +289,18 @@ def test_noise_defaults_and_other_config_forms():
     cfg.type = "cosine"  # past validation: the last line of defence still names it
     with pytest.raises(ValueError, match="unknown noise type 'cosine'"):
         get_noise(cfg)
+
+
+@pytest.mark.parametrize("name", ["naive", "vdm", "decoupled"])
+def test_time_samplers_draw_from_the_generator_given(name):
+    sampler = get_time_sampler(name)
+    a = sampler(8, "cpu", generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(99)  # the global generator must not matter
+    assert torch.equal(a, sampler(8, "cpu", generator=torch.Generator().manual_seed(7)))
+    assert not torch.equal(a, sampler(8, "cpu", generator=torch.Generator().manual_seed(8)))
+
+
+def test_vdm_steps_up_by_one_over_b_from_sequence_to_sequence():
+    t = get_time_sampler("vdm")(8, "cpu", generator=torch.Generator().manual_seed(0)).double()
+    steps = ((t - t[0]) % 1 * 8).tolist()  # sequence j sits j/B above sequence 0 (mod 1)
+    assert steps == pytest.approx([float(j) for j in range(8)], abs=1e-4)
