@@ -190,8 +190,6 @@ def test_top_p_exact_hit_follows_the_published_rule():
     assert kept(logits, "top_p", 0.5)[0] == {0, 1}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: top_p with p = 1 drops tail tokens when the fp32 cumulative "
-                   "sum rounds above 1 (radd_fast/sampling/strategies.py _keep_top_p, `cumsum > p`)")
 def test_top_p_at_one_keeps_every_token():
     logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 3
     assert bool(torch.isfinite(filter_logits(logits, "top_p", 1.0)).all())

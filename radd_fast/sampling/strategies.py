@@ -2,7 +2,8 @@
 
 Every strategy is "filter the logits, then Gumbel-max": ``direct`` keeps all
 real tokens, ``top_k`` the k largest, ``top_p`` the smallest sorted prefix whose
-probability mass reaches p (the first token always kept, published rule).
+probability mass exceeds p (a token is dropped once the mass before it is above p;
+the first token always kept: the published rule), all tokens for p = 1.
 The MASK column is never part of the logits here (the published top-p / top-k
 included it in the softmax; we exclude it, so a revealed token is never MASK).
 
@@ -51,6 +52,8 @@ def _keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    if p >= 1.0:  # the whole distribution: a float cumsum can round above 1 and would drop tail tokens
+        return logits.clone()
     probs = logits.softmax(dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     remove = sorted_probs.cumsum(dim=-1) > p
