@@ -36,7 +36,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from radd_fast.kernels.utils import (
-    HAS_TRITON, TUNED_CAPABILITY, card_of, interpreter_on, next_power_of_2, pipeline_buffers, require, triton_runs_on,
+    HAS_TRITON,
+    TUNED_CAPABILITY,
+    card_of,
+    interpreter_on,
+    next_power_of_2,
+    pipeline_buffers,
+    require,
+    triton_runs_on,
 )
 
 if HAS_TRITON:

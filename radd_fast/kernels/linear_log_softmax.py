@@ -48,7 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from radd_fast.kernels.utils import (
-    HAS_TRITON, SUPPORTED_DTYPES, TUNED_CAPABILITY, card_of, pipeline_buffers, require, triton_runs_on,
+    HAS_TRITON,
+    SUPPORTED_DTYPES,
+    TUNED_CAPABILITY,
+    card_of,
+    pipeline_buffers,
+    require,
+    triton_runs_on,
 )
 
 if HAS_TRITON:

@@ -45,7 +45,13 @@ from dataclasses import dataclass
 import torch
 
 from radd_fast.kernels.utils import (
-    HAS_TRITON, SUPPORTED_DTYPES, TUNED_CAPABILITY, card_of, next_power_of_2, pipeline_buffers, require,
+    HAS_TRITON,
+    SUPPORTED_DTYPES,
+    TUNED_CAPABILITY,
+    card_of,
+    next_power_of_2,
+    pipeline_buffers,
+    require,
     triton_runs_on,
 )
 
