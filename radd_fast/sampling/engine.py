@@ -197,32 +197,29 @@ def _reveal_groups(free: torch.Tensor, rates, cfg: SamplerConfig, generator) -> 
     return ordered_groups(free, cfg.steps, cfg.order, generator)
 
 
-@dataclass
-class Counters:
-    """Exact work counts over a run's waves."""
+# The exact work counts of a run (SamplingStats fields of the same names).
+WORK_COUNTS = ("evaluations", "eval_rows", "eval_rows_padded", "head_rows", "head_rows_padded", "body_token_rows",
+               "body_token_rows_padded", "body_token_rows_exact")
 
-    head_rows: int = 0
-    head_rows_padded: int = 0
-    eval_rows: int = 0
-    eval_rows_padded: int = 0
-    evaluations: int = 0
-    body_token_rows: int = 0
-    body_token_rows_padded: int = 0
-    body_token_rows_exact: int = 0
+
+class Counters:
+    """``WORK_COUNTS`` summed over a run's waves."""
+
+    def __init__(self):
+        self.totals = dict.fromkeys(WORK_COUNTS, 0)
+
+    @property
+    def evaluations(self) -> int:
+        return self.totals["evaluations"]
 
     def add(self, wave) -> None:
         """A finished wave: a ``Wave`` or a ``cached.CachedWave`` (both give these counts)."""
-        self.evaluations += wave.ticks
-        self.eval_rows += wave.eval_rows
-        self.eval_rows_padded += wave.eval_rows_padded
-        self.head_rows += int(wave.head_n.sum())
-        self.head_rows_padded += int(wave.head_p.sum())
-        self.body_token_rows += wave.body_token_rows
-        self.body_token_rows_padded += wave.body_token_rows_padded
-        self.body_token_rows_exact += wave.body_token_rows_exact
+        derived = {"evaluations": wave.ticks, "head_rows": wave.head_n.sum(), "head_rows_padded": wave.head_p.sum()}
+        for name in WORK_COUNTS:
+            self.totals[name] += int(derived[name] if name in derived else getattr(wave, name))
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return dict(self.totals)
 
 
 class Wave:
