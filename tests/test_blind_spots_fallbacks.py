@@ -14,17 +14,10 @@ import pytest
 import torch
 
 from radd_fast import RADD, LogLinearNoise, ModelConfig, RADDConfig
+from radd_fast.kernels import sampling_update as su
 from radd_fast.kernels.layer_norm import add_layer_norm, layer_norm, layer_norm_ref
 from radd_fast.kernels.linear_log_softmax import linear_log_softmax_gather, linear_log_softmax_gather_ref
 from radd_fast.kernels.rotary import apply_rotary_qkv, apply_rotary_qkv_ref, rotary_inv_freq, rotary_tables
-from radd_fast.kernels.sampling_update import (
-    gumbel_noise,
-    gumbel_ref,
-    head_sample_update,
-    head_sample_update_ref,
-    logits_sample_update,
-    logits_sample_update_ref,
-)
 from radd_fast.kernels.utils import triton_runs_on
 from radd_fast.sampling import generate
 
@@ -98,45 +91,45 @@ def test_sampling_update_fallbacks_match_the_kernels_on_given_noise(no_triton, f
     """Given noise, the fallback and the kernel draw the same tokens and write the same cells."""
     N, d, C = 12, 32, 10
     h, w, bias = torch.randn(N, d), torch.randn(C, d), torch.randn(C)
-    noise = gumbel_ref((N, C - 1), torch.float64 if fp64 else torch.float32, "cpu", torch.Generator().manual_seed(0))
+    noise = su.gumbel_ref((N, C - 1), torch.float64 if fp64 else torch.float32, "cpu", torch.Generator().manual_seed(0))
     dst = torch.randperm(40)[:N]
 
     def run_head():
         x = torch.zeros(40, dtype=torch.int64)
-        return head_sample_update(h, w, bias, C - 1, dst, x, noise=noise, fp64=fp64), x
+        return su.head_sample_update(h, w, bias, C - 1, dst, x, noise=noise, fp64=fp64), x
 
     tok, x = run_head()
     k_tok, k_x = with_interpreter(no_triton, run_head)
     assert torch.equal(tok, k_tok) and torch.equal(x, k_x) and torch.equal(x[dst], tok)
-    assert torch.equal(tok, head_sample_update_ref(h, w, bias, C - 1, None, None, noise, fp64))
+    assert torch.equal(tok, su.head_sample_update_ref(h, w, bias, C - 1, None, None, noise, fp64))
     logits = torch.randn(N, C - 1)
     logits[:, 0] = float("-inf")  # a removed token never wins
 
     def run_logits():
         x = torch.zeros(40, dtype=torch.int64)
-        return logits_sample_update(logits, dst, x, noise=noise, fp64=fp64), x
+        return su.logits_sample_update(logits, dst, x, noise=noise, fp64=fp64), x
 
     tok, x = run_logits()
     k_tok, k_x = with_interpreter(no_triton, run_logits)
     assert torch.equal(tok, k_tok) and torch.equal(x, k_x) and bool((tok != 0).all())
-    assert torch.equal(tok, logits_sample_update_ref(logits, None, None, noise, fp64))
+    assert torch.equal(tok, su.logits_sample_update_ref(logits, None, None, noise, fp64))
 
 
 def test_sampling_update_fallback_noise_is_seeded_fresh_gumbel(no_triton):
-    a = gumbel_noise(200, 100, seed=3, device="cpu")
+    a = su.gumbel_noise(200, 100, seed=3, device="cpu")
     assert a.shape == (200, 100) and a.dtype == torch.float32
-    assert torch.equal(a, gumbel_noise(200, 100, seed=3, device="cpu"))
+    assert torch.equal(a, su.gumbel_noise(200, 100, seed=3, device="cpu"))
     assert ks_gumbel(a) < ks_critical(a.numel())
-    b = gumbel_noise(200, 100, seed=4, device="cpu", fp64=True)
+    b = su.gumbel_noise(200, 100, seed=4, device="cpu", fp64=True)
     assert b.dtype == torch.float64
     assert abs(float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten()]))[0, 1])) < 0.03
     # seeded draws without explicit noise: the tokens of the fallback's own noise
     logits = torch.zeros(5000, 4)
-    tok = logits_sample_update(logits, seed=9)
-    assert torch.equal(tok, logits_sample_update(logits, seed=9))
+    tok = su.logits_sample_update(logits, seed=9)
+    assert torch.equal(tok, su.logits_sample_update(logits, seed=9))
     counts = torch.bincount(tok, minlength=4).double()
     assert bool(((counts - 1250).abs() < 5 * math.sqrt(1250 * 0.75)).all()), counts.tolist()
-    assert not torch.equal(tok, logits_sample_update(logits, seed=10))
+    assert not torch.equal(tok, su.logits_sample_update(logits, seed=10))
 
 
 # ------------------------------------------------------------------ the model and the engine without Triton
