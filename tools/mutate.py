@@ -211,12 +211,17 @@ def parse_results(text: str) -> dict[str, str]:
     return out
 
 
-def removed_line(diff: str) -> str:
-    """The first removed line of a mutant's diff (the original code), stripped."""
+def _first_line(diff: str, sign: str) -> str:
+    """The first line of a mutant's diff that starts with ``sign`` ('-' removed, '+' added), stripped."""
     for line in diff.splitlines():
-        if line.startswith("-") and not line.startswith("---"):
+        if line.startswith(sign) and not line.startswith(sign * 3):
             return line[1:].strip()
     return ""
+
+
+def removed_line(diff: str) -> str:
+    """The first removed line of a mutant's diff (the original code), stripped."""
+    return _first_line(diff, "-")
 
 
 def _without_device(line: str) -> str:
@@ -250,10 +255,7 @@ def rule_reason(diff: str) -> str | None:
 
 def changed_line(diff: str) -> str:
     """The first added line of a mutant's diff (what the equivalents list pins), stripped."""
-    for line in diff.splitlines():
-        if line.startswith("+") and not line.startswith("+++"):
-            return line[1:].strip()
-    return ""
+    return _first_line(diff, "+")
 
 
 def workdir_of(module: str, workdir: Path) -> Path:
