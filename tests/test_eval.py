@@ -335,3 +335,27 @@ def test_cli_two_cpu_ranks_match_one(checkpoint, tmp_path, eval_cli):
     assert two["settings"]["world_size"] == 2 and two["num_batches"] == 2 and one["num_batches"] == 2
     assert two["batch_losses"] == pytest.approx(one["batch_losses"], rel=1e-6)
     assert two["num_sequences"] == one["num_sequences"] == 8
+
+
+@pytest.mark.parametrize("mc_batching", [False, True])
+def test_static_rows_give_the_closed_form_too(noise, mc_batching):
+    """The training step's static-capacity masked rows (same law, other random stream): k_DCE exactly
+    L log 256 per draw, lambda_DCE within its own standard errors of 256."""
+    m = tiny_model(zero_head=True)
+    torch.manual_seed(0)
+    k = evaluate_ppl(m, noise, batches(n=2, b=4), "k_DCE", 4, mc_batching=mc_batching, token_budget=2 * 4 * L,
+                     static_rows=True, progress=False)
+    assert k.ppl == pytest.approx(256.0, rel=1e-6)
+    lam = evaluate_ppl(m, noise, batches(n=2, b=4), "lambda_DCE", 6, mc_batching=mc_batching, static_rows=True,
+                       progress=False)
+    assert abs(lam.ppl - 256.0) < 5 * lam.ppl_stderr, (lam.ppl, lam.ppl_stderr)
+
+
+def test_static_rows_estimate_the_eager_loss(model, noise):
+    """On a model with a real head the static-row and eager estimates agree within their errors."""
+    torch.manual_seed(3)
+    eager = evaluate_ppl(model, noise, batches(n=2), "t_DCE", 16, mc_batching=True, progress=False)
+    static = evaluate_ppl(model, noise, batches(n=2), "t_DCE", 16, mc_batching=True, static_rows=True,
+                          progress=False)
+    spread = 5 * (eager.ppl_stderr ** 2 + static.ppl_stderr ** 2) ** 0.5
+    assert abs(eager.ppl - static.ppl) < spread, (eager.ppl, static.ppl, spread)

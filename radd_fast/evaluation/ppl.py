@@ -27,8 +27,9 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import UserError
-from ..losses import get_loss_fn
+from ..losses import check_batch, get_loss_fn
 from ..losses.registry import EXACT_LOSS_TYPES, LOSS_TYPES
+from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_loss
 from ..progress import progress_bar
 
 # Tokens per replicated forward with Monte Carlo batching: 8 x (16 x 1024) for RADD-small in bf16 on one
@@ -160,16 +161,38 @@ def batch_estimate(loss_fn: Callable, model, x: torch.Tensor, mc_timesteps: int,
     return (total / mc_timesteps).mean(), var
 
 
-def make_loss_fn(model, noise, loss_type: str, sampling_eps: float = 1e-3) -> Callable:
-    """The evaluation loss ``fn(model, x [B, L]) -> [B]`` of ``loss_type`` (model kept in eval mode)."""
-    return get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type)
+def make_loss_fn(model, noise, loss_type: str, sampling_eps: float = 1e-3, static_rows: bool = False) -> Callable:
+    """The evaluation loss ``fn(model, x [B, L]) -> [B]`` of ``loss_type`` (model kept in eval mode).
+
+    static_rows: the training step's masked-row loss (``losses.static_rows``): the masked counts
+    drawn on the host, the head rows gathered into a buffer of static capacity (an exact path at
+    the batch's own size when a draw overflows it), so every batch of a shape has the same shapes,
+    the form torch.compile and CUDA graphs need. The same law as the eager loss, not the same
+    random stream. Only for the losses with a planned masking (the ar_* losses are static anyway).
+    """
+    loss_fn = get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type)
+    if not static_rows or loss_type not in PLANNED_LOSS_TYPES:
+        return loss_fn
+    planners: dict[int, MaskPlanner] = {}
+
+    def static_loss_fn(model, x: torch.Tensor) -> torch.Tensor:
+        B, L = x.shape
+        check_batch(model, x, model.vocab_size)
+        planner = planners.setdefault(L, MaskPlanner(loss_type, noise, L, sampling_eps))
+        plan = planner.draw(B)
+        capacity = max(planner.capacity(B), plan.total)  # an overflowing draw: exact, at its own size
+        keys = torch.rand(B, L, dtype=torch.float64, device=x.device)
+        return planned_loss(model, loss_type, noise, x, keys, plan.counts.to(x.device), plan.rate.to(x.device),
+                            capacity)
+
+    return static_loss_fn
 
 
 @torch.no_grad()
 def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DCE", mc_timesteps: int = 1, *,
                  sampling_eps: float = 1e-3, mc_batching: bool | None = None, token_budget: int | None = None,
                  mc_chunk: int | None = None, max_batches: int | None = None, progress: bool = True,
-                 desc: str = "eval") -> PPLResult:
+                 desc: str = "eval", static_rows: bool = False) -> PPLResult:
     """Zero-shot perplexity of ``model`` on ``dataloader`` (docs/EVALUATION.md); used by eval.py.
 
     Args:
@@ -184,6 +207,7 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
         token_budget / mc_chunk: tokens per batched forward / force the number of draws per
             forward (mc_chunk wins over both mc_batching and the budget).
         max_batches: stop after this many batches (per rank).
+        static_rows: score with the training step's static-capacity masked rows (``make_loss_fn``).
     Returns:
         ``PPLResult`` with ``ppl = exp(mean_loss / L)``, the per-batch losses and variances, the
         throughput. Raises ``NonFiniteLoss`` at the first batch whose loss is NaN or infinite.
@@ -200,7 +224,7 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
     model.eval()
     device = model.device
     mc_batching = default_mc_batching(device) if mc_batching is None else bool(mc_batching)
-    loss_fn = make_loss_fn(model, noise, loss_type, sampling_eps)
+    loss_fn = make_loss_fn(model, noise, loss_type, sampling_eps, static_rows)
     rank0 = not _dist_on() or torch.distributed.get_rank() == 0
     bar = progress_bar(progress and rank0, _length_hint(dataloader, max_batches), desc, unit="batch")
     losses, variances, n_seq, length, k = [], [], 0, None, 1
