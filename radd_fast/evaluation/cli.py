@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # removed: a clear error names the new flags
     ap.add_argument("--max_batches", type=int, default=None, help="stop after this many batches (per rank / dataset)")
     ap.add_argument("--token_budget", type=int, default=None, help="tokens per forward with --mc_batching")
+    ap.add_argument("--static_rows", action="store_true",
+                    help="the training step's static-capacity masked rows (static shapes; same law, other draws)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model body (static shapes)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     # Suites.
@@ -230,7 +232,8 @@ def evaluate_rank(rank: int, world: int, device: torch.device, args, blocks: tor
     torch.manual_seed(args.seed + rank)
     res = evaluate_ppl(model, noise, batches, loss_type=args.loss_type, mc_timesteps=args.monte_carlo_timesteps,
                        mc_batching=args.mc_batching, token_budget=args.token_budget, max_batches=args.max_batches,
-                       progress=not args.no_progress, desc=f"{Path(args.valid_dataset).name} {args.loss_type}")
+                       progress=not args.no_progress, desc=f"{Path(args.valid_dataset).name} {args.loss_type}",
+                       static_rows=args.static_rows)
     if rank != 0:
         return None
     out = {
