@@ -113,9 +113,10 @@ class RevealSampler:
         self.generator = generator
         linear = head.layer.linear
         self.use_kernels = self._decide_kernels(linear.weight, use_kernels)
-        # The autocast head sees W, b in the compute dtype; cast once, not per evaluation.
-        self.weight = linear.weight.detach().to(head.dtype).contiguous()
-        self.bias = linear.bias.detach().to(head.dtype).contiguous()
+        # The fused kernel reads W, b in the compute dtype: cast once, not per evaluation (and not at all
+        # without the kernels, whose torch path goes through the autocast head).
+        self.weight = linear.weight.detach().to(head.dtype).contiguous() if self.use_kernels else None
+        self.bias = linear.bias.detach().to(head.dtype).contiguous() if self.use_kernels else None
 
     def _decide_kernels(self, weight: torch.Tensor, requested: bool | None) -> bool:
         if requested is None:  # the interpreter mis-reads 16-bit tl.dot tiles: fp32 only off CUDA
