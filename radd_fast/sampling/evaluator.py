@@ -36,17 +36,19 @@ class BodyRunner:
         """Capture one graph per shape used at least MIN_TICKS_FOR_GRAPH times, largest first."""
         if not self.use_graphs:
             return
+        todo = [shape for shape in sorted(shapes_used, reverse=True)
+                if shape not in self.graphs and shapes_used[shape] >= MIN_TICKS_FOR_GRAPH]
+        if not todo:  # every shape captured already: no sync, nothing to time
+            return
         start = time.perf_counter()
         try:
-            self._capture_all(shapes_used)
+            self._capture_all(todo)
         finally:
             torch.cuda.synchronize(self.model.device)
             self.capture_seconds += time.perf_counter() - start
 
-    def _capture_all(self, shapes_used: dict[tuple[int, ...], int]) -> None:
-        for shape in sorted(shapes_used, reverse=True):
-            if shape in self.graphs or shapes_used[shape] < MIN_TICKS_FOR_GRAPH:
-                continue
+    def _capture_all(self, shapes: list[tuple[int, ...]]) -> None:
+        for shape in shapes:
             try:
                 self.graphs[shape] = self._capture(shape)
             except RuntimeError as e:  # e.g. a kernel that syncs; say so loudly and run eagerly
