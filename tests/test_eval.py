@@ -359,3 +359,16 @@ def test_static_rows_estimate_the_eager_loss(model, noise):
                           progress=False)
     spread = 5 * (eager.ppl_stderr ** 2 + static.ppl_stderr ** 2) ** 0.5
     assert abs(eager.ppl - static.ppl) < spread, (eager.ppl, static.ppl, spread)
+
+
+@pytest.mark.parametrize("extra,needle", [(["--device", "foo"], "unknown device 'foo'"),
+                                          (["--device", "cuda:7"], "--device"),
+                                          (["--max_batches", "0"], "--max_batches must be >= 1"),
+                                          (["--token_budget", "-1"], "--token_budget must be >= 1")])
+def test_cli_bad_counts_and_devices_are_one_line_before_the_model(checkpoint, tmp_path, eval_cli, capsys,
+                                                                  monkeypatch, extra, needle):
+    args = cli_args(checkpoint, tmp_path, "--monte_carlo_timesteps", "2", *extra)
+    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    assert eval_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err

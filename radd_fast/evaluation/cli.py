@@ -41,10 +41,11 @@ import numpy as np
 import torch
 
 from .. import data
-from ..checkpoint import load_model
+from ..checkpoint import check_device, load_model
 from ..data.tokenizers import default_tokenizer_name
-from ..errors import run_cli
+from ..errors import UserError, run_cli
 from ..losses.registry import LOSS_TYPES
+from ..sampling.schedule import METHODS
 from .distributed import launch, shard
 from .gen_ppl import load_scorer, read_samples, score_samples
 from .gen_suite import run_gen_suite
@@ -114,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num_samples", type=int, default=1024, help="gen_ppl: samples per step count")
     ap.add_argument("--sample_chunk", type=int, default=256, help="gen_ppl: samples per generate call and flush")
     ap.add_argument("--rows_in_flight", type=int, default=64, help="gen_ppl: rows per model evaluation")
-    ap.add_argument("--sampling_dtype", default="float64", help="gen_ppl: Gumbel noise dtype (paper: float64)")
-    ap.add_argument("--method", default="tweedie", help="gen_ppl: sampling method")
+    ap.add_argument("--sampling_dtype", choices=("float64", "float32"), default="float64",
+                    help="gen_ppl: Gumbel noise dtype (paper: float64)")
+    ap.add_argument("--method", choices=METHODS, default="tweedie", help="gen_ppl: sampling method")
     # Generative perplexity of a samples file.
     ap.add_argument("--gen_ppl", default=None, metavar="SAMPLES.jsonl",
                     help="score samples with --scorer instead of evaluating a RADD checkpoint")
@@ -126,13 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- shared checks ---------------------------------------------------------------------------------------
+def _checked_device(device: str | None) -> str:
+    """--device (default: cuda when visible) checked by the loader's own rule, the flag named."""
+    try:
+        return str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    except UserError as e:
+        raise EvalError(f"{e} (--device)") from None
+
+
+def _check_counts(args) -> None:
+    """Counts that must be >= 1 when given (0 or negative would mean "all" or slice from the end)."""
+    for name in ("max_batches", "token_budget", "gen_batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise EvalError(f"--{name} must be >= 1, got {value}")
+
+
 def resolve_common(args) -> argparse.Namespace:
     """Defaults that depend on the machine; everything checkable without a model, the work folder first."""
     if args.engine is not None:
         raise EvalError(ENGINE_GONE)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError("--device cuda but no CUDA device is visible")
+    args.device = _checked_device(args.device)
+    _check_counts(args)
     args.backend = args.backend or ("fast" if args.device.startswith("cuda") else "reference")
     if args.mc_batching is None:
         args.mc_batching = default_mc_batching(torch.device(args.device))
@@ -345,7 +362,8 @@ def run_gen_ppl_suite(args) -> dict:
 
 # -- generative perplexity of a samples file ------------------------------------------------------------
 def run_gen_ppl(args) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _checked_device(args.device)
+    _check_counts(args)
     check_work_dir(args.work_dir)
     try:
         samples = read_samples(args.gen_ppl)
