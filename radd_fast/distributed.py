@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -35,7 +37,8 @@ def init_distributed(device: str | None = None) -> DistEnv:
     dev = torch.device(device)
     if dev.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+            raise ConfigError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                              "start at most as many ranks per node as GPUs (torchrun --nproc_per_node)")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

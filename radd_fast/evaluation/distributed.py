@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .protocol import EvalError
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
@@ -24,7 +26,7 @@ def launch(fn: Callable, world_size: int, device_type: str, *args) -> None:
     """Call ``fn(rank, world_size, device, *args)`` on ``world_size`` spawned processes, each inside an
     initialised process group; raises if any rank fails."""
     if device_type == "cuda" and world_size > torch.cuda.device_count():
-        raise ValueError(f"--ngpus {world_size} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        raise EvalError(f"--ngpus {world_size} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     port = free_port()
     torch.multiprocessing.spawn(_worker, args=(world_size, device_type, port, fn, args), nprocs=world_size,
                                 join=True)

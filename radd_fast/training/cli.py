@@ -18,14 +18,13 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from ..config import ConfigError
-from ..distributed import cleanup, init_distributed
+from ..distributed import broadcast_object, cleanup, init_distributed
 from ..errors import UserError, run_cli
 from .loop import train
 
@@ -133,10 +132,7 @@ def run(cfg) -> dict:
             cfg = resume_config(cfg.load_dir)
         else:
             run_dir = Path(HydraConfig.get().runtime.output_dir)
-        if env.world > 1:  # rank 0's folder for everyone
-            shared = [str(run_dir)]
-            dist.broadcast_object_list(shared, src=0)
-            run_dir = Path(shared[0])
+        run_dir = Path(broadcast_object(str(run_dir), env))  # rank 0's folder for everyone
         history = train(OmegaConf.to_container(cfg, resolve=True), run_dir)
         if env.is_main:
             print(f"done: step {history['step']}, run folder {run_dir}")
