@@ -15,14 +15,14 @@ import torch
 
 from ..distributed import all_reduce_mean
 from ..errors import UserError
-from ..evaluation.gen_ppl import score_samples
-from ..hub import hub_unreachable_hint
+from ..evaluation.gen_ppl import score_samples, scorer_problem
 from ..sampling import generate
 
 log = logging.getLogger(__name__)
 SEPARATOR = "=" * 92
 # Scorers found unusable in this process: warned about once, then skipped.
 _unusable_scorers: set = set()
+SCORER_INSTEAD = "pass eval.perplexity_model=<local folder of a causal LM> or eval.perplexity=false"
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def _log_generative_perplexity(texts: list[str], cfg, step: int, env, metrics) -
     name = cfg.eval.perplexity_model
     if name in _unusable_scorers:
         return
-    problem = scorer_problem(name)
+    problem = scorer_problem(name, instead=SCORER_INSTEAD)
     res = None
     if problem is None:
         try:
@@ -65,20 +65,3 @@ def _log_generative_perplexity(texts: list[str], cfg, step: int, env, metrics) -
     ppl = all_reduce_mean(torch.tensor(float(res["mean_ppl"]), device=env.device), env).item()
     log.info("step %d: generative perplexity %.3f (%s)", step, ppl, name)
     metrics.log(step, gen_ppl=ppl)
-
-
-def scorer_problem(name: str) -> str | None:
-    """Why the scorer ``name`` cannot be loaded now (no such folder; not cached and the hub out of
-    reach), or None when it may be: found before transformers spends its retries on it."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return None
-    instead = "pass eval.perplexity_model=<local folder of a causal LM> or eval.perplexity=false"
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return f"scorer {name!r} is not a folder; {instead}"
-    # huggingface_hub only for this cache lookup (transformers imports it anyway when scoring)
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return None
-    return hub_unreachable_hint(f"scorer {name!r}", instead)
