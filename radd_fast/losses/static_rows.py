@@ -93,11 +93,7 @@ class MaskPlanner:
         if self.loss_type == "lambda_DCE":
             return r, r.double()
         t = (1 - self.sampling_eps) * r + self.sampling_eps  # as the eager t-losses draw t
-        return t, self._move_chance(t.double())
-
-    def _move_chance(self, t: torch.Tensor) -> torch.Tensor:
-        sigma, _ = self.noise(t)
-        return -torch.expm1(-sigma)
+        return t, self.noise.move_chance(t.double())
 
     def draw(self, batch_size: int, generator: torch.Generator | None = None) -> MaskPlan:
         """One micro-batch's rates and masked counts, drawn on the host (no device work, no sync)."""
