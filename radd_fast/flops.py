@@ -22,6 +22,8 @@ W_rows_last: the last block's row-wise weights (attention output projection and 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 # Dense 16-bit tensor-core peak FLOP/s, matched by substring of the device name (first match wins).
@@ -54,6 +56,17 @@ def last_block_row_weights(model) -> int:
                if p.dim() == 2 and not name.startswith("attn_qkv"))
 
 
+_WEIGHT_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weight_counts(model) -> tuple[int, int]:
+    """(body matmul weights, last block's row weights) of ``model``, counted once: the training step
+    asks every micro-batch, and walking the parameters each time is Python on the hot path."""
+    if model not in _WEIGHT_COUNTS:
+        _WEIGHT_COUNTS[model] = (body_matmul_weights(model), last_block_row_weights(model))
+    return _WEIGHT_COUNTS[model]
+
+
 def executed_train_flops(model, batch_size: int, length: int, head_rows: int, last_block_rows: int | None = None) -> float:
     """FLOPs one training micro-batch [batch_size, length] executes (forward + backward; module docstring).
 
@@ -64,8 +77,8 @@ def executed_train_flops(model, batch_size: int, length: int, head_rows: int, la
     m = model.config.model
     tokens = batch_size * length
     rows_last = tokens if last_block_rows is None else last_block_rows
-    w_last = last_block_row_weights(model)
-    body = tokens * (2.0 * (body_matmul_weights(model) - w_last) + 4.0 * m.n_blocks * length * m.hidden_size)
+    w_body, w_last = _weight_counts(model)
+    body = tokens * (2.0 * (w_body - w_last) + 4.0 * m.n_blocks * length * m.hidden_size)
     pruned = rows_last * 2.0 * w_last
     head = head_rows * 2.0 * m.hidden_size * model.vocab_size
     return 3.0 * (body + pruned + head)
