@@ -59,7 +59,6 @@ from ..ema import ExponentialMovingAverage
 from ..errors import UserError
 from ..flops import MFU_FORMULA, peak_flops
 from ..losses import get_loss_fn
-from ..losses.static_rows import PLANNED_LOSS_TYPES
 from ..model import RADD
 from ..noise import get_noise
 from .config import RunConfig
@@ -193,9 +192,6 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = RADD(cfg.model).to(device)
     model.set_compute_dtype(dtype)
-    if compile_step and t.loss_type not in PLANNED_LOSS_TYPES:  # the planned losses are compiled whole (TrainStep)
-        for block in model.blocks:
-            block.compile()
     noise = get_noise(cfg.model).to(device)
     params = list(model.parameters())
     ema = ExponentialMovingAverage(params, t.ema)

@@ -124,10 +124,15 @@ class TrainStep:
             module = ExactLossModule(model, spec.fn, noise)
         self.module = wrap(module) if wrap is not None else module
         self.cuda_graphs = bool(compile and self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        if self.planner is None:  # the ar_* losses: L passes of Python control flow, compiled block by block
+            self.cuda_graphs = False
+            if compile:
+                for block in model.blocks:
+                    block.compile(backend=backend)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on CUDA")
         self.compiled = self.module
-        if compile:
+        if compile and self.planner is not None:
             mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead: CUDA graphs
             self.compiled = torch.compile(self.module, backend=backend, mode=mode, dynamic=False)
         self.fixed_capacity = capacity
