@@ -29,7 +29,7 @@ import torch
 from ..errors import UserError
 from ..losses import check_batch, get_loss_fn
 from ..losses.registry import EXACT_LOSS_TYPES, LOSS_TYPES
-from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_loss
+from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_inputs, planned_loss
 from ..progress import progress_bar
 
 # Tokens per replicated forward with Monte Carlo batching: 8 x (16 x 1024) for RADD-small in bf16 on one
@@ -179,11 +179,8 @@ def make_loss_fn(model, noise, loss_type: str, sampling_eps: float = 1e-3, stati
         B, L = x.shape
         check_batch(model, x, model.vocab_size)
         planner = planners.setdefault(L, MaskPlanner(loss_type, noise, L, sampling_eps))
-        plan = planner.draw(B)
-        capacity = max(planner.capacity(B), plan.total)  # an overflowing draw: exact, at its own size
-        keys = torch.rand(B, L, dtype=torch.float64, device=x.device)
-        return planned_loss(model, loss_type, noise, x, keys, plan.counts.to(x.device), plan.rate.to(x.device),
-                            capacity)
+        keys, counts, rate, capacity, _ = planned_inputs(planner.draw(B), (B, L), planner.capacity(B), x.device)
+        return planned_loss(model, loss_type, noise, x, keys, counts, rate, capacity)
 
     return static_loss_fn
 

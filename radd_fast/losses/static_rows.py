@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -130,6 +131,18 @@ class MaskPlanner:
             rows = math.ceil((mean + CAPACITY_SIGMAS * math.sqrt(var)) / CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
             self._capacities[batch_size] = max(1, min(batch_size * self.length, rows))
         return self._capacities[batch_size]
+
+
+def planned_inputs(plan: MaskPlan, batch_shape: tuple[int, int], capacity: int, device,
+                   to_device: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """The device half of a ``MaskPlan``: (keys [B, L] float64 uniforms drawn on ``device``, counts [B],
+    rate [B], the capacity to use, overflowed). A plan whose N exceeds ``capacity`` gets its own N
+    (the exact path; the caller counts it). to_device: how host tensors move (default ``.to``)."""
+    move = to_device or (lambda t: t.to(device))
+    counts, rate = move(plan.counts), move(plan.rate)
+    keys = torch.rand(*batch_shape, dtype=torch.float64, device=device)
+    overflowed = plan.total > capacity
+    return keys, counts, rate, (plan.total if overflowed else capacity), overflowed
 
 
 def planned_rows(keys: torch.Tensor, counts: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

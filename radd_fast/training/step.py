@@ -44,7 +44,7 @@ from ..distributed import DistEnv, all_reduce_mean
 from ..flops import executed_train_flops
 from ..losses.common import check_batch_layout
 from ..losses.registry import get_loss_spec
-from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlan, MaskPlanner, planned_loss
+from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlan, MaskPlanner, planned_inputs, planned_loss
 
 
 class PlannedLossModule(nn.Module):
@@ -184,12 +184,12 @@ class TrainStep:
 
     def _planned(self, batch: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
         B, L = batch.shape
-        counts, rate = self._to_device(plan.counts), self._to_device(plan.rate)
-        keys = torch.rand(B, L, dtype=torch.float64, device=self.device)  # drawn eagerly: same masks compiled or not
-        capacity = self.capacity(B)
+        # keys drawn eagerly: the same masks compiled or not
+        keys, counts, rate, capacity, overflowed = planned_inputs(plan, (B, L), self.capacity(B), self.device,
+                                                                  self._to_device)
         run = self.compiled
-        if plan.total > capacity:  # rare: the exact path at the batch's own row count, uncompiled
-            run, capacity = self.module, plan.total
+        if overflowed:  # rare: the exact path at the batch's own row count, uncompiled
+            run = self.module
             self.overflows += 1
         if run is not self.module:
             self.model.rotary_emb(L, self.device)  # fill the rotary cache eagerly: tracing a miss recompiles
