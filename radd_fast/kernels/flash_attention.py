@@ -39,6 +39,7 @@ from radd_fast.kernels.utils import (
     HAS_TRITON,
     TUNED_CAPABILITY,
     card_of,
+    first_fitting,
     interpreter_on,
     next_power_of_2,
     pipeline_buffers,
@@ -414,14 +415,6 @@ def dq_smem_bytes(cfg: BwdConfig, capability: tuple, dtype: torch.dtype, head_di
     return once + pipeline_buffers(capability, dtype, cfg.num_stages2) * step
 
 
-def _first_fitting(candidates, smem_of, smem_limit: int):
-    """The first candidate whose estimated shared memory fits ``smem_limit``, else the last."""
-    for cfg in candidates:
-        if smem_of(cfg) <= smem_limit:
-            return cfg
-    return candidates[-1]
-
-
 @functools.lru_cache(maxsize=None)  # pure, and asked on every launch
 def fwd_config_for(capability: tuple, smem_limit: int, dtype: torch.dtype, head_dim: int,
                    rotary: bool) -> FwdConfig:
@@ -439,7 +432,7 @@ def fwd_config_for(capability: tuple, smem_limit: int, dtype: torch.dtype, head_
         narrow = replace(tuned, block_n=32)
         wide = [tuned] if head_dim <= 64 else []
         candidates = wide + [narrow, replace(narrow, num_stages=2), replace(narrow, block_m=64, num_stages=2)]
-    return _first_fitting(candidates, lambda c: fwd_smem_bytes(c, capability, dtype, head_dim, rotary), smem_limit)
+    return first_fitting(candidates, lambda c: fwd_smem_bytes(c, capability, dtype, head_dim, rotary), smem_limit)
 
 
 @functools.lru_cache(maxsize=None)  # pure, and asked on every launch
@@ -452,10 +445,10 @@ def bwd_config_for(capability: tuple, smem_limit: int, dtype: torch.dtype, head_
     if capability == TUNED_CAPABILITY or dtype == torch.float32:
         return tuned
     dkdv = [tuned, replace(tuned, num_stages1=2), replace(tuned, num_stages1=2, block_n1=tuned.block_n1 // 2)]
-    dkdv_cfg = _first_fitting(dkdv, lambda c: dkdv_smem_bytes(c, capability, dtype, head_dim, rotary), smem_limit)
+    dkdv_cfg = first_fitting(dkdv, lambda c: dkdv_smem_bytes(c, capability, dtype, head_dim, rotary), smem_limit)
     narrow = replace(dkdv_cfg, block_n2=32)
     dq = [dkdv_cfg, narrow, replace(narrow, num_stages2=2), replace(narrow, num_stages2=2, block_m2=64)]
-    return _first_fitting(dq, lambda c: dq_smem_bytes(c, capability, dtype, head_dim, rotary), smem_limit)
+    return first_fitting(dq, lambda c: dq_smem_bytes(c, capability, dtype, head_dim, rotary), smem_limit)
 
 
 def default_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device, rotary: bool = False) -> FwdConfig:

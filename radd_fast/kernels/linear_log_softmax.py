@@ -52,6 +52,7 @@ from radd_fast.kernels.utils import (
     SUPPORTED_DTYPES,
     TUNED_CAPABILITY,
     card_of,
+    first_fitting,
     pipeline_buffers,
     require,
     triton_runs_on,
@@ -241,10 +242,7 @@ def tile_config_for(capability: tuple, smem_limit: int, dtype: torch.dtype, back
     if capability == TUNED_CAPABILITY:
         return tuned
     candidates = [tuned, replace(tuned, num_stages=2), replace(tuned, block_n=min(tuned.block_n, 128), num_stages=2)]
-    for cfg in candidates:
-        if tile_smem_bytes(cfg, capability, dtype) <= smem_limit:
-            return cfg
-    return candidates[-1]
+    return first_fitting(candidates, lambda cfg: tile_smem_bytes(cfg, capability, dtype), smem_limit)
 
 
 def tile_config(dtype: torch.dtype, device: torch.device, backward: bool = False) -> TileConfig:

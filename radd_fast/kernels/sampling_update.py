@@ -49,6 +49,7 @@ from radd_fast.kernels.utils import (
     SUPPORTED_DTYPES,
     TUNED_CAPABILITY,
     card_of,
+    first_fitting,
     next_power_of_2,
     pipeline_buffers,
     require,
@@ -356,10 +357,7 @@ def head_config_for(capability: tuple, smem_limit: int, dtype: torch.dtype, n_ro
     if capability == TUNED_CAPABILITY:
         return tuned
     candidates = [tuned, config(block_n, 2), config(max(16, block_n // 2), 2)]
-    for cfg in candidates:
-        if head_smem_bytes(cfg, capability, dtype) <= smem_limit:
-            return cfg
-    return candidates[-1]
+    return first_fitting(candidates, lambda cfg: head_smem_bytes(cfg, capability, dtype), smem_limit)
 
 
 def _head_config(n_rows: int, d: int, n_vocab: int, fp64: bool, dtype: torch.dtype, device) -> HeadConfig:

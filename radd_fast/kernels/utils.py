@@ -142,3 +142,12 @@ def tensor_core_pipeline(capability: Tuple[int, int], dtype: torch.dtype) -> boo
 def pipeline_buffers(capability: Tuple[int, int], dtype: torch.dtype, num_stages: int) -> int:
     """How many copies of a loop's loaded tiles the software pipeline keeps in shared memory."""
     return max(1, num_stages if tensor_core_pipeline(capability, dtype) else num_stages - 1)
+
+
+def first_fitting(candidates, smem_of, smem_limit: int):
+    """The first launch configuration whose estimated shared memory ``smem_of(cfg)`` fits ``smem_limit``,
+    else the last (the smallest) candidate."""
+    for cfg in candidates:
+        if smem_of(cfg) <= smem_limit:
+            return cfg
+    return candidates[-1]
