@@ -75,8 +75,8 @@ def sample_steps(model, noise, steps: int, settings: dict, work_dir, *, progress
                                  method=settings["method"], sampling_dtype=settings["sampling_dtype"],
                                  batch_size=settings["rows_in_flight"], seed=derived_seed(settings["seed"], steps, c),
                                  progress=progress)
-        enfe = stats.enfe.tolist()
-        new = [{"index": c * chunk + r, "steps": steps, "ids": tokens[r].tolist(), "enfe": int(enfe[r])}
+        enfe, rows = stats.enfe.tolist(), tokens.cpu().tolist()  # one device-to-host copy per chunk
+        new = [{"index": c * chunk + r, "steps": steps, "ids": rows[r], "enfe": int(enfe[r])}
                for r in range(len(records) - c * chunk, size)]
         append_lines(path, new)
         records += new
