@@ -34,6 +34,9 @@ class TickPlan:
         return int(self.rows.shape[0])
 
 
+NO_CAP = np.iinfo(np.int64).max  # bucket() without an upper bound
+
+
 def bucket(n: np.ndarray | int, cap: int) -> np.ndarray:
     """Next power of two >= n, at most cap (n >= 1)."""
     n = np.maximum(np.asarray(n, dtype=np.int64), 1)

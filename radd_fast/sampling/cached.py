@@ -28,7 +28,7 @@ import torch
 
 from ..model.head import noise_key
 from ..model.kv_cache import KVCache, hidden_cached, hidden_filling
-from .batching import bucket, plan_ticks
+from .batching import NO_CAP, bucket, plan_ticks
 from .evaluator import compact, token_buffers
 from .schedule import group_sizes
 
@@ -38,7 +38,7 @@ def _pow2(n: np.ndarray, buckets: bool) -> np.ndarray:
     n = np.asarray(n, dtype=np.int64)
     if not buckets:
         return n.copy()
-    return np.where(n > 0, np.left_shift(1, np.ceil(np.log2(np.maximum(n, 1))).astype(np.int64)), 0)
+    return np.where(n > 0, bucket(n, NO_CAP), 0)
 
 
 def assign_slots(rows: np.ndarray, k: np.ndarray, K: np.ndarray, n_slots: int, dump: int) -> np.ndarray:

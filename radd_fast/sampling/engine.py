@@ -35,7 +35,7 @@ import torch
 from ..model.head import noise_key
 from ..model.kv_cache import KVCache
 from ..progress import progress_bar
-from .batching import plan_ticks
+from .batching import NO_CAP, bucket, plan_ticks
 from .cached import CachedWave
 from .conditioning import initial_state
 from .config import SamplerConfig, auto_rows_in_flight, sampler_config
@@ -240,8 +240,7 @@ class Wave:
         self.rows_d = torch.from_numpy(self.plan.rows).to(device)
         self.k_d = torch.from_numpy(self.plan.k).to(device)
         self.head_n = _head_rows_per_tick(self.grp, K, self.rows_d, self.k_d) if self.ticks else np.zeros(0, np.int64)
-        self.head_p = np.array([1 << max(0, int(n) - 1).bit_length() for n in self.head_n], dtype=np.int64) \
-            if buckets else self.head_n
+        self.head_p = bucket(self.head_n, NO_CAP) if buckets else self.head_n
 
     @property
     def ticks(self) -> int:
