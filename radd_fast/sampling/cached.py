@@ -16,8 +16,9 @@ attention reads the cache in place; S pushed positions per row, padded to a powe
 two; padding queries repeat a real position and write their keys to the cache's dump
 position).
 Every shape and count is planned on the host in the wave's three syncs, as in the
-exact engine; nothing in the loop syncs. The cached path runs eagerly (no CUDA
-graphs yet): its shapes are static, so graphs are the next step.
+exact engine; nothing in the loop syncs. Both kinds of evaluation run through the
+engine's ``BodyRunner``: replayed from a CUDA graph per shape (("fill", Bb, L[, P]) and
+("cached", B, S)) and compiled, as ``radd_fast.acceleration`` decides.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from ..model.head import noise_key
-from ..model.kv_cache import KVCache, hidden_cached, hidden_filling
+from ..model.kv_cache import KVCache
 from .batching import NO_CAP, bucket, plan_ticks
 from .evaluator import compact, token_buffers
 from .schedule import group_sizes
@@ -163,7 +164,20 @@ class CachedWave:
         self.cached_rows_d, self.cached_k_d = (torch.from_numpy(a).to(device) for a in (self.cached_rows, self.cached_k))
 
     # -- one evaluation ---------------------------------------------------------------------------
-    def _full(self, t: int, model, prune: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def shapes_used(self, prune: bool) -> tuple[dict, dict]:
+        """How often each filling shape (Bb, L[, P]) and cached shape (B, S) occurs: the graphs worth capturing."""
+        fills: dict[tuple[int, ...], int] = {}
+        cached: dict[tuple[int, int], int] = {}
+        for t in range(self.ticks):
+            if self.full_b[t]:
+                shape = (int(self.full_b[t]), self.L, int(self.full_P[t])) if prune else (int(self.full_b[t]), self.L)
+                fills[shape] = fills.get(shape, 0) + 1
+            if self.cached_b[t]:
+                shape = (int(self.cached_b[t]), int(self.cached_S[t]))
+                cached[shape] = cached.get(shape, 0) + 1
+        return fills, cached
+
+    def _full(self, t: int, body, prune: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact engine's evaluation of tick t's full rows, filling their caches: (h_rows [P, d], dst [P])."""
         Bb, N, P = int(self.full_b[t]), int(self.full_N[t]), int(self.full_P[t])
         rows, ks = self.full_rows_d[t, :Bb], self.full_k_d[t, :Bb]
@@ -172,10 +186,10 @@ class CachedWave:
         x = self.x.index_select(0, rows)
         slots = self.slot_d.index_select(0, rows)
         if prune:
-            return hidden_filling(model, x, self.cache, slots, rows=src), dst
-        return hidden_filling(model, x, self.cache, slots).reshape(Bb * self.L, -1).index_select(0, src), dst
+            return body.filling(x, slots, src), dst
+        return body.filling(x, slots).reshape(Bb * self.L, -1).index_select(0, src), dst
 
-    def _cached(self, t: int, model) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached(self, t: int, body) -> tuple[torch.Tensor, torch.Tensor]:
         """Tick t's cached rows: their pushed positions through the blocks (h_rows [P, d], dst [P])."""
         Bb, S, N, P = int(self.cached_b[t]), int(self.cached_S[t]), int(self.cached_N[t]), int(self.cached_P[t])
         rows, ks = self.cached_rows_d[t, :Bb], self.cached_k_d[t, :Bb]  # row b sits at cache slot b
@@ -184,27 +198,32 @@ class CachedWave:
         slots = torch.arange(Bb, device=rows.device)
         write = self.cache.write_index(slots, torch.where(valid, positions, torch.full_like(positions, self.L)))
         tokens = self.x.index_select(0, rows).gather(1, positions)
-        h = hidden_cached(model, tokens, positions, write, self.cache)  # [Bb, S, d]
+        h = body.cached(tokens, positions, write)  # [Bb, S, d]
         reveal = ((g.gather(1, positions) == ks[:, None]) & valid).view(-1)
         src, _ = compact(reveal, rows, S, P, N, self.trash)
         dst = rows.index_select(0, src // S) * self.L + positions.view(-1).index_select(0, src)
         dst = torch.where(torch.arange(P, device=dst.device) < N, dst, torch.full_like(dst, self.trash))
         return h.reshape(Bb * S, -1).index_select(0, src), dst
 
-    def evaluate(self, t: int, model, head, strategy, key: int, prune: bool) -> None:
+    def evaluate(self, t: int, body, head, strategy, key: int, prune: bool) -> None:
         """Evaluation t: full rows, cached rows, then one head call at all the positions they reveal."""
         parts = []
         if self.full_b[t]:
-            parts.append(self._full(t, model, prune))
+            parts.append(self._full(t, body, prune))
         if self.cached_b[t]:
-            parts.append(self._cached(t, model))
+            if parts:  # a graph's output lives in the shared pool until the next replay: keep a copy
+                parts[0] = (parts[0][0].clone(), parts[0][1])
+            parts.append(self._cached(t, body))
         h_rows, dst = parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
         head.sample_at(h_rows, dst, self.x_flat, strategy, key)
 
     def run(self, body, head, strategy, seed: int, first_evaluation: int, bar, prune: bool) -> torch.Tensor:
-        """Every evaluation of the wave, in plan order: tokens [R, L] (``body``: the model's ``BodyRunner``)."""
+        """Every evaluation of the wave, in plan order: tokens [R, L] (``body``: the engine's ``BodyRunner``,
+        made with this wave's cache)."""
+        if self.ticks:
+            body.prepare_cached(*self.shapes_used(prune))
         for t in range(self.ticks):
-            self.evaluate(t, body.model, head, strategy, noise_key(seed, first_evaluation + t), prune)
+            self.evaluate(t, body, head, strategy, noise_key(seed, first_evaluation + t), prune)
             bar.update(1)
         return self.x[:self.R].clone()
 

@@ -36,8 +36,9 @@ class SamplerConfig:
     rows_in_flight: rows per evaluation (None: ``auto_rows_in_flight``, from the free device memory);
     buckets: pad evaluation shapes to powers of two (False:
     exact shapes); wave_size: rows planned at once (memory bound; default max(32 x rows, 4096));
-    cuda_graphs: replay the body from CUDA graphs (default on for CUDA); compile: torch.compile
-    the body; use_kernels: override the head's backend policy (None: kernels on the fast backend);
+    cuda_graphs: replay the body (and the approximate sampler's evaluations) from CUDA graphs
+    (None: on for CUDA; True off CUDA is an error); compile: torch.compile them (True / False /
+    "auto": on for CUDA); both resolved by ``radd_fast.acceleration``; use_kernels: override the head's backend policy (None: kernels on the fast backend);
     prune_last_block: the last block's attention output, MLP and residual adds only at the revealed
     positions (exact: every position still gives keys and values).
     Approximate (opt-in, changes the samples): refresh_every: None (exact, the default) or R >= 1: a
@@ -57,7 +58,7 @@ class SamplerConfig:
     buckets: bool = True
     wave_size: int | None = None
     cuda_graphs: bool | None = None
-    compile: bool = False
+    compile: bool | str = False
     use_kernels: bool | None = None
     prune_last_block: bool = True
     refresh_every: int | None = None
@@ -77,6 +78,8 @@ class SamplerConfig:
             raise ValueError(f"wave_size must be >= 1, got {self.wave_size!r}")
         if self.refresh_every is not None:
             object.__setattr__(self, "refresh_every", _check_refresh_every(self.refresh_every))
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be true, false or 'auto', got {self.compile!r}")
 
     @property
     def strategy_fn(self) -> Strategy:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..acceleration import resolve_acceleration
 from ..model.head import noise_key
 from ..model.kv_cache import KVCache
 from ..progress import progress_bar
@@ -135,14 +136,14 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     rows = cfg.rows_in_flight or auto_rows_in_flight(num_samples, length, model.config.model.hidden_size, device,
                                                      cache_bytes)
     wave_size = cfg.planned_wave_size(rows)
-    cuda_graphs = device.type == "cuda" if cfg.cuda_graphs is None else bool(cfg.cuda_graphs) and device.type == "cuda"
+    acceleration = resolve_acceleration(device, cfg.compile, cfg.cuda_graphs)
 
     was_training, was_validating = model.training, getattr(model, "validate_inputs", False)
     model.eval()
     model.validate_inputs = False  # its check syncs; the tokens written here are valid by construction
-    body = BodyRunner(model, cuda_graphs, cfg.compile)
-    head = model.output_head().sampler(cfg.noise_dtype, generator, cfg.use_kernels)
     cache = None if cfg.refresh_every is None else KVCache.allocate(model, rows, length)  # approximate: per row in flight
+    body = BodyRunner(model, acceleration, cache)
+    head = model.output_head().sampler(cfg.noise_dtype, generator, cfg.use_kernels)
     out = torch.empty(num_samples, length, dtype=torch.int64, device=device)
     counters = Counters()
     enfe = []
@@ -172,7 +173,7 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
         raise RuntimeError("internal error: MASK tokens left after sampling (the plan and the schedule disagree)")
     enfe = torch.cat(enfe) if enfe else torch.zeros(0, dtype=torch.int64)
     stats = SamplingStats(enfe=enfe, enfe_theory=_theory(rates, init, model.mask_id), wall_time=wall,
-                          num_samples=num_samples, length=length, steps=cfg.steps, cuda_graphs=len(body.graphs),
+                          num_samples=num_samples, length=length, steps=cfg.steps, cuda_graphs=body.captured,
                           sampler=cfg.describe(), rows_in_flight=rows, refresh_every=cfg.refresh_every,
                           capture_time=body.capture_seconds,
                           **counters.as_dict())

@@ -1,91 +1,112 @@
 """One evaluation of the fast engine, minus the head: the transformer body and the gather plan.
 
-``BodyRunner``: ``model.hidden`` on a [Bb, L] batch of rows, replayed from a CUDA
-graph per batch bucket (optionally ``torch.compile``d). ``compact``: the static-shape
-plan that gathers the revealed positions' hidden rows (P of them, padded) and says
-where their tokens go; the model's output head (``radd_fast.model.head``) then runs
-on those rows alone and writes the tokens.
+``BodyRunner``: ``model.hidden`` on a [Bb, L] batch of rows (and, for the approximate sampler,
+the cache-filling and cached forms of it), replayed from a CUDA graph per batch bucket and
+compiled as ``radd_fast.acceleration`` decides. ``compact``: the static-shape plan that gathers
+the revealed positions' hidden rows (P of them, padded) and says where their tokens go; the
+model's output head (``radd_fast.model.head``) then runs on those rows alone and writes the tokens.
 """
 from __future__ import annotations
 
-import time
-import warnings
-
 import torch
 
-MIN_TICKS_FOR_GRAPH = 4  # buckets used fewer times run eagerly (a capture costs a few forwards)
+from ..acceleration import Acceleration, CapturedGraph, GraphSet, new_graph_pool
+from ..model.kv_cache import KVCache, hidden_cached, hidden_filling
+
+MIN_TICKS_FOR_GRAPH = 4  # shapes used fewer times run eagerly (a capture costs a few forwards)
 
 
 class BodyRunner:
-    """The transformer body of one evaluation, through CUDA graphs where enabled.
+    """The transformer body of one evaluation, through CUDA graphs and compilation per the policy.
 
     ``body(x)``: x [Bb, L] int64 -> model.hidden(x) [Bb, L, d]; ``body(x, rows)`` with rows [P]
     flat indices into the Bb * L positions -> their hidden rows [P, d] (the last block pruned to
-    them). A graph is keyed by the shapes it was captured for: (Bb, L) or (Bb, L, P).
+    them). With a ``cache`` (the approximate sampler): ``filling(x, slots, rows)`` is the same
+    evaluation filling the rows' caches (``kv_cache.hidden_filling``) and ``cached(tokens,
+    positions, write)`` pushes a few positions per row through the blocks against the cache
+    (``kv_cache.hidden_cached``). Graphs are keyed by shape: (Bb, L[, P]) for the body,
+    ("fill", Bb, L[, P]) and ("cached", Bb, S); all share one memory pool, so an output is valid
+    until the next call of any of them. capture: how a graph is made (tests emulate it on a CPU).
     """
 
-    def __init__(self, model, cuda_graphs: bool, compile: bool):
-        self.model = model
-        self.fn = torch.compile(model.hidden, dynamic=False) if compile else model.hidden
-        self.use_graphs = cuda_graphs
-        self.graphs: dict[tuple[int, ...], tuple] = {}
-        self.pool = None
-        self.capture_seconds = 0.0  # graph capture and its warm-up: timed apart from sampling
+    def __init__(self, model, acceleration: Acceleration, cache: KVCache | None = None, capture=None):
+        self.model, self.cache = model, cache
+        capture = capture or CapturedGraph  # looked up per run: tests swap in a CPU emulation
+        graphs = acceleration.cuda_graphs
+        pool = new_graph_pool(model.device) if graphs else None
 
+        def graph_set(fn, what: str) -> GraphSet:
+            return GraphSet(acceleration.compiled(fn), model.device, graphs, what=what, capture=capture, pool=pool)
+
+        self._sets = [graph_set(self._hidden, "the transformer body")]
+        if cache is not None:
+            self._sets += [graph_set(self._filling, "the cache-filling body"),
+                           graph_set(self._cached, "the cached evaluation")]
+
+    # the functions captured (plain positional tensors: the graphs copy their inputs by position)
+    def _hidden(self, x, rows):
+        return self.model.hidden(x, rows=rows)
+
+    def _filling(self, x, slots, rows):
+        return hidden_filling(self.model, x, self.cache, slots, rows=rows)
+
+    def _cached(self, tokens, positions, write):
+        return hidden_cached(self.model, tokens, positions, write, self.cache)
+
+    @property
+    def captured(self) -> int:
+        """CUDA graphs captured so far."""
+        return sum(len(s) for s in self._sets)
+
+    @property
+    def capture_seconds(self) -> float:
+        """Graph capture and its warm-up: timed apart from sampling."""
+        return sum(s.capture_seconds for s in self._sets)
+
+    # -- capture ---------------------------------------------------------------------------------
     def prepare(self, shapes_used: dict[tuple[int, ...], int]) -> None:
-        """Capture one graph per shape used at least MIN_TICKS_FOR_GRAPH times, largest first."""
-        if not self.use_graphs:
-            return
-        todo = [shape for shape in sorted(shapes_used, reverse=True)
-                if shape not in self.graphs and shapes_used[shape] >= MIN_TICKS_FOR_GRAPH]
-        if not todo:  # every shape captured already: no sync, nothing to time
-            return
-        start = time.perf_counter()
-        try:
-            self._capture_all(todo)
-        finally:
-            torch.cuda.synchronize(self.model.device)
-            self.capture_seconds += time.perf_counter() - start
+        """Capture one body graph per shape (Bb, L[, P]) used at least MIN_TICKS_FOR_GRAPH times, largest first."""
+        self._sets[0].prepare((shape, self._body_example(shape)) for shape in _worth_capturing(shapes_used))
 
-    def _capture_all(self, shapes: list[tuple[int, ...]]) -> None:
-        for shape in shapes:
-            try:
-                self.graphs[shape] = self._capture(shape)
-            except RuntimeError as e:  # e.g. a kernel that syncs; say so loudly and run eagerly
-                warnings.warn(f"CUDA graph capture of the transformer body failed ({e}); running eagerly. "
-                              "Pass cuda_graphs=False to silence this.", RuntimeWarning, stacklevel=4)
-                self.use_graphs = False
-                self.graphs.clear()
-                return
+    def prepare_cached(self, fill_shapes: dict[tuple[int, ...], int], cached_shapes: dict[tuple[int, int], int]) -> None:
+        """The approximate sampler's graphs: filling (Bb, L[, P]) and cached (Bb, S) shapes, as ``prepare``."""
+        fills = []
+        for shape in _worth_capturing(fill_shapes):
+            x, rows = self._body_example(shape)
+            dump = torch.full((shape[0],), self.cache.dump_slot, dtype=torch.int64, device=x.device)
+            fills.append((("fill", *shape), (x, dump, rows)))  # the example's keys and values go to the dump slot
+        self._sets[1].prepare(fills)
+        self._sets[2].prepare((("cached", B, S), self._cached_example(B, S)) for B, S in _worth_capturing(cached_shapes))
 
-    def _capture(self, shape: tuple[int, ...]):
+    def _body_example(self, shape: tuple[int, ...]) -> tuple:
         device = self.model.device
-        inp = torch.full(shape[:2], self.model.mask_id, dtype=torch.int64, device=device)
-        rows = torch.zeros(shape[2], dtype=torch.int64, device=device) if len(shape) == 3 else None
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: autotuning, caches, lazy init
-            for _ in range(2):
-                self.fn(inp, rows=rows)
-        torch.cuda.current_stream(device).wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(inp, rows=rows)
-        return graph, inp, rows, out
+        x = torch.full(shape[:2], self.model.mask_id, dtype=torch.int64, device=device)
+        return x, (torch.zeros(shape[2], dtype=torch.int64, device=device) if len(shape) == 3 else None)
 
+    def _cached_example(self, B: int, S: int) -> tuple:
+        """Inputs of a cached evaluation whose writes all go to the dump position (harmless to run)."""
+        device = self.model.device
+        tokens = torch.full((B, S), self.model.mask_id, dtype=torch.int64, device=device)
+        positions = torch.zeros(B, S, dtype=torch.int64, device=device)
+        dump = torch.full((B, S), self.cache.length, dtype=torch.int64, device=device)
+        return tokens, positions, self.cache.write_index(torch.arange(B, device=device), dump)
+
+    # -- the calls -------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         shape = tuple(x.shape) if rows is None else (*x.shape, rows.shape[0])
-        entry = self.graphs.get(shape)
-        if entry is None:
-            return self.fn(x, rows=rows)
-        graph, inp, rows_buf, out = entry
-        inp.copy_(x)
-        if rows is not None:
-            rows_buf.copy_(rows)
-        graph.replay()
-        return out  # valid until the next replay of any graph (shared pool): used at once
+        return self._sets[0](shape, x, rows)
+
+    def filling(self, x: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        key = ("fill", *x.shape) if rows is None else ("fill", *x.shape, rows.shape[0])
+        return self._sets[1](key, x, slots, rows)
+
+    def cached(self, tokens: torch.Tensor, positions: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+        return self._sets[2](("cached", *tokens.shape), tokens, positions, write)
+
+
+def _worth_capturing(shapes_used: dict) -> list:
+    """The shapes used at least MIN_TICKS_FOR_GRAPH times, largest first (the pool then fits the rest)."""
+    return [shape for shape in sorted(shapes_used, reverse=True) if shapes_used[shape] >= MIN_TICKS_FOR_GRAPH]
 
 
 def token_buffers(x0: torch.Tensor, group: torch.Tensor):

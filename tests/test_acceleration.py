@@ -1,0 +1,154 @@
+"""The one compile / CUDA-graph policy (radd_fast/acceleration.py) and the graphs of every path that uses it.
+
+Real CUDA graphs need a GPU; here ``tests.helpers.EmulatedGraph`` stands in for them on the CPU with
+the same contract (private input buffers, outputs reused by every replay), so the plumbing of each
+path (what is copied in, what is read out and when) is tested against the same path run eagerly.
+"""
+import pytest
+import torch
+
+from radd_fast import LogLinearNoise
+from radd_fast.acceleration import Acceleration, GraphSet, resolve_acceleration
+from radd_fast.sampling import SamplerConfig, engine, evaluator, generate
+
+from .helpers import EmulatedGraph
+from .test_cached_sampler import _model
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+
+
+# -- the policy -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device, compile, graphs, need, world, expected", [
+    (CPU, "auto", None, False, 1, (False, False)),
+    (CUDA, "auto", None, False, 1, (True, True)),
+    (CUDA, False, None, False, 1, (False, True)),   # sampling: manual graphs, no compilation needed
+    (CUDA, False, None, True, 1, (False, False)),   # training: inductor's graphs need compilation
+    (CUDA, True, None, True, 2, (True, False)),     # DDP: the all-reduce cannot be captured
+    (CUDA, "auto", False, False, 1, (True, False)),
+    (CPU, True, None, False, 1, (True, False)),
+    (CPU, True, False, True, 1, (True, False)),
+])
+def test_policy_rules(device, compile, graphs, need, world, expected):
+    accel = resolve_acceleration(device, compile, graphs, graphs_need_compile=need, world_size=world)
+    assert (accel.compile, accel.cuda_graphs) == expected
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(device=CPU, cuda_graphs=True), "needs a CUDA device"),
+    (dict(device=CUDA, compile=False, cuda_graphs=True, graphs_need_compile=True), "needs compile=True"),
+    (dict(device=CUDA, compile=True, cuda_graphs=True, world_size=2), "2-rank"),
+    (dict(device=CPU, compile="yes"), "compile must be"),
+    (dict(device=CPU, compile=True, backend="tensorrt"), "unknown torch.compile backend"),
+])
+def test_policy_refuses_what_cannot_work(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        resolve_acceleration(**kwargs)
+
+
+def test_describe_names_both_switches():
+    assert Acceleration(False, False).describe() == "eager"
+    assert Acceleration(True, True, "aot_eager").describe() == "compiled (aot_eager) + CUDA graphs"
+
+
+def test_compiled_is_the_function_itself_when_off():
+    fn = torch.sin
+    assert Acceleration(False, False).compiled(fn) is fn
+    compiled = Acceleration(True, False, "eager").compiled(fn)
+    x = torch.randn(5)
+    assert compiled is not fn and torch.equal(compiled(x), fn(x))
+
+
+def test_sampler_config_rejects_an_unknown_compile_value():
+    with pytest.raises(ValueError, match="compile must be"):
+        SamplerConfig(compile="sometimes")
+
+
+def test_generate_refuses_cuda_graphs_off_cuda():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        generate(_model(1, 6), LogLinearNoise(), 2, steps=3, cuda_graphs=True, progress=False)
+
+
+# -- GraphSet -----------------------------------------------------------------------------------------------
+def test_graph_set_replays_captured_keys_and_runs_the_rest_eagerly():
+    calls = []
+
+    def fn(x, y):
+        calls.append(x.shape)
+        return x * 2 + (0 if y is None else y)
+
+    graphs = GraphSet(fn, CPU, True, what="test", capture=EmulatedGraph)
+    graphs.prepare([((3,), (torch.zeros(3), None)), ((4,), (torch.zeros(4), torch.zeros(4)))])
+    assert len(graphs) == 2
+    a = graphs((3,), torch.tensor([1.0, 2.0, 3.0]), None)
+    assert torch.equal(a, torch.tensor([2.0, 4.0, 6.0]))
+    b = graphs((3,), torch.tensor([0.0, 0.0, 1.0]), None)
+    assert b is a and torch.equal(a, torch.tensor([0.0, 0.0, 2.0]))  # the graph's own output, overwritten
+    c = graphs((4,), torch.ones(4), torch.full((4,), 5.0))
+    assert torch.equal(c, torch.full((4,), 7.0))
+    eager = graphs((5,), torch.ones(5), None)  # never captured: eager, a fresh tensor
+    assert torch.equal(eager, torch.full((5,), 2.0)) and graphs.graphs[(3,)].replays == 2
+
+
+def test_graph_set_disabled_captures_nothing():
+    graphs = GraphSet(torch.neg, CPU, False, what="test", capture=EmulatedGraph)
+    graphs.prepare([((2,), (torch.ones(2),))])
+    assert len(graphs) == 0 and graphs.capture_seconds == 0.0
+
+
+def test_a_failed_capture_warns_and_runs_eagerly():
+    def failing(fn, example, pool, static):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = GraphSet(torch.neg, CPU, True, what="the thing", capture=failing)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the thing failed"):
+        graphs.prepare([((2,), (torch.ones(2),)), ((3,), (torch.ones(3),))])
+    assert not graphs.enabled and len(graphs) == 0
+    assert torch.equal(graphs((2,), torch.ones(2)), -torch.ones(2))
+
+
+# -- the sampler's graphs against the eager engine -------------------------------------------------------------
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """Every generate() call in the test runs its body through emulated CUDA graphs, captured at first sight."""
+    monkeypatch.setattr(engine, "resolve_acceleration", lambda device, compile, graphs: Acceleration(False, True))
+    monkeypatch.setattr(evaluator, "CapturedGraph", EmulatedGraph)
+    monkeypatch.setattr(evaluator, "MIN_TICKS_FOR_GRAPH", 1)
+
+
+CASES = {
+    "exact": dict(),
+    "exact-unpruned": dict(prune_last_block=False),
+    "cached-r2": dict(refresh_every=2),
+    "cached-r3-unpruned": dict(refresh_every=3, prune_last_block=False),
+    "cached-no-buckets": dict(refresh_every=2, buckets=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sampler_from_graphs_equals_the_eager_sampler(case, request):
+    model = _model(n_blocks=2, length=12)
+    cfg = SamplerConfig(steps=9, rows_in_flight=4, use_kernels=False, **CASES[case])
+    eager, s_eager = generate(model, LogLinearNoise(), 10, config=cfg, conditioning={3: 2}, seed=11, progress=False)
+    assert s_eager.cuda_graphs == 0
+    request.getfixturevalue("emulated_graphs")  # from here on, graphs
+    graphed, s_graphed = generate(model, LogLinearNoise(), 10, config=cfg, conditioning={3: 2}, seed=11,
+                                  progress=False)
+    assert torch.equal(graphed, eager)
+    assert s_graphed.cuda_graphs > 0 and (s_graphed.head_rows, s_graphed.body_token_rows) == \
+        (s_eager.head_rows, s_eager.body_token_rows)
+
+
+def test_cached_sampler_captures_filling_and_cached_graphs(emulated_graphs, monkeypatch):
+    model = _model(n_blocks=2, length=12)
+    runners = []
+    original = evaluator.BodyRunner.prepare_cached
+
+    def spy(self, fills, cached):
+        runners.append(self)
+        original(self, fills, cached)
+
+    monkeypatch.setattr(evaluator.BodyRunner, "prepare_cached", spy)
+    generate(model, LogLinearNoise(), 8, steps=9, rows_in_flight=4, refresh_every=3, use_kernels=False, seed=2,
+             progress=False)
+    kinds = {key[0] for graph_set in runners[0]._sets for key in graph_set.graphs}
+    assert {"fill", "cached"} <= kinds
