@@ -9,6 +9,7 @@ import torch
 from scipy import stats
 
 from radd_fast import LogLinearNoise
+from radd_fast.acceleration import Acceleration, resolve_acceleration
 from radd_fast.config import ConfigError
 from radd_fast.flops import executed_train_flops, train_flops_per_token
 from radd_fast.losses import k_dce, lambda_dce, t_dce, t_dse
@@ -16,7 +17,6 @@ from radd_fast.losses.ar import random_orders
 from radd_fast.losses.masking import mask_k_random
 from radd_fast.losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_loss, planned_rows
 from radd_fast.training.config import TrainingConfig
-from radd_fast.training.loop import resolve_compile
 from radd_fast.training.step import TrainStep
 
 from .helpers import assert_close
@@ -204,9 +204,13 @@ def test_loss_compiles_to_one_graph():
 
 
 def test_compile_auto_is_on_for_cuda_only():
-    assert resolve_compile("auto", torch.device("cpu")) is False
-    assert resolve_compile("auto", torch.device("cuda")) is True
-    assert resolve_compile(True, torch.device("cpu")) is True and resolve_compile(False, torch.device("cuda")) is False
+    step = TrainStep(make_model(length=8), LogLinearNoise(EPS), "lambda_DCE", compile="auto")
+    assert step.acceleration == Acceleration(compile=False, cuda_graphs=False)
+    on_cuda = resolve_acceleration(torch.device("cuda"), "auto", None, graphs_need_compile=True)
+    assert on_cuda == Acceleration(compile=True, cuda_graphs=True)
+    assert resolve_acceleration(torch.device("cuda"), "auto", None, graphs_need_compile=True, world_size=2).cuda_graphs is False
+    with pytest.raises(ValueError, match="never captured"):
+        TrainStep(make_model(length=8), LogLinearNoise(EPS), "ar_forward", cuda_graphs=True)
     with pytest.raises(ConfigError, match="training.compile must be auto, true or false, got 'yes'"):
         TrainingConfig(compile="yes")
 

@@ -132,12 +132,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def resolve_compile(value, device: torch.device) -> bool:
-    """``training.compile`` (checked by the run config): auto is on CUDA only (inductor takes minutes to
-    compile on a CPU); true / false as given."""
-    return device.type == "cuda" if value == "auto" else bool(value)
-
-
 def train(config, run_dir, device: str | None = None) -> dict:
     """Train, or resume when ``run_dir`` holds a checkpoint (the meta one, else the newest intact snapshot).
 
@@ -171,7 +165,6 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
         check_batch_split(cfg.eval.batch_size, env.world, t.accum, "eval.batch_size")
     device = env.device
     dtype = resolve_dtype(t.dtype, device)
-    compile_step = resolve_compile(t.compile, device)
     if env.is_main:
         _write_config(cfg, run_dir)
         remove_stale_temporaries(run_dir)
@@ -209,13 +202,13 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
         def wrap(module):
             return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     stepper = TrainStep(model, noise, t.loss_type, sampling_eps=t.sampling_eps, time_sampler=t.time_sampler,
-                        compile=compile_step, cuda_graphs=compile_step and device.type == "cuda" and env.world == 1,
-                        wrap=wrap)
+                        compile=t.compile, wrap=wrap, world_size=env.world)  # policy: radd_fast.acceleration
 
     tokens_per_step = t.batch_size * length
     peak = peak_flops(device, dtype)
     log.info("model: %.2fM parameters, %s, %d rank(s), global batch %d x %d tokens, %s",
              sum(p.numel() for p in params) / 1e6, dtype, env.world, t.batch_size, length, t.loss_type)
+    log.info("training step: %s", stepper.acceleration.describe())
     if peak:
         log.info("MFU: %s", MFU_FORMULA)
     metrics = Metrics(run_dir, env.is_main, t.n_iters, step, t.progress, cfg.logging.tensorboard,

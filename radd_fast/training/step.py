@@ -13,9 +13,11 @@ for the device until ``read`` (once per ``log_freq`` steps, and before a checkpo
 - the update is gated on the device: a step whose loss or gradient norm is not finite, and
   every step after it, applies no update (fused Adam(W)'s ``found_inf``, the mechanism
   GradScaler uses); ``read`` then reports the first such step and the loop stops there;
-- with ``compile=True`` the loss function is compiled whole (``torch.compile``, static
-  shapes: one graph per capacity), its backward by AOTAutograd; on CUDA it is also captured
-  in a CUDA graph per capacity (``mode="reduce-overhead"``) unless ``cuda_graphs=False``.
+- with ``compile=True`` (or "auto" on CUDA) the loss function is compiled whole
+  (``torch.compile``, static shapes: one graph per capacity), its backward by AOTAutograd; on
+  CUDA in one process it is also captured in a CUDA graph per capacity
+  (``mode="reduce-overhead"``) unless ``cuda_graphs=False``. Both switches are decided by
+  ``radd_fast.acceleration``, the policy the sampler and the evaluation use too.
 
 The ar_* losses run L passes with one head row per sequence each: already static and
 sync-free, they go through the same step without a plan.
@@ -39,6 +41,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..acceleration import resolve_acceleration
 from ..data import DataError
 from ..distributed import DistEnv, all_reduce_mean
 from ..flops import executed_train_flops
@@ -104,15 +107,17 @@ class TrainStep:
 
     model: a RADD in training; noise: the schedule (on the model's device); loss_type and
     sampling_eps / time_sampler: as in ``get_loss_fn``. compile: ``torch.compile`` the loss
-    (``backend``: "inductor", or "aot_eager" to trace without code generation); cuda_graphs:
-    capture it per capacity (default: on when compiled on CUDA in one process). capacity: a
-    fixed row capacity for every micro-batch (tests force overflows with it); default
-    ``MaskPlanner.capacity``. wrap: a function of the loss module, e.g. DDP.
+    (True / False / "auto": on for CUDA; ``backend``: "inductor", or "aot_eager" to trace without
+    code generation); cuda_graphs: capture it per capacity (None: on when compiled on CUDA in one
+    process; the ar_* losses are never captured). capacity: a fixed row capacity for every
+    micro-batch (tests force overflows with it); default ``MaskPlanner.capacity``. wrap: a
+    function of the loss module, e.g. DDP; world_size: the ranks of the run (graphs need one).
     """
 
     def __init__(self, model, noise, loss_type: str, *, sampling_eps: float = 1e-3, time_sampler: str | None = None,
-                 compile: bool = False, backend: str = "inductor", cuda_graphs: bool | None = None,
-                 capacity: int | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None):
+                 compile: bool | str = False, backend: str = "inductor", cuda_graphs: bool | None = None,
+                 capacity: int | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 world_size: int = 1):
         spec = get_loss_spec(loss_type)
         self.model, self.noise, self.loss_type = model, noise, loss_type
         self.device = model.device
@@ -123,18 +128,19 @@ class TrainStep:
         else:
             module = ExactLossModule(model, spec.fn, noise)
         self.module = wrap(module) if wrap is not None else module
-        self.cuda_graphs = bool(compile and self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
-        if self.planner is None:  # the ar_* losses: L passes of Python control flow, compiled block by block
-            self.cuda_graphs = False
-            if compile:
+        if self.planner is None and cuda_graphs:
+            raise ValueError(f"cuda_graphs=True: {loss_type} runs L passes of Python control flow, never captured")
+        self.acceleration = resolve_acceleration(self.device, compile, False if self.planner is None else cuda_graphs,
+                                                 backend=backend, graphs_need_compile=True, world_size=world_size)
+        self.cuda_graphs = self.acceleration.cuda_graphs
+        self.compiled = self.module
+        if self.planner is None:  # the ar_* losses: compiled block by block
+            if self.acceleration.compile:
                 for block in model.blocks:
                     block.compile(backend=backend)
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise ValueError("cuda_graphs=True needs the model on CUDA")
-        self.compiled = self.module
-        if compile and self.planner is not None:
-            mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead: CUDA graphs
-            self.compiled = torch.compile(self.module, backend=backend, mode=mode, dynamic=False)
+        else:
+            mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead: inductor's CUDA graphs
+            self.compiled = self.acceleration.compiled(self.module, mode=mode)
         self.fixed_capacity = capacity
         self._new_window()
         self._step_loss = None
