@@ -9,9 +9,11 @@ import torch
 
 from radd_fast import LogLinearNoise
 from radd_fast.acceleration import Acceleration, GraphSet, resolve_acceleration
+from radd_fast.evaluation import ppl
+from radd_fast.evaluation.ppl import StaticRowLoss, evaluate_ppl
 from radd_fast.sampling import SamplerConfig, engine, evaluator, generate
 
-from .helpers import EmulatedGraph
+from .helpers import EmulatedGraph, assert_close
 from .test_cached_sampler import _model
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
@@ -152,3 +154,54 @@ def test_cached_sampler_captures_filling_and_cached_graphs(emulated_graphs, monk
              progress=False)
     kinds = {key[0] for graph_set in runners[0]._sets for key in graph_set.graphs}
     assert {"fill", "cached"} <= kinds
+
+
+# -- the static-row evaluation loss ------------------------------------------------------------------------------
+def _static_losses(loss: StaticRowLoss, model, x, draws: int) -> list:
+    out = []
+    for i in range(draws):
+        torch.manual_seed(i)
+        out.append(loss(model, x).clone())  # a graph's output is overwritten by the next replay
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["lambda_DCE", "t_DCE"])
+def test_static_row_evaluation_from_graphs_equals_eager(loss_type):
+    model, noise = _model(n_blocks=2, length=12), LogLinearNoise()
+    x = torch.randint(0, 10, (3, 12))
+    with torch.no_grad():
+        eager = _static_losses(StaticRowLoss(model, noise, loss_type, 1e-3, Acceleration(False, False)), model, x, 4)
+        graphed_loss = StaticRowLoss(model, noise, loss_type, 1e-3, Acceleration(False, True), capture=EmulatedGraph)
+        graphed = _static_losses(graphed_loss, model, x, 4)
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    (key, graph), = graphed_loss.graphs.graphs.items()
+    assert key[:2] == (3, 12) and graph.replays == 3  # captured at the second call, replayed from it on
+
+
+def test_static_row_evaluation_compiled_equals_eager():
+    model, noise = _model(n_blocks=1, length=12), LogLinearNoise()
+    x = torch.randint(0, 10, (2, 12))
+    with torch.no_grad():
+        eager = _static_losses(StaticRowLoss(model, noise, "lambda_DCE", 1e-3, Acceleration(False, False)), model, x, 2)
+        compiled = StaticRowLoss(model, noise, "lambda_DCE", 1e-3, Acceleration(True, False, "aot_eager"))
+        for a, b in zip(eager, _static_losses(compiled, model, x, 2)):
+            assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_evaluation_graphs_need_static_rows():
+    model = _model(n_blocks=1, length=12)
+    with pytest.raises(ValueError, match="needs static_rows=True"):
+        evaluate_ppl(model, LogLinearNoise(), [torch.randint(0, 10, (2, 12))], "lambda_DCE", 1, cuda_graphs=True,
+                     progress=False)
+
+
+def test_evaluation_compiles_the_body_for_the_run_only(monkeypatch):
+    model = _model(n_blocks=1, length=12)
+    batches = [torch.randint(0, 10, (2, 12))]
+    torch.manual_seed(0)
+    eager = evaluate_ppl(model, LogLinearNoise(), batches, "t_DCE", 2, progress=False)
+    monkeypatch.setattr(ppl, "resolve_acceleration", lambda *a, **k: Acceleration(True, False, "eager"))
+    torch.manual_seed(0)
+    compiled = evaluate_ppl(model, LogLinearNoise(), batches, "t_DCE", 2, compile=True, progress=False)
+    assert compiled.mean_loss == pytest.approx(eager.mean_loss, rel=1e-6)
+    assert "hidden" not in model.__dict__  # the model's own body again

@@ -364,7 +364,10 @@ def test_static_rows_estimate_the_eager_loss(model, noise):
 @pytest.mark.parametrize("extra,needle", [(["--device", "foo"], "unknown device 'foo'"),
                                           (["--device", "cuda:7"], "--device"),
                                           (["--max_batches", "0"], "--max_batches must be >= 1"),
-                                          (["--token_budget", "-1"], "--token_budget must be >= 1")])
+                                          (["--token_budget", "-1"], "--token_budget must be >= 1"),
+                                          (["--cuda_graphs"], "--cuda_graphs: cuda_graphs=True needs --static_rows"),
+                                          (["--cuda_graphs", "--static_rows", "--device", "cpu"],
+                                           "--cuda_graphs: cuda_graphs=True needs a CUDA device")])
 def test_cli_bad_counts_and_devices_are_one_line_before_the_model(checkpoint, tmp_path, eval_cli, capsys,
                                                                   monkeypatch, extra, needle):
     args = cli_args(checkpoint, tmp_path, "--monte_carlo_timesteps", "2", *extra)

@@ -50,7 +50,7 @@ from .distributed import launch, shard
 from .gen_ppl import load_scorer, read_samples, score_samples
 from .gen_suite import run_gen_suite
 from .paper_numbers import GEN_PPL_STEPS, ZERO_SHOT_DATASETS
-from .ppl import check_loss_type, compile_body, default_mc_batching, evaluate_ppl
+from .ppl import check_loss_type, compile_body, default_mc_batching, evaluate_ppl, evaluation_acceleration
 from .protocol import (
     PUBLISHED_SPLITS,
     EvalError,
@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--token_budget", type=int, default=None, help="tokens per forward with --mc_batching")
     ap.add_argument("--static_rows", action="store_true",
                     help="the training step's static-capacity masked rows (static shapes; same law, other draws)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model body (static shapes)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile: with --static_rows the whole loss, else the model body (static shapes)")
+    ap.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay the --static_rows loss from CUDA graphs (default on for CUDA with --static_rows)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     # Suites.
     ap.add_argument("--suite", choices=("zero_shot", "gen_ppl"), default=None,
@@ -144,12 +147,21 @@ def _check_counts(args) -> None:
             raise EvalError(f"--{name} must be >= 1, got {value}")
 
 
+def _check_acceleration(args) -> None:
+    """--compile / --cuda_graphs through the shared policy, before any model is loaded."""
+    try:
+        evaluation_acceleration(torch.device(args.device), args.static_rows, args.compile, args.cuda_graphs)
+    except ValueError as e:
+        raise EvalError(f"--cuda_graphs: {e}".replace("static_rows=True", "--static_rows")) from e
+
+
 def resolve_common(args) -> argparse.Namespace:
     """Defaults that depend on the machine; everything checkable without a model, the work folder first."""
     if args.engine is not None:
         raise EvalError(ENGINE_GONE)
     args.device = _checked_device(args.device)
     _check_counts(args)
+    _check_acceleration(args)
     args.backend = args.backend or ("fast" if args.device.startswith("cuda") else "reference")
     if args.mc_batching is None:
         args.mc_batching = default_mc_batching(torch.device(args.device))
@@ -243,14 +255,12 @@ def evaluate_rank(rank: int, world: int, device: torch.device, args, blocks: tor
     if loaded is None:
         loaded = load_model(args.model_path, device=device, backend=args.backend, dtype=args.dtype)
     model, noise = loaded
-    if args.compile:
-        compile_body(model)
     batches = shard(list(blocks.split(rank_batch_size(args.batch_size, world))), rank, world)
     torch.manual_seed(args.seed + rank)
     res = evaluate_ppl(model, noise, batches, loss_type=args.loss_type, mc_timesteps=args.monte_carlo_timesteps,
                        mc_batching=args.mc_batching, token_budget=args.token_budget, max_batches=args.max_batches,
                        progress=not args.no_progress, desc=f"{Path(args.valid_dataset).name} {args.loss_type}",
-                       static_rows=args.static_rows)
+                       static_rows=args.static_rows, compile=args.compile, cuda_graphs=args.cuda_graphs)
     if rank != 0:
         return None
     out = {

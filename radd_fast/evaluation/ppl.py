@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..acceleration import Acceleration, CapturedGraph, GraphSet, resolve_acceleration
 from ..errors import UserError
 from ..losses import check_batch, get_loss_fn
 from ..losses.registry import EXACT_LOSS_TYPES, LOSS_TYPES
@@ -161,35 +162,64 @@ def batch_estimate(loss_fn: Callable, model, x: torch.Tensor, mc_timesteps: int,
     return (total / mc_timesteps).mean(), var
 
 
-def make_loss_fn(model, noise, loss_type: str, sampling_eps: float = 1e-3, static_rows: bool = False) -> Callable:
+def make_loss_fn(model, noise, loss_type: str, sampling_eps: float = 1e-3, static_rows: bool = False,
+                 acceleration: Acceleration | None = None) -> Callable:
     """The evaluation loss ``fn(model, x [B, L]) -> [B]`` of ``loss_type`` (model kept in eval mode).
 
-    static_rows: the training step's masked-row loss (``losses.static_rows``): the masked counts
-    drawn on the host, the head rows gathered into a buffer of static capacity (an exact path at
-    the batch's own size when a draw overflows it), so every batch of a shape has the same shapes,
-    the form torch.compile and CUDA graphs need. The same law as the eager loss, not the same
-    random stream. Only for the losses with a planned masking (the ar_* losses are static anyway).
+    static_rows: the training step's masked-row loss (``StaticRowLoss``), whose shapes are static
+    per batch shape, so that ``acceleration`` (default: eager) compiles it whole and replays it
+    from CUDA graphs. The same law as the eager loss, not the same random stream. Only for the
+    losses with a planned masking (the ar_* losses are static anyway).
     """
-    loss_fn = get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type)
-    if not static_rows or loss_type not in PLANNED_LOSS_TYPES:
-        return loss_fn
-    planners: dict[int, MaskPlanner] = {}
+    if static_rows and loss_type in PLANNED_LOSS_TYPES:
+        return StaticRowLoss(model, noise, loss_type, sampling_eps, acceleration or Acceleration(False, False))
+    return get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type)
 
-    def static_loss_fn(model, x: torch.Tensor) -> torch.Tensor:
+
+class StaticRowLoss:
+    """The static-row evaluation loss, ``fn(model, x [B, L]) -> [B]``, compiled and graphed per the policy.
+
+    Per batch shape the masked counts are drawn on the host (``MaskPlanner``) and the head rows
+    gathered into a buffer of static capacity C, so the whole loss (``planned_loss``) has one
+    shape per (B, L, C): compiled once and, from its second batch on, replayed from one CUDA
+    graph (``radd_fast.acceleration``). A draw that overflows C runs eagerly at its own size
+    (exact; counted in ``overflows``). capture: how a graph is made (tests emulate it).
+    """
+
+    def __init__(self, model, noise, loss_type: str, sampling_eps: float, acceleration: Acceleration,
+                 capture=None):
+        self.model, self.noise, self.loss_type, self.sampling_eps = model, noise, loss_type, sampling_eps
+        self.planners: dict[int, MaskPlanner] = {}
+        self.graphs = GraphSet(acceleration.compiled(self._loss), model.device, acceleration.cuda_graphs,
+                               what="the static-row evaluation loss", capture=capture or CapturedGraph)
+        self.calls: dict[tuple[int, int, int], int] = {}
+        self.overflows = 0
+
+    def _loss(self, x, keys, counts, rate, capacity: int):
+        return planned_loss(self.model, self.loss_type, self.noise, x, keys, counts, rate, capacity)
+
+    def __call__(self, model, x: torch.Tensor) -> torch.Tensor:
         B, L = x.shape
         check_batch(model, x, model.vocab_size)
-        planner = planners.setdefault(L, MaskPlanner(loss_type, noise, L, sampling_eps))
-        keys, counts, rate, capacity, _ = planned_inputs(planner.draw(B), (B, L), planner.capacity(B), x.device)
-        return planned_loss(model, loss_type, noise, x, keys, counts, rate, capacity)
-
-    return static_loss_fn
+        planner = self.planners.setdefault(L, MaskPlanner(self.loss_type, self.noise, L, self.sampling_eps))
+        keys, counts, rate, capacity, overflowed = planned_inputs(planner.draw(B), (B, L), planner.capacity(B),
+                                                                  x.device)
+        if overflowed:  # rare: the exact path at the batch's own row count
+            self.overflows += 1
+            return self._loss(x, keys, counts, rate, capacity)
+        key = (B, L, capacity)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] == 2:  # a shape seen twice is the run's shape: capture it (the first call warmed up)
+            self.graphs.prepare([(key, (x, keys, counts, rate), {"capacity": capacity})])
+        return self.graphs(key, x, keys, counts, rate, capacity=capacity)
 
 
 @torch.no_grad()
 def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DCE", mc_timesteps: int = 1, *,
                  sampling_eps: float = 1e-3, mc_batching: bool | None = None, token_budget: int | None = None,
                  mc_chunk: int | None = None, max_batches: int | None = None, progress: bool = True,
-                 desc: str = "eval", static_rows: bool = False) -> PPLResult:
+                 desc: str = "eval", static_rows: bool = False, compile: bool | str = False,
+                 cuda_graphs: bool | None = None) -> PPLResult:
     """Zero-shot perplexity of ``model`` on ``dataloader`` (docs/EVALUATION.md); used by eval.py.
 
     Args:
@@ -204,7 +234,11 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
         token_budget / mc_chunk: tokens per batched forward / force the number of draws per
             forward (mc_chunk wins over both mc_batching and the budget).
         max_batches: stop after this many batches (per rank).
-        static_rows: score with the training step's static-capacity masked rows (``make_loss_fn``).
+        static_rows: score with the training step's static-capacity masked rows (``StaticRowLoss``).
+        compile / cuda_graphs: the shared policy's switches (``radd_fast.acceleration``; compile
+            True / False / "auto", cuda_graphs None = on for CUDA). With static_rows the whole loss
+            is compiled and replayed from CUDA graphs; without, the eager loss's masked rows change
+            shape every batch, so only the body is compiled and graphs cannot be asked for.
     Returns:
         ``PPLResult`` with ``ppl = exp(mean_loss / L)``, the per-batch losses and variances, the
         throughput. Raises ``NonFiniteLoss`` at the first batch whose loss is NaN or infinite.
@@ -221,7 +255,12 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
     model.eval()
     device = model.device
     mc_batching = default_mc_batching(device) if mc_batching is None else bool(mc_batching)
-    loss_fn = make_loss_fn(model, noise, loss_type, sampling_eps, static_rows)
+    static_rows = static_rows and loss_type in PLANNED_LOSS_TYPES
+    acceleration = evaluation_acceleration(device, static_rows, compile, cuda_graphs)
+    loss_fn = make_loss_fn(model, noise, loss_type, sampling_eps, static_rows, acceleration)
+    own_body = model.__dict__.get("hidden")  # a body compiled by compile_body, kept as it is
+    if acceleration.compile and not static_rows:
+        model.hidden = acceleration.compiled(model.hidden)  # for this run only (restored below)
     rank0 = not _dist_on() or torch.distributed.get_rank() == 0
     bar = progress_bar(progress and rank0, _length_hint(dataloader, max_batches), desc, unit="batch")
     losses, variances, n_seq, length, k = [], [], 0, None, 1
@@ -248,6 +287,11 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
     finally:
         bar.close()
         model.train(was_training)
+        if acceleration.compile and not static_rows:
+            if own_body is None:
+                del model.hidden  # the instance attribute set above: back to the class's method
+            else:
+                model.hidden = own_body
     batch_losses, batch_vars, n_seq, length = _gather(losses, variances, n_seq, length)
     if not batch_losses:
         raise ValueError("the dataloader yielded no batches: nothing to evaluate")
@@ -266,6 +310,17 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
     if not math.isfinite(value):
         raise NonFiniteLoss(f"the loss of {where} is {value}: the model's weights or outputs are not finite "
                             f"(a diverged or corrupt checkpoint?); no perplexity reported")
+
+
+def evaluation_acceleration(device: torch.device, static_rows: bool, compile: bool | str,
+                            cuda_graphs: bool | None) -> Acceleration:
+    """The policy's decision for one evaluation: graphs only for the static-row loss."""
+    if not static_rows:
+        if cuda_graphs:
+            raise ValueError("cuda_graphs=True needs static_rows=True (the eager loss's masked rows change shape "
+                             "every batch)")
+        cuda_graphs = False
+    return resolve_acceleration(device, compile, cuda_graphs)
 
 
 def compile_body(model):
