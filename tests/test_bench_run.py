@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import gpu_summary
+from benchmarks import bench_mlp_epilogue, gpu_summary
 from benchmarks import run as bench_run
 
 
@@ -21,6 +21,15 @@ def test_quick_benchmarks_print_tables_and_write_json(tmp_path, capsys):
     assert {r["provider"] for r in model_rows} == {"reference", "fast"}
     assert all(r["ms"] > 0 and r["tokens/s"] > 0 for r in model_rows)
     assert (tmp_path / "summary.md").read_text().count("|---") >= 4
+
+
+def test_mlp_epilogue_benchmark_compares_three_providers_with_their_errors():
+    """The epilogue-fusion choice of issue 13 is a measurement: every provider's row, and its error
+    against fp32 (on the CPU in fp32: eager is the reference itself, compile within rounding)."""
+    rows = {r["provider"]: r for r in bench_mlp_epilogue.run(torch.device("cpu"), quick=True)}
+    assert set(rows) == {"eager", "addmm_activation", "compile"}
+    assert rows["eager"]["max_err"] == 0.0 and rows["eager"]["speedup"] == 1.0
+    assert rows["compile"]["max_err"] < 1e-5 and all(r["ms"] > 0 for r in rows.values())
 
 
 def test_failing_benchmark_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):
