@@ -1,7 +1,8 @@
 """End-to-end suite: the published code, our reference and radd-fast, side by side in one process.
 
     python -m benchmarks.bench_e2e [--quick] [--published PATH] [--out DIR] [--sizes small,medium]
-                                   [--sections sampling,train,eval,forward] [--steps 1024,4096] [--compile]
+                                   [--sections sampling,batch,train,eval,forward] [--steps 1024,4096] [--compile]
+                                   [--refresh_every 4]
 
 Providers (docs/BENCHMARKS.md): ``published`` = the published code itself, imported from PATH
 (``--published`` or ``RADD_PUBLISHED``; benchmarks/published.py); ``reference`` = our plain-PyTorch
@@ -18,6 +19,11 @@ Sections, each row naming its section, size and provider:
   without it, our reference sampler (cache), the fast engine. Wall time, E-NFE (+ theory
   N(1-(1-1/N)^L)), samples/s, ms per ``rows/eval``-row evaluation against its FLOP roofline. The
   engine's CUDA-graph capture is timed apart (``capture_s``) and not in its wall time.
+  ``fast approx (refresh every R)`` (``--refresh_every``, default 4; at <= 1024 steps): the opt-in
+  approximate sampler, labelled, with its body token-rows as a fraction of exact (``body/exact``).
+- batch: samples/s against rows in flight (= samples, one wave) at a few steps, for the engine and
+  the published sampler (whose [B, L, V] cache caps its batch: an out-of-memory row says where),
+  then ``best batch``: each provider at its best rows in flight, the table a user wants.
 - eval: zero-shot lambda_DCE on one [B, L] batch with Monte Carlo timesteps: the published
   evaluation computation, ``evaluate_ppl`` on the reference and fast models. seq x timesteps / s.
 
@@ -72,7 +78,7 @@ from .plots import make_plots
 from .run import environment, markdown_table
 from .timing import median_ms
 
-SECTIONS = ("forward", "train", "sampling", "eval")
+SECTIONS = ("forward", "train", "sampling", "batch", "eval")
 # The published training config (configs/config.yaml, optim section): our providers use the same.
 ADAMW = {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 GRAD_CLIP = 1.0
@@ -185,6 +191,7 @@ class SampleRun:
     wall_s: float
     capture_s: float | None = None
     head_fraction: float = 1.0
+    body_fraction: float = 1.0  # body token-rows / the exact engine's (below 1: the approximate sampler)
 
 
 def _timed_sampler(fn, device) -> SampleRun:
@@ -195,18 +202,20 @@ def _timed_sampler(fn, device) -> SampleRun:
     return SampleRun(tokens, enfe, wall)
 
 
-def _engine_run(model: RADD, noise, num: int, L: int, steps: int, device) -> SampleRun:
+def _engine_run(model: RADD, noise, num: int, L: int, steps: int, device, **options) -> SampleRun:
     """The fast engine; a short warm-up at the same rows in flight first (kernel compilation and
-    autotuning), and the graph capture of the timed call subtracted from its wall time."""
-    generate(model, noise, min(num, 64), L, min(steps, 16), seed=0, progress=False)
+    autotuning), and the graph capture of the timed call subtracted from its wall time. ``options``:
+    ``generate``'s (rows_in_flight, refresh_every)."""
+    generate(model, noise, min(num, 64), L, min(steps, 16), seed=0, progress=False, **options)
     with graph_capture_seconds(device) as spent:
-        tokens, stats = generate(model, noise, num, L, steps, seed=steps, progress=False)
+        tokens, stats = generate(model, noise, num, L, steps, seed=steps, progress=False, **options)
     capture = getattr(stats, "capture_time", None)  # an engine that reports it already excludes it
     wall = stats.wall_time
     if capture is None:
         capture = sum(spent)
         wall -= capture
-    return SampleRun(tokens, stats.enfe_mean, wall, capture, stats.head_rows / max(stats.eval_rows * L, 1))
+    return SampleRun(tokens, stats.enfe_mean, wall, capture, stats.head_rows / max(stats.eval_rows * L, 1),
+                     stats.body_fraction)
 
 
 def _our_cached(model: RADD, noise, num: int, L: int, steps: int):
@@ -214,10 +223,19 @@ def _our_cached(model: RADD, noise, num: int, L: int, steps: int):
     return sampler.sample(steps), sampler.update_cnt / num
 
 
-def _sampler_runs(P: Providers, device, plan: Plan, L: int, steps: int) -> list[tuple]:
+APPROX_MAX_STEPS = 1024  # the approximate sampler's rows: the issue's target point, not every step count
+DEFAULT_REFRESH = (4,)
+
+
+def approx_label(r: int) -> str:
+    return f"fast approx (refresh every {r})"
+
+
+def _sampler_runs(P: Providers, device, plan: Plan, L: int, steps: int, refresh: tuple = ()) -> list[tuple]:
     """(provider, cache, samples, call -> SampleRun) for every sampler run at ``steps``, the figures
     that matter most first (a run cut short by a timeout keeps them): the engine, the published
-    sampler, our reference, the published sampler without its cache."""
+    sampler, our reference, the approximate sampler at each ``refresh`` period, the published
+    sampler without its cache."""
     cached = samples_for(plan.cached_samples, steps)
     nocache = samples_for(plan.nocache_samples, steps)
     runs = [("fast", True, plan.fast_samples,
@@ -227,6 +245,9 @@ def _sampler_runs(P: Providers, device, plan: Plan, L: int, steps: int) -> list[
             lambda: pubcode.sample_cached(P.pub, P.pub_model, P.pub_noise, cached, L, steps, steps), device)))
     runs.append(("reference", True, cached,
                  lambda: _timed_sampler(lambda: _our_cached(P.ref, P.noise, cached, L, steps), device)))
+    for r in refresh if steps <= APPROX_MAX_STEPS else ():
+        runs.append((approx_label(r), True, plan.fast_samples, lambda r=r: _engine_run(
+            P.ours["fast"], P.noise, plan.fast_samples, L, steps, device, refresh_every=r)))
     if P.pub and nocache:
         runs.append(("published no-cache", False, nocache, lambda: _timed_sampler(
             lambda: pubcode.sample_without_cache(P.pub, P.pub_model, P.pub_noise, nocache, L, steps, steps), device)))
@@ -240,7 +261,7 @@ def _warm_up_samplers(P: Providers, L: int) -> None:
     _our_cached(P.ref, P.noise, 2, L, 2)
 
 
-def bench_sampling(P: Providers, device, size: str, plan: Plan, L: int) -> list[dict]:
+def bench_sampling(P: Providers, device, size: str, plan: Plan, L: int, refresh: tuple = ()) -> list[dict]:
     """ms/eval = wall x rows/eval / (E-NFE x samples): one evaluation of rows/eval rows, the sampler's
     own work per step included; roofline = its FLOPs (head at ``head_fraction`` of the positions)
     over the card's dense 16-bit peak."""
@@ -250,7 +271,7 @@ def bench_sampling(P: Providers, device, size: str, plan: Plan, L: int) -> list[
     _warm_up_samplers(P, L)
     for steps in plan.sampling_steps:
         group = []
-        for provider, cache, num, call in _sampler_runs(P, device, plan, L, steps):
+        for provider, cache, num, call in _sampler_runs(P, device, plan, L, steps, refresh):
             def measure(provider=provider, num=num, call=call):
                 before = reset_peak(device)
                 res = call()
@@ -262,12 +283,55 @@ def bench_sampling(P: Providers, device, size: str, plan: Plan, L: int) -> list[
                 return {"wall_s": res.wall_s, "capture_s": res.capture_s, "E-NFE": res.enfe,
                         "E-NFE theory": steps * (1 - (1 - 1 / steps) ** L), "samples/s": num / res.wall_s,
                         "rows/eval": unit, "ms/eval": ms_eval, "roofline ms/eval": roof,
-                        "x roofline": ms_eval / roof if roof else None, "peak_MB": peak_mb(device, before), **note}
+                        "x roofline": ms_eval / roof if roof else None, "peak_MB": peak_mb(device, before),
+                        "body/exact": res.body_fraction, **note}
 
             attempt(group, {"section": "sampling", "size": size, "provider": provider, "cache": cache,
                             "steps": steps, "L": L, "samples": num}, measure)
         rows += add_ratios(group, lambda r: r["wall_s"] / r["samples"])
     return rows
+
+
+# -- samples/s against the batch ------------------------------------------------------------------------------
+def _batch_runs(P: Providers, device, rows_in_flight: int, L: int, steps: int) -> list[tuple]:
+    """(provider, call -> SampleRun) at one batch: ``rows_in_flight`` samples in one wave."""
+    runs = [("fast", lambda: _engine_run(P.ours["fast"], P.noise, rows_in_flight, L, steps, device,
+                                         rows_in_flight=rows_in_flight))]
+    if P.pub:
+        runs.append(("published", lambda: _timed_sampler(lambda: pubcode.sample_cached(
+            P.pub, P.pub_model, P.pub_noise, rows_in_flight, L, steps, steps), device)))
+    return runs
+
+
+def bench_batch(P: Providers, device, size: str, plan: Plan, L: int) -> list[dict]:
+    """samples/s per provider at each batch of ``plan.batch_rows``, then each provider's best batch."""
+    rows = []
+    for batch in plan.batch_rows:
+        for provider, call in _batch_runs(P, device, batch, L, plan.batch_steps):
+            def measure(call=call, batch=batch):
+                before = reset_peak(device)
+                res = call()
+                return {"wall_s": res.wall_s, "E-NFE": res.enfe, "samples/s": batch / res.wall_s,
+                        "peak_MB": peak_mb(device, before)}
+
+            attempt(rows, {"section": "batch", "size": size, "provider": provider, "rows_in_flight": batch,
+                           "steps": plan.batch_steps, "L": L}, measure)
+    for r in rows:  # out of memory at a large batch is the answer this section looks for, not a failure
+        if "out of memory" in r.get("error", "").lower():
+            r["limit"] = "out of memory"
+            del r["error"]
+    return rows + best_batches(rows)
+
+
+def best_batches(rows: list[dict]) -> list[dict]:
+    """One ``best batch`` row per provider: its highest samples/s over the batches it ran."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if "samples/s" in r and r["samples/s"] > best.get(r["provider"], {}).get("samples/s", 0.0):
+            best[r["provider"]] = r
+    out = [{**r, "section": "best batch", "batches tried": sum(x["provider"] == p for x in rows)}
+           for p, r in best.items()]
+    return add_ratios(out, lambda r: 1.0 / r["samples/s"])
 
 
 # -- zero-shot evaluation --------------------------------------------------------------------------
@@ -298,9 +362,10 @@ def bench_eval(P: Providers, device, size: str, B: int, L: int, mc: int) -> list
 
 # -- driver ----------------------------------------------------------------------------------------
 def run(device: torch.device, quick: bool, sizes=None, sections=SECTIONS, steps=None, compile: bool = False,
-        eval_mc: int | None = None, published=None, on_rows=None) -> list[dict]:
+        eval_mc: int | None = None, published=None, on_rows=None, refresh: tuple = DEFAULT_REFRESH) -> list[dict]:
     """Every section (in the order given) for every size; one flat list of rows (the benchmarks.run
-    contract). Without CUDA only the quick size runs. ``on_rows(rows)`` is called after each section."""
+    contract). Without CUDA only the quick size runs. ``on_rows(rows)`` is called after each section;
+    ``refresh``: the approximate sampler's periods in the sampling section (() for none)."""
     device = torch.device(device)
     quick = quick or device.type != "cuda"
     sizes = list(sizes or (["quick"] if quick else ["small"]))
@@ -313,13 +378,14 @@ def run(device: torch.device, quick: bool, sizes=None, sections=SECTIONS, steps=
         for size in sizes:
             plan = replace(PLANS[size], sampling_steps=tuple(steps or PLANS[size].sampling_steps),
                            eval_mc=eval_mc or PLANS[size].eval_mc)
-            _run_size(rows, size, plan, device, sections, compile, published, on_rows)
+            _run_size(rows, size, plan, device, sections, compile, published, on_rows, tuple(refresh))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the size's models are gone
     return rows
 
 
-def _run_size(rows: list[dict], size: str, plan: Plan, device, sections, compile: bool, published, on_rows) -> None:
+def _run_size(rows: list[dict], size: str, plan: Plan, device, sections, compile: bool, published, on_rows,
+              refresh: tuple) -> None:
     """The sections of one size, appended to ``rows`` (``on_rows(rows)`` after each)."""
     cfg = size_config(size)
     L = cfg.model.length
@@ -327,7 +393,8 @@ def _run_size(rows: list[dict], size: str, plan: Plan, device, sections, compile
     section_runs = {
         "forward": lambda: bench_forward(P, device, size, plan.forward_batches, L),
         "train": lambda: bench_train(P, device, size, plan.train_batch, L, plan.train_steps),
-        "sampling": lambda: bench_sampling(P, device, size, plan, L),
+        "sampling": lambda: bench_sampling(P, device, size, plan, L, refresh),
+        "batch": lambda: bench_batch(P, device, size, plan, L),
         "eval": lambda: bench_eval(P, device, size, plan.eval_batch, L, plan.eval_mc),
     }
     for section in sections:
@@ -377,6 +444,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default=None, help="sampling steps, comma-separated (default: the size's plan)")
     ap.add_argument("--eval_mc", type=int, default=None, help="Monte Carlo timesteps in the eval section")
     ap.add_argument("--compile", action="store_true", help="add a fast+torch.compile provider")
+    ap.add_argument("--refresh_every", default=",".join(map(str, DEFAULT_REFRESH)),
+                    help="the approximate sampler's periods in the sampling section, comma-separated ('' for none)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     split = lambda s: [v for v in s.split(",") if v] if s else None
@@ -397,7 +466,8 @@ def main(argv=None) -> int:
         (out / "e2e.md").write_text(header(env, settings, device) + markdown(rows))
 
     t0 = time.perf_counter()
-    rows = run(device, quick, sizes, split(args.sections), steps, args.compile, args.eval_mc, published, write)
+    refresh = tuple(int(r) for r in split(args.refresh_every) or ())
+    rows = run(device, quick, sizes, split(args.sections), steps, args.compile, args.eval_mc, published, write, refresh)
     write(rows)
     print(header(env, settings, device) + markdown(rows))
     for path in make_plots(rows, out):

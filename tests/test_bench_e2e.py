@@ -8,6 +8,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 from benchmarks import bench_e2e, e2e_setup
 from benchmarks.plots import make_plots
@@ -32,14 +33,22 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_every_section(quick_run):
     out, res, published = quick_run
     rows = res["rows"]
-    assert [r["section"] for r in rows][0] == "forward" and {r["section"] for r in rows} == set(bench_e2e.SECTIONS)
+    assert [r["section"] for r in rows][0] == "forward"
+    assert {r["section"] for r in rows} == set(bench_e2e.SECTIONS) | {"best batch"}
     assert res["env"]["torch"] and res["settings"]["quick"] is True
     for section in ("forward", "train", "eval"):
         providers = [r["provider"] for r in rows if r["section"] == section]
         assert set(providers) == set(OURS) | ({"published"} if published else set()), section
     for r in rows:
-        assert math.isfinite(r["vs reference"]) and r["vs reference"] > 0, r
+        if r["section"] not in ("batch", "best batch"):  # the batch sweep has no reference provider
+            assert math.isfinite(r["vs reference"]) and r["vs reference"] > 0, r
     assert all(r["tokens/s"] > 0 for r in rows if r["section"] == "train")
+    batch = [r for r in rows if r["section"] == "batch"]
+    assert {r["rows_in_flight"] for r in batch} == set(e2e_setup.PLANS["quick"].batch_rows)
+    best = {r["provider"]: r for r in rows if r["section"] == "best batch"}
+    assert set(best) == {"fast"} | ({"published"} if published else set())
+    for provider, r in best.items():
+        assert r["samples/s"] == max(b["samples/s"] for b in batch if b["provider"] == provider)
     md = (out / "e2e.md").read_text()
     assert e2e_setup.CPU_LABEL in md and "## sampling" in md and "E-NFE" in md and "seq*timesteps/s" in md
 
@@ -51,11 +60,15 @@ def test_published_rows_are_the_baseline(quick_run):
     rows = res["rows"]
     assert res["env"]["published"]["label"] == "published" and len(res["env"]["published"]["sha256"]) == 64
     for r in rows:
+        if r["section"] == "batch":  # the sweep's rows; their best ones carry the ratio
+            continue
         assert math.isfinite(r["vs published"]) and r["vs published"] > 0, r
         if r["provider"] == "published":
             assert r["vs published"] == 1.0
     sampling = {r["provider"] for r in rows if r["section"] == "sampling"}
-    assert sampling == {"published", "published no-cache", "reference", "fast"}
+    assert sampling == {"published", "published no-cache", "reference", "fast", bench_e2e.approx_label(4)}
+    approx = [r for r in rows if r["provider"] == bench_e2e.approx_label(4)]
+    assert approx and all(0 < r["body/exact"] < 1 for r in approx)  # labelled, and computing less than exact
     assert all("fp16" in r["note"] for r in rows if r["section"] == "sampling" and r["provider"] == "published")
 
 
@@ -94,6 +107,24 @@ def test_plans_size_the_samplers():
     assert e2e_setup.samples_for(small.cached_samples, 4096) == 8
     assert e2e_setup.samples_for(small.nocache_samples, 4096) == 0  # not run: minutes at 4096 steps
     assert small.fast_samples == small.rows_per_eval == 64
+    assert small.train_batch == 32  # the training targets are at B = 32 x 1024
+
+
+def test_out_of_memory_at_a_large_batch_is_the_limit_not_a_failure(monkeypatch):
+    def runs(P, device, batch, L, steps):
+        def call():
+            if batch > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 60 GiB")
+            return bench_e2e.SampleRun(torch.zeros(batch, L), 8.0, 0.01 * batch)
+        return [("published", call)]
+
+    monkeypatch.setattr(bench_e2e, "_batch_runs", runs)
+    plan = e2e_setup.PLANS["quick"]
+    rows = bench_e2e.bench_batch(None, torch.device("cpu"), "quick", plan, 32)
+    sweep = [r for r in rows if r["section"] == "batch"]
+    assert [r.get("limit") for r in sweep] == [None, None, "out of memory"] and not any("error" in r for r in sweep)
+    (best,) = [r for r in rows if r["section"] == "best batch"]
+    assert best["rows_in_flight"] in (2, 4) and best["batches tried"] == 3
 
 
 def test_a_failing_provider_gets_an_error_row_and_no_ratio():
