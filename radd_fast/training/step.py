@@ -142,6 +142,7 @@ class TrainStep:
             mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead: inductor's CUDA graphs
             self.compiled = self.acceleration.compiled(self.module, mode=mode)
         self.fixed_capacity = capacity
+        self._grads_owned = False
         self._new_window()
         self._step_loss = None
         self._grad_norm = torch.zeros((), device=self.device)
@@ -211,11 +212,14 @@ class TrainStep:
 
         A parameter without one would take the graph's backward output itself as its gradient,
         memory that the next replay overwrites; with one, autograd adds into it in place (and
-        ``update`` zeroes it in place, ``set_to_none=False``).
+        ``update`` zeroes it in place, ``set_to_none=False``, so once is enough).
         """
+        if self._grads_owned:
+            return
         for p in self.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
+        self._grads_owned = True
 
     def _exact(self, batch: torch.Tensor) -> torch.Tensor:
         B, L = batch.shape
