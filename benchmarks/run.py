@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-MODULES = ["layer_norm", "rotary", "attention", "linear_log_softmax", "mlp_epilogue", "model", "sampling", "e2e"]
+MODULES = ["layer_norm", "rotary", "attention", "linear_log_softmax", "mlp_epilogue", "cached_attention", "model", "sampling", "e2e"]
 
 
 def markdown_table(rows: list[dict]) -> str:

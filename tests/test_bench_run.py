@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import bench_mlp_epilogue, gpu_summary
+from benchmarks import bench_cached_attention, bench_mlp_epilogue, gpu_summary
 from benchmarks import run as bench_run
 
 
@@ -30,6 +30,13 @@ def test_mlp_epilogue_benchmark_compares_three_providers_with_their_errors():
     assert set(rows) == {"eager", "addmm_activation", "compile"}
     assert rows["eager"]["max_err"] == 0.0 and rows["eager"]["speedup"] == 1.0
     assert rows["compile"]["max_err"] < 1e-5 and all(r["ms"] > 0 for r in rows.values())
+
+
+def test_cached_attention_benchmark_agrees_with_float64():
+    """The approximate sampler's attention providers all compute the same attention (fp32 on CPU)."""
+    rows = bench_cached_attention.run(torch.device("cpu"), quick=True)
+    assert {r["provider"] for r in rows} == {"sdpa views", "sdpa contiguous", "matmul"}
+    assert all(r["max_err"] < 1e-5 and r["gbps"] > 0 for r in rows)
 
 
 def test_failing_benchmark_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):
