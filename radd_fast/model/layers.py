@@ -87,6 +87,9 @@ class DDiTBlock(nn.Module):
         residual adds and the MLP run at those rows only -> [P, d] (exact; used by the last
         block when only some positions need the head).
         """
+        return self._forward(x, cos, sin, rows, keep_kv=False)
+
+    def _forward(self, x, cos, sin, rows, keep_kv: bool):
         B, T, d = x.shape
         ops = self.ops
         h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias)
@@ -95,7 +98,18 @@ class DDiTBlock(nn.Module):
         if rows is not None:
             x = x.reshape(B * T, d).index_select(0, rows)
             a = a.reshape(B * T, d).index_select(0, rows)
-        x, h = ops.add_layer_norm(x, self.attn_out(a), self.norm2.weight, self.norm2.bias, self.dropout, self.training)
+        out = self._after_attention(x, a)
+        if not keep_kv:
+            return out
+        # The keys come from a separate rotary pass because the fast attention may fuse rotary
+        # into its loads and never materialise them; that pass costs one read of q and k.
+        k, v = ops.rotary(qkv, cos, sin)[:, :, 1:].unbind(2)
+        return out, k, v
+
+    def _after_attention(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The block after its attention: output projection, residual add + norm, MLP, residual add."""
+        x, h = self.ops.add_layer_norm(x, self.attn_out(a), self.norm2.weight, self.norm2.bias, self.dropout,
+                                       self.training)
         return x + F.dropout(self.mlp(h), self.dropout, self.training)
 
     # -- the approximate sampler's key/value cache (radd_fast/model/kv_cache.py) --------------------
@@ -104,21 +118,10 @@ class DDiTBlock(nn.Module):
         """``forward`` that also returns this block's keys and values for a cache (inference only).
 
         x: [B, T, d]; cos, sin: [T, hd/2] -> (out, k, v): out exactly ``forward(x, cos, sin, rows)``
-        (the same ops on the same shapes, so bit-equal), k and v [B, T, h, hd] in the compute dtype,
-        k after rotary. The keys come from a separate rotary pass because the fast attention may fuse
-        rotary into its loads and never materialise them; that pass costs one read of q and k.
+        (the same code on the same shapes, so bit-equal), k and v [B, T, h, hd] in the compute
+        dtype, k after rotary.
         """
-        B, T, d = x.shape
-        ops = self.ops
-        h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias)
-        qkv = self.attn_qkv(h).view(B, T, 3, self.n_heads, d // self.n_heads)
-        a = ops.attention_with_rotary(qkv, cos, sin).reshape(B, T, d)
-        k, v = ops.rotary(qkv, cos, sin)[:, :, 1:].unbind(2)
-        if rows is not None:
-            x = x.reshape(B * T, d).index_select(0, rows)
-            a = a.reshape(B * T, d).index_select(0, rows)
-        x, h = ops.add_layer_norm(x, self.attn_out(a), self.norm2.weight, self.norm2.bias, self.dropout, self.training)
-        return x + F.dropout(self.mlp(h), self.dropout, self.training), k, v
+        return self._forward(x, cos, sin, rows, keep_kv=True)
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
@@ -143,9 +146,7 @@ class DDiTBlock(nn.Module):
         v_cache.view(B * L1, nh, hd).index_copy_(0, write, v.reshape(B * S, nh, hd).to(v_cache.dtype))
         keys, values = k_cache[:, :L1 - 1].transpose(1, 2), v_cache[:, :L1 - 1].transpose(1, 2)  # [B, h, L, hd] views
         a = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values)  # [B, h, S, hd]
-        a = a.transpose(1, 2).reshape(B, S, d)
-        x, h = ops.add_layer_norm(x, self.attn_out(a), self.norm2.weight, self.norm2.bias, self.dropout, self.training)
-        return x + F.dropout(self.mlp(h), self.dropout, self.training)
+        return self._after_attention(x, a.transpose(1, 2).reshape(B, S, d))
 
 
 class DDitFinalLayer(nn.Module):
