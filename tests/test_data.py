@@ -19,6 +19,7 @@ from radd_fast.data import (
     wikitext_detokenizer,
 )
 from radd_fast.data import datasets as datasets_module
+from radd_fast.data.tokenizers import tokenizer_mismatch
 
 
 def test_byte_tokenizer_roundtrip():
@@ -199,3 +200,13 @@ def test_cache_file_name_is_stable(tmp_path):
     p2 = datasets_module.cache_path({"source": "x"}, "x", "train", tok, tmp_path)
     p3 = datasets_module.cache_path({"source": "y"}, "x", "train", tok, tmp_path)
     assert p1 == p2 != p3 and p1.name.endswith(".uint16.bin")
+
+
+def test_tokenizer_mismatch_is_one_rule_for_every_cli():
+    """Every id a model token (train, eval); and every token an id when sampling (exact)."""
+    assert tokenizer_mismatch(256, 256, "bytes", exact=True) is None
+    assert tokenizer_mismatch(256, 300, "bytes", exact=False) is None  # spare model tokens: fine to train on
+    assert tokenizer_mismatch(256, 300, "bytes", exact=True) == \
+        "the model has 300 tokens but tokenizer 'bytes' decodes only 256 ids"
+    assert tokenizer_mismatch(50257, 256, "gpt2", exact=False) == \
+        "tokenizer 'gpt2' has 50257 ids but the model only 256 tokens"

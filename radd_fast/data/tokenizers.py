@@ -115,6 +115,20 @@ def get_tokenizer(name: str):
     return HFTokenizer(name)
 
 
+def tokenizer_mismatch(vocab_size: int, tokens: int, name, exact: bool) -> str | None:
+    """Why a tokenizer of ``vocab_size`` ids does not fit a model of ``tokens`` real tokens, or None.
+
+    Every id must be a model token (training, evaluation); ``exact``: also every model token an id
+    (sampling decodes whatever the model writes). The one rule for the three CLIs, each of which
+    raises its own error type with this message before any long work.
+    """
+    if vocab_size > tokens:
+        return f"tokenizer {str(name)!r} has {vocab_size} ids but the model only {tokens} tokens"
+    if exact and vocab_size < tokens:
+        return f"the model has {tokens} tokens but tokenizer {str(name)!r} decodes only {vocab_size} ids"
+    return None
+
+
 def default_tokenizer_name(config) -> str:
     """The tokenizer of a model config (``RADDConfig``): its ``tokenizer`` entry when it has one
     (training writes it; a ``{name: ...}`` section also works), else by vocabulary size

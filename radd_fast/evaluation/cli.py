@@ -42,7 +42,7 @@ import torch
 
 from .. import data
 from ..checkpoint import check_device, load_model
-from ..data.tokenizers import default_tokenizer_name
+from ..data.tokenizers import default_tokenizer_name, tokenizer_mismatch
 from ..errors import UserError, run_cli
 from ..losses.registry import LOSS_TYPES
 from ..sampling.schedule import METHODS
@@ -205,8 +205,11 @@ def load_blocks(dataset: str, tokenizer: str, length: int, split: str, cache_dir
     source = source or dataset
     check_dataset(source)
     try:
-        blocks = data.load_blocks(source, split, data.get_tokenizer(tokenizer), length, cache_dir=cache_dir,
-                                  detokenizer=detokenizer_of(dataset))
+        tok = data.get_tokenizer(tokenizer)
+        problem = tokenizer_mismatch(tok.vocab_size, tokens, tokenizer, exact=False)  # before any tokenising
+        if problem:
+            raise EvalError(f"{problem}: wrong --tokenizer?")
+        blocks = data.load_blocks(source, split, tok, length, cache_dir=cache_dir, detokenizer=detokenizer_of(dataset))
     except ValueError as e:  # DataError / tokenizer errors: too little text, bad split, unreadable source
         raise EvalError(str(e)) from e
     blocks = torch.from_numpy(blocks[np.arange(len(blocks))])

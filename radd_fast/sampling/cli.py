@@ -38,7 +38,7 @@ import torch
 
 from ..checkpoint import check_device, load_model
 from ..config import parse_dtype
-from ..data.tokenizers import default_tokenizer_name, get_tokenizer
+from ..data.tokenizers import default_tokenizer_name, get_tokenizer, tokenizer_mismatch
 from ..distributed import DistEnv, broadcast_object, cleanup, gather_objects, init_distributed
 from ..errors import UserError, run_cli
 from ..model.kv_cache import KVCache
@@ -263,11 +263,9 @@ def load_tokenizer(name: str | None, config):
     if name is None:
         name = default_tokenizer_name(config)
     tok = get_tokenizer(str(name))
-    if tok.vocab_size > config.tokens:
-        raise SampleArgError(f"tokenizer {name!r} has {tok.vocab_size} ids but the model only {config.tokens} tokens")
-    if tok.vocab_size < config.tokens:
-        raise SampleArgError(f"the model has {config.tokens} tokens but tokenizer {name!r} decodes only "
-                             f"{tok.vocab_size} ids")
+    problem = tokenizer_mismatch(tok.vocab_size, config.tokens, name, exact=True)
+    if problem:
+        raise SampleArgError(problem)
     return tok
 
 

@@ -54,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, parse_dtype
 from ..data import ResumableLoader, check_batch_split, get_tokenizer, load_blocks
+from ..data.tokenizers import tokenizer_mismatch
 from ..distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from ..ema import ExponentialMovingAverage
 from ..errors import UserError
@@ -170,9 +171,9 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
         remove_stale_temporaries(run_dir)
 
     tokenizer = get_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > cfg.model.tokens:
-        raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {tokenizer.vocab_size} ids but tokens = "
-                          f"{cfg.model.tokens}: set tokens={tokenizer.vocab_size}")
+    problem = tokenizer_mismatch(tokenizer.vocab_size, cfg.model.tokens, cfg.tokenizer, exact=False)
+    if problem:
+        raise ConfigError(f"{problem}: set tokens={tokenizer.vocab_size}")
     length = cfg.model.model.length
     train_loader = ResumableLoader(_blocks(cfg, cfg.data.train, "train", tokenizer, env), t.batch_size, t.seed,
                                    env.rank, env.world, t.accum, device)
