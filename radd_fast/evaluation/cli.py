@@ -266,17 +266,8 @@ def evaluate_rank(rank: int, world: int, device: torch.device, args, blocks: tor
                        static_rows=args.static_rows, compile=args.compile, cuda_graphs=args.cuda_graphs)
     if rank != 0:
         return None
-    out = {
-        "ppl": res.ppl,
-        "ppl_stderr": res.ppl_stderr,
-        "mean_loss": res.mean_loss,
-        "bits_per_token": res.bits_per_token,
-        "num_batches": res.num_batches,
-        "num_sequences": res.num_sequences,
-        "batch_losses": res.batch_losses,
-        "batch_vars": json_safe(res.batch_vars),
-        "seconds": res.seconds,
-        "sequences_timesteps_per_s": res.sequences_timesteps_per_s,
+    out = res.to_dict() | {
+        "batch_vars": json_safe(res.batch_vars),  # NaN (one draw) -> null: valid JSON
         "settings": {**settings(args), "world_size": world, "mc_per_forward": res.mc_per_forward,
                      "compute_dtype": str(model.compute_dtype).replace("torch.", ""), "backend": model.backend},
         "environment": environment(device),

@@ -47,8 +47,6 @@ SIDECAR_SUFFIX = ".sha256"
 REQUIRED_KEYS = ("model", "ema", "optimizer", "step")  # the published checkpoint's keys
 # Settings that give the saved weights and the saved data position their meaning: a resume
 # that changed one would load mismatched weights or read other batches than the run it continues.
-RESUME_KEYS = ("tokens", "tokenizer", "model.type", "model.hidden_size", "model.n_heads", "model.n_blocks",
-               "model.length", "model.scale_by_sigma", "training.batch_size")
 _TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # .checkpoint.pth.tmp<pid>, .checkpoint.pth.sha256.tmp<pid>
 _SNAPSHOT = re.compile(r"^checkpoint_(\d+)\.pth$")
 
@@ -166,13 +164,13 @@ def _pid_alive(pid: int) -> bool:
 
 # ---- what a checkpoint holds ---------------------------------------------------------------------------
 def resume_settings(cfg) -> dict:
-    """``{key: value}`` of RESUME_KEYS for a RunConfig (stored in the checkpoint as ``run``)."""
+    """The settings a resumed run must share with its checkpoint, ``{config key: value}`` for a
+    RunConfig (stored in the checkpoint as ``run``; a resume compares them key by key)."""
     model = cfg.model.model
-    values = {"tokens": cfg.model.tokens, "tokenizer": cfg.tokenizer, "model.type": model.type,
-              "model.hidden_size": model.hidden_size, "model.n_heads": model.n_heads,
-              "model.n_blocks": model.n_blocks, "model.length": model.length,
-              "model.scale_by_sigma": model.scale_by_sigma, "training.batch_size": cfg.training.batch_size}
-    return {key: values[key] for key in RESUME_KEYS}
+    return {"tokens": cfg.model.tokens, "tokenizer": cfg.tokenizer, "model.type": model.type,
+            "model.hidden_size": model.hidden_size, "model.n_heads": model.n_heads,
+            "model.n_blocks": model.n_blocks, "model.length": model.length,
+            "model.scale_by_sigma": model.scale_by_sigma, "training.batch_size": cfg.training.batch_size}
 
 
 def build_checkpoint(model, ema, optimizer, scaler, step: int, data: dict, world: int, settings: dict) -> dict:
@@ -279,7 +277,7 @@ def check_resume_settings(ckpt: dict, settings: dict, path: Path) -> None:
     saved = ckpt.get("run")
     if not isinstance(saved, dict):
         return  # an older or published checkpoint: the weights' shapes are still checked on load
-    changed = [f"{k}={saved[k]!r} -> {settings[k]!r}" for k in RESUME_KEYS if k in saved and saved[k] != settings[k]]
+    changed = [f"{k}={saved[k]!r} -> {settings[k]!r}" for k in settings if k in saved and saved[k] != settings[k]]
     if changed:
         raise CheckpointError(f"cannot resume from {path}: the run changed {', '.join(changed)} (checkpoint -> "
                               f"now); resume with the checkpoint's values or start a new run folder")
