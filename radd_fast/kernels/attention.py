@@ -178,13 +178,16 @@ def _attention_triton(qkv, cos, sin):
 
 
 def attention(qkv: torch.Tensor, impl: Optional[str] = None, cos: Optional[torch.Tensor] = None,
-              sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+              sin: Optional[torch.Tensor] = None, overwrite_qkv: bool = False) -> torch.Tensor:
     """Non-causal attention: qkv [B, T, 3, h, hd] -> out [B, T, h, hd] in qkv.dtype.
 
     impl: one of ``IMPLS``; None uses ``get_attention_impl()`` ("auto" unless set).
     cos, sin: optional [T, hd/2] fp32 rotary tables (half-split convention), applied to q, k:
         fused into the loads by the triton impl (which returns no gradient for them), else
         applied first by the rotary kernel (its fp32 math, stored in qkv's dtype).
+    overwrite_qkv: the caller has no further use for qkv, so that rotary kernel may rotate q and
+        k in place (no copy of v, no new tensor: inference). Where autograd records qkv it stays
+        out of place, so training is unaffected.
 
     >>> qkv = torch.randn(2, 16, 3, 4, 32)
     >>> attention(qkv, impl="sdpa").shape
@@ -195,7 +198,7 @@ def attention(qkv: torch.Tensor, impl: Optional[str] = None, cos: Optional[torch
     if name == "triton":  # rotary fused into the kernel's q/k loads
         return _attention_triton(qkv, cos, sin)
     if cos is not None:
-        qkv = apply_rotary_qkv(qkv, cos, sin)
+        qkv = apply_rotary_qkv(qkv, cos, sin, inplace=overwrite_qkv)
     return _PRE_ROTATED_IMPLS[name](qkv)
 
 

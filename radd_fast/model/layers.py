@@ -94,7 +94,8 @@ class DDiTBlock(nn.Module):
         ops = self.ops
         h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias)
         qkv = self.attn_qkv(h).view(B, T, 3, self.n_heads, d // self.n_heads)
-        a = ops.attention_with_rotary(qkv, cos, sin).reshape(B, T, d)
+        # qkv is needed again only for the cache's keys: otherwise rotary may rotate it in place
+        a = ops.attention_with_rotary(qkv, cos, sin, overwrite_qkv=not keep_kv).reshape(B, T, d)
         if rows is not None:
             x = x.reshape(B * T, d).index_select(0, rows)
             a = a.reshape(B * T, d).index_select(0, rows)

@@ -64,7 +64,9 @@ class ReferenceOps:
         return attention(qkv, impl="sdpa")
 
     @classmethod
-    def attention_with_rotary(cls, qkv, cos, sin):
+    def attention_with_rotary(cls, qkv, cos, sin, overwrite_qkv: bool = False):
+        """Rotary on q, k, then attention. overwrite_qkv: the caller allows qkv to be rotated in
+        place (the reference never does: it follows the published out-of-place computation)."""
         return cls.attention(cls.rotary(qkv, cos, sin))
 
 
@@ -102,8 +104,8 @@ class FastOps:
         return attention(qkv)
 
     @staticmethod
-    def attention_with_rotary(qkv, cos, sin):
-        return attention(qkv, cos=cos, sin=sin)
+    def attention_with_rotary(qkv, cos, sin, overwrite_qkv: bool = False):
+        return attention(qkv, cos=cos, sin=sin, overwrite_qkv=overwrite_qkv)
 
 
 BACKENDS = {"reference": ReferenceOps, "fast": FastOps}

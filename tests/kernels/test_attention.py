@@ -158,6 +158,23 @@ def test_unfused_impls_run_the_rotary_kernel_first(impl):
     assert torch.equal(attention(qkv, impl=impl, cos=cos, sin=sin), attention(apply_rotary_qkv(qkv, cos, sin), impl=impl))
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+def test_overwrite_qkv_rotates_in_place_only_where_nothing_records_it(impl):
+    """Inference may let rotary overwrite qkv (no v copy): the same output, qkv now rotated; with
+    autograd recording qkv the call stays out of place and qkv is untouched."""
+    qkv = make_qkv(2, 11, 2, 32)
+    cos, sin = rotary_tables(11, 32)
+    expected = attention(qkv, impl=impl, cos=cos, sin=sin)
+    rotated = apply_rotary_qkv(qkv, cos, sin)
+    work = qkv.clone()
+    with torch.no_grad():
+        out = attention(work, impl=impl, cos=cos, sin=sin, overwrite_qkv=True)
+    assert torch.equal(out, expected) and torch.equal(work, rotated)
+    leaf = qkv.clone().requires_grad_(True)
+    out = attention(leaf, impl=impl, cos=cos, sin=sin, overwrite_qkv=True)
+    assert torch.equal(leaf.detach(), qkv) and torch.equal(out.detach(), expected)
+
+
 def test_resolve_impl():
     qkv = make_qkv(1, 4, 1, 32)
     assert resolve_impl(qkv, "triton") == "triton"
