@@ -96,6 +96,22 @@ def run(device: str = "cuda", quick: bool = False) -> list:
             for mode in MODES:
                 rows.append(dict(impl=name, B=B, T=T, h=h, hd=hd, dtype=str(dtype).split(".")[-1], mode=mode,
                                  ms=ms[mode], tflops=flops(B, T, h, hd, mode) / ms[mode] * 1e-9))
+        rows += _inference_rows(qkv, cos, sin, device)
+    return rows
+
+
+def _inference_rows(qkv, cos, sin, device) -> list:
+    """The sampler's call (no autograd): rotary out of place then SDPA, against rotary in place
+    (``overwrite_qkv``: no copy of v). In place rotates the same buffer again on every call, which
+    changes its values, not its cost."""
+    B, T, _, h, hd = qkv.shape
+    work = qkv.clone()
+    rows = []
+    with torch.no_grad():
+        for name, overwrite in (("sdpa+rotary", False), ("sdpa+rotary in place", True)):
+            ms = median_ms(lambda o=overwrite: attention(work, impl="sdpa", cos=cos, sin=sin, overwrite_qkv=o), device)
+            rows.append(dict(impl=name, B=B, T=T, h=h, hd=hd, dtype=str(qkv.dtype).split(".")[-1], mode="inference",
+                             ms=ms, tflops=flops(B, T, h, hd, "fwd") / ms * 1e-9))
     return rows
 
 
