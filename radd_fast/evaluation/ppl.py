@@ -163,17 +163,20 @@ def batch_estimate(loss_fn: Callable, model, x: torch.Tensor, mc_timesteps: int,
 
 
 def make_loss_fn(model, noise, loss_type: str, sampling_eps: float = 1e-3, static_rows: bool = False,
-                 acceleration: Acceleration | None = None) -> Callable:
+                 acceleration: Acceleration | None = None, time_sampler: str | None = None) -> Callable:
     """The evaluation loss ``fn(model, x [B, L]) -> [B]`` of ``loss_type`` (model kept in eval mode).
 
     static_rows: the training step's masked-row loss (``StaticRowLoss``), whose shapes are static
     per batch shape, so that ``acceleration`` (default: eager) compiles it whole and replays it
     from CUDA graphs. The same law as the eager loss, not the same random stream. Only for the
-    losses with a planned masking (the ar_* losses are static anyway).
+    losses with a planned masking (the ar_* losses are static anyway). time_sampler: as in
+    ``get_loss_fn`` (None: the loss's own).
     """
     if static_rows and loss_type in PLANNED_LOSS_TYPES:
-        return StaticRowLoss(model, noise, loss_type, sampling_eps, acceleration or Acceleration(False, False))
-    return get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type)
+        return StaticRowLoss(model, noise, loss_type, sampling_eps, acceleration or Acceleration(False, False),
+                             time_sampler=time_sampler)
+    return get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type,
+                       time_sampler=time_sampler)
 
 
 class StaticRowLoss:
@@ -183,12 +186,14 @@ class StaticRowLoss:
     gathered into a buffer of static capacity C, so the whole loss (``planned_loss``) has one
     shape per (B, L, C): compiled once and, from its second batch on, replayed from one CUDA
     graph (``radd_fast.acceleration``). A draw that overflows C runs eagerly at its own size
-    (exact; counted in ``overflows``). capture: how a graph is made (tests emulate it).
+    (exact; counted in ``overflows``). capture: how a graph is made (tests emulate it). Always
+    without gradients: it scores, it never trains.
     """
 
     def __init__(self, model, noise, loss_type: str, sampling_eps: float, acceleration: Acceleration,
-                 capture=None):
+                 capture=None, time_sampler: str | None = None):
         self.model, self.noise, self.loss_type, self.sampling_eps = model, noise, loss_type, sampling_eps
+        self.time_sampler = time_sampler
         self.planners: dict[int, MaskPlanner] = {}
         self.graphs = GraphSet(acceleration.compiled(self._loss), model.device, acceleration.cuda_graphs,
                                what="the static-row evaluation loss", capture=capture or CapturedGraph)
@@ -198,10 +203,14 @@ class StaticRowLoss:
     def _loss(self, x, keys, counts, rate, capacity: int):
         return planned_loss(self.model, self.loss_type, self.noise, x, keys, counts, rate, capacity)
 
+    @torch.no_grad()
     def __call__(self, model, x: torch.Tensor) -> torch.Tensor:
         B, L = x.shape
+        model.eval()  # as the eager evaluation loss does (get_loss_fn(train=False)): no dropout
         check_batch(model, x, model.vocab_size)
-        planner = self.planners.setdefault(L, MaskPlanner(self.loss_type, self.noise, L, self.sampling_eps))
+        if L not in self.planners:
+            self.planners[L] = MaskPlanner(self.loss_type, self.noise, L, self.sampling_eps, self.time_sampler)
+        planner = self.planners[L]
         keys, counts, rate, capacity, overflowed = planned_inputs(planner.draw(B), (B, L), planner.capacity(B),
                                                                   x.device)
         if overflowed:  # rare: the exact path at the batch's own row count

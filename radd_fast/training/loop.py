@@ -52,14 +52,15 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
+from ..acceleration import resolve_acceleration
 from ..config import ConfigError, parse_dtype
 from ..data import ResumableLoader, check_batch_split, get_tokenizer, load_blocks
 from ..data.tokenizers import tokenizer_mismatch
 from ..distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from ..ema import ExponentialMovingAverage
 from ..errors import UserError
+from ..evaluation.ppl import make_loss_fn
 from ..flops import MFU_FORMULA, peak_flops
-from ..losses import get_loss_fn
 from ..model import RADD
 from ..noise import get_noise
 from .config import RunConfig
@@ -196,8 +197,10 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     step, resume_point = _resume(run_dir, device, settings, model, ema, optimizer, scaler, train_loader,
                                  valid_loader)
 
-    loss_kw = dict(sampling_eps=t.sampling_eps, loss_type=t.loss_type, time_sampler=t.time_sampler)
-    eval_fn = get_loss_fn(noise, model.vocab_size, train=False, **loss_kw)  # training: the static step
+    # The evaluation scores the static-row loss too: compiled and graphed like the step (same policy).
+    eval_accel = resolve_acceleration(device, t.compile, None, world_size=env.world)
+    eval_fn = make_loss_fn(model, noise, t.loss_type, t.sampling_eps, static_rows=True, acceleration=eval_accel,
+                           time_sampler=t.time_sampler)
     wrap = None
     if env.world > 1:
         def wrap(module):
