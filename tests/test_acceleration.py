@@ -205,3 +205,28 @@ def test_evaluation_compiles_the_body_for_the_run_only(monkeypatch):
     compiled = evaluate_ppl(model, LogLinearNoise(), batches, "t_DCE", 2, compile=True, progress=False)
     assert compiled.mean_loss == pytest.approx(eager.mean_loss, rel=1e-6)
     assert "hidden" not in model.__dict__  # the model's own body again
+
+
+# -- on a GPU: real CUDA graphs against the eager run (benchmarks/gpu_check runs these) ------------------------------
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU (emulated above)")
+
+
+@cuda_only
+@pytest.mark.parametrize("case", ["exact", "cached-r2", "cached-r3-unpruned"])
+def test_cuda_graph_sampler_equals_eager_on_the_gpu(case, monkeypatch):
+    monkeypatch.setattr(evaluator, "MIN_TICKS_FOR_GRAPH", 1)
+    model = _model(n_blocks=2, length=12).cuda()
+    cfg = SamplerConfig(steps=9, rows_in_flight=4, **CASES[case])
+    eager, _ = generate(model, LogLinearNoise(), 10, config=cfg.replace(cuda_graphs=False), seed=3, progress=False)
+    graphed, stats = generate(model, LogLinearNoise(), 10, config=cfg, seed=3, progress=False)
+    assert stats.cuda_graphs > 0 and torch.equal(graphed, eager)
+
+
+@cuda_only
+def test_cuda_graph_static_row_evaluation_equals_eager_on_the_gpu():
+    model, noise = _model(n_blocks=2, length=12).cuda(), LogLinearNoise()
+    x = torch.randint(0, 10, (3, 12), device="cuda")
+    eager = _static_losses(StaticRowLoss(model, noise, "lambda_DCE", 1e-3, Acceleration(False, False)), model, x, 4)
+    graphed_loss = StaticRowLoss(model, noise, "lambda_DCE", 1e-3, Acceleration(False, True))
+    graphed = _static_losses(graphed_loss, model, x, 4)
+    assert len(graphed_loss.graphs) == 1 and all(torch.equal(a, b) for a, b in zip(eager, graphed))
