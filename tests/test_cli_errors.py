@@ -148,6 +148,8 @@ if torch.cuda.is_available():
 else:
     SAMPLE_CASES["cuda without CUDA"] = (["--model_path", "{good}", "--device", "cuda"],
                                          ["CUDA is not available", "--device"])
+    SAMPLE_CASES["cuda graphs without CUDA"] = (["--model_path", "{good}", "--cuda_graphs"],
+                                                ["--cuda_graphs needs a CUDA --device"])
 
 
 @pytest.mark.parametrize("case", sorted(SAMPLE_CASES))

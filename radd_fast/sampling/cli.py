@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model kernels (default: fast on CUDA, reference elsewhere)")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (fast engine)")
+    p.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the evaluations from CUDA graphs (fast engine; default on for CUDA)")
     p.add_argument("--sampling_dtype", choices=("float32", "float64"), default="float64",
                    help="Gumbel noise dtype: float64 (the paper's protocol) or float32 (the published code's noise)")
     p.add_argument("--out", default=None, help="JSONL output path (its folder must exist)")
@@ -190,12 +192,15 @@ def check_args(args: argparse.Namespace) -> Run:
     device = _with_flag("--device", check_device, args.device)
     if args.refresh_every is not None and args.engine != "fast":
         raise SampleArgError("--refresh_every (approximate key/value reuse) needs --engine fast")
+    if args.cuda_graphs and torch.device(device).type != "cuda":
+        raise SampleArgError(f"--cuda_graphs needs a CUDA --device (got {device}); leave it unset or pass "
+                             "--no_cuda_graphs")
     infill = [parse_infill(spec) for spec in args.infill]
     num_samples = args.num_samples or args.batch_size
     try:
         sampler = SamplerConfig(steps=args.steps, method=args.method, strategy=args.strategy,
                                 strategy_para=_cli_para(args.strategy, args.strategy_para),
-                                sampling_dtype=args.sampling_dtype, compile=args.compile,
+                                sampling_dtype=args.sampling_dtype, compile=args.compile, cuda_graphs=args.cuda_graphs,
                                 rows_in_flight=args.rows_in_flight,  # None: settled once the model is loaded
                                 wave_size=args.wave_size, refresh_every=args.refresh_every)
     except ValueError as e:
