@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import bandwidth_main, median_ms
+from benchmarks.run import table_main
+from benchmarks.timing import median_ms
 
 
 def _views(cache_k, cache_v):
@@ -64,4 +65,4 @@ def run(device, quick: bool) -> list:
 
 
 if __name__ == "__main__":
-    bandwidth_main(run, __doc__)
+    table_main(run, __doc__)

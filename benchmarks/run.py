@@ -34,6 +34,17 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_main(run, description: str, argv=None) -> None:
+    """Command line of a benchmark module whose rows are not bandwidth rows: ``[--quick] [--device D]``,
+    its rows printed as one markdown table."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (what the CPU runs)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    print(json.dumps(environment()))
+    print(markdown_table(run(torch.device(args.device), args.quick)))
+
+
 def environment() -> dict:
     env = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0]}
     try:
