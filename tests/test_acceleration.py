@@ -140,6 +140,17 @@ def test_sampler_from_graphs_equals_the_eager_sampler(case, request):
         (s_eager.head_rows, s_eager.body_token_rows)
 
 
+def test_compiled_cached_sampler_equals_the_eager_one(monkeypatch):
+    """The approximate sampler's filling and cached evaluations trace under torch.compile (aot_eager:
+    the traced graphs without code generation) and give the eager samples."""
+    model = _model(n_blocks=2, length=12)
+    cfg = SamplerConfig(steps=9, rows_in_flight=4, use_kernels=False, refresh_every=2)
+    eager, _ = generate(model, LogLinearNoise(), 10, config=cfg, seed=1, progress=False)
+    monkeypatch.setattr(engine, "resolve_acceleration", lambda device, compile, graphs: Acceleration(True, False, "aot_eager"))
+    compiled, _ = generate(model, LogLinearNoise(), 10, config=cfg, seed=1, progress=False)
+    assert torch.equal(compiled, eager)
+
+
 def test_cached_sampler_captures_filling_and_cached_graphs(emulated_graphs, monkeypatch):
     model = _model(n_blocks=2, length=12)
     runners = []
