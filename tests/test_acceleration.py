@@ -199,6 +199,14 @@ def test_static_row_evaluation_compiled_equals_eager():
             assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+def test_evaluation_says_how_it_scored():
+    model = _model(n_blocks=1, length=12)
+    batches = [torch.randint(0, 10, (2, 12))]
+    assert evaluate_ppl(model, LogLinearNoise(), batches, "t_DCE", 1, progress=False).scoring == "eager"
+    static = evaluate_ppl(model, LogLinearNoise(), batches, "t_DCE", 1, static_rows=True, progress=False)
+    assert static.scoring == "static rows, eager" and static.to_dict()["scoring"] == "static rows, eager"
+
+
 def test_evaluation_graphs_need_static_rows():
     model = _model(n_blocks=1, length=12)
     with pytest.raises(ValueError, match="needs static_rows=True"):

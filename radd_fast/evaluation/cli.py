@@ -276,7 +276,7 @@ def evaluate_rank(rank: int, world: int, device: torch.device, args, blocks: tor
     path.write_text(json.dumps(out, indent=1))
     stderr = "" if res.ppl_stderr is None else f" (Monte Carlo s.e. {res.ppl_stderr:.4g})"
     print(f"Evaluation PPL: {res.ppl}")
-    print(f"split {args.split}: {res.num_sequences} blocks in {res.num_batches} batches{stderr}")
+    print(f"split {args.split}: {res.num_sequences} blocks in {res.num_batches} batches{stderr}; scored {res.scoring}")
     print(f"results written to {path}")
     return out
 

@@ -60,6 +60,7 @@ class PPLResult:
     batch_vars: list = field(default_factory=list)
     seconds: float = 0.0
     mc_per_forward: int = 1
+    scoring: str = "eager"  # how the loss ran: "eager", "static rows, compiled (inductor) + CUDA graphs", ...
 
     @property
     def sequences_timesteps_per_s(self) -> float:
@@ -310,7 +311,8 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
     mean_loss = sum(batch_losses) / len(batch_losses)
     return PPLResult(ppl=math.exp(mean_loss / length), mean_loss=mean_loss, length=length, loss_type=loss_type,
                      mc_timesteps=mc_timesteps, num_batches=len(batch_losses), num_sequences=n_seq,
-                     batch_losses=batch_losses, batch_vars=batch_vars, seconds=seconds, mc_per_forward=k)
+                     batch_losses=batch_losses, batch_vars=batch_vars, seconds=seconds, mc_per_forward=k,
+                     scoring=("static rows, " if static_rows else "") + acceleration.describe())
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
