@@ -136,6 +136,7 @@ def test_sampler_from_graphs_equals_the_eager_sampler(case, request):
     graphed, s_graphed = generate(model, LogLinearNoise(), 10, config=cfg, conditioning={3: 2}, seed=11,
                                   progress=False)
     assert torch.equal(graphed, eager)
+    assert (s_eager.acceleration, s_graphed.acceleration) == ("eager", "CUDA graphs")
     assert s_graphed.cuda_graphs > 0 and (s_graphed.head_rows, s_graphed.body_token_rows) == \
         (s_eager.head_rows, s_eager.body_token_rows)
 

@@ -65,6 +65,7 @@ class SamplingStats:
     body_token_rows_padded: int = 0  # the same, with the padding of the static shapes
     body_token_rows_exact: int = 0  # what the exact engine computes for the same evaluations (L per row evaluation)
     refresh_every: int | None = None  # None: exact; R: the approximate sampler (cached.py)
+    acceleration: str = ""  # the policy's decision: "eager", "CUDA graphs", "compiled (inductor) + CUDA graphs"
 
     @property
     def body_fraction(self) -> float:
@@ -175,7 +176,7 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     stats = SamplingStats(enfe=enfe, enfe_theory=_theory(rates, init, model.mask_id), wall_time=wall,
                           num_samples=num_samples, length=length, steps=cfg.steps, cuda_graphs=body.captured,
                           sampler=cfg.describe(), rows_in_flight=rows, refresh_every=cfg.refresh_every,
-                          capture_time=body.capture_seconds,
+                          capture_time=body.capture_seconds, acceleration=acceleration.describe(),
                           **counters.as_dict())
     if progress if summary is None else summary:
         print(stats.summary())
