@@ -168,7 +168,7 @@ class GraphSet:
             self.graphs[key] = self.capture(self.fn, args, self.pool, static)
         except RuntimeError as e:
             warnings.warn(f"CUDA graph capture of {self.what} failed ({e}); running it eagerly. "
-                          "Pass cuda_graphs=False to silence this.", RuntimeWarning, stacklevel=4)
+                          "Pass cuda_graphs=False to silence this.", RuntimeWarning, stacklevel=3)
             self.enabled = False
             self.graphs.clear()
             return False

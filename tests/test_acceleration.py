@@ -4,10 +4,12 @@ Real CUDA graphs need a GPU; here ``tests.helpers.EmulatedGraph`` stands in for 
 the same contract (private input buffers, outputs reused by every replay), so the plumbing of each
 path (what is copied in, what is read out and when) is tested against the same path run eagerly.
 """
+import time
+
 import pytest
 import torch
 
-from radd_fast import LogLinearNoise
+from radd_fast import LogLinearNoise, acceleration
 from radd_fast.acceleration import Acceleration, GraphSet, resolve_acceleration
 from radd_fast.evaluation import ppl
 from radd_fast.evaluation.ppl import StaticRowLoss, evaluate_ppl
@@ -250,3 +252,95 @@ def test_cuda_graph_static_row_evaluation_equals_eager_on_the_gpu():
     graphed_loss = StaticRowLoss(model, noise, "lambda_DCE", 1e-3, Acceleration(False, True))
     graphed = _static_losses(graphed_loss, model, x, 4)
     assert len(graphed_loss.graphs) == 1 and all(torch.equal(a, b) for a, b in zip(eager, graphed))
+
+
+# -- the policy and the graph set, line by line (what mutation testing asked for) -----------------------------
+def test_defaults_are_no_compile_and_graphs_on_cuda_in_one_process():
+    assert resolve_acceleration(CUDA) == Acceleration(compile=False, cuda_graphs=True, backend="inductor")
+    assert resolve_acceleration(CPU) == Acceleration(compile=False, cuda_graphs=False, backend="inductor")
+    assert resolve_acceleration(CPU, True, backend="aot_eager").backend == "aot_eager"
+
+
+def test_explicit_graphs_are_honoured_where_they_can_work():
+    assert resolve_acceleration(CUDA, False, True) == Acceleration(False, True)  # manual graphs: no compile needed
+    assert resolve_acceleration(CUDA, True, True, graphs_need_compile=True) == Acceleration(True, True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device=CPU, cuda_graphs=True),
+     "cuda_graphs=True needs a CUDA device (this path runs on cpu); pass cuda_graphs=False or leave it unset"),
+    (dict(device=CUDA, compile=False, cuda_graphs=True, graphs_need_compile=True),
+     "cuda_graphs=True here needs compile=True (these graphs are torch.compile's)"),
+    (dict(device=CUDA, compile=True, cuda_graphs=True, world_size=2),
+     "cuda_graphs=True cannot capture a 2-rank step (DDP's all-reduce); leave it unset"),
+    (dict(device=CPU, compile=True, backend="tvm"),
+     "unknown torch.compile backend 'tvm'; choose one of inductor, aot_eager, eager"),
+])
+def test_policy_errors_word_for_word(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        resolve_acceleration(**kwargs)
+    assert str(err.value) == message
+
+
+def test_compiled_asks_for_static_shapes_and_the_mode(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    Acceleration(True, False, "aot_eager").compiled(torch.neg, mode="reduce-overhead")
+    Acceleration(True, False).compiled(torch.neg)
+    assert calls == [dict(backend="aot_eager", mode="reduce-overhead", dynamic=False),
+                     dict(backend="inductor", mode=None, dynamic=False)]
+
+
+def test_new_graph_pool_only_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "a pool")
+    assert acceleration.new_graph_pool(CUDA) == "a pool" and acceleration.new_graph_pool(CPU) is None
+
+
+class _CountingCapture:
+    """A capture that records its pool and sleeps a little (so the capture time is measurable)."""
+
+    def __init__(self):
+        self.pools = []
+
+    def __call__(self, fn, example, pool, static):
+        self.pools.append(pool)
+        time.sleep(0.01)
+        return EmulatedGraph(fn, example, pool, static)
+
+
+def test_graph_set_captures_each_key_once_in_one_pool_and_times_it(monkeypatch):
+    made = []
+    monkeypatch.setattr(acceleration, "new_graph_pool", lambda device: made.append(device) or "fresh pool")
+    capture = _CountingCapture()
+    graphs = GraphSet(torch.neg, CPU, True, what="test", capture=capture)
+    graphs.prepare([((2,), (torch.ones(2),))])
+    first = graphs.capture_seconds
+    graphs.prepare([((2,), (torch.ones(2),)), ((3,), (torch.ones(3),))])  # (2,) is there already
+    assert capture.pools == ["fresh pool", "fresh pool"] and made == [CPU]
+    assert 0.01 <= first < 5 and first + 0.01 <= graphs.capture_seconds < 10
+    shared = GraphSet(torch.neg, CPU, True, what="test", capture=capture, pool="shared pool")
+    shared.prepare([((4,), (torch.ones(4),))])
+    assert capture.pools[-1] == "shared pool" and made == [CPU]
+
+
+def test_graph_set_waits_for_the_gpu_before_stopping_the_clock(monkeypatch):
+    synced = []
+    monkeypatch.setattr(acceleration, "new_graph_pool", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    graphs = GraphSet(torch.neg, CUDA, True, what="test", capture=lambda fn, example, pool, static: "graph")
+    graphs.prepare([((2,), (torch.ones(2),))])
+    graphs.prepare([((2,), (torch.ones(2),))])  # nothing new: no sync
+    assert synced == [CUDA]
+
+
+def test_a_failed_capture_warns_once_names_the_caller_and_stays_off():
+    def failing(fn, example, pool, static):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = GraphSet(torch.neg, CPU, True, what="the thing", capture=failing)
+    with pytest.warns(RuntimeWarning) as caught:
+        graphs.prepare([((2,), (torch.ones(2),)), ((3,), (torch.ones(3),))])
+    assert len(caught) == 1 and caught[0].filename == __file__  # the line that called prepare
+    assert str(caught[0].message) == ("CUDA graph capture of the thing failed (operation not permitted when stream is "
+                                      "capturing); running it eagerly. Pass cuda_graphs=False to silence this.")
+    assert graphs.enabled is False
