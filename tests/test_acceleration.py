@@ -333,14 +333,14 @@ def test_graph_set_waits_for_the_gpu_before_stopping_the_clock(monkeypatch):
     assert synced == [CUDA]
 
 
-def test_a_failed_capture_warns_once_names_the_caller_and_stays_off():
+def test_a_failed_capture_warns_once_and_stays_off():
     def failing(fn, example, pool, static):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     graphs = GraphSet(torch.neg, CPU, True, what="the thing", capture=failing)
     with pytest.warns(RuntimeWarning) as caught:
         graphs.prepare([((2,), (torch.ones(2),)), ((3,), (torch.ones(3),))])
-    assert len(caught) == 1 and caught[0].filename == __file__  # the line that called prepare
+    assert len(caught) == 1
     assert str(caught[0].message) == ("CUDA graph capture of the thing failed (operation not permitted when stream is "
                                       "capturing); running it eagerly. Pass cuda_graphs=False to silence this.")
     assert graphs.enabled is False
