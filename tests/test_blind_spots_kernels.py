@@ -275,6 +275,45 @@ def test_fused_backward_writes_ddelta_in_its_dtype_and_buffer():
     assert ddelta is given and torch.equal(given, dx)
 
 
+def test_launchers_keep_the_dtypes_of_their_inputs():
+    """dweight / dbias in the weights' dtype, dx in x's (fp16 here: exact enough under the interpreter)."""
+    g = torch.Generator().manual_seed(5)
+    x, dy = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
+    w, b = (t.half() for t in _affine(64))
+    _, _, mean, rstd = ln_mod.layer_norm_forward(x, w, b)
+    dx, _, dw, db = ln_mod.layer_norm_backward(dy, x, w, mean, rstd)
+    assert dx.dtype == torch.float32 and dw.dtype == db.dtype == torch.float16
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    ln_closed_form(*leaves, 1e-5).backward(dy.double())
+    assert_close(dw.double(), leaves[1].grad, atol=5e-3, rtol=2e-3, name="dweight")
+    assert_close(db.double(), leaves[2].grad, atol=5e-3, rtol=2e-3, name="dbias")
+    y, _, mean, rstd = ln_mod.layer_norm_forward(x.half(), w, b)
+    dx, _, _, _ = ln_mod.layer_norm_backward(dy.half(), x.half(), w, mean, rstd)
+    assert y.dtype == dx.dtype == torch.float16
+
+
+def test_fused_forward_writes_new_x_in_the_stream_dtype_and_buffer():
+    x, delta, (w, b) = torch.randn(4, 64), torch.randn(4, 64), _affine(64)
+    given = torch.full((4, 64), float("nan"))
+    _, new_x, _, _ = ln_mod.layer_norm_forward(x, w, b, delta=delta, new_x_out=given)
+    assert new_x is given and torch.equal(given, x + delta)
+    y, new_x, _, _ = ln_mod.layer_norm_forward(x.half(), w, b, delta=delta.half())
+    assert new_x.dtype == y.dtype == torch.float16
+    assert torch.equal(new_x, (x.half().float() + delta.half().float()).half())
+
+
+def test_row_sizes_at_both_limits():
+    y = ln_mod.layer_norm_forward(torch.randn(2, 1), torch.ones(1), torch.full((1,), 0.5))[0]
+    assert torch.equal(y, torch.full((2, 1), 0.5))  # one element: normalised to 0, then + bias
+    d = ln_mod.MAX_D
+    x = torch.randn(1, d)
+    y = ln_mod.layer_norm_forward(x, torch.ones(d), torch.zeros(d))[0]
+    assert_close(y.double(), ln_closed_form(x, torch.ones(d), torch.zeros(d), 1e-5), atol=1e-4, rtol=1e-4, name="y")
+    with pytest.raises(ValueError) as e:
+        ln_mod.layer_norm_forward(torch.randn(1, d + 1), torch.ones(d + 1), torch.zeros(d + 1))
+    assert str(e.value) == f"x: row size d={d + 1} outside [1, {d}] (a row must fit in one tile)"
+
+
 def test_layer_norm_launch_configs_are_the_tuned_ones():
     """The sweep in the launchers' comment: the forward ~4K elements a program (4 rows of 768),
     capped at 16 rows; the backward 1024 elements a tile step, 8 programs an SM; warps by width."""
