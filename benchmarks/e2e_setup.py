@@ -40,6 +40,7 @@ class Plan:
     rows_per_eval: int  # the unit of ms/eval (64: one 64 x L evaluation)
     batch_rows: tuple = (2, 4, 8)  # the batch section: rows in flight (= samples) swept per provider
     batch_steps: int = 8  # ... at this many steps (throughput, not a sampling protocol)
+    reference_max_steps: int = 1 << 30  # our reference sampler (a second column) only up to these steps
 
 
 NEVER = 1 << 30
@@ -49,9 +50,9 @@ PLANS = {
     # 64 x 1024 x 4096 steps alone would take minutes, so the cached samplers run fewer samples and
     # the table compares per-sample rates; the no-cache sampler only at <= 1024 steps.
     "small": Plan((8, 32), 32, 5, (1024, 4096), 64, ((1024, 16), (NEVER, 8)), ((1024, 8),), 16, 16, 64,
-                  (16, 32, 64, 128, 256), 64),
+                  (16, 32, 64, 128, 256), 64, 1024),
     "medium": Plan((4, 8), 8, 5, (1024, 4096), 64, ((1024, 8), (NEVER, 4)), ((1024, 4),), 16, 16, 64,
-                   (8, 16, 32, 64, 128), 64),
+                   (8, 16, 32, 64, 128), 64, 1024),
 }
 
 

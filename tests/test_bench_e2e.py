@@ -108,6 +108,7 @@ def test_plans_size_the_samplers():
     assert e2e_setup.samples_for(small.nocache_samples, 4096) == 0  # not run: minutes at 4096 steps
     assert small.fast_samples == small.rows_per_eval == 64
     assert small.train_batch == 32  # the training targets are at B = 32 x 1024
+    assert small.reference_max_steps == 1024 and e2e_setup.PLANS["quick"].reference_max_steps > 4096
 
 
 def test_out_of_memory_at_a_large_batch_is_the_limit_not_a_failure(monkeypatch):
