@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from radd_fast.kernels import layer_norm as ln_mod
 from radd_fast.kernels import rotary as rot_mod
@@ -179,9 +180,11 @@ def test_add_layer_norm_with_only_the_residual_used(monkeypatch, path):
 
 
 def test_layer_norm_rows_of_any_layout():
-    """Column-major rows and rows with a stride-2 last dim: the launcher gets a contiguous copy."""
+    """Column-major rows, a stride-2 last dim, and [2, 5, 64] with strides (5, 1, 10) (its rows merge
+    into a view whose last dim is strided): the launcher gets a contiguous copy."""
     w, b = _affine(64)
-    for x in (torch.randn(64, 3).t(), torch.randn(3, 128)[:, ::2], torch.randn(2, 64, 5).transpose(1, 2)):
+    for x in (torch.randn(64, 3).t(), torch.randn(3, 128)[:, ::2], torch.randn(2, 64, 5).transpose(1, 2),
+              torch.randn(64, 2, 5).permute(1, 2, 0)):
         assert_close(layer_norm(x, w, b, eps=EPS).double(), ln_closed_form(x, w, b, EPS), atol=1e-5, rtol=1e-5,
                      name=f"strides {x.stride()}")
 
@@ -404,6 +407,92 @@ def test_rotary_in_place_exactly_where_autograd_allows(monkeypatch, path):
         assert_close(y.detach().double(), expected, atol=1e-5, rtol=1e-5, name=case)
         if not in_place:
             assert torch.equal(qkv.detach(), original), f"{case}: the input was changed"
+
+
+def test_rotary_grads_of_any_layout_and_the_second_derivative(monkeypatch):
+    """Upstream grads whose head dim is not contiguous (stride h, stride 2) are copied before the
+    launch; through the custom op the backward's own backward is the forward rotation again."""
+    cos, sin = rot_mod.rotary_tables(5, rot_mod.rotary_inv_freq(16))
+    qkv = _rotary_input().requires_grad_(True)
+    y = rot_mod.apply_rotary_qkv(qkv, cos, sin)
+    t_innermost = torch.randn(2, 3, 3, 16, 5).permute(0, 4, 1, 2, 3)  # T has stride 1, the head dim stride 5
+    for g in (torch.randn(2, 5, 3, 16, 3).transpose(-1, -2), torch.randn(2, 5, 3, 3, 32)[..., ::2], t_innermost):
+        (dq,) = torch.autograd.grad(y, qkv, g, retain_graph=True)
+        assert_close(dq.double(), rotary_closed_form(g, conj=True), atol=1e-5, rtol=1e-5, name=f"strides {g.stride()}")
+    take_path(monkeypatch, rot_mod, "custom_op")
+    y = rot_mod.apply_rotary_qkv(qkv, cos, sin)
+    dy = torch.randn(qkv.shape).requires_grad_(True)
+    (dq,) = torch.autograd.grad(y, qkv, dy, create_graph=True)
+    w = torch.randn(qkv.shape)
+    (dq * w).sum().backward()  # d/d(dy) <R^T dy, w> = R w
+    assert_close(dy.grad.double(), rotary_closed_form(w), atol=1e-5, rtol=1e-5, name="second derivative")
+
+
+def test_rotary_inputs_with_a_strided_head_dim_on_the_kernel_path():
+    cos, sin = rot_mod.rotary_tables(5, rot_mod.rotary_inv_freq(16))
+    for qkv in (torch.randn(2, 5, 3, 3, 32)[..., ::2], torch.randn(2, 3, 3, 16, 5).permute(0, 4, 1, 2, 3)):
+        assert_close(rot_mod.apply_rotary_qkv(qkv, cos, sin).double(), rotary_closed_form(qkv), atol=1e-5, rtol=1e-5,
+                     name=f"strides {qkv.stride()}")
+
+
+def test_rotary_dispatch_eager_and_under_compilation(monkeypatch):
+    """Eager: the autograd.Function (a few us a call); compiling: the registered custom ops, which
+    torch.compile can trace (in place: radd_fast::rotary_qkv_)."""
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cos, sin = rot_mod.rotary_tables(5, rot_mod.rotary_inv_freq(16))
+    qkv = _rotary_input().requires_grad_(True)
+    assert "_RotaryFn" in type(rot_mod.apply_rotary_qkv(qkv, cos, sin).grad_fn).__name__
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert "radd_fast_rotary_qkv" in type(rot_mod.apply_rotary_qkv(qkv, cos, sin).grad_fn).__name__
+    with torch.no_grad(), Ops() as ops:
+        rot_mod.apply_rotary_qkv(qkv.detach().clone(), cos, sin, inplace=True)
+    assert "radd_fast.rotary_qkv_.default" in ops.names
+
+
+def test_rotary_reference_precision_defaults_to_fp32_math():
+    """The default is the kernel's contract: the rotation in fp32, rounded once to qkv's dtype."""
+    qkv = _rotary_input().half()
+    cos, sin = rot_mod.rotary_tables(5, rot_mod.rotary_inv_freq(16))
+    y = rot_mod.apply_rotary_qkv_ref(qkv, cos, sin)
+    assert y.dtype == torch.float16
+    assert torch.equal(y, rot_mod.apply_rotary_qkv_ref(qkv, cos, sin, published_precision=False))
+    assert not torch.equal(y, rot_mod.apply_rotary_qkv_ref(qkv, cos, sin, published_precision=True))
+    assert_close(y.double(), rotary_closed_form(qkv), atol=2e-3, rtol=1e-3, name="y")
+
+
+def test_rotary_tables_follow_the_device_asked_for_and_are_fp32():
+    inv_freq = rot_mod.rotary_inv_freq(16)
+    cos, sin = rot_mod.rotary_tables(4, inv_freq, "meta")
+    assert cos.device.type == sin.device.type == "meta" and cos.shape == (4, 8)
+    cos, sin = rot_mod.rotary_tables(4, inv_freq.double())
+    assert cos.dtype == sin.dtype == torch.float32
+    angle = torch.arange(4, dtype=torch.float64)[:, None] * inv_freq.double()
+    assert_close(cos.double(), angle.cos(), atol=1e-6, rtol=0, name="cos")
+    assert_close(sin.double(), angle.sin(), atol=1e-6, rtol=0, name="sin")
+
+
+def test_rotary_launcher_keeps_the_dtype_and_sizes_its_tile(monkeypatch):
+    """The output is in qkv's dtype; the launch configuration is chosen for the per-token tile of
+    next_power_of_2(h) x next_power_of_2(hd / 2) elements."""
+    cos, sin = rot_mod.rotary_tables(5, rot_mod.rotary_inv_freq(16))
+    qkv = _rotary_input(1, 5, 3, 16).half()
+    y = rot_mod.rotary_qkv_forward(qkv, cos, sin)
+    assert y.dtype == torch.float16
+    assert_close(y.double(), rotary_closed_form(qkv), atol=2e-3, rtol=1e-3, name="y")
+    tiles = []
+    real = rot_mod._config
+    monkeypatch.setattr(rot_mod, "_config", lambda tile: tiles.append(tile) or real(tile))
+    rot_mod.rotary_qkv_forward(_rotary_input(1, 5, 3, 16), cos, sin)  # h 3 -> 4, hd / 2 = 8
+    rot_mod.rotary_qkv_forward(_rotary_input(1, 5, 12, 64), *rot_mod.rotary_tables(5, rot_mod.rotary_inv_freq(64)))
+    assert tiles == [32, 16 * 32]
 
 
 def test_rotary_launcher_on_empty_batches():
