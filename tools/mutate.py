@@ -49,7 +49,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "radd_fast/training/optim.py": ["tests/test_blind_spots_training.py", "tests/test_train.py"],
     "radd_fast/training/step.py": ["tests/test_train_step.py", "tests/test_blind_spots_training.py",
                                    "tests/test_blind_spots_step.py"],
-    "radd_fast/evaluation/ppl.py": ["tests/test_eval.py", "tests/test_blind_spots_eval.py"],
+    "radd_fast/evaluation/ppl.py": ["tests/test_eval.py", "tests/test_blind_spots_eval.py", "tests/test_acceleration.py"],
     "radd_fast/checkpoint.py": ["tests/test_checkpoint.py", "tests/test_blind_spots_checkpoint.py"],
     # The kernel modules: only the launchers, configuration choices and *_ref references are mutated
     # (see SKIP_NAME_PATTERNS); the fallbacks and the per-card choices have their own test files.
@@ -71,7 +71,12 @@ MODULE_FILTERS: dict[str, str] = {
     "radd_fast/sampling/batching.py": "not engine and not reference_samplers",
     "radd_fast/sampling/conditioning.py": "not engine and not reference_samplers",
     "radd_fast/training/optim.py": "not resume and not ddp and not train_py and not other_losses",
-    "radd_fast/evaluation/ppl.py": "not cli and not expectation and not ar_forward_equals",
+    # (test_acceleration.py: the static-row loss from emulated graphs; its compile tests trace trampolines)
+    "radd_fast/evaluation/ppl.py": ("not cli and not expectation and not ar_forward_equals"
+                                    " and not static_row_evaluation_compiled and not compiled_cached"),
+    # the real torch.compile of the step (7-8 s a mutant, and through mutmut's trampolines):
+    # tests/test_blind_spots_step.py checks the compile decision with the policy's compile recorded
+    "radd_fast/training/step.py": "not compiled_step and not compiles_to_one_graph",
     # torch.compile cannot trace mutmut's trampolines (the compile tests fail on every mutant, so
     # they would mask the rest; tests/test_blind_spots_kernels.py takes the custom-op path eagerly
     # instead); torch.library.opcheck checks the op registrations, which are not mutated, at 2-3 s a
