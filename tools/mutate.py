@@ -13,6 +13,7 @@ and the checkout is shared. Only the module's own test files run per mutant
 
     python tools/mutate.py radd_fast/sampling/strategies.py      # one module
     python tools/mutate.py --all --report benchmarks/results/mutation_2026-12-01.md
+    python tools/mutate.py radd_fast/noise.py --recheck tests/test_new.py   # survivors vs new tests
     make mutate MODULE=radd_fast/noise.py
 
 Needs ``pip install mutmut==3.8.1`` (not part of ``make test``).
@@ -185,7 +186,13 @@ def prepare_workdir(module: str, workdir: Path) -> Path:
         elif src.exists():
             shutil.copy2(src, dest / name)
     tests = [t for t in MODULE_TESTS[module] if (REPO / t).exists()]
-    config = "\n".join([
+    (dest / "setup.cfg").write_text(mutmut_config(module, tests))
+    return dest
+
+
+def mutmut_config(module: str, tests: list[str]) -> str:
+    """The ``setup.cfg`` mutmut reads: ``module`` mutated, each mutant against ``tests`` (filtered)."""
+    return "\n".join([
         "[mutmut]",
         "source_paths = radd_fast",
         f"only_mutate = {module}",
@@ -199,8 +206,44 @@ def prepare_workdir(module: str, workdir: Path) -> Path:
         "timeout_multiplier = 10.0",  # the CPUs are shared: a slow test is not a hung mutant
         "",
     ])
-    (dest / "setup.cfg").write_text(config)
-    return dest
+
+
+def recheck(module: str, workdir: Path, tests: list[str], max_children: int) -> None:
+    """Run the last run's survivors (and the mutants no test reached) again, against ``tests`` only.
+
+    For after writing tests: every other verdict stands, and the survivors already passed every
+    test of the full run, so the new test files are all they need to meet. The tests are copied
+    in from the checkout (with the module's own and the shared helpers); the mapping of tests to
+    functions is collected afresh for them (dropping mutmut-stats.json also keeps mutmut from
+    resetting the old verdicts over the changed test selection).
+    """
+    dest = workdir_of(module, workdir)
+    if not (dest / "mutants").exists():
+        raise SystemExit(f"error: no run of {module} in {dest} to recheck; run it first")
+    missing = [t for t in tests if not (REPO / t).exists()]
+    if missing:
+        raise SystemExit(f"error: --recheck: no such test file {', '.join(missing)}")
+    for name in {*tests, *MODULE_TESTS[module], "tests/helpers.py", "tests/conftest.py"}:
+        if (REPO / name).exists():
+            for base in (dest, dest / "mutants"):
+                shutil.copy2(REPO / name, base / name)
+    config = mutmut_config(module, tests)
+    for base in (dest, dest / "mutants"):
+        (base / "setup.cfg").write_text(config)
+    (dest / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    statuses = parse_results(mutmut(["results", "--all", "true"], dest).stdout)
+    names = [n for n, s in statuses.items() if s in ("survived", "no tests")]
+    print(f"rechecking {len(names)} mutants of {module} against {', '.join(tests)}", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    if names:
+        mutmut(["run", "--max-children", str(max_children), *names], dest, log=dest / "mutmut-recheck.log")
+    _add_seconds(dest, time.monotonic() - start)
+
+
+def _add_seconds(dest: Path, seconds: float) -> None:
+    """Keep the module's run time (full run plus rechecks) next to its results."""
+    path = dest / "run-seconds"
+    path.write_text(str(float(path.read_text()) + seconds if path.exists() else seconds))
 
 
 def mutmut(args: list[str], cwd: Path, log: Path | None = None) -> subprocess.CompletedProcess:
@@ -304,6 +347,7 @@ def run_module(module: str, workdir: Path, equivalents: dict[str, Equivalent], m
     if rerun:
         print(f"mutating {module} in {dest} (log: {log})", file=sys.stderr, flush=True)
         returncode = mutmut(["run", "--max-children", str(max_children)], dest, log=log).returncode
+        _add_seconds(dest, time.monotonic() - start)
     result = ModuleResult(module)
     statuses = parse_results(mutmut(["results", "--all", "true"], dest).stdout)
     if not statuses:
@@ -327,7 +371,9 @@ def run_module(module: str, workdir: Path, equivalents: dict[str, Equivalent], m
         else:
             result.other.append((name, status))
     result.seconds = time.monotonic() - start
-    if not rerun and log.exists():  # the run's own duration: from writing its config to its last log line
+    if (dest / "run-seconds").exists():  # the runs' own durations (full run + rechecks)
+        result.seconds = float((dest / "run-seconds").read_text())
+    elif not rerun and log.exists():  # an older run: from writing its config to its last log line
         result.seconds = log.stat().st_mtime - (dest / "setup.cfg").stat().st_mtime
     return result
 
@@ -376,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, help="write the markdown report here (default: print it)")
     parser.add_argument("--diffs", action="store_true", help="print each survivor's full diff")
     parser.add_argument("--no-run", action="store_true", help="re-read the last run in --workdir (report only)")
+    parser.add_argument("--recheck", nargs="+", metavar="TEST_FILE",
+                        help="after writing tests: run the last run's survivors again against these test files "
+                             "only, then report")
     args = parser.parse_args(argv)
     modules = (CORE_MODULES if args.all else []) + args.modules
     if not modules:
@@ -383,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("mutmut") is None:
         raise SystemExit("error: mutmut is not installed: pip install mutmut==3.8.1 (or the [mutate] extra)")
     equivalents = load_equivalents()
-    results = [run_module(m, args.workdir, equivalents, args.max_children, rerun=not args.no_run) for m in modules]
+    for module in modules if args.recheck else []:
+        recheck(module, args.workdir, args.recheck, args.max_children)
+    rerun = not (args.no_run or args.recheck)
+    results = [run_module(m, args.workdir, equivalents, args.max_children, rerun=rerun) for m in modules]
     text = report(results, time.strftime("%Y-%m-%d"))
     if args.report:
         args.report.write_text(text)
