@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from radd_fast import RADD, LogLinearNoise, ModelConfig, RADDConfig
-from radd_fast.model.head import RevealSampler
+from radd_fast.acceleration import Acceleration
+from radd_fast.model.head import RevealSampler, noise_key
 from radd_fast.model.kv_cache import KVCache, hidden_cached, hidden_filling
-from radd_fast.sampling import SamplerConfig, generate
+from radd_fast.sampling import SamplerConfig, engine, evaluator, generate
+from radd_fast.sampling.batching import plan_ticks
 from radd_fast.sampling.cached import CachedWave, assign_slots
 from radd_fast.sync_counter import SyncCounter
 
-from .helpers import assert_close
+from .helpers import EmulatedGraph, assert_close
 from .test_sampling_syncs import AT_END, PER_WAVE
 from .test_sampling_utils import tiny_model
 
@@ -231,3 +233,135 @@ def test_the_quality_benchmark_measures_no_kl_where_caching_is_exact():
     assert abs(kl_one[3]["kl"]) < 1e-9 and abs(kl_one[bench.NEVER]["kl"]) < 1e-9
     assert kl_two[bench.NEVER]["kl"] > 1e-9
     assert 0 < kl_two[3]["tf_body_fraction"] < 1
+
+
+# -- the wave's plan in detail (from a mutation run of cached.py) ---------------------------------------------------
+HAND_GROUP = np.array([[0, 1, 1, 2, 3, 3, -1, 4],
+                       [0, 0, 0, 0, 0, 0, -1, 0],
+                       [2, 1, 0, 3, 4, 5, -1, 6],
+                       [1, 0, 1, 0, 1, 0, -1, 1]], dtype=np.int32)
+
+
+def _hand_wave(R: int, rows_in_flight: int, buckets: bool = True, cache_length: int | None = None) -> CachedWave:
+    group = torch.from_numpy(HAND_GROUP)
+    K = group.max(dim=1).values + 1
+    L = group.shape[1]
+    x0 = torch.where(group >= 0, 7, 3)
+    model = tiny_model(tokens=7, length=L)
+    cache = KVCache.allocate(model, rows_in_flight, cache_length or L)
+    return CachedWave(x0, group, K, rows_in_flight, buckets, R, cache)
+
+
+def _is_pow2_or_zero(a) -> bool:
+    a = np.asarray(a)
+    return bool(((a == 0) | ((a & (a - 1)) == 0)).all())
+
+
+def test_shapes_used_counts_every_tick_exactly():
+    wave = _hand_wave(R=2, rows_in_flight=2)
+    fills, cached = wave.shapes_used(prune=True)
+    expected_fills, expected_cached = {}, {}
+    for t in range(wave.ticks):
+        if wave.full_b[t]:
+            key = (int(wave.full_b[t]), 8, int(wave.full_P[t]))
+            expected_fills[key] = expected_fills.get(key, 0) + 1
+        if wave.cached_b[t]:
+            key = (int(wave.cached_b[t]), int(wave.cached_S[t]))
+            expected_cached[key] = expected_cached.get(key, 0) + 1
+    assert fills == expected_fills and cached == expected_cached
+    assert sum(fills.values()) == int((wave.full_b > 0).sum()) and sum(cached.values()) == int((wave.cached_b > 0).sum())
+    unpruned, _ = wave.shapes_used(prune=False)
+    assert sum(unpruned.values()) == sum(fills.values()) and all(len(key) == 2 for key in unpruned)
+
+
+@pytest.mark.parametrize("buckets", [True, False])
+def test_padded_shapes_and_counts_add_up(buckets):
+    wave = _hand_wave(R=3, rows_in_flight=3, buckets=buckets)
+    B = wave.plan.rows.shape[1]
+    n_full, n_cached = (wave.full_k >= 0).sum(axis=1), (wave.cached_k >= 0).sum(axis=1)
+    assert bool(((wave.full_b > 0) == (n_full > 0)).all()) and bool((wave.full_b >= n_full).all())
+    assert bool((wave.cached_b == np.where(n_cached > 0, B, 0)).all())
+    assert int(wave.eval_rows_padded) == int(wave.full_b.sum() + wave.cached_b.sum())
+    assert bool((wave.head_n == wave.full_N + wave.cached_N).all())
+    assert bool((wave.head_p == wave.full_P + wave.cached_P).all())
+    assert bool((wave.full_P >= wave.full_N).all()) and bool((wave.cached_P >= wave.cached_N).all())
+    if buckets:
+        assert _is_pow2_or_zero(wave.full_P) and _is_pow2_or_zero(wave.cached_P)
+        assert all(_is_pow2_or_zero(s) or s == 8 for s in wave.cached_S)  # a power of two, at most L
+    else:
+        assert bool((wave.full_P == wave.full_N).all()) and bool((wave.cached_P == wave.cached_N).all())
+
+
+def test_ticks_without_full_rows_evaluate_no_full_batch():
+    wave = _hand_wave(R=4, rows_in_flight=1)  # one row at a time: most ticks are cached only
+    no_full = [t for t in range(wave.ticks) if not (wave.full_k[t] >= 0).any()]
+    assert no_full and all(wave.full_b[t] == 0 and wave.full_N[t] == 0 for t in no_full)
+
+
+def test_the_plan_without_buckets_is_the_exact_engines():
+    wave = _hand_wave(R=2, rows_in_flight=3, buckets=False)
+    K = HAND_GROUP.max(axis=1) + 1
+    exact = plan_ticks(K, 3, pad_row=4, buckets=False)
+    assert np.array_equal(wave.plan.batch, exact.batch) and np.array_equal(wave.plan.rows, exact.rows)
+
+
+def test_a_cache_of_the_wrong_length_is_refused():
+    with pytest.raises(ValueError) as err:
+        _hand_wave(R=2, rows_in_flight=2, cache_length=9)
+    assert str(err.value) == "the cache holds 2 rows of 9 positions; this wave needs 2 of 8"
+
+
+def test_a_wave_with_nothing_to_reveal():
+    x0 = torch.full((2, 5), 3)
+    group = torch.full((2, 5), -1, dtype=torch.int32)
+    model = tiny_model(tokens=7, length=5)
+    wave = CachedWave(x0, group, torch.zeros(2, dtype=torch.int64), 2, True, 2, KVCache.allocate(model, 2, 5))
+    assert wave.ticks == 0 and wave.body_token_rows == wave.eval_rows == wave.eval_rows_padded == 0
+    assert wave.cached_S.shape == (0,) and wave.shapes_used(True) == ({}, {})
+
+
+def test_assign_slots_on_a_hand_plan():
+    # ticks x places; k = -2 is padding. Row 0 lives at ticks 0-1, row 1 at tick 0, row 2 at ticks 1-2.
+    rows = np.array([[0, 1], [0, 2], [5, 2]])
+    k = np.array([[0, 0], [1, 0], [-2, 1]])
+    K = np.array([2, 1, 2, 0, 0])
+    slot = assign_slots(rows, k, K, n_slots=2, dump=9)
+    assert slot.tolist() == [0, 1, 1, 9, 9, 9]  # row 2 takes the slot row 1 freed; R + 1 entries, the last the dump
+
+
+def test_every_evaluation_advances_the_bar_once():
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    class Body:
+        def prepare_cached(self, fills, cached):
+            pass
+
+    wave = _hand_wave(R=2, rows_in_flight=2)
+    calls = []
+    wave.evaluate = lambda t, body, head, strategy, key, prune: calls.append((t, key, prune))
+    bar = Bar()
+    wave.run(Body(), None, None, seed=3, first_evaluation=10, bar=bar, prune=True)
+    assert bar.n == wave.ticks == len(calls)
+    assert [key for _, key, _ in calls] == [noise_key(3, 10 + t) for t in range(wave.ticks)]
+    assert all(prune is True for _, _, prune in calls)
+
+
+def test_emulated_graphs_of_the_cached_sampler_are_all_replayed(monkeypatch):
+    monkeypatch.setattr(engine, "resolve_acceleration", lambda device, compile, graphs: Acceleration(False, True))
+    monkeypatch.setattr(evaluator, "CapturedGraph", EmulatedGraph)
+    monkeypatch.setattr(evaluator, "MIN_TICKS_FOR_GRAPH", 1)
+    runners = []
+    original = evaluator.BodyRunner.prepare_cached
+    monkeypatch.setattr(evaluator.BodyRunner, "prepare_cached",
+                        lambda self, fills, cached: runners.append(self) or original(self, fills, cached))
+    for prune in (True, False):
+        runners.clear()
+        generate(_model(2, 12), LogLinearNoise(), 8, steps=9, rows_in_flight=4, refresh_every=3, use_kernels=False,
+                 prune_last_block=prune, seed=2, progress=False)
+        replays = {key: g.replays for s in runners[0]._sets for key, g in s.graphs.items()}
+        assert {key[0] for key in replays} >= {"fill", "cached"} and min(replays.values()) >= 1, replays
+        assert all(len(key) == (4 if prune else 3) for key in replays if key[0] == "fill")
