@@ -597,7 +597,8 @@ def test_sampling_update_launcher_messages():
     assert _su_error(update, logits.double()) == "logits must be fp32 [N, n_vocab], got torch.float64 (3, 4)"
     assert _su_error(update, logits[0]) == "logits must be fp32 [N, n_vocab], got torch.float32 (4,)"
     assert _su_error(update, torch.zeros(4, 3).t()) == "logits need unit stride along the vocabulary"
-    assert update(torch.zeros(4, 1).t().t()).tolist() == [0, 0, 0, 0]  # one class: any stride
+    assert _su_error(update, torch.zeros(2, 4).t()) == "logits need unit stride along the vocabulary"  # 2 classes
+    assert update(torch.zeros(3, 4).t()[:, :1]).tolist() == [0, 0, 0, 0]  # one class: any stride
     assert _su_error(update, torch.zeros(3, 0)) == "logits need at least one class"
 
 
@@ -624,6 +625,8 @@ def test_sampling_update_destination_and_noise_messages():
     assert _su_error(update, logits, noise=noise.double()) == "noise must be torch.float32 (fp64=False), got torch.float64"
     assert _su_error(update, logits, noise=noise.to("meta")) == "noise on meta, inputs on cpu"
     assert _su_error(update, logits, noise=torch.zeros(4, 3).t()) == "noise needs unit stride along the vocabulary"
+    assert _su_error(update, torch.zeros(3, 2), noise=torch.zeros(2, 3).t()) == (
+        "noise needs unit stride along the vocabulary")
     assert update(torch.zeros(3, 1), noise=torch.zeros(1, 3).t()).tolist() == [0, 0, 0]  # one class: any stride
 
 
@@ -685,6 +688,47 @@ def test_sampling_head_config_on_a_card(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
     cfg = su._head_config(128, 768, 50257, False, torch.bfloat16, torch.device("cuda", 0))
     assert cfg == su.HeadConfig(64, 128, 64, 197, 8, 3)
+
+
+def test_balanced_splits():
+    """ceil(V / block_v) tiles; enough splits for 4 programs an SM over the row tiles (at least 1, at
+    most every tile), then balanced: ceil(tiles / ceil(tiles / splits)). Ints: they size a grid."""
+    cases = {(128, 64, 50257, 128, 132): 197, (1, 16, 50257, 128, 132): 393, (100_000, 64, 50257, 128, 132): 1,
+             (1000, 64, 50257, 128, 100): 25, (1000, 64, 50257, 128, 101): 25, (3, 16, 1000, 128, 2): 8,
+             (64, 64, 129, 128, 1): 2}
+    got = {key: su._balanced_splits(*key) for key in cases}
+    assert got == cases and all(type(v) is int for v in got.values())
+
+
+def test_sampling_head_shared_memory_estimate():
+    """pipeline_buffers copies of one d step's h and W tiles: 3 on sm_90 for 16-bit (wgmma), else
+    num_stages - 1; (64 + 128) x 64 elements a step."""
+    cfg = su.HeadConfig(64, 128, 64, 197, 8, 3)
+    step = (64 + 128) * 64
+    assert su.head_smem_bytes(cfg, (9, 0), torch.bfloat16) == 3 * step * 2
+    assert su.head_smem_bytes(cfg, (8, 0), torch.bfloat16) == 2 * step * 2
+    assert su.head_smem_bytes(cfg, (9, 0), torch.float32) == 2 * step * 4
+    assert su.head_smem_bytes(su.HeadConfig(16, 128, 64, 1, 4, 2), (8, 9), torch.float16) == (16 + 128) * 64 * 2
+    assert type(su.head_smem_bytes(cfg, (9, 0), torch.bfloat16)) is int
+
+
+@pytest.mark.parametrize("path", ["kernel", "fallback"])
+def test_sampler_noise_is_the_materialised_noise_of_its_seed(monkeypatch, path):
+    """Without explicit noise the samplers draw gumbel_noise(seed) in fp32 (fp64 when asked):
+    tokens = argmax(logits + gumbel_noise(N, V, seed)); the default seed is 0."""
+    take_path(monkeypatch, su, path)
+    g = torch.Generator().manual_seed(9)
+    logits, h = torch.randn(40, 30, generator=g), torch.randn(40, 16, generator=g)
+    w, b = torch.randn(31, 16, generator=g), torch.randn(31, generator=g)
+    head_logits = h @ w[:30].t() + b[:30]
+    for fp64, dtype in ((False, torch.float32), (True, torch.float64)):
+        noise = su.gumbel_noise(40, 30, seed=5, device="cpu", fp64=fp64)
+        expected = (logits.to(dtype) + noise).argmax(-1)
+        assert torch.equal(su.logits_sample_update(logits, seed=5, fp64=fp64), expected), fp64
+        expected = (head_logits.to(dtype) + noise).argmax(-1)
+        assert (su.head_sample_update(h, w, b, 30, seed=5, fp64=fp64) == expected).float().mean() > 0.95, fp64
+    assert torch.equal(su.logits_sample_update(logits), su.logits_sample_update(logits, seed=0))
+    assert not torch.equal(su.logits_sample_update(logits), su.logits_sample_update(logits, seed=1))
 
 
 def test_finalize_blocks():
