@@ -11,7 +11,7 @@ from radd_fast.model.head import RevealSampler, noise_key
 from radd_fast.model.kv_cache import KVCache, hidden_cached, hidden_filling
 from radd_fast.sampling import SamplerConfig, engine, evaluator, generate
 from radd_fast.sampling.batching import plan_ticks
-from radd_fast.sampling.cached import CachedWave, assign_slots
+from radd_fast.sampling.cached import CachedWave, _sub_batch, assign_slots
 from radd_fast.sync_counter import SyncCounter
 
 from .helpers import EmulatedGraph, assert_close
@@ -298,11 +298,14 @@ def test_ticks_without_full_rows_evaluate_no_full_batch():
     assert no_full and all(wave.full_b[t] == 0 and wave.full_N[t] == 0 for t in no_full)
 
 
-def test_the_plan_without_buckets_is_the_exact_engines():
-    wave = _hand_wave(R=2, rows_in_flight=3, buckets=False)
+@pytest.mark.parametrize("buckets", [True, False])
+def test_the_plan_is_the_exact_engines(buckets):
+    # 4 rows in flight: the tail has 3 active rows, which buckets pad to 4
+    wave = _hand_wave(R=2, rows_in_flight=4, buckets=buckets)
     K = HAND_GROUP.max(axis=1) + 1
-    exact = plan_ticks(K, 3, pad_row=4, buckets=False)
+    exact = plan_ticks(K, 4, pad_row=4, buckets=buckets)
     assert np.array_equal(wave.plan.batch, exact.batch) and np.array_equal(wave.plan.rows, exact.rows)
+    assert (3 in wave.plan.batch.tolist()) is not buckets
 
 
 def test_a_cache_of_the_wrong_length_is_refused():
@@ -365,3 +368,17 @@ def test_emulated_graphs_of_the_cached_sampler_are_all_replayed(monkeypatch):
         replays = {key: g.replays for s in runners[0]._sets for key, g in s.graphs.items()}
         assert {key[0] for key in replays} >= {"fill", "cached"} and min(replays.values()) >= 1, replays
         assert all(len(key) == (4 if prune else 3) for key in replays if key[0] == "fill")
+
+
+def test_sub_batches_keep_plan_order_at_any_width():
+    """The full rows of a tick keep their plan order (a stable sort): with many rows in flight an
+    unstable sort would reorder them, and with them the head rows and their noise."""
+    rng = np.random.default_rng(0)
+    take = rng.random((3, 64)) < 0.5
+    rows = np.tile(np.arange(64), (3, 1))
+    k = np.zeros((3, 64), dtype=np.int64)
+    sub_rows, sub_k = _sub_batch(rows, k, take, pad_row=99)
+    for t in range(3):
+        n = int(take[t].sum())
+        assert sub_rows[t, :n].tolist() == np.nonzero(take[t])[0].tolist()
+        assert bool((sub_rows[t, n:] == 99).all()) and bool((sub_k[t, n:] == -2).all()) and sub_k.dtype == np.int32
