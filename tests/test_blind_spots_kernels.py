@@ -559,6 +559,8 @@ def test_row_chunks_boundaries():
     assert [(r0, r1) for r0, r1, _ in su.row_chunks(1792, 2**20, seed=5)] == [(0, 1791), (1791, 1792)]
     # more classes than int32 offsets: one row a launch (never zero rows)
     assert [(r0, r1) for r0, r1, _ in su.row_chunks(3, 2**32, seed=1)] == [(0, 1), (1, 2), (2, 3)]
+    # one class: (2^31 - 1) - 256 rows fit one launch
+    assert su.row_chunks(2**31 - 1 - 256, 1, seed=3) == [(0, 2**31 - 1 - 256, 3)]
     # a single launch keys Philox with the seed itself, as a non-negative int64
     assert su.row_chunks(4, 0, seed=-1) == [(0, 4, 2**63 - 1)]
     assert su.row_chunks(4, 100, seed=2**64 + 3) == [(0, 4, 3)]
@@ -585,6 +587,7 @@ def test_sampling_update_launcher_messages():
     assert _su_error(head, h, w, b[:4], 4) == "bias must be [C=5], got (4,)"
     assert _su_error(head, h, w, b, 6) == "n_vocab must be in [1, C=5], got 6"
     assert _su_error(head, h, w, b, 0) == "n_vocab must be in [1, C=5], got 0"
+    assert head(h, w, b, 1).tolist() == [0, 0, 0] and head(h, w, b, 5).shape == (3,)  # both ends allowed
     assert _su_error(head, h, w, b.to("meta"), 4) == "h, weight, bias on different devices"
     assert _su_error(head, h, w.to("meta"), b, 4) == "h, weight, bias on different devices"
     strided = torch.randn(16, 3).t()
@@ -645,6 +648,12 @@ def test_sampling_update_empty_batches(monkeypatch, path):
     assert torch.equal(x_flat, torch.arange(6))
 
 
+def test_kernel_noise_of_one_row_is_the_first_row_of_more():
+    """Philox is keyed by (seed, row * V + col): one row's noise is the first row of two rows' noise."""
+    one, two = su.gumbel_noise(1, 37, seed=4, device="cpu"), su.gumbel_noise(2, 37, seed=4, device="cpu")
+    assert torch.isfinite(one).all() and torch.equal(one[0], two[0]) and not torch.equal(two[0], two[1])
+
+
 def test_fallback_noise_is_gumbel_ref_keyed_by_the_seed(monkeypatch):
     take_path(monkeypatch, su, "fallback")
     for fp64, dtype in ((False, torch.float32), (True, torch.float64)):
@@ -667,6 +676,27 @@ def test_references_add_in_fp64_when_asked():
     assert x_flat.tolist() == [0, 0, 1, 0]
 
 
+def test_head_kernel_over_two_vocabulary_splits(monkeypatch):
+    """With the vocabulary in two splits (as on CUDA), the best of the splits wins: a tie broken by
+    1e-12 only in fp64 goes to the later split's class; in fp32 to the first class."""
+    monkeypatch.setattr(su, "_head_config", lambda *args: su.HeadConfig(16, 16, 16, 2, 4))
+    h, w, b = torch.ones(1, 16), torch.zeros(33, 16), torch.zeros(33)  # logits all 0 over 32 classes
+    noise = torch.zeros(1, 32, dtype=torch.float64)
+    noise[0, 20] = 1e-12  # class 20 lives in the second split
+    assert su.head_sample_update(h, w, b, 32, noise=noise, fp64=True).tolist() == [20]
+    assert su.head_sample_update(h, w, b, 32, noise=noise.float()).tolist() == [20]  # 1e-12 > 0 in fp32 too
+    noise = torch.full((2, 32), -1.0, dtype=torch.float64)
+    noise[:, 3], noise[0, 25], noise[1, 17] = 0.5, 0.5 + 1e-9, 0.75
+    assert su.head_sample_update(torch.ones(2, 16), w, b, 32, noise=noise, fp64=True).tolist() == [25, 17]
+
+
+def test_reference_adds_in_fp32_unless_asked():
+    """fp64 noise with fp64=False is rounded to fp32 first: 1 + 1e-12 is then a tie (first class)."""
+    tie = torch.tensor([[0.0, 1e-12]], dtype=torch.float64)
+    assert su.logits_sample_update_ref(torch.ones(1, 2), None, None, tie).tolist() == [0]
+    assert su.logits_sample_update_ref(torch.ones(1, 2), None, None, tie, fp64=True).tolist() == [1]
+
+
 def test_sampling_head_configs():
     cpu = torch.device("cpu")
     assert su._head_config(5, 20, 17, False, torch.float32, cpu) == su.HeadConfig(16, 32, 32, 1, 4)
@@ -684,10 +714,27 @@ def test_sampling_head_config_on_a_card(monkeypatch):
     class Props:
         multi_processor_count = 132
 
-    monkeypatch.setattr(su, "card_of", lambda device: ((9, 0), 227 * 1024))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    cfg = su._head_config(128, 768, 50257, False, torch.bfloat16, torch.device("cuda", 0))
+    gpu = torch.device("cuda", 0)
+    card = {"capability": (9, 0), "smem": 227 * 1024}
+
+    def card_of(device):
+        assert device == gpu
+        return card["capability"], card["smem"]
+
+    def properties(device):
+        assert device == gpu
+        return Props()
+
+    monkeypatch.setattr(su, "card_of", card_of)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    cfg = su._head_config(128, 768, 50257, False, torch.bfloat16, gpu)
     assert cfg == su.HeadConfig(64, 128, 64, 197, 8, 3)
+    # an L4 (sm_89, 99 KB): the card's limit, the dtype and fp64 all reach head_config_for
+    card.update(capability=(8, 9), smem=99 * 1024)
+    for dtype, fp64 in ((torch.bfloat16, True), (torch.float32, False)):
+        cfg = su._head_config(128, 768, 50257, fp64, dtype, gpu)
+        assert cfg == su.head_config_for((8, 9), 99 * 1024, dtype, 128, 768, 50257, fp64, 132), (dtype, fp64)
+    assert su._head_config(128, 768, 50257, True, torch.bfloat16, gpu).block_n == 32  # fp64: 32 rows a tile
 
 
 def test_balanced_splits():
@@ -727,6 +774,15 @@ def test_sampler_noise_is_the_materialised_noise_of_its_seed(monkeypatch, path):
         assert torch.equal(su.logits_sample_update(logits, seed=5, fp64=fp64), expected), fp64
         expected = (head_logits.to(dtype) + noise).argmax(-1)
         assert (su.head_sample_update(h, w, b, 30, seed=5, fp64=fp64) == expected).float().mean() > 0.95, fp64
+    # explicit noise is the noise used, added in fp64 when asked (1 + 1e-12 is 1 in fp32)
+    tie = torch.tensor([[0.0, 1e-12]], dtype=torch.float64)
+    assert su.logits_sample_update(torch.ones(1, 2), noise=tie, fp64=True).tolist() == [1]
+    assert su.logits_sample_update(torch.ones(1, 2), noise=tie.float()).tolist() == [0]
+    assert su.logits_sample_update(torch.zeros(2, 3), noise=torch.tensor([[0.0, 0.0, 5.0], [7.0, 0.0, 0.0]])).tolist() == [2, 0]
+    h1, w1, b1 = torch.ones(1, 2), torch.zeros(3, 2), torch.ones(3)  # head logits [1, 1] over 2 classes
+    assert su.head_sample_update(h1, w1, b1, 2, noise=tie, fp64=True).tolist() == [1]
+    assert su.head_sample_update(h1, w1, b1, 2, noise=torch.tensor([[3.0, 0.0]])).tolist() == [0]
+    assert torch.equal(su.head_sample_update(h, w, b, 30), su.head_sample_update(h, w, b, 30, seed=0))
     assert torch.equal(su.logits_sample_update(logits), su.logits_sample_update(logits, seed=0))
     assert not torch.equal(su.logits_sample_update(logits), su.logits_sample_update(logits, seed=1))
 
@@ -735,4 +791,5 @@ def test_finalize_blocks():
     """At most 8192 partials a program, at most 64 rows, both powers of two and at least 2."""
     cases = {(1, 1): (2, 2), (3, 1): (4, 2), (100, 197): (32, 256), (1000, 512): (16, 512),
              (1000, 1024): (8, 1024), (1000, 20000): (2, 32768), (1000, 2): (64, 2), (5, 3): (8, 4)}
-    assert {key: su.finalize_blocks(*key) for key in cases} == cases
+    got = {key: su.finalize_blocks(*key) for key in cases}
+    assert got == cases and all(type(a) is int and type(b) is int for a, b in got.values())
