@@ -688,6 +688,10 @@ def test_head_kernel_over_two_vocabulary_splits(monkeypatch):
     noise = torch.full((2, 32), -1.0, dtype=torch.float64)
     noise[:, 3], noise[0, 25], noise[1, 17] = 0.5, 0.5 + 1e-9, 0.75
     assert su.head_sample_update(torch.ones(2, 16), w, b, 32, noise=noise, fp64=True).tolist() == [25, 17]
+    # each row's partial results are its own: row 0's strong second split must not leak into row 1
+    noise = torch.full((3, 32), -1.0)
+    noise[0, 20], noise[1, 3], noise[2, 30] = 5.0, 1.0, 2.0
+    assert su.head_sample_update(torch.ones(3, 16), w, b, 32, noise=noise).tolist() == [20, 3, 30]
 
 
 def test_reference_adds_in_fp32_unless_asked():
