@@ -203,10 +203,11 @@ def apply_rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in
 
     ``cos, sin: [T, hd/2]`` fp32 from :func:`rotary_tables` (the caller slices them to T).
     Returns ``[B, T, 3, h, hd]`` in qkv's dtype. Differentiable in qkv (not in cos/sin);
-    works inside ``torch.compile``. ``inplace=True`` rotates qkv itself and returns it, and is
-    honoured only where autograd does not need qkv (no grad mode, or qkv not requiring grad);
-    otherwise a new tensor is returned. Falls back to :func:`apply_rotary_qkv_ref` where
-    Triton cannot run on qkv's device.
+    works inside ``torch.compile``. ``inplace=True`` allows rotating qkv itself (returning it):
+    honoured only where autograd does not need qkv (no grad mode, or qkv not requiring grad) and
+    the kernel can write qkv's layout (a contiguous head dim); otherwise a new tensor is returned
+    and qkv is left as it was, so callers always use the return value. Falls back to
+    :func:`apply_rotary_qkv_ref` where Triton cannot run on qkv's device.
 
     Example::
 
