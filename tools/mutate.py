@@ -52,6 +52,12 @@ MODULE_TESTS: dict[str, list[str]] = {
                                    "tests/test_blind_spots_step.py"],
     "radd_fast/evaluation/ppl.py": ["tests/test_eval.py", "tests/test_blind_spots_eval.py", "tests/test_acceleration.py"],
     "radd_fast/checkpoint.py": ["tests/test_checkpoint.py", "tests/test_blind_spots_checkpoint.py"],
+    # the compile / CUDA-graph policy and the graphed paths of the sampler (CapturedGraph is CUDA-only:
+    # on the CPU its mutants have no test and count as not caught; the GPU tests cover it)
+    "radd_fast/acceleration.py": ["tests/test_acceleration.py"],
+    "radd_fast/sampling/evaluator.py": ["tests/test_sampling_evaluator.py", "tests/test_acceleration.py",
+                                        "tests/test_last_block_pruning.py"],
+    "radd_fast/sampling/cached.py": ["tests/test_cached_sampler.py", "tests/test_acceleration.py"],
     # The kernel modules: only the launchers, configuration choices and *_ref references are mutated
     # (see SKIP_NAME_PATTERNS); the fallbacks and the per-card choices have their own test files.
     "radd_fast/kernels/sampling_update.py": ["tests/kernels/test_sampling_update.py", "tests/kernels/test_launch_configs.py",
@@ -78,6 +84,10 @@ MODULE_FILTERS: dict[str, str] = {
     # the real torch.compile of the step (7-8 s a mutant, and through mutmut's trampolines):
     # tests/test_blind_spots_step.py checks the compile decision with the policy's compile recorded
     "radd_fast/training/step.py": "not compiled_step and not compiles_to_one_graph",
+    # the compiled sampler (aot_eager through mutmut's trampolines) and most interpreter kernel cases
+    # (the bit-for-bit one stays: only the kernel path uses the head's noise key)
+    "radd_fast/sampling/evaluator.py": "not compiled",
+    "radd_fast/sampling/cached.py": "not compiled and not quality_benchmark and not (kernel and not bit_for_bit)",
     # torch.compile cannot trace mutmut's trampolines (the compile tests fail on every mutant, so
     # they would mask the rest; tests/test_blind_spots_kernels.py takes the custom-op path eagerly
     # instead); torch.library.opcheck checks the op registrations, which are not mutated, at 2-3 s a
@@ -103,8 +113,10 @@ MODULE_SKIP_PATTERNS: dict[str, list[str]] = {
                                  "radd_fast/kernels/sampling_update.py", "radd_fast/kernels/linear_log_softmax.py")
 }
 # Functions whose mutants are not worth running: Triton kernels (mutmut's trampoline cannot wrap a
-# @triton.jit function) and torch.library registrations. Matched against mutant names.
-SKIP_NAME_PATTERNS = [r"_kernel__mutmut_", r"__fake__mutmut_"]
+# @triton.jit function), torch.library registrations and CUDA-only code. Matched against mutant names.
+# The CUDA graph itself (acceleration.CapturedGraph: streams, capture, replay) runs only on a GPU, where
+# tests/test_acceleration.py's GPU tests compare it with eager; on the CPU no test can reach it.
+SKIP_NAME_PATTERNS = [r"_kernel__mutmut_", r"__fake__mutmut_", r"CapturedGraph"]
 
 PYTEST_ARGS = ["-p", "no:cacheprovider", "--benchmark-disable", "-q", "-x", "-p", "no:randomly"]
 COPIED = ["radd_fast", "tests", "pyproject.toml", "conftest.py"]
