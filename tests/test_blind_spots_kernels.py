@@ -76,12 +76,15 @@ def test_layer_norm_output_follows_the_input_dtype_by_default(monkeypatch, path)
     assert_close(y.double(), ln_closed_form(x, w, b, EPS), atol=1e-5, rtol=1e-5, name="y")
 
 
-def test_layer_norm_fallback_casts_to_a_half_input_dtype(monkeypatch):
-    take_path(monkeypatch, ln_mod, "fallback")
+@pytest.mark.parametrize("which, dtype, tol", [("fallback", torch.float16, 2e-3), ("reference", torch.float32, 1e-5)])
+def test_layer_norm_of_a_half_input(monkeypatch, which, dtype, tol):
+    """The fallback returns the half input's dtype; the reference is fp32 (and both take their eps)."""
+    if which == "fallback":
+        take_path(monkeypatch, ln_mod, "fallback")
     x, (w, b) = (0.3 * torch.randn(4, 64)).half(), _affine(64)
-    y = layer_norm(x, w, b, eps=EPS)
-    assert y.dtype == torch.float16
-    assert_close(y.double(), ln_closed_form(x, w, b, EPS), atol=2e-3, rtol=2e-3, name="y")
+    y = (layer_norm if which == "fallback" else layer_norm_ref)(x, w, b, eps=EPS)
+    assert y.dtype == dtype
+    assert_close(y.double(), ln_closed_form(x, w, b, EPS), atol=tol, rtol=tol, name="y")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -157,13 +160,6 @@ def test_reference_residual_keeps_the_stream_dtype():
     new_x, normed = add_layer_norm_ref(x, delta, w, b)
     assert new_x.dtype == torch.float16 and normed.dtype == torch.float32
     assert torch.equal(new_x, (x.float() + delta.float()).half())
-
-
-def test_reference_layer_norm_is_fp32_with_its_eps():
-    x, (w, b) = (0.3 * torch.randn(4, 64)).half(), _affine(64)
-    y = layer_norm_ref(x, w, b, eps=EPS)
-    assert y.dtype == torch.float32
-    assert_close(y.double(), ln_closed_form(x, w, b, EPS), atol=1e-5, rtol=1e-5, name="y")
 
 
 @pytest.mark.parametrize("path", PATHS)
