@@ -19,6 +19,7 @@ Two independent choices:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -268,40 +269,35 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
     static_rows = static_rows and loss_type in PLANNED_LOSS_TYPES
     acceleration = evaluation_acceleration(device, static_rows, compile, cuda_graphs)
     loss_fn = make_loss_fn(model, noise, loss_type, sampling_eps, static_rows, acceleration)
-    own_body = model.__dict__.get("hidden")  # a body compiled by compile_body, kept as it is
-    if acceleration.compile and not static_rows:
-        model.hidden = acceleration.compiled(model.hidden)  # for this run only (restored below)
     rank0 = not _dist_on() or torch.distributed.get_rank() == 0
     bar = progress_bar(progress and rank0, _length_hint(dataloader, max_batches), desc, unit="batch")
     losses, variances, n_seq, length, k = [], [], 0, None, 1
     start = time.perf_counter()
+    # The eager loss's masked rows change shape every batch: only its body is compiled (for this run).
+    body = _compiled_body(model, acceleration) if acceleration.compile and not static_rows else contextlib.nullcontext()
     try:
-        for i, batch in enumerate(dataloader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = batch_tokens(batch).to(device, non_blocking=True).long()
-            if length is None:
-                length = x.shape[1]
-                k = mc_chunk or mc_per_forward(device, tuple(x.shape), mc_timesteps, loss_type, token_budget,
-                                               mc_batching)
-            elif x.shape[1] != length:
-                raise ValueError(f"batch {i} has length {x.shape[1]}, earlier batches {length}: one block length per run")
-            loss, var = batch_estimate(loss_fn, model, x, mc_timesteps, k)
-            check_finite(loss, f"batch {i}")
-            losses.append(loss)
-            variances.append(var)
-            n_seq += x.shape[0]
-            bar.update(1)
-            if i % 10 == 0:
-                bar.set_postfix(ppl=f"{math.exp(torch.stack(losses).mean().item() / length):.3f}")
+        with body:
+            for i, batch in enumerate(dataloader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = batch_tokens(batch).to(device, non_blocking=True).long()
+                if length is None:
+                    length = x.shape[1]
+                    k = mc_chunk or mc_per_forward(device, tuple(x.shape), mc_timesteps, loss_type, token_budget,
+                                                   mc_batching)
+                elif x.shape[1] != length:
+                    raise ValueError(f"batch {i} has length {x.shape[1]}, earlier batches {length}: one block length per run")
+                loss, var = batch_estimate(loss_fn, model, x, mc_timesteps, k)
+                check_finite(loss, f"batch {i}")
+                losses.append(loss)
+                variances.append(var)
+                n_seq += x.shape[0]
+                bar.update(1)
+                if i % 10 == 0:
+                    bar.set_postfix(ppl=f"{math.exp(torch.stack(losses).mean().item() / length):.3f}")
     finally:
         bar.close()
         model.train(was_training)
-        if acceleration.compile and not static_rows:
-            if own_body is None:
-                del model.hidden  # the instance attribute set above: back to the class's method
-            else:
-                model.hidden = own_body
     batch_losses, batch_vars, n_seq, length = _gather(losses, variances, n_seq, length)
     if not batch_losses:
         raise ValueError("the dataloader yielded no batches: nothing to evaluate")
@@ -332,6 +328,21 @@ def evaluation_acceleration(device: torch.device, static_rows: bool, compile: bo
                              "every batch)")
         cuda_graphs = False
     return resolve_acceleration(device, compile, cuda_graphs)
+
+
+@contextlib.contextmanager
+def _compiled_body(model, acceleration: Acceleration):
+    """``model.hidden`` compiled while the block runs, then the model's own again (a body that
+    ``compile_body`` compiled for good stays as it was)."""
+    own = model.__dict__.get("hidden")
+    model.hidden = acceleration.compiled(model.hidden)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.hidden  # back to the class's method
+        else:
+            model.hidden = own
 
 
 def compile_body(model):
