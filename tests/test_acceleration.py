@@ -166,7 +166,7 @@ def test_cached_sampler_captures_filling_and_cached_graphs(emulated_graphs, monk
     monkeypatch.setattr(evaluator.BodyRunner, "prepare_cached", spy)
     generate(model, LogLinearNoise(), 8, steps=9, rows_in_flight=4, refresh_every=3, use_kernels=False, seed=2,
              progress=False)
-    kinds = {key[0] for graph_set in runners[0]._sets for key in graph_set.graphs}
+    kinds = {key[0] for graph_set in runners[0].graph_sets for key in graph_set.graphs}
     assert {"fill", "cached"} <= kinds
 
 

@@ -365,7 +365,7 @@ def test_emulated_graphs_of_the_cached_sampler_are_all_replayed(monkeypatch):
         runners.clear()
         generate(_model(2, 12), LogLinearNoise(), 8, steps=9, rows_in_flight=4, refresh_every=3, use_kernels=False,
                  prune_last_block=prune, seed=2, progress=False)
-        replays = {key: g.replays for s in runners[0]._sets for key, g in s.graphs.items()}
+        replays = {key: g.replays for s in runners[0].graph_sets for key, g in s.graphs.items()}
         assert {key[0] for key in replays} >= {"fill", "cached"} and min(replays.values()) >= 1, replays
         assert all(len(key) == (4 if prune else 3) for key in replays if key[0] == "fill")
 

@@ -61,7 +61,7 @@ def graphed():
 
 
 def _replays(runner: BodyRunner) -> dict:
-    return {key: graph.replays for s in runner._sets for key, graph in s.graphs.items()}
+    return {key: graph.replays for s in runner.graph_sets for key, graph in s.graphs.items()}
 
 
 def test_body_graphs_for_the_shapes_used_often_enough_largest_first(graphed):
@@ -69,7 +69,7 @@ def test_body_graphs_for_the_shapes_used_often_enough_largest_first(graphed):
     runner = BodyRunner(model, graphed, capture=EmulatedGraph)
     n = evaluator.MIN_TICKS_FOR_GRAPH
     runner.prepare({(2, 6): n, (4, 6, 3): n, (1, 6): n - 1})
-    assert list(runner._sets[0].graphs) == [(4, 6, 3), (2, 6)] and runner.captured == 2
+    assert list(runner.body_graphs.graphs) == [(4, 6, 3), (2, 6)] and runner.captured == 2
     x = torch.randint(0, 10, (4, 6))
     rows = torch.tensor([0, 7, 23])
     assert torch.equal(runner(x, rows), model.hidden(x, rows=rows))
@@ -100,7 +100,7 @@ def test_graph_sets_share_one_pool_and_name_themselves(monkeypatch, graphed):
     monkeypatch.setattr(evaluator, "new_graph_pool", lambda device: made.append(device) or "the pool")
     model = _model(n_blocks=1, length=6)
     runner = BodyRunner(model, graphed, KVCache.allocate(model, slots=1, length=6), capture=EmulatedGraph)
-    assert [s.pool for s in runner._sets] == ["the pool"] * 3 and len(made) == 1
-    assert [s.what for s in runner._sets] == ["the transformer body", "the cache-filling body", "the cached evaluation"]
+    assert [s.pool for s in runner.graph_sets] == ["the pool"] * 3 and len(made) == 1
+    assert [s.what for s in runner.graph_sets] == ["the transformer body", "the cache-filling body", "the cached evaluation"]
     eager = BodyRunner(model, Acceleration(False, False), capture=EmulatedGraph)
-    assert eager._sets[0].pool is None and len(made) == 1  # no graphs: no pool
+    assert eager.body_graphs.pool is None and len(made) == 1  # no graphs: no pool

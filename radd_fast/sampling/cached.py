@@ -23,6 +23,7 @@ engine's ``BodyRunner``: replayed from a CUDA graph per shape (("fill", Bb, L[, 
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ import torch
 from ..model.head import noise_key
 from ..model.kv_cache import KVCache
 from .batching import NO_CAP, bucket, plan_ticks
-from .evaluator import compact, token_buffers
+from .evaluator import body_shape, compact, token_buffers
 from .schedule import group_sizes
 
 
@@ -166,15 +167,8 @@ class CachedWave:
     # -- one evaluation ---------------------------------------------------------------------------
     def shapes_used(self, prune: bool) -> tuple[dict, dict]:
         """How often each filling shape (Bb, L[, P]) and cached shape (B, S) occurs: the graphs worth capturing."""
-        fills: dict[tuple[int, ...], int] = {}
-        cached: dict[tuple[int, int], int] = {}
-        for t in range(self.ticks):
-            if self.full_b[t]:
-                shape = (int(self.full_b[t]), self.L, int(self.full_P[t])) if prune else (int(self.full_b[t]), self.L)
-                fills[shape] = fills.get(shape, 0) + 1
-            if self.cached_b[t]:
-                shape = (int(self.cached_b[t]), int(self.cached_S[t]))
-                cached[shape] = cached.get(shape, 0) + 1
+        fills = Counter(body_shape(b, self.L, p, prune) for b, p in zip(self.full_b, self.full_P) if b)
+        cached = Counter((int(b), int(s)) for b, s in zip(self.cached_b, self.cached_S) if b)
         return fills, cached
 
     def _full(self, t: int, body, prune: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ from .batching import NO_CAP, bucket, plan_ticks
 from .cached import CachedWave
 from .conditioning import initial_state
 from .config import SamplerConfig, auto_rows_in_flight, sampler_config
-from .evaluator import BodyRunner, compact, token_buffers
+from .evaluator import BodyRunner, body_shape, compact, token_buffers
 from .schedule import draw_reveal_steps, expected_enfe_exact, group_sizes, group_steps, ordered_groups, update_rates
 
 
@@ -270,11 +271,7 @@ class Wave:
     def body_shapes(self, prune: bool) -> dict[tuple[int, ...], int]:
         """How often each evaluation shape occurs, (batch, length) or (batch, length, head rows) when the
         last block is pruned: the CUDA graphs worth capturing."""
-        shapes: dict[tuple[int, ...], int] = {}
-        for b, p in zip(self.plan.batch, self.head_p):
-            shape = (int(b), self.L, int(p)) if prune else (int(b), self.L)
-            shapes[shape] = shapes.get(shape, 0) + 1
-        return shapes
+        return Counter(body_shape(b, self.L, p, prune) for b, p in zip(self.plan.batch, self.head_p))
 
     def evaluate(self, t: int, body, head, strategy, key: int, prune: bool) -> None:
         """Evaluation t: the body on its rows, the head + strategy at the positions it reveals.

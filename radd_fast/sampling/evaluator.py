@@ -38,10 +38,11 @@ class BodyRunner:
         def graph_set(fn, what: str) -> GraphSet:
             return GraphSet(acceleration.compiled(fn), model.device, graphs, what=what, capture=capture, pool=pool)
 
-        self._sets = [graph_set(self._hidden, "the transformer body")]
+        self.body_graphs = graph_set(self._hidden, "the transformer body")
+        self.fill_graphs = self.cached_graphs = None
         if cache is not None:
-            self._sets += [graph_set(self._filling, "the cache-filling body"),
-                           graph_set(self._cached, "the cached evaluation")]
+            self.fill_graphs = graph_set(self._filling, "the cache-filling body")
+            self.cached_graphs = graph_set(self._cached, "the cached evaluation")
 
     # the functions captured (plain positional tensors: the graphs copy their inputs by position)
     def _hidden(self, x, rows):
@@ -54,19 +55,24 @@ class BodyRunner:
         return hidden_cached(self.model, tokens, positions, write, self.cache)
 
     @property
+    def graph_sets(self) -> list[GraphSet]:
+        """The graph sets this runner has: the body, and with a cache the filling and cached ones."""
+        return [s for s in (self.body_graphs, self.fill_graphs, self.cached_graphs) if s is not None]
+
+    @property
     def captured(self) -> int:
         """CUDA graphs captured so far."""
-        return sum(len(s) for s in self._sets)
+        return sum(len(s) for s in self.graph_sets)
 
     @property
     def capture_seconds(self) -> float:
         """Graph capture and its warm-up: timed apart from sampling."""
-        return sum(s.capture_seconds for s in self._sets)
+        return sum(s.capture_seconds for s in self.graph_sets)
 
     # -- capture ---------------------------------------------------------------------------------
     def prepare(self, shapes_used: dict[tuple[int, ...], int]) -> None:
         """Capture one body graph per shape (Bb, L[, P]) used at least MIN_TICKS_FOR_GRAPH times, largest first."""
-        self._sets[0].prepare((shape, self._body_example(shape)) for shape in _worth_capturing(shapes_used))
+        self.body_graphs.prepare((shape, self._body_example(shape)) for shape in _worth_capturing(shapes_used))
 
     def prepare_cached(self, fill_shapes: dict[tuple[int, ...], int], cached_shapes: dict[tuple[int, int], int]) -> None:
         """The approximate sampler's graphs: filling (Bb, L[, P]) and cached (Bb, S) shapes, as ``prepare``."""
@@ -75,8 +81,8 @@ class BodyRunner:
             x, rows = self._body_example(shape)
             dump = torch.full((shape[0],), self.cache.dump_slot, dtype=torch.int64, device=x.device)
             fills.append((("fill", *shape), (x, dump, rows)))  # the example's keys and values go to the dump slot
-        self._sets[1].prepare(fills)
-        self._sets[2].prepare((("cached", B, S), self._cached_example(B, S)) for B, S in _worth_capturing(cached_shapes))
+        self.fill_graphs.prepare(fills)
+        self.cached_graphs.prepare((("cached", B, S), self._cached_example(B, S)) for B, S in _worth_capturing(cached_shapes))
 
     def _body_example(self, shape: tuple[int, ...]) -> tuple:
         device = self.model.device
@@ -94,14 +100,20 @@ class BodyRunner:
     # -- the calls -------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         shape = tuple(x.shape) if rows is None else (*x.shape, rows.shape[0])
-        return self._sets[0](shape, x, rows)
+        return self.body_graphs(shape, x, rows)
 
     def filling(self, x: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         key = ("fill", *x.shape) if rows is None else ("fill", *x.shape, rows.shape[0])
-        return self._sets[1](key, x, slots, rows)
+        return self.fill_graphs(key, x, slots, rows)
 
     def cached(self, tokens: torch.Tensor, positions: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
-        return self._sets[2](("cached", *tokens.shape), tokens, positions, write)
+        return self.cached_graphs(("cached", *tokens.shape), tokens, positions, write)
+
+
+def body_shape(rows: int, length: int, head_rows: int, prune: bool) -> tuple[int, ...]:
+    """The shape key of one body evaluation: (rows, L), or (rows, L, head rows) when the last block
+    is pruned to the revealed rows (the key ``BodyRunner`` keys its graphs by)."""
+    return (int(rows), int(length), int(head_rows)) if prune else (int(rows), int(length))
 
 
 def _worth_capturing(shapes_used: dict) -> list:
