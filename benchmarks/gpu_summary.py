@@ -72,11 +72,15 @@ def _column(section: str, provider: str, column: str, steps: int | None = None, 
     return measure
 
 
+def _approx_rows(rows: list[dict]) -> list[dict]:
+    """The approximate sampler's rows (any refresh period) at 1024 steps."""
+    return [r for r in rows if r.get("section") == "sampling" and str(r.get("provider", "")).startswith("fast approx")
+            and r.get("steps") == 1024 and r.get("size") == TARGET_SIZE and "error" not in r]
+
+
 def _approx_vs_exact(rows: list[dict]) -> float | None:
     """The approximate sampler against the exact engine at 1024 steps, per-sample time."""
-    exact = _rows(rows, "sampling", "fast", 1024)
-    approx = [r for r in rows if str(r.get("provider", "")).startswith("fast approx") and r.get("steps") == 1024
-              and r.get("size") == TARGET_SIZE and "error" not in r]
+    exact, approx = _rows(rows, "sampling", "fast", 1024), _approx_rows(rows)
     if not exact or not approx:
         return None
     per_sample = lambda r: r["wall_s"] / r["samples"]
@@ -84,8 +88,7 @@ def _approx_vs_exact(rows: list[dict]) -> float | None:
 
 
 def _approx_vs_published(rows: list[dict]) -> float | None:
-    values = [r["vs published"] for r in rows if str(r.get("provider", "")).startswith("fast approx")
-              and r.get("steps") == 1024 and r.get("size") == TARGET_SIZE and "vs published" in r]
+    values = [r["vs published"] for r in _approx_rows(rows) if "vs published" in r]
     return max(values) if values else None
 
 
