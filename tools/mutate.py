@@ -49,7 +49,8 @@ MODULE_TESTS: dict[str, list[str]] = {
     "radd_fast/ema.py": ["tests/test_noise_ema.py", "tests/test_blind_spots_training.py"],
     "radd_fast/training/optim.py": ["tests/test_blind_spots_training.py", "tests/test_train.py"],
     # the loop: in-process train() calls only (a test that runs train.py as a subprocess never sees a mutant)
-    "radd_fast/training/loop.py": ["tests/test_train.py", "tests/test_train_faults.py", "tests/test_reproducible.py"],
+    "radd_fast/training/loop.py": ["tests/test_blind_spots_loop.py", "tests/test_train.py", "tests/test_train_faults.py",
+                                   "tests/test_reproducible.py", "tests/test_blind_spots_training.py"],
     "radd_fast/training/step.py": ["tests/test_train_step.py", "tests/test_blind_spots_training.py",
                                    "tests/test_blind_spots_step.py"],
     "radd_fast/evaluation/ppl.py": ["tests/test_eval.py", "tests/test_blind_spots_eval.py", "tests/test_acceleration.py"],

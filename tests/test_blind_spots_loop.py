@@ -1,0 +1,391 @@
+"""The training loop's own mechanics, each against an independent expectation (issue 17).
+
+The run-level tests (test_train.py, test_train_faults.py, test_reproducible.py) compare a run
+with itself: straight vs resumed, killed vs not. They cannot see a loop that logs the wrong
+throughput, seeds every run the same wrong way, averages evaluation micro-batches wrongly or
+writes the wrong log line, as long as it does so every time. These tests pin each piece:
+the seed derivation (a resumed run of a newer version must draw what the older one drew),
+the boundary schedule (which steps log, evaluate, snapshot, write the resume point), the
+logged figures under a fake clock, the evaluation mean, the micro-batch weights and DDP's
+no_sync, and the user-facing log lines word for word.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from radd_fast import RADD, ExponentialMovingAverage
+from radd_fast.config import ConfigError
+from radd_fast.distributed import DistEnv
+from radd_fast.training import loop as loop_module
+from radd_fast.training import train
+from radd_fast.training.config import RunConfig
+from radd_fast.training.step import TrainStep
+
+from .train_helpers import load_meta, tiny_config
+
+
+def expected_seed(seed: int, step: int, micro: int, stream: str) -> int:
+    """The derivation written out: blake2b-64 of "seed:step:micro:stream", little-endian, top bit cleared."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+# ---- seeding -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", [(3, 7, 1, "train"), (0, 0, 0, "eval"), (2**40, 123456, 5, "sample")])
+def test_seed_for_is_the_documented_derivation(key):
+    loop_module.seed_for(*key)
+    assert torch.initial_seed() == expected_seed(*key)
+
+
+def test_seed_for_defaults_to_the_training_stream():
+    loop_module.seed_for(4, 9, 2)
+    assert torch.initial_seed() == expected_seed(4, 9, 2, "train")
+
+
+# ---- deterministic mode --------------------------------------------------------------------------------------
+def test_deterministic_mode_skips_the_nan_fill_and_leaves_a_mode_the_user_set():
+    with loop_module.deterministic_algorithms(torch.device("cpu")):
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    torch.use_deterministic_algorithms(True)
+    try:
+        with loop_module.deterministic_algorithms(torch.device("cpu")):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()  # the user's (strict) mode
+        assert torch.are_deterministic_algorithms_enabled()  # not switched off on exit
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# ---- dtype ---------------------------------------------------------------------------------------------------
+def test_resolve_dtype_auto_bf16_and_fp16():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device objects only: no GPU needed
+    assert loop_module.resolve_dtype("auto", cpu) == torch.float32
+    assert loop_module.resolve_dtype("auto", cuda) == torch.bfloat16
+    assert loop_module.resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert loop_module.resolve_dtype("fp16", cuda) == torch.float16
+    with pytest.raises(ConfigError) as err:
+        loop_module.resolve_dtype("fp16", cpu)
+    assert str(err.value) == "training.dtype=fp16 needs CUDA (loss scaling); use fp32 or bf16 on CPU"
+
+
+# ---- messages --------------------------------------------------------------------------------------------------
+def test_last_good_names_the_file_and_step_or_says_there_is_none():
+    assert loop_module._last_good(None) == "no checkpoint has been written yet, so there is none to resume from"
+    assert loop_module._last_good((Path("r/c.pth"), 4)) == "the last good checkpoint is r/c.pth (step 4); a resume starts from it"
+
+
+# ---- micro-batches -------------------------------------------------------------------------------------------
+class RecordingStepper:
+    """Stands for TrainStep in ``_accumulate``: records each micro-batch's weight, seed and no_sync."""
+
+    def __init__(self):
+        self.calls = []
+        self.in_no_sync = False
+        self.module = self
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.in_no_sync = True
+        try:
+            yield
+        finally:
+            self.in_no_sync = False
+
+    def micro_batch(self, x, weight, scaler=None):
+        self.calls.append((int(x), weight, torch.initial_seed(), self.in_no_sync, scaler))
+
+
+@pytest.mark.parametrize("world, expected_no_sync", [(1, [False, False, False]), (2, [True, True, False])])
+def test_accumulate_weights_seeds_and_no_sync(world, expected_no_sync):
+    stepper, scaler = RecordingStepper(), object()
+    micro_batches = [(4, torch.tensor(40)), (5, torch.tensor(50)), (6, torch.tensor(60))]  # rank 1's share
+    loop_module._accumulate(stepper, micro_batches, scaler, step=11, seed=2, env=DistEnv(rank=1, world=world))
+    assert [c[0] for c in stepper.calls] == [40, 50, 60]
+    assert [c[1] for c in stepper.calls] == [1 / 3] * 3
+    assert [c[2] for c in stepper.calls] == [expected_seed(2, 11, m, "train") for m in (4, 5, 6)]
+    assert [c[3] for c in stepper.calls] == expected_no_sync  # DDP all-reduces with the last micro-batch only
+    assert all(c[4] is scaler for c in stepper.calls)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------
+class FixedLoader:
+    def __init__(self, micro_batches):
+        self.micro_batches = micro_batches
+
+    def next_step(self):
+        return self.micro_batches
+
+
+def test_evaluate_is_the_mean_of_micro_batch_means_under_the_ema_weights(tmp_path):
+    cfg = RunConfig.from_dict(tiny_config(tmp_path))
+    model = RADD(cfg.model)
+    params = list(model.parameters())
+    ema = ExponentialMovingAverage(params, 0.9)
+    ema.shadow_params = [torch.full_like(p, 0.5) for p in params]
+    trained = [p.detach().clone() for p in params]
+    seen = []
+
+    def eval_fn(m, x):
+        assert m is model and all(torch.equal(p, torch.full_like(p, 0.5)) for p in m.parameters())
+        seen.append(torch.initial_seed())
+        m.eval()  # the real scorer switches to eval mode: _evaluate must switch back
+        return x.double()
+
+    loader = FixedLoader([(2, torch.tensor([1.0, 2.0, 6.0])), (3, torch.tensor([10.0, 20.0, 30.0]))])
+    value = loop_module._evaluate(model, ema, eval_fn, loader, step=8, seed=5, env=DistEnv())
+    assert value == pytest.approx((3.0 + 20.0) / 2, rel=1e-15)
+    assert seen == [expected_seed(5, 8, 2, "eval"), expected_seed(5, 8, 3, "eval")]
+    assert model.training
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), trained))  # training weights back
+
+
+# ---- run-folder helpers ----------------------------------------------------------------------------------------
+def test_write_config_keeps_the_key_order_and_never_overwrites(tmp_path):
+    cfg = RunConfig.from_dict(tiny_config(tmp_path))
+    run = tmp_path / "run"
+    loop_module._write_config(cfg, run)
+    path = run / ".hydra" / "config.yaml"
+    assert path.read_text() == yaml.safe_dump(cfg.raw, sort_keys=False)
+    assert list(yaml.safe_load(path.read_text())) == list(cfg.raw)  # the config's order, not sorted
+    path.write_text("hydra: wrote this\n")
+    loop_module._write_config(cfg, run)  # a Hydra run already wrote it: left alone
+    assert path.read_text() == "hydra: wrote this\n"
+
+
+def test_setup_logging_appends_formatted_lines_on_rank_0_only(tmp_path):
+    assert loop_module._setup_logging(tmp_path / "other", DistEnv(rank=1, world=2)) is None
+    assert not (tmp_path / "other").exists()
+    run = tmp_path / "run" / "nested"
+    pkg = logging.getLogger("radd_fast")
+    level = pkg.level
+    handler = loop_module._setup_logging(run, DistEnv())
+    try:
+        assert pkg.level == logging.INFO
+        logging.getLogger("radd_fast.training").info("hello %d", 3)
+        handler.flush()
+        line = (run / "logs").read_text().splitlines()[-1]
+        assert line.endswith(" INFO radd_fast.training: hello 3")
+        assert handler.formatter._fmt == "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    finally:
+        pkg.removeHandler(handler)
+        handler.close()
+        pkg.setLevel(level)
+
+
+@pytest.mark.parametrize("rank, expected", [(0, ["load", "barrier"]), (1, ["barrier", "load"])])
+def test_blocks_rank_0_tokenises_first(tmp_path, monkeypatch, rank, expected):
+    cfg = RunConfig.from_dict(tiny_config(tmp_path, data={"num_proc": 3}))
+    events = []
+
+    def fake_load(source, split, **kw):
+        events.append("load")
+        assert (source, split) == ("corpus", "validation")
+        assert kw == {"tokenizer": "tok", "length": 16, "cache_dir": cfg.data.cache_dir, "num_proc": 3}
+        return "blocks"
+
+    monkeypatch.setattr(loop_module, "load_blocks", fake_load)
+    monkeypatch.setattr(loop_module, "barrier", lambda env: events.append("barrier"))
+    assert loop_module._blocks(cfg, "corpus", "validation", "tok", DistEnv(rank=rank, world=2)) == "blocks"
+    assert events == expected
+
+
+# ---- the loop: boundaries, logged figures, log lines -------------------------------------------------------------
+class FakeClock:
+    """``time.perf_counter`` advancing one second per call: a window's seconds = its reads."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def boundary_run(tmp_path, monkeypatch):
+    """7 steps: log every 3, evaluate every 2, snapshot every 4, resume point every 5 (and all at the end),
+    under a fake clock and a fake 1 TFLOP/s peak; every StepReport and progress call recorded."""
+    reports, progress = [], []
+    real_read = TrainStep.read
+
+    def read(self, *args, **kwargs):
+        report = real_read(self, *args, **kwargs)
+        report.overflows = len(reports) + 1  # distinct per read: the window must sum them
+        reports.append(report)
+        return report
+
+    real_progress = loop_module.Metrics.progress
+
+    def record_progress(self, n, **postfix):
+        progress.append((n, postfix))
+        return real_progress(self, n, **postfix)
+
+    monkeypatch.setattr(TrainStep, "read", read)
+    monkeypatch.setattr(loop_module.Metrics, "progress", record_progress)
+    monkeypatch.setattr(loop_module, "time", FakeClock())
+    monkeypatch.setattr(loop_module, "peak_flops", lambda device, dtype: 1e12)
+    cfg = tiny_config(tmp_path, training={"n_iters": 7, "log_freq": 3, "eval_freq": 2, "snapshot_freq": 4,
+                                          "snapshot_freq_for_preemption": 5, "accum": 1})
+    run = tmp_path / "run"
+    logger = logging.getLogger("radd_fast.training")
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        history = train(cfg, run)
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return dict(history=history, reports=reports, progress=progress, lines=lines, messages=records, run=run)
+
+
+def test_boundaries_are_the_configured_multiples_and_the_last_step(boundary_run):
+    run, lines = boundary_run["run"], boundary_run["lines"]
+    assert [x["step"] for x in lines if "loss" in x] == [3, 6, 7]
+    assert [x["step"] for x in lines if "eval_loss" in x] == [2, 4, 6]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pth")) == ["checkpoint_4.pth", "checkpoint_7.pth"]
+    assert load_meta(run)["step"] == 7
+    # one read per boundary: 2 (eval), 3 (log), 4 (eval, snapshot), 5 (resume point), 6 (log, eval), 7 (all)
+    assert [len(r.losses) for r in boundary_run["reports"]] == [2, 1, 1, 1, 1, 1]
+    history = boundary_run["history"]
+    assert history["step"] == 7
+    assert [s for s, _ in history["losses"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert [loss for _, loss in history["losses"]] == [loss for r in boundary_run["reports"] for loss in r.losses]
+    assert [s for s, _ in history["eval_losses"]] == [2, 4, 6]
+    assert [e for _, e in history["eval_losses"]] == [x["eval_loss"] for x in lines if "eval_loss" in x]
+
+
+def test_logged_throughput_mfu_and_overflows_cover_the_window_since_the_last_log(boundary_run):
+    """Fake clock: each read closes one second; a window is every read since the last log line."""
+    reports = boundary_run["reports"]
+    logged = [x for x in boundary_run["lines"] if "loss" in x]
+    windows = [reports[0:2], reports[2:5], reports[5:6]]  # logs at 3 (reads 2, 3), 6 (4, 5, 6), 7
+    tokens_per_step = 4 * 16
+    for record, window in zip(logged, windows):
+        seconds = float(len(window))
+        steps = sum(len(r.losses) for r in window)
+        assert record["tokens_per_s"] == tokens_per_step * steps / seconds
+        assert record["mfu"] == pytest.approx(sum(r.flops for r in window) / (seconds * 1e12), rel=1e-12)
+        assert record["mfu_formula"] == loop_module.MFU_FORMULA
+        assert record["capacity_overflows"] == sum(r.overflows for r in window)
+        assert record["grad_norm"] == window[-1].grad_norm and record["loss"] == window[-1].losses[-1]
+    assert [x["lr"] for x in logged] == [3e-3, 3e-3, 3e-3]  # warmup 2: the full rate from step 2 on
+    assert all(r.flops > 0 for r in reports)
+
+
+def test_the_progress_bar_advances_per_step_and_shows_the_logged_figures(boundary_run):
+    progress = boundary_run["progress"]
+    assert [n for n, _ in progress if n] == [1] * 7
+    shown = [post for n, post in progress if n == 0]
+    logged = [x for x in boundary_run["lines"] if "loss" in x]
+    assert shown == [{"loss": x["loss"], "tok_s": x["tokens_per_s"], "mfu": x["mfu"]} for x in logged]
+
+
+def test_the_log_lines_a_user_reads(boundary_run):
+    messages = boundary_run["messages"]
+    params = sum(p.numel() for p in RADD(RunConfig.from_dict(tiny_config(boundary_run["run"].parent)).model)
+                 .parameters())
+    assert f"model: {params / 1e6:.2f}M parameters, torch.float32, 1 rank(s), global batch 4 x 16 tokens, lambda_DCE" \
+        in messages
+    assert any(m.startswith("training step: ") for m in messages)
+    assert f"MFU: {loop_module.MFU_FORMULA}" in messages
+    assert f"no checkpoint in {boundary_run['run']}: starting at step 0" in messages
+    logged = [x for x in boundary_run["lines"] if "loss" in x]
+    for x in logged:
+        assert f"step {x['step']}: loss {x['loss']:.4f}, {x['tokens_per_s']:.0f} tokens/s" in messages
+    for x in (x for x in boundary_run["lines"] if "eval_loss" in x):
+        assert f"step {x['step']}: evaluation loss {x['eval_loss']:.4f}" in messages
+
+
+def test_no_mfu_without_a_known_peak(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tmp_path, training={"n_iters": 2, "eval_freq": 0}), run)
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["mfu"] for x in logged] == [None, None] and not any("mfu_formula" in x for x in logged)
+
+
+def test_resume_logs_where_it_resumed_and_restores_the_validation_position(tmp_path, caplog):
+    cfg = tiny_config(tmp_path, training={"n_iters": 2})
+    run = tmp_path / "run"
+    train(cfg, run)
+    saved = load_meta(run)["data"]["valid"]
+    restored = []
+    real = loop_module.ResumableLoader.load_state_dict
+
+    def spy(self, state):
+        restored.append(state)
+        return real(self, state)
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, "radd_fast"):
+        mp.setattr(loop_module.ResumableLoader, "load_state_dict", spy)
+        train(dict(cfg, training=dict(cfg["training"], n_iters=4)), run)
+    assert len(restored) == 2 and restored[1] == saved  # train first, then validation
+    assert f"resumed {run} at step 2 from {run / 'checkpoints-meta' / 'checkpoint.pth'}" in caplog.messages
+
+
+# ---- set-up checks before any work ----------------------------------------------------------------------------
+def test_an_eval_batch_that_does_not_split_is_refused_only_when_evaluation_runs(tmp_path):
+    cfg = tiny_config(tmp_path, eval={"batch_size": 3, "perplexity": False}, training={"n_iters": 1})
+    with pytest.raises(ConfigError, match=r"^eval\.batch_size = 3 is not divisible by ngpus x training\.accum"):
+        train(cfg, tmp_path / "a")
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    history = train(dict(cfg, training=dict(cfg["training"], eval_freq=0)), tmp_path / "b")
+    assert history["step"] == 1 and history["eval_losses"] == []
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_says_which_tokens_to_set(tmp_path):
+    with pytest.raises(ConfigError, match=r": set tokens=256$"):
+        train(tiny_config(tmp_path, tokens=100), tmp_path / "run")
+
+
+def test_the_validation_loader_is_shuffled_by_seed_plus_one(tmp_path, monkeypatch):
+    made = []
+    real = loop_module.ResumableLoader
+
+    def spy(blocks, batch_size, seed, rank, world, accum, device, **kw):
+        made.append((batch_size, seed, kw))
+        return real(blocks, batch_size, seed, rank, world, accum, device, **kw)
+
+    monkeypatch.setattr(loop_module, "ResumableLoader", spy)
+    train(tiny_config(tmp_path, training={"n_iters": 1, "seed": 11}, eval={"batch_size": 6, "perplexity": False}),
+          tmp_path / "run")
+    assert made == [(4, 11, {}), (6, 12, {"what": "eval.batch_size"})]
+
+
+def test_initial_weights_come_from_the_seed_and_no_scaler_runs_off_fp16(tmp_path, monkeypatch):
+    """The weights the step starts from are what torch.manual_seed(seed) + RADD(cfg) makes (on every rank)."""
+    initial = {}
+    real_init = TrainStep.__init__
+
+    def spy(self, model, *args, **kwargs):
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        real_init(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "__init__", spy)
+    cfg = tiny_config(tmp_path, training={"n_iters": 1, "seed": 9, "eval_freq": 0})
+    train(cfg, tmp_path / "run")
+    torch.manual_seed(9)
+    expected = RADD(RunConfig.from_dict(cfg).model).state_dict()
+    assert initial.keys() == expected.keys() and all(torch.equal(initial[k], v) for k, v in expected.items())
+    assert load_meta(tmp_path / "run")["scaler"] == torch.amp.GradScaler("cpu", enabled=False).state_dict()
+
+
+def test_a_bf16_run_computes_in_bf16(tmp_path, monkeypatch):
+    dtypes = []
+    real = RADD.set_compute_dtype
+
+    def spy(self, dtype):
+        dtypes.append(dtype)
+        return real(self, dtype)
+
+    monkeypatch.setattr(RADD, "set_compute_dtype", spy)
+    train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0, "dtype": "bf16"}), tmp_path / "run")
+    assert dtypes[0] == torch.bfloat16
