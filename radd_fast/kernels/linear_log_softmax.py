@@ -436,6 +436,9 @@ def _(g_target, g_lse, x, weight, bias, targets, lse, chunk_bytes):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, targets, _validate, chunk_bytes = inputs
     ctx.save_for_backward(x, weight, bias, targets, output[1])
+    # An unused output's gradient stays None (not a zero-filled [N]): the backward then skips
+    # its term (HAS_GLSE) instead of reading zeros.
+    ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.chunk_bytes = chunk_bytes
 
