@@ -156,3 +156,88 @@ def test_one_row_may_have_any_stride_two_may_not():
     strided = torch.ones(2)[::2]  # one element, stride 2
     lls.linear_log_softmax_gather_backward(strided, None, x, w, b, t, lse)
     assert "must be contiguous fp32" in backward_error(g=torch.zeros(4)[::2], N=2)
+
+
+# ---- the forward launcher's checks, word for word ------------------------------------------------------------------
+def forward_error(x, w, b, t) -> str:
+    with pytest.raises(ValueError) as err:
+        lls.linear_log_softmax_gather_forward(x, w, b, t)
+    return str(err.value)
+
+
+def test_forward_launcher_messages():
+    x, w, b, t = problem(7, 16, 17)  # N, d and C all different: a message naming the wrong one shows
+    meta = torch.device("meta")
+    expected = {
+        "x must be [N, d], got shape (16,)": (x[0], w, b, t),
+        "weight must be [C, d], got shape (16,)": (x, w[0], b, t),
+        "x [N, d=16] and weight [C, d=8] disagree on d": (x, w[:, :8], b, t),
+        "need C >= 1 and d >= 1, got weight (0, 16)": (x, w[:0], b[:0], t),
+        "need C >= 1 and d >= 1, got weight (17, 0)": (x[:, :0], w[:, :0], b, t),
+        f"x dtype must be one of {lls.SUPPORTED_DTYPES}, got torch.float64": (x.double(), w.double(), b.double(), t),
+        "weight dtype torch.float16 != x dtype torch.float32; cast explicitly": (x, w.half(), b, t),
+        "targets must be int64, got torch.int32": (x, w, b, t.int()),
+        "targets must be [N=7], got (5,)": (x, w, b, t[:5]),
+        "bias must be [C=17], got (5,)": (x, w, b[:5], t),
+        "bias dtype torch.float16 != x dtype torch.float32; cast explicitly": (x, w, b.half(), t),
+        "inputs on different devices: ['cpu', 'cpu', 'meta']": (x, w, None, t.to(meta)),
+        "inputs on different devices: ['cpu', 'cpu', 'cpu', 'meta']": (x, w, b.to(meta), t),
+        "x and weight need unit stride along d (call .contiguous())": (torch.randn(16, 7).t(), w, b, t),
+        "targets must be contiguous": (x[:2], w, b, torch.zeros(4, dtype=torch.int64)[::2]),
+        "bias must be contiguous": (x, w[:2], torch.zeros(4)[::2], t),
+    }
+    for message, args in expected.items():
+        assert forward_error(*args) == message
+
+
+@needs_triton
+def test_one_target_or_bias_entry_may_have_any_stride_and_d_may_be_one():
+    x, w, b, t = problem(1, 1, 1)  # one row, one feature, one class
+    logp, lse = lls.linear_log_softmax_gather_forward(x, w, torch.zeros(2)[::2], torch.zeros(2, dtype=torch.int64)[::2])
+    assert logp.abs().max() <= 1e-6 and torch.allclose(lse, x @ w.t())  # one class: log p = 0, lse = its logit
+
+
+@needs_triton
+def test_the_forward_launcher_validates_targets_by_default_even_for_one_row():
+    x, w, b, t = problem(1, 16, 5)
+    assert forward_error(x, w, b, torch.tensor([5])) == "targets must lie in [0, C=5); targets[0] = 5"
+    logp, _ = lls.linear_log_softmax_gather_forward(x, w, b, torch.tensor([5]), validate=False)
+    assert logp.isnan().all()
+
+
+@needs_triton
+def test_forward_buffers(monkeypatch):
+    made = []
+    real = lls._new
+    monkeypatch.setattr(lls, "_new", lambda shape, dtype, device: made.append((tuple(shape), dtype)) or
+                        real(shape, dtype, device))
+    x, w, b, t = problem(5, 32, 70, torch.float16)
+    lls.linear_log_softmax_gather_forward(x, w, b, t)
+    assert made == [((5,), torch.float32), ((5, 2), torch.float32)]  # targets' logits, per-tile partial LSEs
+    made.clear()
+    lls.linear_log_softmax_gather_forward(x[:0], w, b, t[:0])
+    assert made == [((0,), torch.float32), ((0,), torch.float32)]
+
+
+def test_dot_precision_is_ieee_for_fp32_only():
+    assert lls._dot_precision(torch.float32) == "ieee"  # no TF32 in the fp32 path
+    assert lls._dot_precision(torch.float16) == lls._dot_precision(torch.bfloat16) == "tf32"
+
+
+def test_tile_config_checks_group_m():
+    with pytest.raises(ValueError) as err:
+        TileConfig(16, 16, 16, group_m=0)
+    assert str(err.value) == "TileConfig.group_m must be >= 1, got 0"
+
+
+def test_vocab_chunk_cols_edges():
+    for bad in ((4, 0, 4, 100, 16), (4, 10, 0, 100, 16), (4, 10, 4, 100, 0)):
+        with pytest.raises(ValueError) as err:
+            lls.vocab_chunk_cols(bad[0], bad[1], bad[2], bad[3], bad[4])
+        assert str(err.value) == "vocab_chunk_cols: sizes must be positive"
+    assert lls.vocab_chunk_cols(4, 10, 1, 1, 1) == 1  # one-byte items and one-class blocks are accepted
+    # one row: 4 bytes a class, 400 bytes -> 96 classes at most, 11 balanced chunks of 91 -> 96
+    assert lls.vocab_chunk_cols(1, 1000, 4, 400, 16) == 96
+    assert lls.vocab_chunk_cols(0, 1000, 4, 400, 16) == 96  # no rows counts as one
+    cols = lls.vocab_chunk_cols(3, 1000, 4, 1000, 16)  # 83 classes fit: 80 a chunk, a whole number
+    assert cols == 80 and type(cols) is int
