@@ -1,0 +1,269 @@
+"""The attention dispatcher and the Triton attention launchers, against exact expectations (issue 17).
+
+tests/kernels/test_attention.py compares values and gradients with the fp32 reference and
+matches error messages by fragment. What that leaves open, and these pin: every launcher
+message word for word, the flash-attn path's conditions and call (with a stand-in for the
+package, which CI does not install), which tiles a launch on a card asks for, the shared
+memory each configuration is estimated to need (closed form), the flags the launchers derive,
+and how many programs each kernel launches.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from radd_fast.kernels import attention as att
+from radd_fast.kernels import flash_attention as fa
+from radd_fast.kernels.utils import HAS_TRITON, pipeline_buffers, triton_runs_on
+
+needs_triton = pytest.mark.skipif(not (HAS_TRITON and triton_runs_on(torch.empty(0))),
+                                  reason="Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
+
+
+def qkv_of(B=1, T=4, h=2, hd=32, dtype=torch.float32):
+    return torch.randn(B, T, 3, h, hd, dtype=dtype)
+
+
+def tables(T, hd):
+    return torch.ones(T, hd // 2), torch.zeros(T, hd // 2)
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as err:
+        fn(*args, **kwargs)
+    return str(err.value)
+
+
+# ---- the dispatcher ---------------------------------------------------------------------------------------------
+def test_dispatcher_messages():
+    assert error_of(att.attention, torch.zeros(4, 3, 2, 32)) == "qkv must be [B, T, 3, h, hd]; got shape (4, 3, 2, 32)"
+    assert error_of(att.attention, torch.zeros(1, 4, 2, 2, 32)) == (
+        "qkv must be [B, T, 3, h, hd]; got shape (1, 4, 2, 2, 32)")
+    assert error_of(att.attention, torch.zeros(1, 4, 3, 2, 32, dtype=torch.int64)) == (
+        "qkv must be floating point; got torch.int64")
+    assert error_of(att.attention, torch.zeros(1, 4, 3, 2, 5)) == "head dim must be even; got 5"
+    assert error_of(att.attention, torch.zeros(1, 4, 3, 2, 0)) == "head dim must be even; got 0"
+    assert error_of(att.set_attention_impl, "xformers") == (
+        "unknown attention impl 'xformers'; valid: auto, flash_attn, sdpa, triton, reference")
+
+
+def fake_qkv(hd=64, dtype=torch.bfloat16, cuda=True):
+    """What _flash_attn_ok reads of a tensor: a CUDA bf16 qkv without a GPU."""
+    return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(1, 4, 3, 2, hd))
+
+
+def test_flash_attn_conditions(monkeypatch):
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", None)
+    assert not att._flash_attn_ok(fake_qkv())  # the package is not installed
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", lambda *a, **k: None)
+    assert att._flash_attn_ok(fake_qkv()) and att._flash_attn_ok(fake_qkv(dtype=torch.float16))
+    assert att._flash_attn_ok(fake_qkv(hd=256)) and att._flash_attn_ok(fake_qkv(hd=8))
+    assert not att._flash_attn_ok(fake_qkv(hd=264))  # > 256
+    assert not att._flash_attn_ok(fake_qkv(hd=60))  # not a multiple of 8
+    assert not att._flash_attn_ok(fake_qkv(dtype=torch.float32))
+    assert not att._flash_attn_ok(fake_qkv(cuda=False))
+    assert att.resolve_impl(fake_qkv(), "auto") == "flash_attn"
+    assert att.resolve_impl(fake_qkv(dtype=torch.float32), "auto") == "sdpa"
+
+
+def test_resolve_impl_follows_the_setting():
+    qkv = qkv_of()
+    try:
+        att.set_attention_impl("reference")
+        assert att.resolve_impl(qkv) == "reference" and att.resolve_impl(qkv, "sdpa") == "sdpa"
+    finally:
+        att.set_attention_impl("auto")
+
+
+def test_the_flash_attn_path_calls_the_package_without_dropout_or_mask(monkeypatch):
+    calls = []
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", lambda qkv, **kw: calls.append(kw) or qkv[:, :, 0])
+    monkeypatch.setattr(att, "_flash_attn_ok", lambda qkv: True)
+    qkv = qkv_of()
+    assert torch.equal(att.attention(qkv, impl="flash_attn"), qkv[:, :, 0])
+    assert calls == [{"dropout_p": 0.0, "causal": False}]
+
+
+def test_the_flash_attn_path_says_what_it_needs(monkeypatch):
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", None)
+    assert error_of(att.attention, qkv_of(), impl="flash_attn") == (
+        "impl='flash_attn' needs the flash-attn package, not installed")
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", lambda *a, **k: None)
+    assert error_of(att.attention, qkv_of(hd=32), impl="flash_attn") == (
+        "flash_attn needs CUDA fp16/bf16 qkv with head dim <= 256, a multiple of 8; got cpu torch.float32 hd=32")
+
+
+def test_the_reference_impl_returns_the_inputs_dtype():
+    qkv = qkv_of(dtype=torch.float64)
+    out = att.attention(qkv, impl="reference")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, att.attention_ref(qkv).double())
+
+
+# ---- the launchers' checks ----------------------------------------------------------------------------------------
+def test_head_dim_and_rotary_table_messages():
+    assert error_of(fa.check_head_dim, 24) == (
+        "triton attention supports head dims that are multiples of 16 in [32, 128]; got head_dim=24")
+    for hd in (16, 144, 40):
+        assert error_of(fa.check_head_dim, hd).endswith(f"got head_dim={hd}")
+    for hd in (32, 48, 128):
+        fa.check_head_dim(hd)  # both ends of the range are supported
+    qkv = qkv_of(T=4, hd=32)
+    cos, sin = tables(4, 32)
+    assert error_of(fa.check_rotary_tables, qkv, cos, None) == "pass both cos and sin, or neither"
+    assert error_of(fa.check_rotary_tables, qkv, None, sin) == "pass both cos and sin, or neither"
+    assert error_of(fa.check_rotary_tables, qkv, cos[:3], sin) == "cos must be [T, hd/2] = [4, 16]; got (3, 16)"
+    assert error_of(fa.check_rotary_tables, qkv, cos, sin[:, :8]) == "sin must be [T, hd/2] = [4, 16]; got (4, 8)"
+    assert error_of(fa.check_rotary_tables, qkv, cos.double(), sin) == "cos must be float32; got torch.float64"
+    assert error_of(fa.check_rotary_tables, qkv, cos, sin.half()) == "sin must be float32; got torch.float16"
+    assert error_of(fa.check_rotary_tables, qkv, cos, sin.to("meta")) == "sin is on meta, qkv on cpu"
+
+
+def test_launcher_input_messages(monkeypatch):
+    monkeypatch.setattr(fa, "triton_runs_on", lambda t: True)  # every check before the last one
+    check = fa.check_inputs
+    assert error_of(check, torch.zeros(1, 4, 2, 2, 32), None, None) == (
+        "qkv must be [B, T, 3, h, hd]; got shape (1, 4, 2, 2, 32)")
+    assert error_of(check, torch.zeros(1, 4, 3, 32), None, None) == "qkv must be [B, T, 3, h, hd]; got shape (1, 4, 3, 32)"
+    assert error_of(check, qkv_of(dtype=torch.float64), None, None) == (
+        f"triton attention supports {fa.DTYPES}; got torch.float64")
+    strided = torch.zeros(1, 4, 3, 2, 64)[..., ::2]
+    assert error_of(check, strided, None, None) == (
+        f"qkv must have unit stride on the head dim; got strides {strided.stride()}")
+    assert error_of(check, torch.zeros(0, 4, 3, 2, 32), None, None) == "empty qkv (0, 4, 3, 2, 32)"
+    assert error_of(check, torch.zeros(1, 4, 3, 0, 32), None, None) == "empty qkv (1, 4, 3, 0, 32)"
+    assert error_of(check, torch.zeros(1, 0, 3, 2, 32), None, None) == "empty qkv (1, 0, 3, 2, 32)"
+    huge = torch.empty_strided((1, 4, 3, 2, 32), (0, 2**29, 32, 16, 1), device="meta")  # 4 x 2**29 elements
+    assert error_of(check, huge, None, None) == "one sequence of qkv must span fewer than 2**31 elements"
+    qkv = qkv_of(T=4, hd=32)
+    cos, sin = tables(4, 32)
+    wide = torch.ones(4, 32)
+    assert error_of(check, qkv, wide[:, ::2], sin) == "cos must have unit stride on its last dim"
+    assert error_of(check, qkv, cos, torch.ones(16, 4).t()) == (
+        "sin must have unit stride on its last dim")
+    assert error_of(check, qkv, wide[:, :16], sin) == "cos and sin must share their row stride"
+    monkeypatch.setattr(fa, "triton_runs_on", lambda t: False)
+    assert error_of(check, qkv, None, None) == (
+        "triton attention cannot run on cpu (needs CUDA, or the CPU with TRITON_INTERPRET=1 set before triton "
+        "is imported)")
+
+
+def test_a_sequence_just_under_2_to_the_31_passes_the_size_check(monkeypatch):
+    monkeypatch.setattr(fa, "triton_runs_on", lambda t: True)
+    qkv = torch.empty_strided((1, 4, 3, 2, 32), (0, 2**29 - 1, 32, 16, 1), device="meta")
+    fa.check_inputs(qkv, None, None)  # 4 * (2**29 - 1) < 2**31
+
+
+@needs_triton
+def test_forward_out_and_backward_buffer_messages():
+    qkv = qkv_of(T=5, hd=32)
+    out, lse = fa.flash_attention_forward(qkv)
+    assert error_of(fa.flash_attention_forward, qkv, out=out.double()) == (
+        "out must be [B, T, h, hd] torch.float32 with unit last stride; got (1, 5, 2, 32) torch.float64")
+    assert error_of(fa.flash_attention_forward, qkv, out=out[:, :4]) == (
+        "out must be [B, T, h, hd] torch.float32 with unit last stride; got (1, 4, 2, 32) torch.float32")
+    dout = torch.randn_like(out)
+    back = fa.flash_attention_backward
+    assert error_of(back, dout[:, :4], qkv, out, lse) == (
+        "dout must be [B, T, h, hd] torch.float32 with unit last stride; got (1, 4, 2, 32) torch.float32")
+    assert error_of(back, dout, qkv, out.double(), lse) == (
+        "out must be [B, T, h, hd] torch.float32 with unit last stride; got (1, 5, 2, 32) torch.float64")
+    assert error_of(back, dout, qkv, out, lse[..., :4]) == (
+        "lse must be contiguous float32 [B, h, T]; got (1, 2, 4) torch.float32")
+    assert error_of(back, dout, qkv, out, lse.double()) == "lse must be contiguous float32 [B, h, T]; got (1, 2, 5) torch.float64"
+    assert error_of(back, dout, qkv, out, lse.transpose(1, 2).contiguous().transpose(1, 2)) == (
+        "lse must be contiguous float32 [B, h, T]; got (1, 2, 5) torch.float32")
+    assert error_of(back, dout, qkv, out, lse, dqkv=torch.empty_like(qkv).double()) == (
+        "dqkv must be (1, 5, 3, 2, 32) torch.float32 with unit last stride")
+
+
+# ---- tiles, flags and programs ------------------------------------------------------------------------------------
+def test_default_configs_ask_the_card(monkeypatch):
+    asked = []
+    monkeypatch.setattr(fa, "card_of", lambda device: ((8, 0), 166912))
+    monkeypatch.setattr(fa, "fwd_config_for", lambda *a: asked.append(("fwd", *a)) or "fwd tiles")
+    monkeypatch.setattr(fa, "bwd_config_for", lambda *a: asked.append(("bwd", *a)) or "bwd tiles")
+    cuda = torch.device("cuda")  # a device object only: no GPU needed
+    assert fa.default_fwd_config(64, torch.bfloat16, cuda, rotary=True) == "fwd tiles"
+    assert fa.default_bwd_config(128, torch.float16, cuda) == "bwd tiles"
+    assert asked == [("fwd", (8, 0), 166912, torch.bfloat16, 64, True), ("bwd", (8, 0), 166912, torch.float16, 128, False)]
+    cpu = torch.device("cpu")
+    assert fa.default_fwd_config(64, torch.float32, cpu) == fa.FwdConfig(16, 16, 1, 1)
+    assert fa.default_bwd_config(64, torch.float32, cpu) == fa.BwdConfig(16, 16, 1, 1, 16, 16, 1, 1)
+
+
+def test_tuned_tiles_are_the_documented_ones():
+    assert fa._tuned_fwd(64, torch.float32) == fa.FwdConfig(32, 32, 4, 1)
+    assert fa._tuned_fwd(128, torch.bfloat16) == fa.FwdConfig(128, 64, 8, 3)
+    assert fa._tuned_bwd(64, torch.float32) == fa.BwdConfig(16, 32, 4, 1, 32, 16, 4, 1)
+    assert fa._tuned_bwd(64, torch.bfloat16) == fa.BwdConfig(32, 128, 8, 3, 128, 32, 8, 3)
+    assert fa._tuned_bwd(96, torch.float16) == fa.BwdConfig(32, 64, 8, 2, 64, 64, 8, 2)
+    assert fa.FwdConfig() == fa.FwdConfig(128, 64, 8, 3)
+    assert fa.BwdConfig() == fa.BwdConfig(32, 128, 8, 3, 128, 32, 8, 3)
+
+
+def test_tile_widths_pad_to_powers_of_two_of_at_least_16():
+    assert fa._tile_widths(32) == (32, 16)
+    assert fa._tile_widths(48) == (64, 32)
+    assert fa._tile_widths(96) == (128, 64)
+    assert fa._tile_widths(16) == (16, 16)  # half rows never narrower than 16
+
+
+@pytest.mark.parametrize("card", [(8, 0), (9, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shared_memory_estimates_in_closed_form(card, dtype):
+    """The docstrings' sums written out: hd 48 (tiles 64 wide, halves 32), rotary adds fp32 cos + sin rows."""
+    size = dtype.itemsize
+    fwd = fa.FwdConfig(64, 32, 4, 3)
+    stages = pipeline_buffers(card, dtype, 3)
+    assert fa.fwd_smem_bytes(fwd, card, dtype, 48, False) == 64 * 64 * size + stages * 2 * 32 * 64 * size
+    assert fa.fwd_smem_bytes(fwd, card, dtype, 48, True) == (64 * 64 * size
+                                                             + stages * (2 * 32 * 64 * size + 2 * 32 * 32 * 4))
+    bwd = fa.BwdConfig(16, 32, 4, 3, 64, 16, 4, 2)
+    once = (2 * 32 * 64 + 32 * 16) * size
+    step = 2 * 16 * 64 * size + 2 * 16 * 32 * 4 + 2 * 16 * 4
+    assert fa.dkdv_smem_bytes(bwd, card, dtype, 48, True) == once + stages * step
+    assert fa.dkdv_smem_bytes(bwd, card, dtype, 48, False) == once + stages * (2 * 16 * 64 * size + 2 * 16 * 4)
+    stages2 = pipeline_buffers(card, dtype, 2)
+    assert fa.dq_smem_bytes(bwd, card, dtype, 48, True) == 2 * 64 * 64 * size + stages2 * (
+        2 * 16 * 64 * size + 2 * 16 * 32 * 4)
+
+
+def test_launcher_flags():
+    flags, even = fa._common(qkv_of(hd=48), None, 48)
+    assert flags == dict(HEAD_DIM=48, HALF=24, BLOCK_HALF=32, BLOCK_D=64, ROTARY=False, PRECISION="ieee")
+    assert not even  # half 24 is not a power of two: masked loads
+    cos, _ = tables(4, 64)
+    flags, even = fa._common(qkv_of(hd=64, dtype=torch.float16), cos, 64)
+    assert flags == dict(HEAD_DIM=64, HALF=32, BLOCK_HALF=32, BLOCK_D=64, ROTARY=True, PRECISION="tf32")
+    assert even
+
+
+class LaunchRecorder:
+    """Stands for a @triton.jit kernel: records each launch's grid, then launches the real kernel."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@needs_triton
+def test_programs_per_kernel(monkeypatch):
+    grids = []
+    for name in ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        monkeypatch.setattr(fa, name, LaunchRecorder(getattr(fa, name), grids))
+    B, T, h = 2, 37, 3  # 37 rows: 3 blocks of 16 (the interpreter's tiles)
+    qkv = qkv_of(B, T, h, 32)
+    out, lse = fa.flash_attention_forward(qkv)
+    fa.flash_attention_backward(torch.randn_like(out), qkv, out, lse)
+    assert grids == [(3, 6), (3, 6), (3, 6), (3, 6)]
+    grids.clear()
+    cfg = fa.BwdConfig(16, 32, 1, 1, 32, 16, 1, 1)  # dK/dV: 32 keys a program; dQ: 32 queries a program
+    fa.flash_attention_forward(qkv, config=fa.FwdConfig(32, 16, 1, 1))
+    fa.flash_attention_backward(torch.randn_like(out), qkv, out, lse, config=cfg)
+    assert grids == [(2, 6), (3, 6), (2, 6), (2, 6)]
