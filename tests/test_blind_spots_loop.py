@@ -22,11 +22,13 @@ import torch
 import yaml
 
 from radd_fast import RADD, ExponentialMovingAverage
+from radd_fast.checkpoint import CheckpointError
 from radd_fast.config import ConfigError
 from radd_fast.distributed import DistEnv
 from radd_fast.training import loop as loop_module
 from radd_fast.training import train
 from radd_fast.training.config import RunConfig
+from radd_fast.training.state import META, atomic_save
 from radd_fast.training.step import TrainStep
 
 from .train_helpers import load_meta, tiny_config
@@ -389,3 +391,22 @@ def test_a_bf16_run_computes_in_bf16(tmp_path, monkeypatch):
     monkeypatch.setattr(RADD, "set_compute_dtype", spy)
     train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0, "dtype": "bf16"}), tmp_path / "run")
     assert dtypes[0] == torch.bfloat16
+
+
+# ---- resuming: what the user is told ----------------------------------------------------------------------------
+def test_resume_messages_name_the_file(tmp_path, caplog):
+    cfg = tiny_config(tmp_path, training={"n_iters": 2})
+    run = tmp_path / "run"
+    train(cfg, run)
+    ckpt = load_meta(run)
+    atomic_save({k: ckpt[k] for k in ("model", "ema", "optimizer", "step")}, run / META)  # published format
+    with caplog.at_level(logging.WARNING, "radd_fast"):
+        train(dict(cfg, training=dict(cfg["training"], n_iters=3)), run)
+    assert (f"{run / META} holds no data position (published format): the data starts again at its first batch"
+            in caplog.messages)
+    ckpt = load_meta(run)
+    atomic_save({k: ckpt[k] for k in ("model", "ema", "optimizer", "step")}, run / META)  # no settings to compare
+    wider = dict(cfg, model=dict(cfg["model"], hidden_size=64), training=dict(cfg["training"], n_iters=4))
+    with pytest.raises(CheckpointError) as err:
+        train(wider, run)
+    assert str(err.value).startswith(f"cannot resume from {run / META}: ")
