@@ -410,3 +410,35 @@ def test_resume_messages_name_the_file(tmp_path, caplog):
     with pytest.raises(CheckpointError) as err:
         train(wider, run)
     assert str(err.value).startswith(f"cannot resume from {run / META}: ")
+
+
+# ---- what a call leaves behind -------------------------------------------------------------------------------------
+def test_train_takes_a_run_config_object(tmp_path):
+    cfg = RunConfig.from_dict(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0}))
+    assert train(cfg, tmp_path / "run")["step"] == 1
+
+
+def test_train_removes_and_closes_its_log_handler(tmp_path):
+    pkg = logging.getLogger("radd_fast")
+    before = list(pkg.handlers)
+    opened = []
+    real = loop_module._setup_logging
+
+    def spy(run_dir, env):
+        opened.append(real(run_dir, env))
+        return opened[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop_module, "_setup_logging", spy)
+        train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0}), tmp_path / "run")
+    assert pkg.handlers == before and logging.getLogger().handlers.count(opened[0]) == 0
+    assert opened[0].stream is None  # closed: the run folder's log file is not held open
+
+
+@pytest.mark.parametrize("initialized_before", [False, True])
+def test_train_ends_only_the_process_group_it_started(tmp_path, monkeypatch, initialized_before):
+    ended = []
+    monkeypatch.setattr(loop_module, "cleanup", lambda env: ended.append(env))
+    monkeypatch.setattr(loop_module.torch.distributed, "is_initialized", lambda: initialized_before)
+    train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0}), tmp_path / "run")
+    assert len(ended) == (0 if initialized_before else 1)
