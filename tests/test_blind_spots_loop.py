@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from radd_fast import RADD, ExponentialMovingAverage
+from radd_fast.acceleration import Acceleration
 from radd_fast.checkpoint import CheckpointError
 from radd_fast.config import ConfigError
 from radd_fast.distributed import DistEnv
@@ -442,3 +443,47 @@ def test_train_ends_only_the_process_group_it_started(tmp_path, monkeypatch, ini
     monkeypatch.setattr(loop_module.torch.distributed, "is_initialized", lambda: initialized_before)
     train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0}), tmp_path / "run")
     assert len(ended) == (0 if initialized_before else 1)
+
+
+# ---- wiring: what the loop hands its parts ----------------------------------------------------------------------------
+def test_the_periodic_evaluation_scores_the_training_loss_through_static_rows(tmp_path, monkeypatch):
+    """Its semantics are tested in test_eval.py / test_blind_spots_eval.py; here, that the loop asks for it."""
+    made = []
+    real = loop_module.make_loss_fn
+    monkeypatch.setattr(loop_module, "make_loss_fn", lambda *a, **kw: made.append((a, kw)) or real(*a, **kw))
+    cfg = tiny_config(tmp_path, training={"n_iters": 2, "loss_type": "t_DCE", "sampling_eps": 0.02,
+                                          "time_sampler": "naive", "compile": False})
+    train(cfg, tmp_path / "run")
+    (args, kwargs), = made
+    assert isinstance(args[0], RADD) and type(args[1]).__name__ == "LogLinearNoise"
+    assert args[2:] == ("t_DCE", 0.02)
+    assert kwargs == {"static_rows": True, "acceleration": Acceleration(compile=False, cuda_graphs=False),
+                      "time_sampler": "naive"}
+
+
+class RecordingDDP:
+    """Stands for DistributedDataParallel: records how the loop wraps the model, then wraps it for real."""
+
+    calls: list = []
+
+    def __new__(cls, module, **kwargs):
+        cls.calls.append((module, kwargs))
+        return torch.nn.parallel.DistributedDataParallel(module, **kwargs)
+
+
+def test_two_ranks_wrap_the_step_in_ddp_with_no_device_ids_on_the_cpu(tmp_path, monkeypatch):
+    """One real gloo rank stands for a two-rank run (env.world = 2): the wrap is what is under test."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        RecordingDDP.calls = []
+        monkeypatch.setattr(loop_module, "DistributedDataParallel", RecordingDDP)
+        monkeypatch.setattr(loop_module, "init_distributed", lambda device: DistEnv(rank=0, world=2))
+        train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0, "compile": False}), tmp_path / "run")
+        (module, kwargs), = RecordingDDP.calls
+        assert isinstance(module.model, RADD) and kwargs == {"device_ids": None}  # the step's loss module
+        RecordingDDP.calls = []
+        monkeypatch.setattr(loop_module, "init_distributed", lambda device: DistEnv())
+        train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0, "compile": False}), tmp_path / "one")
+        assert RecordingDDP.calls == []  # one rank: no DDP
+    finally:
+        torch.distributed.destroy_process_group()
