@@ -345,8 +345,11 @@ def test_an_eval_batch_that_does_not_split_is_refused_only_when_evaluation_runs(
 
 
 def test_a_tokenizer_that_does_not_fit_the_model_says_which_tokens_to_set(tmp_path):
-    with pytest.raises(ConfigError, match=r": set tokens=256$"):
+    with pytest.raises(ConfigError) as err:
         train(tiny_config(tmp_path, tokens=100), tmp_path / "run")
+    assert str(err.value) == "tokenizer 'bytes' has 256 ids but the model only 100 tokens: set tokens=256"
+    # training only needs every id to be a model token: a larger model (ids it never sees) trains
+    assert train(tiny_config(tmp_path, tokens=300, training={"n_iters": 1, "eval_freq": 0}), tmp_path / "big")["step"] == 1
 
 
 def test_the_validation_loader_is_shuffled_by_seed_plus_one(tmp_path, monkeypatch):
@@ -487,3 +490,21 @@ def test_two_ranks_wrap_the_step_in_ddp_with_no_device_ids_on_the_cpu(tmp_path, 
         assert RecordingDDP.calls == []  # one rank: no DDP
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_the_loop_reads_each_split_by_name_and_builds_the_step_from_the_config(tmp_path, monkeypatch):
+    splits, steps = [], []
+    real_load, real_init = loop_module.load_blocks, TrainStep.__init__
+    monkeypatch.setattr(loop_module, "load_blocks", lambda source, split, **kw: splits.append(split) or
+                        real_load(source, split, **kw))
+
+    def spy(self, model, noise, loss_type, **kwargs):
+        steps.append((loss_type, kwargs))
+        real_init(self, model, noise, loss_type, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "__init__", spy)
+    train(tiny_config(tmp_path, training={"n_iters": 1, "loss_type": "t_DCE", "sampling_eps": 0.02,
+                                          "time_sampler": "naive", "compile": False}), tmp_path / "run")
+    assert splits == ["train", "validation"]
+    assert steps == [("t_DCE", {"sampling_eps": 0.02, "time_sampler": "naive", "compile": False, "wrap": None,
+                                "world_size": 1})]
