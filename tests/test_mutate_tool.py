@@ -87,3 +87,6 @@ def test_a_bad_equivalents_file_is_one_clear_error(mutate, tmp_path):
     bad.write_text("radd_fast.noise.x__mutmut_1\n    because: no\n")
     with pytest.raises(SystemExit, match="cannot read"):
         mutate.load_equivalents(bad)
+    bad.write_text("radd_fast.noise.x__mutmut_1\n    line:\n    why: no line pinned\n")
+    with pytest.raises(SystemExit, match="empty 'line:'"):
+        mutate.load_equivalents(bad)

@@ -187,6 +187,8 @@ def load_equivalents(path: Path = EQUIVALENTS_FILE) -> dict[str, Equivalent]:
             name, line = text, None
         elif text.startswith("line:"):
             line = text[len("line:"):].strip()
+            if not line:
+                raise SystemExit(f"error: {path}: {name}: an empty 'line:' never matches a mutant")
         elif text.startswith("why:") and name is not None and line is not None:
             out[name] = Equivalent(name, line, text[len("why:"):].strip())
         else:
