@@ -26,8 +26,8 @@ from radd_fast.acceleration import Acceleration
 from radd_fast.checkpoint import CheckpointError
 from radd_fast.config import ConfigError
 from radd_fast.distributed import DistEnv
+from radd_fast.training import NonFiniteLossError, train
 from radd_fast.training import loop as loop_module
-from radd_fast.training import train
 from radd_fast.training.config import RunConfig
 from radd_fast.training.state import META, atomic_save
 from radd_fast.training.step import TrainStep
@@ -508,3 +508,132 @@ def test_the_loop_reads_each_split_by_name_and_builds_the_step_from_the_config(t
     assert splits == ["train", "validation"]
     assert steps == [("t_DCE", {"sampling_eps": 0.02, "time_sampler": "naive", "compile": False, "wrap": None,
                                 "world_size": 1})]
+
+
+# ---- more of what the loop hands on ------------------------------------------------------------------------------------
+def test_every_seed_the_loop_draws_comes_from_the_run_seed(tmp_path, monkeypatch):
+    """Micro-batches, evaluations and snapshot samples each reseed from (training.seed, step, index, stream)."""
+    seeds = []
+    real_seed = loop_module.seed_for
+    monkeypatch.setattr(loop_module, "seed_for", lambda *key: seeds.append(key) or real_seed(*key))
+    monkeypatch.setattr(loop_module, "snapshot_samples", lambda *args: None)
+    cfg = tiny_config(tmp_path, training={"n_iters": 3, "seed": 13, "accum": 1, "eval_freq": 2, "snapshot_freq": 3,
+                                          "snapshot_sampling": True})
+    train(cfg, tmp_path / "run")
+    assert seeds == [(13, 0, 0), (13, 1, 0), (13, 2, 0, "eval"), (13, 2, 0), (13, 3, 0, "sample")]
+
+
+def test_the_progress_bar_gets_no_mfu_without_a_peak(tmp_path, monkeypatch):
+    shown = []
+    real = loop_module.Metrics.progress
+    monkeypatch.setattr(loop_module.Metrics, "progress", lambda self, n, **post: shown.append(post) or real(self, n, **post))
+    train(tiny_config(tmp_path, training={"n_iters": 2, "eval_freq": 0}), tmp_path / "run")
+    assert [sorted(p) for p in shown if p] == [["loss", "tok_s"], ["loss", "tok_s"]]
+
+
+def test_the_peak_is_asked_for_the_runs_device_and_dtype(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(loop_module, "peak_flops", lambda device, dtype: asked.append((device, dtype)))
+    train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0, "dtype": "bf16"}), tmp_path / "run")
+    assert asked == [(torch.device("cpu"), torch.bfloat16)]
+
+
+class RecordingMetrics:
+    """Stands for training.metrics.Metrics (no file, no bar, no tensorboard or wandb): records its arguments."""
+
+    made: list = []
+
+    def __init__(self, *args):
+        RecordingMetrics.made.append(args)
+
+    def log(self, step, **values):
+        pass
+
+    def progress(self, n, **postfix):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_metrics_get_the_runs_settings_and_its_starting_step(tmp_path, monkeypatch):
+    RecordingMetrics.made = []
+    monkeypatch.setattr(loop_module, "Metrics", RecordingMetrics)
+    cfg = tiny_config(tmp_path, training={"n_iters": 2, "eval_freq": 0, "progress": True})
+    cfg["logging"] = {"wandb": True, "wandb_project": "proj", "tensorboard": True}
+    run = tmp_path / "run"
+    train(cfg, run)
+    train(dict(cfg, training=dict(cfg["training"], n_iters=3)), run)  # resumed at step 2
+    raw = RunConfig.from_dict(cfg).raw
+    first, resumed = RecordingMetrics.made
+    assert first == (run, True, 2, 0, True, True, "proj", raw)
+    assert resumed[:4] == (run, True, 3, 2)
+    RecordingMetrics.made = []
+    train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0}), tmp_path / "b")  # wandb off by default
+    assert RecordingMetrics.made[0][6] is None  # no wandb: no project
+
+
+def test_the_log_line_names_the_policy(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, "radd_fast"):
+        train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0, "compile": False}), tmp_path / "run")
+    assert "training step: eager" in caplog.messages
+
+
+def test_reads_get_the_runs_environment(tmp_path, monkeypatch):
+    envs = []
+    real = TrainStep.read
+    monkeypatch.setattr(TrainStep, "read", lambda self, env=None: envs.append(env) or real(self, env))
+    monkeypatch.setattr(loop_module, "init_distributed", lambda device: DistEnv(rank=0, world=1))
+    train(tiny_config(tmp_path, training={"n_iters": 2, "eval_freq": 0}), tmp_path / "run")
+    assert envs == [DistEnv(rank=0, world=1)] * 2
+
+
+class StepClock:
+    """``time.perf_counter`` that advances one second per micro-batch and 100 per evaluation: a window's
+    seconds are its training steps, and evaluation time, which the throughput leaves out, is large."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_throughput_counts_the_training_time_of_the_whole_window_and_no_evaluation(tmp_path, monkeypatch):
+    clock = StepClock()
+    real_micro, real_eval = TrainStep.micro_batch, loop_module._evaluate
+
+    def micro_batch(self, *args, **kwargs):
+        clock.now += 1.0
+        return real_micro(self, *args, **kwargs)
+
+    def evaluate(*args):
+        clock.now += 100.0
+        return real_eval(*args)
+
+    monkeypatch.setattr(loop_module, "time", clock)
+    monkeypatch.setattr(TrainStep, "micro_batch", micro_batch)
+    monkeypatch.setattr(loop_module, "_evaluate", evaluate)
+    run = tmp_path / "run"
+    train(tiny_config(tmp_path, training={"n_iters": 6, "accum": 1, "log_freq": 3, "eval_freq": 2,
+                                          "snapshot_freq": 6, "snapshot_freq_for_preemption": 6}), run)
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # windows of 3 steps (3 s of training each, an evaluation of 100 s inside): 4 x 16 tokens a second
+    assert [x["tokens_per_s"] for x in logged if "loss" in x] == [64.0, 64.0]
+
+
+def test_a_nan_after_a_snapshot_names_the_meta_checkpoint_a_resume_would_read(tmp_path, monkeypatch):
+    """Meta at step 2, snapshot 3 (no meta), NaN at 4: a resume reads the meta checkpoint, so it is named."""
+    real = loop_module._accumulate
+
+    def poisoned(stepper, micro_batches, scaler, step, seed, env):
+        real(stepper, micro_batches, scaler, step, seed, env)
+        if step == 3:
+            next(stepper.model.parameters()).grad.fill_(float("nan"))
+
+    monkeypatch.setattr(loop_module, "_accumulate", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as err:
+        train(tiny_config(tmp_path), run)  # snapshots every 3, meta every 2
+    assert str(err.value).endswith(f"the last good checkpoint is {run / META} (step 2); a resume starts from it")
+    assert (run / "checkpoints" / "checkpoint_3.pth").exists()
