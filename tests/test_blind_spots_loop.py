@@ -160,6 +160,10 @@ def test_write_config_keeps_the_key_order_and_never_overwrites(tmp_path):
     path.write_text("hydra: wrote this\n")
     loop_module._write_config(cfg, run)  # a Hydra run already wrote it: left alone
     assert path.read_text() == "hydra: wrote this\n"
+    other = tmp_path / "other"
+    (other / ".hydra").mkdir(parents=True)  # the folder without the file (Hydra's overrides.yaml only)
+    loop_module._write_config(cfg, other)
+    assert (other / ".hydra" / "config.yaml").read_text() == yaml.safe_dump(cfg.raw, sort_keys=False)
 
 
 def test_setup_logging_appends_formatted_lines_on_rank_0_only(tmp_path):
