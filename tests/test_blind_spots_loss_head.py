@@ -103,28 +103,31 @@ def test_an_empty_fp16_batch_keeps_every_dtype():
 
 # ---- how much work each chunk launches ------------------------------------------------------------------------
 class LaunchRecorder:
-    """Stands for a @triton.jit kernel: records each launch's grid, then launches the real kernel."""
+    """Stands for a @triton.jit kernel: checks each launch's grid against the expected one before it runs
+    (a wrong grid fails at once, not after the interpreter has run its extra programs), then launches."""
 
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
+    def __init__(self, kernel, expected):
+        self.kernel, self.expected, self.grids = kernel, list(expected), []
 
     def __getitem__(self, grid):
         self.grids.append(tuple(grid))
+        assert self.grids == self.expected[:len(self.grids)], f"launch {len(self.grids)}: grid {tuple(grid)}"
         return self.kernel[grid]
 
 
 @needs_triton
 def test_each_vocabulary_chunk_launches_its_own_tiles_only(monkeypatch):
-    recorder = LaunchRecorder(lls._dlogits_kernel)
-    monkeypatch.setattr(lls, "_dlogits_kernel", recorder)
-    N, d, C = 20, 16, 200  # tiles 16 x 64: 2 row tiles; chunks of 64 classes: 64, 64, 64, 8
+    N, d, C = 20, 16, 200  # tiles 16 x 64: 2 row tiles; chunks of 64 classes: 64, 64, 64, 8 (one tile each)
     x, w, b, t = problem(N, d, C)
     _, lse = lls.linear_log_softmax_gather_forward(x, w, b, t)
+    recorder = LaunchRecorder(lls._dlogits_kernel, [(2,), (2,), (2,), (2,)])
+    monkeypatch.setattr(lls, "_dlogits_kernel", recorder)
     lls.linear_log_softmax_gather_backward(torch.ones(N), None, x, w, b, t, lse, chunk_bytes=1)
-    assert recorder.grids == [(2,), (2,), (2,), (2,)]
-    recorder.grids.clear()
-    lls.linear_log_softmax_gather_backward(torch.ones(N), None, x, w, b, t, lse)  # one chunk of 200: 4 tiles
-    assert recorder.grids == [(8,)]
+    assert recorder.grids == recorder.expected
+    recorder = LaunchRecorder(lls._dlogits_kernel.kernel, [(8,)])  # one chunk of 200 classes: 4 tiles
+    monkeypatch.setattr(lls, "_dlogits_kernel", recorder)
+    lls.linear_log_softmax_gather_backward(torch.ones(N), None, x, w, b, t, lse)
+    assert recorder.grids == recorder.expected
 
 
 # ---- the backward launcher's checks -----------------------------------------------------------------------------
