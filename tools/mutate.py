@@ -240,7 +240,8 @@ def mutmut_config(module: str, tests: list[str]) -> str:
 
 
 def recheck(module: str, workdir: Path, tests: list[str], max_children: int) -> None:
-    """Run the last run's survivors (and the mutants no test reached) again, against ``tests`` only.
+    """Run the last run's survivors (and the mutants no test reached or mutmut called suspicious) again,
+    against ``tests`` only.
 
     For after writing tests: every other verdict stands, and the survivors already passed every
     test of the full run, so the new test files are all they need to meet. The tests are copied
@@ -263,7 +264,7 @@ def recheck(module: str, workdir: Path, tests: list[str], max_children: int) -> 
         (base / "setup.cfg").write_text(config)
     (dest / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     statuses = parse_results(mutmut(["results", "--all", "true"], dest).stdout)
-    names = [n for n, s in statuses.items() if s in ("survived", "no tests")]
+    names = [n for n, s in statuses.items() if s in ("survived", "no tests", "suspicious")]
     print(f"rechecking {len(names)} mutants of {module} against {', '.join(tests)}", file=sys.stderr, flush=True)
     start = time.monotonic()
     if names:
