@@ -267,3 +267,22 @@ def test_programs_per_kernel(monkeypatch):
     fa.flash_attention_forward(qkv, config=fa.FwdConfig(32, 16, 1, 1))
     fa.flash_attention_backward(torch.randn_like(out), qkv, out, lse, config=cfg)
     assert grids == [(2, 6), (3, 6), (2, 6), (2, 6)]
+
+
+@needs_triton
+@pytest.mark.parametrize("how", ["expanded", "transposed"])
+def test_the_triton_backward_takes_gradients_of_any_layout(how):
+    """out.sum() hands back an expanded gradient (stride 0); a transposed one has stride h on the head dim."""
+    B, T, h, hd = 1, 5, 2, 32
+    qkv = qkv_of(B, T, h, hd)
+    leaf, ref_leaf = qkv.clone().requires_grad_(True), qkv.clone().requires_grad_(True)
+    out, ref = att.attention(leaf, impl="triton"), att.attention_ref(ref_leaf)
+    if how == "expanded":
+        out.sum().backward()
+        ref.sum().backward()
+    else:
+        g = torch.randn(B, T, hd, h).transpose(-1, -2)  # [B, T, h, hd], last stride h = 2
+        assert g.stride(-1) == h
+        out.backward(g)
+        ref.backward(g)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, atol=1e-5, rtol=1e-5)
