@@ -270,9 +270,10 @@ def test_programs_per_kernel(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("how", ["expanded", "transposed"])
+@pytest.mark.parametrize("how", ["expanded", "transposed", "time_innermost"])
 def test_the_triton_backward_takes_gradients_of_any_layout(how):
-    """out.sum() hands back an expanded gradient (stride 0); a transposed one has stride h on the head dim."""
+    """out.sum() hands back an expanded gradient (stride 0); a transposed one has stride h on the head dim;
+    a permuted one can have unit stride on T or on h and still not on the head dim."""
     B, T, h, hd = 1, 5, 2, 32
     qkv = qkv_of(B, T, h, hd)
     leaf, ref_leaf = qkv.clone().requires_grad_(True), qkv.clone().requires_grad_(True)
@@ -281,8 +282,12 @@ def test_the_triton_backward_takes_gradients_of_any_layout(how):
         out.sum().backward()
         ref.sum().backward()
     else:
-        g = torch.randn(B, T, hd, h).transpose(-1, -2)  # [B, T, h, hd], last stride h = 2
-        assert g.stride(-1) == h
+        if how == "transposed":
+            g = torch.randn(B, T, hd, h).transpose(-1, -2)  # [B, T, h, hd], unit stride on h, last stride h = 2
+            assert g.stride(-2) == 1 and g.stride(-1) == h
+        else:
+            g = torch.randn(B, h, hd, T).permute(0, 3, 1, 2)  # unit stride on T, last stride T
+            assert g.stride(1) == 1 and g.stride(-1) == T
         out.backward(g)
         ref.backward(g)
     torch.testing.assert_close(leaf.grad, ref_leaf.grad, atol=1e-5, rtol=1e-5)
