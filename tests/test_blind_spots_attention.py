@@ -181,14 +181,15 @@ def test_forward_out_and_backward_buffer_messages():
 
 # ---- tiles, flags and programs ------------------------------------------------------------------------------------
 def test_default_configs_ask_the_card(monkeypatch):
-    asked = []
-    monkeypatch.setattr(fa, "card_of", lambda device: ((8, 0), 166912))
+    asked, cards = [], []
+    monkeypatch.setattr(fa, "card_of", lambda device: cards.append(device) or ((8, 0), 166912))
     monkeypatch.setattr(fa, "fwd_config_for", lambda *a: asked.append(("fwd", *a)) or "fwd tiles")
     monkeypatch.setattr(fa, "bwd_config_for", lambda *a: asked.append(("bwd", *a)) or "bwd tiles")
     cuda = torch.device("cuda")  # a device object only: no GPU needed
     assert fa.default_fwd_config(64, torch.bfloat16, cuda, rotary=True) == "fwd tiles"
     assert fa.default_bwd_config(128, torch.float16, cuda) == "bwd tiles"
     assert asked == [("fwd", (8, 0), 166912, torch.bfloat16, 64, True), ("bwd", (8, 0), 166912, torch.float16, 128, False)]
+    assert cards == [cuda, cuda]  # the card of the launch's own device
     cpu = torch.device("cpu")
     assert fa.default_fwd_config(64, torch.float32, cpu) == fa.FwdConfig(16, 16, 1, 1)
     assert fa.default_bwd_config(64, torch.float32, cpu) == fa.BwdConfig(16, 16, 1, 1, 16, 16, 1, 1)
@@ -306,3 +307,28 @@ def test_the_reference_softmax_is_stable_per_row():
     expected = torch.einsum("bhts,bshd->bthd", p, v)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("rotary", [False, True])
+def test_launchers_ask_for_their_tiles_and_keep_fp16(monkeypatch, rotary):
+    """fp16 runs exactly enough under the interpreter to check the buffers' dtypes and the values loosely."""
+    asked = []
+    real_fwd, real_bwd = fa.default_fwd_config, fa.default_bwd_config
+    monkeypatch.setattr(fa, "default_fwd_config", lambda *a, **k: asked.append(("fwd", a, k)) or real_fwd(*a, **k))
+    monkeypatch.setattr(fa, "default_bwd_config", lambda *a, **k: asked.append(("bwd", a, k)) or real_bwd(*a, **k))
+    B, T, h, hd = 1, 7, 2, 32
+    qkv = qkv_of(B, T, h, hd).half()
+    cos, sin = (torch.cos(torch.randn(T, hd // 2)), torch.sin(torch.randn(T, hd // 2))) if rotary else (None, None)
+    out, lse = fa.flash_attention_forward(qkv, cos, sin)
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    dout = torch.randn_like(out)
+    dqkv = fa.flash_attention_backward(dout, qkv, out, lse, cos, sin)
+    assert dqkv.dtype == torch.float16 and dqkv.shape == qkv.shape
+    cpu = torch.device("cpu")
+    assert asked == [("fwd", (hd, torch.float16, cpu), {"rotary": rotary}), ("bwd", (hd, torch.float16, cpu), {"rotary": rotary})]
+    leaf = qkv.float().requires_grad_(True)
+    ref = att.attention_ref(leaf, cos, sin)
+    ref.backward(dout.float())
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dqkv.float(), leaf.grad, atol=5e-2, rtol=5e-2)
