@@ -332,3 +332,14 @@ def test_launchers_ask_for_their_tiles_and_keep_fp16(monkeypatch, rotary):
     ref.backward(dout.float())
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(dqkv.float(), leaf.grad, atol=5e-2, rtol=5e-2)
+
+
+@needs_triton
+def test_the_backward_writes_a_contiguous_gradient_for_a_strided_qkv():
+    """The op's fake (what torch.compile plans with) says contiguous: the real gradient must be too."""
+    B, T, h, hd = 1, 5, 2, 32
+    qkv = torch.randn(B, h, 3, T, hd).permute(0, 3, 2, 1, 4)  # [B, T, 3, h, hd], unit stride on hd only
+    assert not qkv.is_contiguous() and qkv.stride(-1) == 1
+    out, lse = fa.flash_attention_forward(qkv)
+    dqkv = fa.flash_attention_backward(torch.randn_like(out), qkv, out, lse)
+    assert dqkv.is_contiguous() and dqkv.shape == qkv.shape
