@@ -190,6 +190,8 @@ def test_default_configs_ask_the_card(monkeypatch):
     assert fa.default_bwd_config(128, torch.float16, cuda) == "bwd tiles"
     assert asked == [("fwd", (8, 0), 166912, torch.bfloat16, 64, True), ("bwd", (8, 0), 166912, torch.float16, 128, False)]
     assert cards == [cuda, cuda]  # the card of the launch's own device
+    fa.default_fwd_config(64, torch.bfloat16, cuda)
+    assert asked[-1] == ("fwd", (8, 0), 166912, torch.bfloat16, 64, False)  # no rotary unless asked
     cpu = torch.device("cpu")
     assert fa.default_fwd_config(64, torch.float32, cpu) == fa.FwdConfig(16, 16, 1, 1)
     assert fa.default_bwd_config(64, torch.float32, cpu) == fa.BwdConfig(16, 16, 1, 1, 16, 16, 1, 1)
