@@ -198,3 +198,14 @@ def test_an_unseeded_run_draws_its_seed_from_torch(model):
     seed = int(torch.randint(0, 2**62, ()))  # what generate draws when no seed is given
     c, _ = generate(model, LogLinearNoise(), 4, 6, 4, seed=seed, progress=False)
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("method", ["tweedie", "ordered"])
+def test_a_seeded_run_does_not_depend_on_the_global_generator(model, method):
+    """Every draw (the reveal schedule, the random orders, the noise) comes from the run's own generator."""
+    noise = None if method == "ordered" else LogLinearNoise()
+    runs = []
+    for prior in (0, 99):
+        torch.manual_seed(prior)
+        runs.append(generate(model, noise, 6, 8, 4, method=method, seed=5, progress=False)[0])
+    assert torch.equal(*runs)
