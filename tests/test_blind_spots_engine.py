@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from radd_fast import LogLinearNoise
+from radd_fast.model.head import noise_key
 from radd_fast.sampling import engine
 from radd_fast.sampling.engine import Counters, SamplingStats, generate
 from radd_fast.sampling.schedule import expected_enfe_exact, update_rates
@@ -92,13 +93,13 @@ def test_a_run_reports_its_sizes_and_counts_over_several_waves(model):
 
 def test_theory_averages_over_the_rows_free_lengths(model):
     noise = LogLinearNoise()
-    init = torch.full((3, 6), -1)
-    init[0, :2] = 1  # 4 free
+    init = torch.full((4, 6), -1)
+    init[0, :2] = init[3, :2] = 1  # 4 free, twice
     init[1, :5] = 1  # 1 free
-    _, s = generate(model, noise, 3, 6, 5, conditioning=init, seed=0, progress=False)
+    _, s = generate(model, noise, 4, 6, 5, conditioning=init, seed=0, progress=False)
     rates = update_rates(noise, 5, "tweedie", 1e-5, torch.device("cpu"))
-    expected = (expected_enfe_exact(rates, np.array([4])) + expected_enfe_exact(rates, np.array([1]))
-                + expected_enfe_exact(rates, np.array([6]))) / 3
+    expected = (2 * expected_enfe_exact(rates, np.array([4])) + expected_enfe_exact(rates, np.array([1]))
+                + expected_enfe_exact(rates, np.array([6]))) / 4  # weighted by how many rows have each
     assert s.enfe_theory == pytest.approx(float(expected[0]), rel=1e-12)
     _, ordered = generate(model, None, 2, 6, 3, method="ordered", seed=0, progress=False)
     assert ordered.enfe_theory is None
@@ -209,3 +210,60 @@ def test_a_seeded_run_does_not_depend_on_the_global_generator(model, method):
         torch.manual_seed(prior)
         runs.append(generate(model, noise, 6, 8, 4, method=method, seed=5, progress=False)[0])
     assert torch.equal(*runs)
+
+
+def test_a_wave_of_fixed_rows_pads_nothing(model):
+    init = torch.tensor([[1, 2, 3, 4]])
+    _, s = generate(model, LogLinearNoise(), 3, 4, 4, conditioning=init, progress=False)
+    assert (s.evaluations, s.head_rows, s.head_rows_padded, s.eval_rows_padded) == (0, 0, 0, 0)
+
+
+def hand_wave(buckets: bool) -> engine.Wave:
+    """Two rows of 4 free tokens: row 0 reveals 3 then 1, row 1 reveals 2 then 2 (both in flight)."""
+    x0 = torch.full((2, 4), 7)
+    group = torch.tensor([[0, 0, 0, 1], [0, 0, 1, 1]])
+    return engine.Wave(x0, group, torch.tensor([2, 2]), rows_in_flight=2, buckets=buckets)
+
+
+def test_head_rows_are_padded_to_powers_of_two_only_with_buckets():
+    bucketed, exact = hand_wave(True), hand_wave(False)
+    assert bucketed.head_n.tolist() == exact.head_n.tolist() == [5, 3]
+    assert bucketed.head_p.tolist() == [8, 4] and exact.head_p.tolist() == [5, 3]
+    assert bucketed.body_shapes(True) == {(2, 4, 8): 1, (2, 4, 4): 1}
+    assert bucketed.body_shapes(False) == {(2, 4): 2}
+
+
+class RecordingBody:
+    """Stands for BodyRunner in Wave.run: records the shapes prepared and each call's arguments."""
+
+    def __init__(self, model):
+        self.model, self.prepared, self.calls = model, [], []
+
+    def prepare(self, shapes):
+        self.prepared.append(dict(shapes))
+
+    def __call__(self, x, rows=None):
+        self.calls.append(rows is not None)
+        h = self.model.hidden(x) if rows is None else self.model.hidden(x, rows)
+        return h
+
+
+class RecordingHead:
+    def __init__(self):
+        self.keys = []
+
+    def sample_at(self, h_rows, dst, x_flat, strategy, key):
+        self.keys.append(key)
+        x_flat[dst] = 0  # any valid token
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_a_wave_prepares_its_shapes_prunes_as_asked_and_keys_each_evaluation(model, prune, monkeypatch):
+    wave, body, head = hand_wave(True), RecordingBody(model), RecordingHead()
+    monkeypatch.setattr(model, "hidden", lambda x, rows=None: torch.zeros(
+        (x.shape[0] * x.shape[1] if rows is None else rows.numel(), 4)))
+    out = wave.run(body, head, None, seed=9, first_evaluation=3, bar=engine.progress_bar(False), prune=prune)
+    assert body.prepared == [wave.body_shapes(prune)]
+    assert body.calls == [prune, prune]  # the pruned body is given the revealed rows
+    assert head.keys == [noise_key(9, 3), noise_key(9, 4)]  # evaluation numbers continue across waves
+    assert out.shape == (2, 4) and not (out == 7).any()
