@@ -147,3 +147,51 @@ def test_messages(model):
     assert str(err.value) == f"DiffusionSampler method must be one of {ref_module.DIFFUSION_METHODS}, got 'ddpm'"
     with pytest.raises(NotImplementedError):
         ref_module.Sampler(model, (2, 4), model.vocab_size, "direct").sample(3)
+
+
+@pytest.mark.parametrize("strategy, para", [("direct", None), ("top_k", 3)])
+def test_seeded_reference_runs_do_not_depend_on_the_global_generator(model, strategy, para):
+    runs = []
+    for prior in (0, 99):
+        torch.manual_seed(prior)
+        runs.append(DiffusionSampler("tweedie", model, LogLinearNoise(), (4, 6), model.vocab_size, strategy, para,
+                                     seed=1).sample(5))
+    assert torch.equal(*runs)
+
+
+def zero_noise(shape, dtype, device, generator=None):
+    """A Gumbel stand-in: no noise at all, in the dtype asked for (the draw becomes an exact comparison)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_direct_draw_breaks_a_tie_toward_the_real_token(model, monkeypatch, dtype):
+    """rate 1/2 and no noise: every real token scores log(1/2), MASK scores log1p(-1/2), the same number
+    (both rounded to the sampling dtype): the tie goes to the real token, as argmax over the published
+    concatenation [p * rate, 1 - rate] would."""
+    monkeypatch.setattr(ref_module, "gumbel", zero_noise)
+    sampler = DiffusionSampler("tweedie", model, LogLinearNoise(), (1, 4), model.vocab_size, "direct",
+                               sampling_dtype=dtype)
+    token = sampler._direct_draw(torch.zeros(3, model.vocab_size - 1), torch.tensor(0.5, dtype=torch.float64))
+    assert token.tolist() == [0, 0, 0]
+
+
+def test_the_direct_draw_adds_the_noise_in_the_sampling_dtype(model, monkeypatch):
+    """Two tokens tied in fp32 and noise 1e-9 apart: only scores held in fp64 tell them apart."""
+    def tiny_noise(shape, dtype, device, generator=None):
+        if len(shape) == 1:  # the MASK column's noise: never wins
+            return torch.full(shape, -1e9, dtype=dtype)
+        return torch.tensor([1e-9, 2e-9], dtype=dtype).expand(shape).clone()
+
+    monkeypatch.setattr(ref_module, "gumbel", tiny_noise)
+    logp = torch.ones(1, 2)
+    rate = torch.tensor(1.0, dtype=torch.float64)
+    fp64 = DiffusionSampler("tweedie", model, LogLinearNoise(), (1, 4), 3, "direct", sampling_dtype="float64")
+    fp32 = DiffusionSampler("tweedie", model, LogLinearNoise(), (1, 4), 3, "direct", sampling_dtype="float32")
+    assert fp64._direct_draw(logp, rate).tolist() == [1]  # 1 + 2e-9 > 1 + 1e-9
+    assert fp32._direct_draw(logp, rate).tolist() == [0]  # both round to 1.0: the first of the tie
+
+
+def test_a_diffusion_sampler_takes_the_device_it_is_given(model):
+    sampler = DiffusionSampler("tweedie", model, LogLinearNoise(), (2, 4), model.vocab_size, "direct", device="meta")
+    assert sampler.device == torch.device("meta")
