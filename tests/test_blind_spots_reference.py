@@ -99,8 +99,11 @@ def test_published_forward_slicing_and_counter_setter(model):
     logp = sampler._log_probs(torch.zeros(2, 3, dtype=torch.int64))
     assert logp.dtype == torch.float32 and logp.shape == (2, 3, 7)  # the MASK column dropped
     assert torch.equal(logp, torch.arange(48, dtype=torch.float32).view(2, 3, 8)[..., :7])
+    assert sampler.last_row_nfe is None and sampler.stats is None  # nothing sampled yet
     sampler.update_cnt = 5
     assert sampler.update_cnt == 5 and sampler.mask_id == 7 and sampler.token_dim == 8
+    sampler.update_cnt = 2**24 + 1  # an exact count: one more than float32 holds
+    assert sampler.update_cnt == 2**24 + 1
 
 
 def test_the_samplers_device(model):
@@ -110,6 +113,12 @@ def test_the_samplers_device(model):
     assert ref_module._model_device(object()) == torch.device("cpu")  # not a module at all
     sampler = OrderedSampler(model, (2, 4), model.vocab_size, "direct", device="meta")
     assert sampler.device == torch.device("meta") and sampler._update_cnt.device == torch.device("meta")
+
+    class Placed(torch.nn.Module):  # a model that says where it lives, before its (absent) parameters
+        device = torch.device("meta")
+
+    assert ref_module._model_device(Placed()) == torch.device("meta")
+    assert OrderedSampler(Placed(), (2, 4), 8, "direct").device == torch.device("meta")  # no device given
 
 
 def test_a_seed_makes_the_reference_samplers_repeatable(model):
