@@ -18,6 +18,8 @@ from radd_fast.kernels import attention as att
 from radd_fast.kernels import flash_attention as fa
 from radd_fast.kernels.utils import HAS_TRITON, pipeline_buffers, triton_runs_on
 
+from .helpers import LaunchRecorder
+
 needs_triton = pytest.mark.skipif(not (HAS_TRITON and triton_runs_on(torch.empty(0))),
                                   reason="Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
 
@@ -244,32 +246,30 @@ def test_launcher_flags():
     assert even
 
 
-class LaunchRecorder:
-    """Stands for a @triton.jit kernel: records each launch's grid, then launches the real kernel."""
-
-    def __init__(self, kernel, grids):
-        self.kernel, self.grids = kernel, grids
-
-    def __getitem__(self, grid):
-        self.grids.append(tuple(grid))
-        return self.kernel[grid]
-
-
 @needs_triton
 def test_programs_per_kernel(monkeypatch):
-    grids = []
-    for name in ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-        monkeypatch.setattr(fa, name, LaunchRecorder(getattr(fa, name), grids))
+    kernels = {name: getattr(fa, name) for name in
+               ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}
+
+    def record(expected: list) -> list:
+        launches = []  # one list for the four kernels: their order is part of what is checked
+        for name, kernel in kernels.items():
+            monkeypatch.setattr(fa, name, LaunchRecorder(kernel, launches, expected))
+        return launches
+
     B, T, h = 2, 37, 3  # 37 rows: 3 blocks of 16 (the interpreter's tiles)
     qkv = qkv_of(B, T, h, 32)
+    expected = [(3, 6), (3, 6), (3, 6), (3, 6)]
+    launches = record(expected)
     out, lse = fa.flash_attention_forward(qkv)
     fa.flash_attention_backward(torch.randn_like(out), qkv, out, lse)
-    assert grids == [(3, 6), (3, 6), (3, 6), (3, 6)]
-    grids.clear()
+    assert launches == expected
+    expected = [(2, 6), (3, 6), (2, 6), (2, 6)]
+    launches = record(expected)
     cfg = fa.BwdConfig(16, 32, 1, 1, 32, 16, 1, 1)  # dK/dV: 32 keys a program; dQ: 32 queries a program
     fa.flash_attention_forward(qkv, config=fa.FwdConfig(32, 16, 1, 1))
     fa.flash_attention_backward(torch.randn_like(out), qkv, out, lse, config=cfg)
-    assert grids == [(2, 6), (3, 6), (2, 6), (2, 6)]
+    assert launches == expected
 
 
 @needs_triton

@@ -16,6 +16,8 @@ import radd_fast.kernels.linear_log_softmax as lls
 from radd_fast.kernels.linear_log_softmax import TileConfig
 from radd_fast.kernels.utils import HAS_TRITON, triton_runs_on
 
+from .helpers import LaunchRecorder
+
 needs_triton = pytest.mark.skipif(not (HAS_TRITON and triton_runs_on(torch.empty(0))),
                                   reason="Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
 
@@ -102,32 +104,17 @@ def test_an_empty_fp16_batch_keeps_every_dtype():
 
 
 # ---- how much work each chunk launches ------------------------------------------------------------------------
-class LaunchRecorder:
-    """Stands for a @triton.jit kernel: checks each launch's grid against the expected one before it runs
-    (a wrong grid fails at once, not after the interpreter has run its extra programs), then launches."""
-
-    def __init__(self, kernel, expected):
-        self.kernel, self.expected, self.grids = kernel, list(expected), []
-
-    def __getitem__(self, grid):
-        self.grids.append(tuple(grid))
-        assert self.grids == self.expected[:len(self.grids)], f"launch {len(self.grids)}: grid {tuple(grid)}"
-        return self.kernel[grid]
-
-
 @needs_triton
 def test_each_vocabulary_chunk_launches_its_own_tiles_only(monkeypatch):
     N, d, C = 20, 16, 200  # tiles 16 x 64: 2 row tiles; chunks of 64 classes: 64, 64, 64, 8 (one tile each)
     x, w, b, t = problem(N, d, C)
     _, lse = lls.linear_log_softmax_gather_forward(x, w, b, t)
-    recorder = LaunchRecorder(lls._dlogits_kernel, [(2,), (2,), (2,), (2,)])
-    monkeypatch.setattr(lls, "_dlogits_kernel", recorder)
-    lls.linear_log_softmax_gather_backward(torch.ones(N), None, x, w, b, t, lse, chunk_bytes=1)
-    assert recorder.grids == recorder.expected
-    recorder = LaunchRecorder(lls._dlogits_kernel.kernel, [(8,)])  # one chunk of 200 classes: 4 tiles
-    monkeypatch.setattr(lls, "_dlogits_kernel", recorder)
-    lls.linear_log_softmax_gather_backward(torch.ones(N), None, x, w, b, t, lse)
-    assert recorder.grids == recorder.expected
+    kernel = lls._dlogits_kernel
+    for chunk_bytes, expected in ((1, [(2,)] * 4), (lls.DEFAULT_CHUNK_BYTES, [(8,)])):  # one chunk: 4 tiles
+        launches = []
+        monkeypatch.setattr(lls, "_dlogits_kernel", LaunchRecorder(kernel, launches, expected))
+        lls.linear_log_softmax_gather_backward(torch.ones(N), None, x, w, b, t, lse, chunk_bytes=chunk_bytes)
+        assert launches == expected
 
 
 # ---- the backward launcher's checks -----------------------------------------------------------------------------
