@@ -32,7 +32,7 @@ from radd_fast.training.config import RunConfig
 from radd_fast.training.state import META, atomic_save
 from radd_fast.training.step import TrainStep
 
-from .train_helpers import load_meta, tiny_config
+from .train_helpers import load_meta, poison_gradients_at, tiny_config
 
 
 def expected_seed(seed: int, step: int, micro: int, stream: str) -> int:
@@ -205,13 +205,14 @@ def test_blocks_rank_0_tokenises_first(tmp_path, monkeypatch, rank, expected):
 
 # ---- the loop: boundaries, logged figures, log lines -------------------------------------------------------------
 class FakeClock:
-    """``time.perf_counter`` advancing one second per call: a window's seconds = its reads."""
+    """Stands for the loop's ``time`` module: ``perf_counter`` advances ``per_call`` seconds each time it
+    is read (1: a window's seconds are its reads); a test may also move ``now`` itself (``per_call=0``)."""
 
-    def __init__(self):
-        self.now = 0.0
+    def __init__(self, per_call: float = 1.0):
+        self.now, self.per_call = 0.0, per_call
 
     def perf_counter(self):
-        self.now += 1.0
+        self.now += self.per_call
         return self.now
 
 
@@ -592,19 +593,10 @@ def test_reads_get_the_runs_environment(tmp_path, monkeypatch):
     assert envs == [DistEnv(rank=0, world=1)] * 2
 
 
-class StepClock:
-    """``time.perf_counter`` that advances one second per micro-batch and 100 per evaluation: a window's
-    seconds are its training steps, and evaluation time, which the throughput leaves out, is large."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self):
-        return self.now
-
-
 def test_throughput_counts_the_training_time_of_the_whole_window_and_no_evaluation(tmp_path, monkeypatch):
-    clock = StepClock()
+    # one second per micro-batch, 100 per evaluation: a window's seconds are its training steps,
+    # and evaluation time, which the throughput leaves out, is large
+    clock = FakeClock(per_call=0.0)
     real_micro, real_eval = TrainStep.micro_batch, loop_module._evaluate
 
     def micro_batch(self, *args, **kwargs):
@@ -628,14 +620,7 @@ def test_throughput_counts_the_training_time_of_the_whole_window_and_no_evaluati
 
 def test_a_nan_after_a_snapshot_names_the_meta_checkpoint_a_resume_would_read(tmp_path, monkeypatch):
     """Meta at step 2, snapshot 3 (no meta), NaN at 4: a resume reads the meta checkpoint, so it is named."""
-    real = loop_module._accumulate
-
-    def poisoned(stepper, micro_batches, scaler, step, seed, env):
-        real(stepper, micro_batches, scaler, step, seed, env)
-        if step == 3:
-            next(stepper.model.parameters()).grad.fill_(float("nan"))
-
-    monkeypatch.setattr(loop_module, "_accumulate", poisoned)
+    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(3))
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as err:
         train(tiny_config(tmp_path), run)  # snapshots every 3, meta every 2

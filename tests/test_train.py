@@ -17,7 +17,7 @@ from radd_fast.training import NonFiniteLossError, train
 from radd_fast.training import loop as loop_module
 from radd_fast.training.config import OptimConfig
 from radd_fast.training.optim import lr_at
-from tests.train_helpers import assert_same_state, load_meta, tiny_config
+from tests.train_helpers import assert_same_state, load_meta, poison_gradients_at, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,13 +72,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(straight_run, tmp_p
     resuming from it (the interruption) reproduces the straight run."""
     run, straight = straight_run
     real = loop_module._accumulate
-
-    def poisoned(stepper, micro_batches, scaler, step, seed, env):
-        real(stepper, micro_batches, scaler, step, seed, env)
-        if step == 4:  # step index before the increment: the 5th step
-            next(stepper.model.parameters()).grad.fill_(float("nan"))
-
-    monkeypatch.setattr(loop_module, "_accumulate", poisoned)
+    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(4))  # index 4: the 5th step
     meta = tmp_path / "run" / "checkpoints-meta" / "checkpoint.pth"
     with pytest.raises(NonFiniteLossError, match=f"not finite at step 5: no update from that step on was applied; "
                                                  f"the last good checkpoint is {re.escape(str(meta))} \\(step 4\\)"):

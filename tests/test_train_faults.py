@@ -30,6 +30,7 @@ from tests.train_helpers import (
     assert_same_state,
     load_meta,
     metric_records,
+    poison_gradients_at,
     run_files,
     tiny_config,
 )
@@ -313,17 +314,6 @@ def test_nonfinite_weights_are_never_written_and_the_real_last_good_file_is_name
                                                  r"\(step 2\)"):
         train(tiny_config(tmp_path), run)
     assert not (run / "checkpoints" / "checkpoint_3.pth").exists() and load_meta(run)["step"] == 2
-
-
-def poison_gradients_at(step_index: int):
-    """A loop ``_accumulate`` whose gradients are NaN at the step with this (0-based) index."""
-    real = loop_module._accumulate
-
-    def poisoned(stepper, micro_batches, scaler, step, seed, env):
-        real(stepper, micro_batches, scaler, step, seed, env)
-        if step == step_index:
-            next(stepper.model.parameters()).grad.fill_(float("nan"))
-    return poisoned
 
 
 def test_nan_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):

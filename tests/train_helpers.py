@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from radd_fast.training import loop as loop_module
+
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7} times.\n" for i in range(60))
 
 
@@ -138,3 +140,15 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, run_dir: str, out: s
     history = train(cfg, run_dir, device="cpu")
     if rank == 0:
         Path(out).write_text(json.dumps(history))
+
+
+def poison_gradients_at(step_index: int):
+    """A loop ``_accumulate`` whose gradients are NaN at the step with this (0-based) index
+    (``monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(3))``)."""
+    real = loop_module._accumulate
+
+    def poisoned(stepper, micro_batches, scaler, step, seed, env):
+        real(stepper, micro_batches, scaler, step, seed, env)
+        if step == step_index:
+            next(stepper.model.parameters()).grad.fill_(float("nan"))
+    return poisoned
