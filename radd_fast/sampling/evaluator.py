@@ -99,12 +99,10 @@ class BodyRunner:
 
     # -- the calls -------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        shape = tuple(x.shape) if rows is None else (*x.shape, rows.shape[0])
-        return self.body_graphs(shape, x, rows)
+        return self.body_graphs(_call_shape(x, rows), x, rows)
 
     def filling(self, x: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        key = ("fill", *x.shape) if rows is None else ("fill", *x.shape, rows.shape[0])
-        return self.fill_graphs(key, x, slots, rows)
+        return self.fill_graphs(("fill", *_call_shape(x, rows)), x, slots, rows)
 
     def cached(self, tokens: torch.Tensor, positions: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
         return self.cached_graphs(("cached", *tokens.shape), tokens, positions, write)
@@ -114,6 +112,11 @@ def body_shape(rows: int, length: int, head_rows: int, prune: bool) -> tuple[int
     """The shape key of one body evaluation: (rows, L), or (rows, L, head rows) when the last block
     is pruned to the revealed rows (the key ``BodyRunner`` keys its graphs by)."""
     return (int(rows), int(length), int(head_rows)) if prune else (int(rows), int(length))
+
+
+def _call_shape(x: torch.Tensor, rows: torch.Tensor | None) -> tuple[int, ...]:
+    """The ``body_shape`` of a call on tokens x [Bb, L], pruned when it is given the revealed rows."""
+    return body_shape(x.shape[0], x.shape[1], 0 if rows is None else rows.shape[0], rows is not None)
 
 
 def _worth_capturing(shapes_used: dict) -> list:
