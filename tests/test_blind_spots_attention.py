@@ -19,13 +19,14 @@ from radd_fast.kernels import flash_attention as fa
 from radd_fast.kernels.utils import HAS_TRITON, pipeline_buffers, triton_runs_on
 
 from .helpers import LaunchRecorder
+from .kernels.test_attention import make_qkv
 
 needs_triton = pytest.mark.skipif(not (HAS_TRITON and triton_runs_on(torch.empty(0))),
                                   reason="Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
 
 
 def qkv_of(B=1, T=4, h=2, hd=32, dtype=torch.float32):
-    return torch.randn(B, T, 3, h, hd, dtype=dtype)
+    return make_qkv(B, T, h, hd, dtype, device="cpu")  # the interpreter's device
 
 
 def tables(T, hd):

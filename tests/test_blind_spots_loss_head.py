@@ -17,16 +17,15 @@ from radd_fast.kernels.linear_log_softmax import TileConfig
 from radd_fast.kernels.utils import HAS_TRITON, triton_runs_on
 
 from .helpers import LaunchRecorder
+from .kernels.test_linear_log_softmax import _problem
 
 needs_triton = pytest.mark.skipif(not (HAS_TRITON and triton_runs_on(torch.empty(0))),
                                   reason="Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
 
 
 def problem(N, d, C, dtype=torch.float32, bias=True):
-    x = torch.randn(N, d).to(dtype)
-    w = (torch.randn(C, d) / d**0.5).to(dtype)
-    b = torch.randn(C).to(dtype) if bias else None
-    return x, w, b, torch.randint(0, C, (N,))
+    """The kernel tests' random problem (x, W, b, targets), on the CPU: these run under the interpreter."""
+    return _problem(N, d, C, dtype, bias, device="cpu")
 
 
 # ---- tiles --------------------------------------------------------------------------------------------------
