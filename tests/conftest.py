@@ -36,3 +36,28 @@ def device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- the objects most tests need, built fresh per test (each costs milliseconds) ---------------------------
+@pytest.fixture
+def tiny_model():
+    """The sampling tests' tiny RADD (8 tokens + MASK, length 16, a random head): tests.support.models."""
+    from tests.support.models import random_head_model
+
+    return random_head_model()
+
+
+@pytest.fixture
+def loglinear_noise():
+    """The released models' noise schedule (log-linear, eps 1e-3)."""
+    from radd_fast import LogLinearNoise
+
+    return LogLinearNoise()
+
+
+@pytest.fixture
+def byte_tokenizer():
+    """The offline byte-level tokenizer (256 ids; a model with tokens=256 adds MASK as 256)."""
+    from radd_fast.data.tokenizers import ByteTokenizer
+
+    return ByteTokenizer()

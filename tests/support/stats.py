@@ -1,30 +1,11 @@
-"""Shared helpers of the sampling tests (no tests here): a tiny random model and two-sample chi-square tests."""
+"""Statistics for the seeded distribution tests: two-sample chi-square, Kolmogorov-Smirnov against the Gumbel law."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from radd_fast import RADD, ModelConfig, RADDConfig
-
 ALPHA = 1e-4  # per chi-square test; the tests are seeded, so a pass is reproducible
-
-
-def tiny_model(tokens: int = 8, length: int = 16, seed: int = 0, scale: float = 0.25) -> RADD:
-    """1 block, d = 32, random weights. The published init zero-inits the output layer (uniform
-    samples) and sets the final norm's bias to ones (one shared direction dominates the logits);
-    randomise the head and zero that bias so that the distribution is spread and context dependent
-    (checked: the chi-square tests below flag a 10% temperature change at 3000 samples)."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = RADD(RADDConfig(tokens=tokens, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=1, length=length,
-                                                              dropout=0.0, name="test")))
-    with torch.no_grad():
-        lin = model.output_layer.linear
-        lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * scale)
-        lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen) * scale)
-        model.output_layer.norm_final.bias.zero_()
-    return model.eval()
 
 
 def chi2_sf(stat: float, df: int) -> float:
@@ -81,3 +62,16 @@ def assert_same_counts(a: torch.Tensor, b: torch.Tensor, name: str = "") -> None
     n = int(max(a.max(), b.max())) + 1
     stat, df, p = two_sample_chi2(torch.bincount(a.cpu(), minlength=n), torch.bincount(b.cpu(), minlength=n))
     assert p >= ALPHA, f"{name}: count distributions differ (chi2 {stat:.1f}, df {df}, p {p:.2g})"
+
+
+def ks_gumbel(x: torch.Tensor) -> float:
+    """Kolmogorov-Smirnov distance of the sample x to the standard Gumbel CDF exp(-exp(-x))."""
+    x = x.double().flatten().sort().values
+    n = x.numel()
+    cdf = torch.exp(-torch.exp(-x))
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(torch.maximum(i / n - cdf, cdf - (i - 1) / n).max())
+
+
+def ks_critical(n: int, alpha: float = ALPHA) -> float:
+    return math.sqrt(-0.5 * math.log(alpha / 2)) / math.sqrt(n)
