@@ -42,12 +42,13 @@ class ModelConfig:
     length: int = 1024
     dropout: float = 0.02
     use_checkpoint: bool = False
-    # Published configs say float16; the published code falls back to bf16 when missing.
+    # The autocast dtype at inference (training uses training.dtype). Published configs say float16;
+    # the published code falls back to bf16 when missing.
     dtype: str = "bfloat16"
     name: str = "small"
     type: str = "ddit_wot"
     scale_by_sigma: bool = False
-    backend: str = "reference"
+    backend: str = "reference"  # auto: the fast kernels on CUDA, the reference ops elsewhere
 
     def __post_init__(self) -> None:
         if self.hidden_size <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.length <= 0:
@@ -145,6 +146,8 @@ def _take_fields(kind: type, section: Any, prefix: str) -> tuple[Any, list]:
     return kind(**known), ignored
 
 
+# The named architectures, the one place their sizes are written: train.py's `model=tiny|small|medium`
+# are these (radd_fast/training/cli.py registers them as Hydra's "model" group, with backend auto).
 PRESETS = {
     "tiny": ModelConfig(hidden_size=64, n_heads=4, n_blocks=2, length=128, name="tiny"),
     "small": ModelConfig(hidden_size=768, n_heads=12, n_blocks=12, length=1024, name="small"),

@@ -13,17 +13,19 @@ value, a missing data file or load_dir, a ConfigError of the run config) is one
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from ..config import ConfigError
+from ..config import PRESETS, ConfigError
 from ..distributed import broadcast_object, cleanup, init_distributed
 from ..errors import UserError, run_cli
 from .loop import train
@@ -44,6 +46,18 @@ def _run_dir(load_dir, new: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+
+
+def register_model_presets() -> None:
+    """``model=tiny|small|medium`` are ``radd_fast.PRESETS`` themselves (Hydra's config group "model"):
+    the sizes live once, in radd_fast/config.py. Training runs them on ``backend: auto`` (the fast
+    kernels on CUDA, the reference ops elsewhere), the backend a preset leaves to its user."""
+    store = ConfigStore.instance()
+    for name, preset in PRESETS.items():
+        store.store(group="model", name=name, node={**dataclasses.asdict(preset), "backend": "auto"})
+
+
+register_model_presets()
 
 
 def main(argv=None) -> int:
