@@ -25,6 +25,15 @@ class UserError(ValueError):
     """
 
 
+class NonFiniteLossError(UserError):
+    """A loss (or the gradient norm, or the weights) became NaN / inf, in training or evaluation.
+
+    Training stops at the step that saw it and saves nothing non-finite; evaluation reports no
+    perplexity. A UserError (one ``error:`` line from the CLI): the fix is the user's, e.g. a lower
+    ``optim.lr`` and a resume from the checkpoint the message names, or another checkpoint.
+    """
+
+
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
     """True when ``RADD_DEBUG=1`` is set or ``--debug`` is among the arguments."""
     args = sys.argv[1:] if argv is None else argv

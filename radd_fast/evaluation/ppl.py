@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..acceleration import Acceleration, CapturedGraph, GraphSet, resolve_acceleration
-from ..errors import UserError
+from ..errors import NonFiniteLossError
 from ..losses import check_batch, get_loss_fn
 from ..losses.registry import EXACT_LOSS_TYPES, LOSS_TYPES
 from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_inputs, planned_loss
@@ -37,10 +37,6 @@ from ..progress import progress_bar
 # Tokens per replicated forward with Monte Carlo batching: 8 x (16 x 1024) for RADD-small in bf16 on one
 # GPU, about 1.5 GB of transient activations (no grad); on CPU a small budget keeps the cache warm.
 DEFAULT_TOKEN_BUDGET = {"cuda": 1 << 17, "cpu": 1 << 13}
-
-
-class NonFiniteLoss(UserError):
-    """A batch's loss is NaN or infinite: the weights (or the data) are broken; no PPL is reported."""
 
 
 @dataclass
@@ -252,7 +248,7 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
             shape every batch, so only the body is compiled and graphs cannot be asked for.
     Returns:
         ``PPLResult`` with ``ppl = exp(mean_loss / L)``, the per-batch losses and variances, the
-        throughput. Raises ``NonFiniteLoss`` at the first batch whose loss is NaN or infinite.
+        throughput. Raises ``NonFiniteLossError`` at the first batch whose loss is NaN or infinite.
 
     Example::
 
@@ -312,11 +308,11 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
-    """Raise ``NonFiniteLoss`` when a batch loss is NaN/inf (one host sync per batch, after its draws)."""
+    """Raise ``NonFiniteLossError`` when a batch loss is NaN/inf (one host sync per batch, after its draws)."""
     value = float(loss)
     if not math.isfinite(value):
-        raise NonFiniteLoss(f"the loss of {where} is {value}: the model's weights or outputs are not finite "
-                            f"(a diverged or corrupt checkpoint?); no perplexity reported")
+        raise NonFiniteLossError(f"the loss of {where} is {value}: the model's weights or outputs are not finite "
+                                 f"(a diverged or corrupt checkpoint?); no perplexity reported")
 
 
 def evaluation_acceleration(device: torch.device, static_rows: bool, compile: bool | str,

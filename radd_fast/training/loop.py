@@ -58,7 +58,7 @@ from ..data import ResumableLoader, check_batch_split, get_tokenizer, load_block
 from ..data.tokenizers import tokenizer_mismatch
 from ..distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from ..ema import ExponentialMovingAverage
-from ..errors import UserError
+from ..errors import NonFiniteLossError
 from ..evaluation.ppl import make_loss_fn
 from ..flops import MFU_FORMULA, peak_flops
 from ..model import RADD
@@ -82,14 +82,6 @@ from .state import (
 from .step import TrainStep
 
 log = logging.getLogger("radd_fast.training")
-
-
-class NonFiniteLossError(UserError):
-    """The loss, the gradient norm or the weights became NaN / inf; nothing non-finite was saved.
-
-    A UserError (one ``error:`` line from the CLI): the fix is the user's, e.g. a lower
-    ``optim.lr``, then a resume from the checkpoint the message names.
-    """
 
 
 def seed_for(seed: int, step: int, micro: int, stream: str = "train") -> None:
