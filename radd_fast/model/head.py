@@ -5,8 +5,9 @@ head and the fused sampling update); losses, evaluation and the sampler go
 through it and never reach into ``model.output_layer`` or ``radd_fast.kernels``.
 
 - ``logits(h)``: raw logits at every row (the published forward);
-- ``log_probs_at(h_rows, targets)``: log p(target) at selected rows only
-  (losses, evaluation): [N] instead of the [B, L, V] log-softmax;
+- ``target_log_probs(h_rows, targets)``: log p(target) at selected rows only
+  (losses, evaluation): [N] instead of the [B, L, V] log-softmax
+  (``vocab_log_probs(h_rows)``: every real token's, [N, V-1]);
 - ``sampler(...).sample_at(h_rows, dst, x_flat, strategy, key)``: draw the
   tokens of the revealed rows of one sampler evaluation and write them into x.
 
@@ -18,7 +19,7 @@ in PyTorch. The MASK column (the last one) never takes part in a softmax here.
 Example::
 
     head = model.output_head()
-    logp = head.log_probs_at(model.hidden(x)[seq, pos], clean[seq, pos])   # [N] fp32
+    logp = head.target_log_probs(model.hidden(x)[seq, pos], clean[seq, pos])   # [N] fp32
 """
 from __future__ import annotations
 
@@ -70,11 +71,11 @@ class OutputHead:
         with autocast(h.device, self.dtype):
             return self.layer(h)
 
-    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+    def vocab_log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """Log-probs over the V-1 real tokens: [N, d] -> [N, V-1] fp32."""
         return self.logits(h)[..., :-1].float().log_softmax(-1)
 
-    def log_probs_at(self, h_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def target_log_probs(self, h_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets) at selected rows: h_rows [N, d], targets [N] -> [N] fp32.
 
         Fused: the linear + log-softmax kernel keeps an online log-sum-exp over vocabulary
@@ -82,7 +83,7 @@ class OutputHead:
         log-softmax over the V-1 real tokens, then gather).
         """
         if not self.fused:
-            return self.log_probs(h_rows).gather(-1, targets[:, None]).squeeze(-1)
+            return self.vocab_log_probs(h_rows).gather(-1, targets[:, None]).squeeze(-1)
         hn = self.layer.norm_final(h_rows).to(self.dtype)
         w, b = self.layer.linear.weight[:-1], self.layer.linear.bias[:-1]
         # validate=False: no host sync per call; callers (losses, eval) check token ids up front.

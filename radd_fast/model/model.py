@@ -154,14 +154,15 @@ class RADD(nn.Module):
         """Published output: [B, T, V] fp32, columns [0, V-1) log-softmaxed, MASK column raw."""
         return logits_to_log_probs(self.logits(indices))
 
-    def log_probs_at(self, h: torch.Tensor) -> torch.Tensor:
-        """Log-probs over the V-1 real tokens at selected rows only: h [N, d] -> [N, V-1] fp32."""
-        return self.output_head().log_probs(h)
+    def vocab_log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probs over the V-1 real tokens at selected rows only: h [N, d] -> [N, V-1] fp32
+        (``target_log_probs`` gathers one token per row instead)."""
+        return self.output_head().vocab_log_probs(h)
 
     def target_log_probs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets) at selected rows: h [N, d] (from ``hidden``), targets [N] -> [N] fp32
-        (``OutputHead.log_probs_at``: the fused loss head on the fast backend)."""
-        return self.output_head().log_probs_at(h, targets)
+        (``OutputHead.target_log_probs``: the fused loss head on the fast backend)."""
+        return self.output_head().target_log_probs(h, targets)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_pretrained(self, folder) -> None:
