@@ -11,7 +11,8 @@ published meanings, plus a few::
 wins when both are given; ``--rows_in_flight`` is how many rows one model evaluation takes
 (default: from the free device memory, see ``SamplerConfig``). ``--method ordered`` reveals left to right as
 published (``--order random``: a random order per row). ``--strategy_para`` defaults to the
-published 0.8 for top_p, and to the published ``top_k_sampling`` k = 400 for top_k.
+published CLI's 0.8 for top_p (``PUBLISHED_CLI_TOP_P``; the library's default, used by ``generate``, is
+0.9: ``PUBLISHED_LIBRARY_TOP_P``), and to the published ``top_k_sampling`` k = 400 for top_k.
 
 Prints each sample, then one summary line: what was sampled (method, steps, strategy, the
 Gumbel dtype: float64 by default, the paper's protocol; ``--sampling_dtype float32`` draws
@@ -48,11 +49,11 @@ from .config import SamplerConfig, auto_rows_in_flight
 from .engine import generate
 from .reference import DiffusionSampler, OrderedSampler
 from .schedule import METHODS
-from .strategies import STRATEGIES
+from .strategies import PUBLISHED_CLI_TOP_P, PUBLISHED_LIBRARY_TOP_K, STRATEGIES
 
-# The published run_sample.py's --strategy_para default is 0.8 for every strategy; 0.8 is no
-# whole number, so top_k takes the published top_k_sampling default instead (strategies.py).
-PUBLISHED_CLI_PARA = {"top_p": 0.8}
+# The published run_sample.py's --strategy_para default is 0.8 for every strategy (not the library's
+# top-p 0.9); 0.8 is no whole number, so top_k takes the library's top_k_sampling default instead.
+PUBLISHED_CLI_PARA = {"top_p": PUBLISHED_CLI_TOP_P}
 ORDERS = ("left_to_right", "random")
 
 
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="tweedie")
     p.add_argument("--strategy", choices=STRATEGIES, default="direct")
     p.add_argument("--strategy_para", type=float, default=None,
-                   help="p for top_p (default 0.8, published), whole-number k for top_k (default 400)")
+                   help=f"p for top_p (default {PUBLISHED_CLI_TOP_P}, the published CLI's), whole-number k for top_k "
+                        f"(default {PUBLISHED_LIBRARY_TOP_K}, the published library's)")
     # Additions.
     p.add_argument("--num_samples", type=int, default=None, help="number of samples (default: --batch_size)")
     p.add_argument("--rows_in_flight", type=int, default=None,

@@ -75,11 +75,17 @@ class StrategySpec:
     keep: Callable[[torch.Tensor, Any], torch.Tensor]
 
 
-# Published library defaults: catsample.top_p_sampling(p=0.9), top_k_sampling(k=400).
+# Two published top-p defaults, both kept, each where it applies: the library's
+# catsample.top_p_sampling(p=0.9) is the default of the library API here (StrategySpec,
+# generate, DiffusionSampler); the published run_sample.py's --strategy_para default 0.8 is
+# sample.py's (sampling/cli.py). top_k has one: the library's top_k_sampling(k=400).
+PUBLISHED_LIBRARY_TOP_P = 0.9
+PUBLISHED_CLI_TOP_P = 0.8
+PUBLISHED_LIBRARY_TOP_K = 400
 STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
     StrategySpec("direct", None, _no_para, _keep_all),
-    StrategySpec("top_p", 0.9, _probability, _keep_top_p),
-    StrategySpec("top_k", 400, _whole_number, _keep_top_k),
+    StrategySpec("top_p", PUBLISHED_LIBRARY_TOP_P, _probability, _keep_top_p),
+    StrategySpec("top_k", PUBLISHED_LIBRARY_TOP_K, _whole_number, _keep_top_k),
 )}
 STRATEGIES = tuple(STRATEGY_SPECS)
 DEFAULT_PARA = {name: spec.default_para for name, spec in STRATEGY_SPECS.items() if spec.default_para is not None}
