@@ -1,15 +1,15 @@
-"""Sampling from RADD (docs/SAMPLING.md): the fast engine and the published-API reference samplers.
+"""Sampling from RADD (docs/SAMPLING.md): the fast engine and the published-API samplers.
 
 - ``generate(model, noise, num_samples, length, steps, config=SamplerConfig(...))``: the fast engine
   (engine.py), every option typed and validated in ``SamplerConfig`` (config.py);
-- ``DiffusionSampler`` / ``OrderedSampler``: drop-ins with the published API (reference.py),
+- ``DiffusionSampler`` / ``OrderedSampler``: drop-ins with the published API (published_api.py),
   ``fast=True`` routes them through the engine;
 - ``text_conditioning``: prefix / suffix / infill pairs (conditioning.py).
 """
 from .conditioning import initial_state, text_conditioning
 from .config import SamplerConfig, sampler_config
 from .engine import SamplingStats, generate
-from .reference import DiffusionSampler, OrderedSampler, Sampler
+from .published_api import DiffusionSampler, OrderedSampler, Sampler
 from .schedule import METHOD_SPECS, METHODS, expected_enfe, update_rates
 from .strategies import STRATEGIES, STRATEGY_SPECS
 

@@ -47,7 +47,7 @@ from ..progress import progress_bar
 from .conditioning import initial_state, projection, text_conditioning
 from .config import SamplerConfig, auto_rows_in_flight
 from .engine import generate
-from .reference import DiffusionSampler, OrderedSampler
+from .published_api import DiffusionSampler, OrderedSampler
 from .schedule import METHODS
 from .strategies import PUBLISHED_CLI_TOP_P, PUBLISHED_LIBRARY_TOP_K, STRATEGIES
 

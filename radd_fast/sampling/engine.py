@@ -102,7 +102,7 @@ def _check_model(model) -> None:
     for name in ("hidden", "output_head", "mask_id", "vocab_size", "length", "device"):
         if not hasattr(model, name):
             raise TypeError(f"the fast engine needs a radd_fast.RADD model (missing {name!r}); "
-                            "use the reference samplers for other models")
+                            "use the published-API samplers (DiffusionSampler / OrderedSampler) for other models")
 
 
 @torch.no_grad()

@@ -1,4 +1,7 @@
-"""Drop-in samplers with the published API and semantics (docs/SAMPLING.md): the reference path.
+"""Drop-in samplers with the published API and semantics (docs/SAMPLING.md): ``sample.py --loop published_api``.
+
+Named after what they are, the published API; "reference" is the plain-PyTorch backend
+(``--backend reference``), which these samplers run on like any other model code.
 
 ``DiffusionSampler(method, model, noise, batch_dims, token_dim, strategy, ...)`` and
 ``OrderedSampler(model, batch_dims, token_dim, strategy, ...)`` follow the
