@@ -5,11 +5,15 @@ a config value out of range) is a ``UserError``: ``ConfigError``,
 ``CheckpointError``, ``DataError`` and the CLIs' own errors subclass it. Each
 CLI's ``main`` goes through ``run_cli``, which prints ``error: <message>`` on
 one line and exits with code 2; ``RADD_DEBUG=1`` (or ``--debug``) shows the
-traceback instead. Library errors (safetensors, json, zip) are wrapped into a
-``UserError`` naming the file where they are raised, never passed through raw.
+traceback instead. Every CLI reads its flags with ``ArgParser``, argparse that
+raises instead of printing its usage, so a bad flag (unknown, missing value,
+invalid choice) is that same one line. Library errors (safetensors, json, zip)
+are wrapped into a ``UserError`` naming the file where they are raised, never
+passed through raw.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Sequence
@@ -25,6 +29,10 @@ class UserError(ValueError):
     """
 
 
+class UsageError(UserError):
+    """A flag that argparse refuses (unknown, missing value, invalid choice or type)."""
+
+
 class NonFiniteLossError(UserError):
     """A loss (or the gradient norm, or the weights) became NaN / inf, in training or evaluation.
 
@@ -32,6 +40,22 @@ class NonFiniteLossError(UserError):
     perplexity. A UserError (one ``error:`` line from the CLI): the fix is the user's, e.g. a lower
     ``optim.lr`` and a resume from the checkpoint the message names, or another checkpoint.
     """
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that raises ``error_type(message)`` instead of printing its usage and exiting.
+
+    Every CLI's parser (sample.py, eval.py, train.py's Hydra flags) is one of these, so a bad flag
+    is the one ``error: ...`` line and exit code 2 of ``run_cli``, as every other user error is.
+    ``--help`` still prints the help and exits 0.
+    """
+
+    def __init__(self, *args, error_type: type[UserError] = UsageError, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_type = error_type
+
+    def error(self, message: str):
+        raise self.error_type(message)
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

@@ -41,7 +41,7 @@ from ..checkpoint import check_device, load_model
 from ..config import parse_dtype
 from ..data.tokenizers import default_tokenizer_name, get_tokenizer, tokenizer_mismatch
 from ..distributed import DistEnv, broadcast_object, cleanup, gather_objects, init_distributed
-from ..errors import UserError, run_cli
+from ..errors import ArgParser, UserError, run_cli
 from ..model.kv_cache import KVCache
 from ..progress import progress_bar
 from .conditioning import initial_state, projection, text_conditioning
@@ -61,15 +61,9 @@ class SampleArgError(UserError):
     """A bad sample.py flag (printed as one line, exit code 2)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting, so run_cli reports it in one line."""
-
-    def error(self, message: str):
-        raise SampleArgError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                  error_type=SampleArgError)
     # Published flags (same names and meanings).
     p.add_argument("--model_path", default="JingyangOu/radd-t-dce", help="hub repo id, hub-layout folder or run folder")
     p.add_argument("--batch_size", type=int, default=1, help="number of samples (published meaning)")
