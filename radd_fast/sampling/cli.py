@@ -18,8 +18,10 @@ Prints each sample, then one summary line: what was sampled (method, steps, stra
 Gumbel dtype: float64 by default, the paper's protocol; ``--sampling_dtype float32`` draws
 the published code's noise), E-NFE (model evaluations per sample), tokens/s and wall time.
 The fast engine samples in chunks of a wave (``SamplerConfig.planned_wave_size``), chunk c
-seeded from (``--seed``, c), so every chunk is written as soon as it is done. ``--engine fast`` (default) runs ``radd_fast.sampling.generate``;
-``--engine reference`` the published-style DiffusionSampler / OrderedSampler loop.
+seeded from (``--seed``, c), so every chunk is written as soon as it is done. ``--loop`` picks the sampling
+loop: ``fast`` (default) runs ``radd_fast.sampling.generate``; ``published_api`` the published
+DiffusionSampler / OrderedSampler loop (``sampling/published_api.py``). ``--engine fast|reference``, its old
+name, still works and warns in one line.
 ``--out`` writes JSONL, one object per sample, flushed as each is written:
 {"index", "text", "ids", "enfe", "sampler"}. Every bad flag or file is one ``error: ...`` line and
 exit code 2, found before any sampling (``--debug`` or ``RADD_DEBUG=1``: the traceback).
@@ -55,6 +57,11 @@ from .strategies import PUBLISHED_CLI_TOP_P, PUBLISHED_LIBRARY_TOP_K, STRATEGIES
 # top-p 0.9); 0.8 is no whole number, so top_k takes the library's top_k_sampling default instead.
 PUBLISHED_CLI_PARA = {"top_p": PUBLISHED_CLI_TOP_P}
 ORDERS = ("left_to_right", "random")
+# --loop: which sampling loop runs. fast: the engine (generate); published_api: DiffusionSampler /
+# OrderedSampler, the published loop step by step (sampling/published_api.py).
+LOOPS = ("fast", "published_api")
+# --engine, the old name of --loop (its "reference" was the published-API loop, not the reference backend).
+ENGINE_TO_LOOP = {"fast": "fast", "reference": "published_api"}
 
 
 class SampleArgError(UserError):
@@ -91,10 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="compute dtype: bf16 / fp16 / fp32 (default: the model's)")
     p.add_argument("--backend", choices=("reference", "fast"), default=None,
                    help="model kernels (default: fast on CUDA, reference elsewhere)")
-    p.add_argument("--engine", choices=("fast", "reference"), default="fast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (fast engine)")
+    p.add_argument("--loop", choices=LOOPS, default=None,
+                   help="sampling loop: fast (default; radd_fast.generate) or published_api (the published "
+                        "DiffusionSampler / OrderedSampler loop)")
+    p.add_argument("--engine", choices=tuple(ENGINE_TO_LOOP), default=None,
+                   help="deprecated: the old name of --loop (--engine reference is --loop published_api)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (--loop fast)")
     p.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay the evaluations from CUDA graphs (fast engine; default on for CUDA)")
+                   help="replay the evaluations from CUDA graphs (--loop fast; default on for CUDA)")
     p.add_argument("--sampling_dtype", choices=("float32", "float64"), default="float64",
                    help="Gumbel noise dtype: float64 (the paper's protocol) or float32 (the published code's noise)")
     p.add_argument("--out", default=None, help="JSONL output path (its folder must exist)")
@@ -113,6 +124,7 @@ class Run:
 
     args: argparse.Namespace
     device: torch.device
+    loop: str  # one of LOOPS (--loop, or the deprecated --engine)
     num_samples: int
     infill: list[tuple[int, str]]
     sampler: SamplerConfig  # the order is set once the length is known (after loading)
@@ -136,8 +148,8 @@ def _join_ranks(run: Run) -> DistEnv:
     """Under torchrun, one rank per process (a GPU each, or gloo on CPU); alone, this process."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistEnv(device=run.device)
-    if run.args.engine != "fast":
-        raise SampleArgError("several ranks (torchrun) need --engine fast; --engine reference runs in one process")
+    if run.loop != "fast":
+        raise SampleArgError("several ranks (torchrun) need --loop fast; --loop published_api runs in one process")
     env = init_distributed(run.device.type)
     run.device = env.device
     return env
@@ -159,8 +171,8 @@ def _sample(run: Run, env: DistEnv) -> int:
     try:
         t0 = time.perf_counter()
         enfe_all: list[int] = []
-        chunks = _fast(run, sampler, model, noise, length, cond, env) if run.args.engine == "fast" else \
-            _reference(run, sampler, model, noise, length, init)
+        chunks = _fast(run, sampler, model, noise, length, cond, env) if run.loop == "fast" else \
+            _published_api(run, sampler, model, noise, length, init)
         for first, tokens, enfe in chunks:
             if env.is_main:
                 write_samples(out, tok, first, tokens, enfe, sampler.describe())
@@ -186,8 +198,9 @@ def check_args(args: argparse.Namespace) -> Run:
     if args.dtype is not None:
         _with_flag("--dtype", parse_dtype, args.dtype)
     device = _with_flag("--device", check_device, args.device)
-    if args.refresh_every is not None and args.engine != "fast":
-        raise SampleArgError("--refresh_every (approximate key/value reuse) needs --engine fast")
+    loop = resolve_loop(args.loop, args.engine)
+    if args.refresh_every is not None and loop != "fast":
+        raise SampleArgError("--refresh_every (approximate key/value reuse) needs --loop fast")
     if args.cuda_graphs and torch.device(device).type != "cuda":
         raise SampleArgError(f"--cuda_graphs needs a CUDA --device (got {device}); leave it unset or pass "
                              "--no_cuda_graphs")
@@ -201,7 +214,19 @@ def check_args(args: argparse.Namespace) -> Run:
                                 wave_size=args.wave_size, refresh_every=args.refresh_every)
     except ValueError as e:
         raise SampleArgError(f"{e} (--strategy_para)" if "strategy_para" in str(e) else str(e)) from None
-    return Run(args, device, num_samples, infill, sampler)
+    return Run(args, device, loop, num_samples, infill, sampler)
+
+
+def resolve_loop(loop: str | None, engine: str | None) -> str:
+    """--loop, or the deprecated --engine (one warning line on stderr; rank 0 only under torchrun)."""
+    if engine is None:
+        return loop or "fast"
+    if loop is not None and loop != ENGINE_TO_LOOP[engine]:
+        raise SampleArgError(f"--engine {engine} (the deprecated name of --loop {ENGINE_TO_LOOP[engine]}) "
+                             f"contradicts --loop {loop}: pass --loop only")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: --engine is deprecated: use --loop {ENGINE_TO_LOOP[engine]}", file=sys.stderr)
+    return ENGINE_TO_LOOP[engine]
 
 
 def _cli_para(strategy: str, para):
@@ -311,7 +336,7 @@ def _conditioning(run: Run, tok, length: int, mask_id: int):
         raise SampleArgError(f"{e} (--prefix / --suffix / --infill)") from None
 
 
-# -- sampling: each engine yields (index of the first sample, tokens [n, L], E-NFE [n]) -------------
+# -- sampling: each loop yields (index of the first sample, tokens [n, L], E-NFE [n]) ---------------
 def _order(run: Run, length: int):
     return torch.arange(length) if run.args.method == "ordered" and run.args.order == "left_to_right" else None
 
@@ -327,7 +352,7 @@ def _fast(run: Run, cfg: SamplerConfig, model, noise, length: int, cond, env: Di
 
     Over several ranks chunk c goes to rank c mod world and every round's chunks come back to every
     rank in chunk order, so the samples (and rank 0's file) are the ones a single process makes.
-    The engine's own summary line is off: this CLI prints one, the same for both engines."""
+    The engine's own summary line is off: this CLI prints one, the same for both loops."""
     seed = run.args.seed if run.args.seed is not None else int(torch.randint(0, 2**62, ()))
     seed = broadcast_object(seed, env)  # one run, one seed: rank 0's
     chunk = cfg.planned_wave_size(cfg.rows_in_flight)
@@ -345,8 +370,8 @@ def _fast(run: Run, cfg: SamplerConfig, model, noise, length: int, cond, env: Di
                 yield item
 
 
-def _reference(run: Run, cfg: SamplerConfig, model, noise, length: int, init):
-    """The published loop, ``cfg.rows_in_flight`` samples at a time; each chunk is yielded when done."""
+def _published_api(run: Run, cfg: SamplerConfig, model, noise, length: int, init):
+    """The published-API loop, ``cfg.rows_in_flight`` samples at a time; each chunk is yielded when done."""
     args, rows = run.args, cfg.rows_in_flight
     gen_seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()))
     bar = progress_bar(not args.no_progress, total=run.num_samples, desc="sampling", unit="sample")
@@ -387,7 +412,7 @@ def summary_line(run: Run, cfg: SamplerConfig, length: int, init, mask_id: int, 
     n_free = int((init == mask_id).sum()) * (run.num_samples if init.shape[0] == 1 else 1)
     mean_enfe = sum(enfe) / max(len(enfe), 1)
     where = f" on {ranks} ranks" if ranks > 1 else ""
-    return (f"engine {run.args.engine}{where} | {cfg.describe()} | {run.num_samples} samples x {length} tokens | "
+    return (f"loop {run.loop}{where} | {cfg.describe()} | {run.num_samples} samples x {length} tokens | "
             f"E-NFE {mean_enfe:.1f} "
             f"per sample | {n_free / max(wall, 1e-9):,.0f} tokens/s | wall {wall:.2f} s")
 
