@@ -2,7 +2,9 @@
 
     python -m benchmarks.run [--quick] [--only layer_norm,attention] [--out DIR]
 
-Each ``benchmarks/bench_<name>.py`` exposes ``run(device, quick) -> list[dict]``.
+Each ``benchmarks/bench_<name>.py`` exposes ``run(device, quick) -> list[dict]``. The modules, in
+order: those that time a kernel (read from the table of kernels, ``radd_fast/kernels/registry.py``),
+then the others (``OTHER_MODULES``).
 Results go to ``DIR/results.json`` (every row, with the environment) plus
 ``DIR/summary.md``. A module that fails is
 reported (with its traceback) and the command exits non-zero at the end, so one
@@ -21,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-MODULES = ["layer_norm", "rotary", "attention", "linear_log_softmax", "mlp_epilogue", "cached_attention", "model", "sampling", "e2e"]
+from radd_fast.kernels.registry import KERNELS
+
+# the benchmarks that time a kernel: the table's (radd_fast/kernels/registry.py), in its order, each once
+KERNEL_MODULES = list(dict.fromkeys(k.benchmark for k in KERNELS.values()))
+# the benchmarks that time no one kernel: a fusion choice, the sampler's cached attention, the whole model,
+# the side-by-side suite
+OTHER_MODULES = ["mlp_epilogue", "cached_attention", "model", "e2e"]
+MODULES = KERNEL_MODULES + OTHER_MODULES
 
 
 def markdown_table(rows: list[dict]) -> str:
