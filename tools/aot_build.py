@@ -11,7 +11,8 @@ divisibility of pointers and integers, integers equal to 1), compiles with
 shared memory from Triton's metadata and registers / spill stores from the bundled
 ``ptxas -v``. Writes a Markdown table and, beside it, the same rows as JSON (read by
 tests/kernels/test_launch_configs.py). It proves compilation and resource fit only: nothing
-runs, so it says nothing about numerics or speed.
+runs, so it says nothing about numerics or speed. The families built are the ``aot_family`` names
+of the table of kernels (radd_fast/kernels/registry.py), each with its spec builder in ``SPEC_BUILDERS``.
 
 bf16 is built at every shape; fp16 and fp32, which run the same code with another element type,
 at a subset (see ``_attention_models`` and the loops below). Specializations that compile identically (RADD-small and -medium often do: every stride is a
@@ -46,6 +47,7 @@ from radd_fast.kernels import layer_norm as ln  # noqa: E402
 from radd_fast.kernels import linear_log_softmax as lls  # noqa: E402
 from radd_fast.kernels import rotary as rot  # noqa: E402
 from radd_fast.kernels import sampling_update as su  # noqa: E402
+from radd_fast.kernels.registry import KERNELS  # noqa: E402
 from radd_fast.kernels.utils import CARD_CAPABILITIES, next_power_of_2, smem_limit_of  # noqa: E402
 
 # RADD-small and RADD-medium (d_model, heads), and the shapes the issue asks for.
@@ -300,10 +302,31 @@ def rotary_specs(cc: int) -> list[Spec]:
     return specs
 
 
-FAMILIES: dict[str, Callable[[int], list[Spec]]] = {
+# The spec builder of each family a kernel of the table (radd_fast/kernels/registry.py) names.
+SPEC_BUILDERS: dict[str, Callable[[int], list[Spec]]] = {
     "attention": attention_specs, "loss_head": loss_head_specs, "sampling": sampling_specs,
     "layer_norm": layer_norm_specs, "rotary": rotary_specs,
 }
+
+
+def families_of(kernels, builders: dict) -> dict[str, Callable[[int], list[Spec]]]:
+    """The families to build, keyed by the table's family names in the table's order. A family the table
+    names without a builder here, or a builder no kernel of the table claims, is an error naming it."""
+    missing = [k for k in kernels.values() if k.aot_family and k.aot_family not in builders]
+    if missing:
+        raise RuntimeError("; ".join(
+            f"kernel {k.name!r} (radd_fast/kernels/registry.py) names the ahead-of-time family "
+            f"{k.aot_family!r}, which tools/aot_build.py has no spec builder for (add one to SPEC_BUILDERS)"
+            for k in missing))
+    claimed = {k.aot_family for k in kernels.values()}
+    unclaimed = [f for f in builders if f not in claimed]
+    if unclaimed:
+        raise RuntimeError(f"tools/aot_build.py builds the families {unclaimed}, which no kernel of "
+                           "radd_fast/kernels/registry.py names as its aot_family")
+    return {k.aot_family: builders[k.aot_family] for k in kernels.values() if k.aot_family}
+
+
+FAMILIES = families_of(KERNELS, SPEC_BUILDERS)
 
 
 # ----------------------------------------------------------------------------- compile and measure
