@@ -43,10 +43,10 @@ import torch
 from .. import data
 from ..checkpoint import check_device, load_model
 from ..data.tokenizers import default_tokenizer_name, tokenizer_mismatch
+from ..distributed import DistEnv, shard, spawn_local_ranks
 from ..errors import UserError, run_cli
 from ..losses.registry import LOSS_TYPES
 from ..sampling.schedule import METHODS
-from .distributed import launch, shard
 from .gen_ppl import load_scorer, read_samples, score_samples
 from .gen_suite import run_gen_suite
 from .paper_numbers import GEN_PPL_STEPS, ZERO_SHOT_DATASETS
@@ -234,9 +234,12 @@ def run_ppl(args) -> dict:
                          model.config.tokens)
     report_blocks(args, blocks, rank_bs)
     if args.ngpus == 1:
-        return evaluate_rank(0, 1, torch.device(args.device), args, blocks, (model, noise))
+        return evaluate_rank(DistEnv(device=torch.device(args.device)), args, blocks, (model, noise))
+    device_type = torch.device(args.device).type
+    if device_type == "cuda" and args.ngpus > torch.cuda.device_count():
+        raise EvalError(f"--ngpus {args.ngpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     try:
-        launch(evaluate_rank, args.ngpus, torch.device(args.device).type, args, blocks)
+        spawn_local_ranks(evaluate_rank, args.ngpus, device_type, args, blocks)
     except Exception as e:  # a rank's error arrives as its traceback text: report its last line only
         lines = [s for s in str(e).splitlines() if s.strip()]
         raise EvalError(f"a rank failed: {lines[-1] if lines else type(e).__name__}") from e
@@ -252,25 +255,24 @@ def report_blocks(args, blocks: torch.Tensor, rank_bs: int) -> None:
           f"{n_blocks} blocks in {used} batches of {rank_bs} per rank on {args.ngpus} rank(s)")
 
 
-def evaluate_rank(rank: int, world: int, device: torch.device, args, blocks: torch.Tensor,
-                  loaded=None) -> dict | None:
+def evaluate_rank(env: DistEnv, args, blocks: torch.Tensor, loaded=None) -> dict | None:
     """One rank's share of the evaluation; rank 0 returns (and writes) the results."""
     if loaded is None:
-        loaded = load_model(args.model_path, device=device, backend=args.backend, dtype=args.dtype)
+        loaded = load_model(args.model_path, device=env.device, backend=args.backend, dtype=args.dtype)
     model, noise = loaded
-    batches = shard(list(blocks.split(rank_batch_size(args.batch_size, world))), rank, world)
-    torch.manual_seed(args.seed + rank)
+    batches = shard(list(blocks.split(rank_batch_size(args.batch_size, env.world))), env)
+    torch.manual_seed(args.seed + env.rank)
     res = evaluate_ppl(model, noise, batches, loss_type=args.loss_type, mc_timesteps=args.monte_carlo_timesteps,
                        mc_batching=args.mc_batching, token_budget=args.token_budget, max_batches=args.max_batches,
                        progress=not args.no_progress, desc=f"{Path(args.valid_dataset).name} {args.loss_type}",
                        static_rows=args.static_rows, compile=args.compile, cuda_graphs=args.cuda_graphs)
-    if rank != 0:
+    if not env.is_main:
         return None
     out = res.to_dict() | {
         "batch_vars": json_safe(res.batch_vars),  # NaN (one draw) -> null: valid JSON
-        "settings": {**settings(args), "world_size": world, "mc_per_forward": res.mc_per_forward,
+        "settings": {**settings(args), "world_size": env.world, "mc_per_forward": res.mc_per_forward,
                      "compute_dtype": str(model.compute_dtype).replace("torch.", ""), "backend": model.backend},
-        "environment": environment(device),
+        "environment": environment(env.device),
     }
     path = result_path(args)
     path.write_text(json.dumps(out, indent=1))

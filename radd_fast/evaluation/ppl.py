@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..acceleration import Acceleration, CapturedGraph, GraphSet, resolve_acceleration
+from ..distributed import DistEnv, gather_objects, group_env
 from ..errors import NonFiniteLossError
 from ..losses import check_batch, get_loss_fn
 from ..losses.registry import EXACT_LOSS_TYPES, LOSS_TYPES
@@ -265,8 +266,8 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
     static_rows = static_rows and loss_type in PLANNED_LOSS_TYPES
     acceleration = evaluation_acceleration(device, static_rows, compile, cuda_graphs)
     loss_fn = make_loss_fn(model, noise, loss_type, sampling_eps, static_rows, acceleration)
-    rank0 = not _dist_on() or torch.distributed.get_rank() == 0
-    bar = progress_bar(progress and rank0, _length_hint(dataloader, max_batches), desc, unit="batch")
+    env = group_env(device)  # the process group a caller (eval.py --ngpus, torchrun) joined, if any
+    bar = progress_bar(progress and env.is_main, _length_hint(dataloader, max_batches), desc, unit="batch")
     losses, variances, n_seq, length, k = [], [], 0, None, 1
     start = time.perf_counter()
     # The eager loss's masked rows change shape every batch: only its body is compiled (for this run).
@@ -294,7 +295,7 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
     finally:
         bar.close()
         model.train(was_training)
-    batch_losses, batch_vars, n_seq, length = _gather(losses, variances, n_seq, length)
+    batch_losses, batch_vars, n_seq, length = _gather(losses, variances, n_seq, length, env)
     if not batch_losses:
         raise ValueError("the dataloader yielded no batches: nothing to evaluate")
     if device.type == "cuda":
@@ -353,18 +354,14 @@ def compile_body(model):
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _gather(losses: list, variances: list, n_seq: int, length: int | None) -> tuple[list, list, int, int]:
+def _gather(losses: list, variances: list, n_seq: int, length: int | None,
+            env: DistEnv) -> tuple[list, list, int, int]:
     """Per-batch losses and variances of every rank (rank order), total sequences, the block length."""
     local = (torch.stack(losses).cpu().tolist() if losses else [],
              torch.stack(variances).cpu().tolist() if variances else [])
-    if not _dist_on():
+    if env.world == 1:
         return local[0], local[1], n_seq, length
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, (*local, n_seq, length))
+    parts = gather_objects((*local, n_seq, length), env)
     lengths = {p[3] for p in parts if p[3] is not None}
     if len(lengths) > 1:
         raise ValueError(f"ranks evaluated different block lengths {sorted(lengths)}")
