@@ -76,3 +76,28 @@ def eval_model(seed: int = 0, zero_head: bool = False) -> RADD:
 def eval_batches(n: int = 2, b: int = 3, seed: int = 1) -> list:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (b, EVAL_LENGTH), generator=g) for _ in range(n)]
+
+
+def suite_model(loss_type: str | None = "t_DCE") -> RADD:
+    """The evaluation suites' model: the evaluation's draws (256 tokens, length 32, weights moved by
+    0.1, seed 0), its config recording ``training.loss_type`` (none when None) as a trained run does."""
+    torch.manual_seed(0)
+    extra = {"training": {"loss_type": loss_type}} if loss_type else {}
+    cfg = RADDConfig(tokens=256, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=1, length=32, dropout=0.0),
+                     extra=extra)
+    model = RADD(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def fallback_model(backend: str) -> RADD:
+    """10 tokens, length 8, 1 block, a N(0, 0.5^2) head weight, seed 0: the same weights for either
+    backend, so the fast backend without Triton (its fallbacks) can be compared with the reference."""
+    torch.manual_seed(0)
+    model = RADD(RADDConfig(tokens=10, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=1, length=8,
+                                                          dropout=0.0, name="fallback")), backend=backend)
+    with torch.no_grad():
+        model.output_layer.linear.weight.normal_(0, 0.5)
+    return model.eval()

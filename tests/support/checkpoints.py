@@ -1,0 +1,38 @@
+"""A published checkpoint (2 blocks, length 24) written in the hub layout, and the check that a
+loaded model computes the published forward: the loading and saving tests' common ground."""
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+from tests.support.compare import assert_close
+from tests.support.published_model import published_config, published_log_probs, published_logits, published_state_dict
+
+TOKENS, D, H, BLOCKS, LENGTH = 29, 32, 2, 2, 24
+
+
+def published_checkpoint():
+    """(config dict, state dict) of the published layout, weights drawn with seed 7."""
+    return published_config(TOKENS, D, H, BLOCKS, LENGTH), published_state_dict(TOKENS + 1, D, H, BLOCKS, seed=7)
+
+
+def write_hub(folder, cfg, state, fmt="safetensors"):
+    """``folder`` in the hub layout: config.json and model.safetensors (``fmt="bin"``: pytorch_model.bin)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    if fmt == "safetensors":
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def check_parity(model, state, lengths=(1, 5, LENGTH)):
+    """The model's logits and log-probs equal the independent published forward of ``state``."""
+    for T in lengths:
+        x = torch.randint(0, TOKENS + 1, (2, T))
+        with torch.no_grad():
+            assert_close(model.logits(x), published_logits(state, H, x), atol=1e-5, rtol=1e-5, name=f"logits T={T}")
+            assert_close(model(x), published_log_probs(state, H, x), atol=1e-5, rtol=1e-5, name=f"forward T={T}")
