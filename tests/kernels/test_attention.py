@@ -1,12 +1,17 @@
-"""Attention: the Triton kernel (forward + dqkv, fused rotary) and SDPA against attention_ref.
+"""The attention dispatcher (radd_fast/kernels/attention.py): the Triton op (forward + dqkv, fused
+rotary, its torch.library registration) and SDPA against attention_ref, the impl setting and its
+resolution, the flash-attn path's conditions and call (with a stand-in for the package, which CI
+does not install), every dispatcher message word for word, and the reference's stable softmax.
 
 On CPU the Triton kernels run through the interpreter (tests/conftest.py), so
 shapes are small; bf16/fp16 run only on CUDA.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from radd_fast.kernels import flash_attention as fa
+from radd_fast.kernels import attention as att
 from radd_fast.kernels.attention import (
     IMPLS,
     attention,
@@ -16,29 +21,14 @@ from radd_fast.kernels.attention import (
     set_attention_impl,
 )
 from radd_fast.kernels.rotary import apply_rotary_qkv, apply_rotary_qkv_ref
-from tests.helpers import assert_close, assert_within_torch_error, poison_like
+from tests.support.attention import grads, qkv_of, rotary_tables
+from tests.support.compare import DEVICE, assert_close, assert_within_torch_error
+from tests.support.kernel_inputs import make_qkv
+from tests.support.kernel_paths import needs_triton_on_cpu
+from tests.support.messages import error_of
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(),
                                reason="bf16/fp16 need CUDA: the interpreter's low-precision tl.dot is wrong")
-
-
-def rotary_tables(T: int, hd: int, device=DEVICE):
-    """cos, sin: [T, hd/2] fp32, as the model builds them (RADD_SPEC 2.2), unique half only."""
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
-    freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
-    return freqs.cos(), freqs.sin()
-
-
-def make_qkv(B, T, h, hd, dtype=torch.float32, device=DEVICE):
-    return torch.randn(B, T, 3, h, hd, device=device, dtype=dtype)
-
-
-def grads(fn, qkv, dout):
-    x = qkv.detach().requires_grad_(True)
-    out = fn(x)
-    (g,) = torch.autograd.grad(out, x, dout)
-    return out.detach(), g
 
 
 # ----------------------------------------------------------------------------- triton, fp32
@@ -66,27 +56,6 @@ def test_triton_padded_head_dims(hd):
     out, dqkv = grads(lambda x: attention(x, impl="triton", cos=cos, sin=sin), qkv, dout)
     ref, dref = grads(lambda x: attention_ref(x, cos, sin), qkv, dout)
     assert_close(out, ref, atol=1e-4, rtol=1e-4, name="out")
-    assert_close(dqkv, dref, atol=1e-4, rtol=1e-4, name="dqkv")
-
-
-@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
-def test_launchers_write_every_element(rotary):
-    # Poisoned (NaN) outputs: any element the kernels skip fails the comparison.
-    B, T, h, hd = 1, 23, 2, 32
-    qkv = make_qkv(B, T, h, hd)
-    cos, sin = rotary_tables(T, hd) if rotary else (None, None)
-    out = poison_like(torch.empty(B, T, h, hd, device=DEVICE))
-    out_, lse = fa.flash_attention_forward(qkv, cos, sin, out=out)
-    assert out_ is out
-    assert_close(out, attention_ref(qkv, cos, sin), atol=1e-4, rtol=1e-4, name="out")
-    # lse is in log2 units of the scaled scores
-    q, k, _ = (apply_rotary_qkv_ref(qkv, cos, sin) if rotary else qkv).unbind(2)
-    lse_ref = torch.einsum("bthd,bshd->bhts", q, k).div(hd**0.5).logsumexp(-1) / torch.log(torch.tensor(2.0))
-    assert_close(lse, lse_ref, atol=1e-4, rtol=1e-4, name="lse")
-
-    dout = torch.randn_like(out)
-    dqkv = fa.flash_attention_backward(dout, qkv, out, lse, cos, sin, dqkv=poison_like(qkv))
-    _, dref = grads(lambda x: attention_ref(x, cos, sin), qkv, dout)
     assert_close(dqkv, dref, atol=1e-4, rtol=1e-4, name="dqkv")
 
 
@@ -246,3 +215,108 @@ def test_auto_picks_a_fast_impl_on_cuda():
     qkv = make_qkv(1, 64, 2, 64, dtype=torch.bfloat16)
     out = attention(qkv)
     assert_within_torch_error(out, attention_ref(qkv.float()), attention(qkv, impl="sdpa"), name="auto")
+
+
+# ------------- the dispatcher's messages, the flash-attn path and the reference, exactly
+def test_dispatcher_messages():
+    assert error_of(att.attention, torch.zeros(4, 3, 2, 32)) == "qkv must be [B, T, 3, h, hd]; got shape (4, 3, 2, 32)"
+    assert error_of(att.attention, torch.zeros(1, 4, 2, 2, 32)) == (
+        "qkv must be [B, T, 3, h, hd]; got shape (1, 4, 2, 2, 32)")
+    assert error_of(att.attention, torch.zeros(1, 4, 3, 2, 32, dtype=torch.int64)) == (
+        "qkv must be floating point; got torch.int64")
+    assert error_of(att.attention, torch.zeros(1, 4, 3, 2, 5)) == "head dim must be even; got 5"
+    assert error_of(att.attention, torch.zeros(1, 4, 3, 2, 0)) == "head dim must be even; got 0"
+    assert error_of(att.set_attention_impl, "xformers") == (
+        "unknown attention impl 'xformers'; valid: auto, flash_attn, sdpa, triton, reference")
+
+
+def fake_qkv(hd=64, dtype=torch.bfloat16, cuda=True):
+    """What _flash_attn_ok reads of a tensor: a CUDA bf16 qkv without a GPU."""
+    return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(1, 4, 3, 2, hd))
+
+
+def test_flash_attn_conditions(monkeypatch):
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", None)
+    assert not att._flash_attn_ok(fake_qkv())  # the package is not installed
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", lambda *a, **k: None)
+    assert att._flash_attn_ok(fake_qkv()) and att._flash_attn_ok(fake_qkv(dtype=torch.float16))
+    assert att._flash_attn_ok(fake_qkv(hd=256)) and att._flash_attn_ok(fake_qkv(hd=8))
+    assert not att._flash_attn_ok(fake_qkv(hd=264))  # > 256
+    assert not att._flash_attn_ok(fake_qkv(hd=60))  # not a multiple of 8
+    assert not att._flash_attn_ok(fake_qkv(dtype=torch.float32))
+    assert not att._flash_attn_ok(fake_qkv(cuda=False))
+    assert att.resolve_impl(fake_qkv(), "auto") == "flash_attn"
+    assert att.resolve_impl(fake_qkv(dtype=torch.float32), "auto") == "sdpa"
+
+
+def test_resolve_impl_follows_the_setting():
+    qkv = qkv_of()
+    try:
+        att.set_attention_impl("reference")
+        assert att.resolve_impl(qkv) == "reference" and att.resolve_impl(qkv, "sdpa") == "sdpa"
+    finally:
+        att.set_attention_impl("auto")
+
+
+def test_the_flash_attn_path_calls_the_package_without_dropout_or_mask(monkeypatch):
+    calls = []
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", lambda qkv, **kw: calls.append(kw) or qkv[:, :, 0])
+    monkeypatch.setattr(att, "_flash_attn_ok", lambda qkv: True)
+    qkv = qkv_of()
+    assert torch.equal(att.attention(qkv, impl="flash_attn"), qkv[:, :, 0])
+    assert calls == [{"dropout_p": 0.0, "causal": False}]
+
+
+def test_the_flash_attn_path_says_what_it_needs(monkeypatch):
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", None)
+    assert error_of(att.attention, qkv_of(), impl="flash_attn") == (
+        "impl='flash_attn' needs the flash-attn package, not installed")
+    monkeypatch.setattr(att, "_flash_attn_qkvpacked_func", lambda *a, **k: None)
+    assert error_of(att.attention, qkv_of(hd=32), impl="flash_attn") == (
+        "flash_attn needs CUDA fp16/bf16 qkv with head dim <= 256, a multiple of 8; got cpu torch.float32 hd=32")
+
+
+def test_the_reference_impl_returns_the_inputs_dtype():
+    qkv = qkv_of(dtype=torch.float64)
+    out = att.attention(qkv, impl="reference")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, att.attention_ref(qkv).double())
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("how", ["expanded", "transposed", "time_innermost"])
+def test_the_triton_backward_takes_gradients_of_any_layout(how):
+    """out.sum() hands back an expanded gradient (stride 0); a transposed one has stride h on the head dim;
+    a permuted one can have unit stride on T or on h and still not on the head dim."""
+    B, T, h, hd = 1, 5, 2, 32
+    qkv = qkv_of(B, T, h, hd)
+    leaf, ref_leaf = qkv.clone().requires_grad_(True), qkv.clone().requires_grad_(True)
+    out, ref = att.attention(leaf, impl="triton"), att.attention_ref(ref_leaf)
+    if how == "expanded":
+        out.sum().backward()
+        ref.sum().backward()
+    else:
+        if how == "transposed":
+            g = torch.randn(B, T, hd, h).transpose(-1, -2)  # [B, T, h, hd], unit stride on h, last stride h = 2
+            assert g.stride(-2) == 1 and g.stride(-1) == h
+        else:
+            g = torch.randn(B, h, hd, T).permute(0, 3, 1, 2)  # unit stride on T, last stride T
+            assert g.stride(1) == 1 and g.stride(-1) == T
+        out.backward(g)
+        ref.backward(g)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_the_reference_softmax_is_stable_per_row():
+    """Scores far apart between rows (one query 300x larger): subtracting each row's own max keeps every
+    row finite and equal to a float64 softmax; any other shift overflows or underflows a row to 0 / 0."""
+    torch.manual_seed(0)
+    qkv = qkv_of(B=1, T=6, h=2, hd=32)
+    qkv[:, 0, 0] *= 300.0  # query 0: scores in the thousands
+    out = att.attention_ref(qkv)
+    x = qkv.double()
+    q, k, v = x.unbind(2)
+    p = torch.softmax(torch.einsum("bthd,bshd->bhts", q, k) / 32**0.5, dim=-1)
+    expected = torch.einsum("bhts,bshd->bthd", p, v)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)

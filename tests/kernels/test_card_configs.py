@@ -1,15 +1,22 @@
-"""Per-card launch configurations: every choice fits its card's shared memory, sm_90's are unchanged.
+"""Per-card launch configurations of every kernel (flash attention, the fused loss head, the sampler's
+head): every choice fits its card's shared memory, sm_90's are unchanged, and the smaller tiles the
+other cards get compute what sm_90's do.
 
 The choices are pure functions of (capability, shared memory limit, dtype, shape), so these run on
 the CPU. The shared-memory estimates they use are cross-checked against what Triton actually
 allocated when tools/aot_build.py compiled the kernels for each card (the committed JSON beside
 benchmarks/results/triton_aot_*.json): an estimate never under-counts a measured
 kernel, and the configuration recorded there is the one the functions choose today.
+
+The 16-bit configurations every card of the table gets (sm_80 A100, sm_89 L40S / RTX 4090, sm_90
+H100, and the others) are also launched on fp32 inputs through the Triton interpreter (its 16-bit
+dots are not exact, the tiling logic is what is under test there): masking at ragged edges, split
+reductions, stage counts. Shapes are awkward on purpose: primes, one row, lengths that are not a
+multiple of any tile.
 """
 import glob
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +25,10 @@ from radd_fast.kernels import flash_attention as fa
 from radd_fast.kernels import linear_log_softmax as lls
 from radd_fast.kernels import sampling_update as su
 from radd_fast.kernels import utils
+from radd_fast.kernels.attention import attention_ref
+from tests.support.compare import assert_close
+from tests.support.paths import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CARDS = sorted(utils.SMEM_PER_BLOCK_OPTIN.items())  # every card in the table, not only the built ones
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = range(fa.MIN_HEAD_DIM, fa.MAX_HEAD_DIM + 1, fa.HEAD_DIM_MULTIPLE)  # every supported one
@@ -34,36 +43,7 @@ def _id(card):
     return f"sm_{card[0][0]}{card[0][1]}"
 
 
-# ----------------------------------------------------------------------------- the card table
-def test_card_limits_are_the_documented_numbers():
-    # CUDA programming guide, maximum shared memory per block (opt-in), in bytes
-    assert utils.smem_limit_of((8, 0)) == 166912  # A100: 163 KB
-    assert utils.smem_limit_of((8, 9)) == 101376  # L4 / L40S / RTX 4090: 99 KB
-    assert utils.smem_limit_of((9, 0)) == 232448  # H100 / H200: 227 KB
-    assert utils.smem_limit_of((8, 8)) == 101376  # unknown minor: the smallest of its major
-    assert utils.smem_limit_of((7, 5)) == 101376  # unknown major: 99 KB
-
-
-def test_card_of_prefers_the_drivers_number(monkeypatch):
-    props = {0: SimpleNamespace(major=8, minor=0, shared_memory_per_block_optin=150000),
-             1: SimpleNamespace(major=8, minor=9)}  # an older torch without the field
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
-    utils._card_of_cuda.cache_clear()
-    try:
-        assert utils.card_of(torch.device("cuda", 0)) == ((8, 0), 150000)
-        assert utils.card_of(torch.device("cuda", 1)) == ((8, 9), 101376)
-    finally:
-        utils._card_of_cuda.cache_clear()
-
-
-def test_pipeline_buffers_by_card():
-    assert utils.pipeline_buffers((9, 0), torch.bfloat16, 3) == 3  # wgmma keeps every stage
-    assert utils.pipeline_buffers((9, 0), torch.float32, 3) == 2  # IEEE fp32 dots: cp.async
-    assert utils.pipeline_buffers((8, 0), torch.float16, 3) == 2
-    assert utils.pipeline_buffers((8, 9), torch.bfloat16, 1) == 1  # no pipelining: one copy
-
-
-# ----------------------------------------------------------------------------- every choice fits
+# --------------------------------------------------------------------- every choice fits
 @pytest.mark.parametrize("card", CARDS, ids=_id)
 def test_attention_choices_fit(card):
     cap, limit = card
@@ -117,7 +97,7 @@ def test_small_cards_get_smaller_tiles_where_the_tuned_ones_overflow():
         assert lls.tile_config_for(*card, torch.bfloat16) == tuned_head
 
 
-# ----------------------------------------------------------------------------- sm_90 unchanged
+# ----------------------------------------------------------------------- sm_90 unchanged
 # The H200-tuned choices as they were before the per-card rule, written out by hand.
 def _sm90_fwd(dtype):
     return fa.FwdConfig(32, 32, 4, 1) if dtype == torch.float32 else fa.FwdConfig(128, 64, 8, 3)
@@ -163,10 +143,10 @@ def test_interpreter_keeps_its_small_tiles():
     assert su._head_config(128, 768, V_HEAD, False, torch.float32, cpu).splits == 1
 
 
-# ----------------------------------------------------------------------------- against the AOT build
+# ----------------------------------------------------------------- against the AOT build
 def _aot_builds():
     """Every committed AOT build with its JSON: {file name: its contents}."""
-    paths = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "triton_aot_*.json")))
+    paths = sorted(glob.glob(os.path.join(REPO, "benchmarks", "results", "triton_aot_*.json")))
     assert paths, "the committed AOT build (tools/aot_build.py --targets 80,89,90) is missing"
     builds = {}
     for path in paths:
@@ -232,3 +212,101 @@ def test_aot_build_recorded_todays_choices():
     for r in _aot_rows():
         if r["choice"] is not None:
             assert vars(_chosen(r)) == r["config"], (r["card"], r["kernel"], r["spec"])
+
+
+# -------------------- every card's tiles compute the reference (through the interpreter)
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs the card's own tiles in the kernel tests")
+CAPABILITY_OF = {f"sm_{major}{minor}": (major, minor) for major, minor in sorted(utils.SMEM_PER_BLOCK_OPTIN)}
+SMS = {"sm_80": 108, "sm_89": 142, "sm_90": 132}  # A100, L40S, H100 SXM: the head's split count follows them
+DEFAULT_SMS = 132
+
+
+def _limit(card: str) -> int:
+    return utils.SMEM_PER_BLOCK_OPTIN[CAPABILITY_OF[card]]
+
+
+def _tables(T: int, hd: int):
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+# -- attention (RADD: hd 64; hd 128 is where the cards' tiles differ)
+def _attention_configs() -> list:
+    """Every distinct (hd, forward, backward) tile set any card in the table gets for 16-bit inputs."""
+    seen = {}
+    for capability, limit in utils.SMEM_PER_BLOCK_OPTIN.items():
+        for dtype in (torch.bfloat16, torch.float16):
+            for hd in (64, 128):
+                cfg = (hd, fa.fwd_config_for(capability, limit, dtype, hd, True),
+                       fa.bwd_config_for(capability, limit, dtype, hd, True))
+                seen.setdefault(cfg, f"sm_{capability[0]}{capability[1]}-hd{hd}")
+    return sorted(seen.items(), key=lambda kv: kv[1])
+
+
+@cpu_only
+@pytest.mark.parametrize("configs", [c for c, _ in _attention_configs()], ids=[n for _, n in _attention_configs()])
+def test_attention_tiles_of_every_card_match_the_reference(configs):
+    hd, fwd, bwd = configs
+    B, T, h = 1, 67, 2
+    torch.manual_seed(0)
+    qkv = torch.randn(B, T, 3, h, hd)
+    cos, sin = _tables(T, hd)
+    out, lse = fa.flash_attention_forward(qkv, cos, sin, config=fwd)
+    leaf = qkv.clone().requires_grad_(True)
+    ref = attention_ref(leaf, cos, sin)
+    assert_close(out, ref.detach(), atol=2e-5, rtol=2e-5, name=f"forward {fwd}")
+    dout = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(ref, leaf, dout)
+    dqkv = fa.flash_attention_backward(dout, qkv, out, lse, cos, sin, config=bwd)
+    assert_close(dqkv, expected, atol=5e-5, rtol=5e-5, name=f"backward {bwd}")
+
+
+# -- the fused loss head
+@cpu_only
+@pytest.mark.parametrize("card", list(CAPABILITY_OF))
+@pytest.mark.parametrize("N, C", [(1, 131), (37, 301)])
+def test_loss_head_tiles_of_each_card_match_the_reference(card, N, C):
+    d = 64
+    fwd = lls.tile_config_for(CAPABILITY_OF[card], _limit(card), torch.bfloat16)
+    bwd = lls.tile_config_for(CAPABILITY_OF[card], _limit(card), torch.bfloat16, backward=True)
+    torch.manual_seed(1)
+    x, w, b = torch.randn(N, d), torch.randn(C, d) * 0.2, torch.randn(C) * 0.1
+    targets = torch.randint(0, C, (N,))
+    logp, lse = lls.linear_log_softmax_gather_forward(x, w, b, targets, config=fwd)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    ref_logp, ref_lse = lls.linear_log_softmax_gather_ref(*leaves, targets)
+    assert_close(logp, ref_logp.detach(), atol=2e-5, rtol=2e-5, name=f"{card} logp {fwd}")
+    assert_close(lse, ref_lse.detach(), atol=2e-5, rtol=2e-5, name=f"{card} lse")
+    g = torch.randn(N)
+    expected = torch.autograd.grad(ref_logp, leaves, g)
+    got = lls.linear_log_softmax_gather_backward(g, None, x, w, b, targets, lse, config=bwd)
+    for name, a, e in zip(("dx", "dW", "db"), got, expected):
+        assert_close(a, e, atol=5e-5, rtol=5e-5, name=f"{card} {name} {bwd}")
+
+
+# -- the sampler's head + Gumbel-max
+@cpu_only
+@pytest.mark.parametrize("card", list(CAPABILITY_OF))
+@pytest.mark.parametrize("fp64", [False, True])
+@pytest.mark.parametrize("N", [1, 17, 33])
+def test_sampling_head_tiles_of_each_card_draw_the_reference_tokens(card, fp64, N, monkeypatch):
+    d, V = 64, 211  # V real tokens of a [V + 1]-row head (the mask row is never drawn)
+    chosen = []
+
+    def card_config(n_rows, d_, n_vocab, fp64_, dtype, device):
+        cfg = su.head_config_for(CAPABILITY_OF[card], _limit(card), torch.bfloat16, n_rows, d_, n_vocab, fp64_, SMS.get(card, DEFAULT_SMS))
+        chosen.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(su, "_head_config", card_config)
+    torch.manual_seed(2)
+    h, w, b = torch.randn(N, d), torch.randn(V + 1, d), torch.randn(V + 1) * 0.1
+    noise = su.gumbel_noise(N, V, seed=5, device="cpu", fp64=fp64)
+    x_flat = torch.full((N + 3,), -1, dtype=torch.int64)  # poisoned: every destination must be written
+    dst = torch.randperm(N + 3)[:N]
+    tokens = su.head_sample_update(h, w, b, V, dst=dst, x_flat=x_flat, noise=noise, fp64=fp64)
+    x_ref = torch.full((N + 3,), -1, dtype=torch.int64)
+    expected = su.head_sample_update_ref(h, w, b, V, dst, x_ref, noise, fp64)
+    assert torch.equal(tokens, expected) and torch.equal(x_flat, x_ref), chosen[-1]
+    assert chosen[-1].splits > 1  # the card's vocabulary splits and their reduction ran (the interpreter's own: 1)
