@@ -1,11 +1,15 @@
-"""The reference model against an independent implementation of the published math."""
+"""The RADD model (radd_fast/model/model.py): the reference backend against an independent
+implementation of the published math, the forward's layout, hidden / head / selected rows, the
+published init, dropout and activation checkpointing, input errors, the backend it picks, and
+last-block pruning (the body computed at selected rows only equals the full forward at those rows).
+"""
 import pytest
 import torch
 
-from radd_fast import RADD, ConfigError, ModelConfig, NoiseConfig, RADDConfig
+from radd_fast import RADD, ModelConfig, RADDConfig
 from radd_fast.model.ops import resolve_backend
-from tests.helpers import assert_close
-from tests.independent_radd import published_config, published_log_probs, published_logits, published_state_dict
+from tests.support.compare import assert_close
+from tests.support.published_model import published_config, published_log_probs, published_logits, published_state_dict
 
 TOKENS, D, H, BLOCKS, LENGTH = 37, 48, 3, 2, 64
 
@@ -42,9 +46,9 @@ def test_hidden_head_and_selected_rows_agree_with_logits():
         h = model.hidden(x)
         assert_close(model.head(h), model.logits(x), atol=1e-6, name="head(hidden)")
         rows = h.reshape(-1, D)[[0, 5, 13]]
-        assert_close(model.log_probs_at(rows), model(x).reshape(-1, TOKENS + 1)[[0, 5, 13], :-1], atol=1e-6)
+        assert_close(model.vocab_log_probs(rows), model(x).reshape(-1, TOKENS + 1)[[0, 5, 13], :-1], atol=1e-6)
         targets = torch.tensor([3, 0, TOKENS - 1])
-        assert_close(model.target_log_probs(rows, targets), model.log_probs_at(rows).gather(-1, targets[:, None])[:, 0])
+        assert_close(model.target_log_probs(rows, targets), model.vocab_log_probs(rows).gather(-1, targets[:, None])[:, 0])
 
 
 def test_fresh_model_has_published_init():
@@ -84,31 +88,6 @@ def test_input_errors_are_clear():
         model(torch.zeros(4))
 
 
-@pytest.mark.parametrize("section, bad, match", [
-    ("model", {"hidden_size": 50, "n_heads": 3}, "not divisible"),
-    ("model", {"hidden_size": 30, "n_heads": 2}, "odd"),
-    ("model", {"dtype": "float8"}, "unknown dtype"),
-    ("model", {"backend": "cuda-magic"}, "unknown model.backend"),
-    ("noise", {"type": "cosine"}, "unknown noise.type"),
-])
-def test_config_validation(section, bad, match):
-    cfg = published_config(TOKENS, D, H, BLOCKS, LENGTH)
-    cfg[section].update(bad)
-    with pytest.raises(ConfigError, match=match):
-        RADDConfig.from_dict(cfg)
-
-
-def test_config_ignores_and_records_unknown_keys_and_round_trips():
-    cfg = RADDConfig.from_dict(published_config(TOKENS, D, H, BLOCKS, LENGTH))
-    assert "model.cond_dim" in cfg.ignored_keys
-    assert cfg.vocab_size == TOKENS + 1 and cfg.mask_id == TOKENS
-    again = RADDConfig.from_dict(cfg.to_dict())
-    assert again.model == cfg.model and again.noise == cfg.noise and again.extra["training"]["loss_type"] == "t_DCE"
-    with pytest.raises(ConfigError, match="tokens"):
-        RADDConfig.from_dict({"model": {}})
-    assert NoiseConfig().type == "loglinear"
-
-
 def test_auto_backend_follows_the_device():
     assert resolve_backend("auto", torch.device("cuda")) == "fast"
     assert resolve_backend("auto", torch.device("cpu")) == "reference"
@@ -120,3 +99,41 @@ def test_auto_backend_follows_the_device():
     model = RADD(cfg)
     assert model.backend == "reference" and model.to(torch.float32).backend == "reference"  # .to re-decides
     assert model.set_backend("fast").to("cpu").backend == "fast"  # an explicit backend stays
+
+
+# -------------------------------------------- last-block pruning: model.hidden(rows=...)
+def _model(n_blocks: int, length: int, backend: str) -> RADD:
+    torch.manual_seed(1)
+    cfg = RADDConfig(tokens=37, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=n_blocks, length=length,
+                                                  dropout=0.0, name="prune"))
+    model = RADD(cfg, backend=backend).eval()
+    with torch.no_grad():
+        model.output_layer.linear.weight.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("B,T,n_blocks", [(1, 1, 1), (3, 13, 2), (2, 31, 3), (5, 7, 1)])
+def test_pruned_rows_equal_the_full_forward(backend, B, T, n_blocks):
+    model = _model(n_blocks, T, backend)
+    x = torch.randint(0, model.vocab_size, (B, T))
+    rows = torch.randint(0, B * T, (max(1, (B * T) // 3) + 2,))  # duplicates and any order are allowed
+    with torch.no_grad():
+        full = model.hidden(x).reshape(B * T, -1)
+        pruned = model.hidden(x, rows=rows)
+        assert pruned.shape == (rows.numel(), full.shape[1])
+        assert_close(pruned, full[rows], atol=1e-5, rtol=1e-5, name="hidden rows")
+        assert_close(model.head(pruned), model.head(full)[rows], atol=1e-5, rtol=1e-5, name="logits at rows")
+
+
+def test_pruned_last_block_gradients_match():
+    model = _model(2, 9, "reference").train()
+    x = torch.randint(0, model.vocab_size, (2, 9))
+    rows = torch.tensor([0, 4, 11, 17])
+    model.hidden(x, rows=rows).square().sum().backward()
+    pruned = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.hidden(x).reshape(18, -1)[rows].square().sum().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close(pruned[name], p.grad, atol=1e-5, rtol=1e-5, name=name)

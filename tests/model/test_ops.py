@@ -1,12 +1,17 @@
-"""The ``fast`` backend (Triton kernels; interpreter on CPU) against the ``reference`` model."""
+"""The op backends (radd_fast/model/ops.py): the ``fast`` backend (Triton kernels; interpreter on CPU)
+against the ``reference`` model (forward, gradients, target log-probs, dropout under checkpointing,
+torch.compile, bf16 on CUDA), the fast backend without Triton (the fallbacks, interpreter off) equal
+to the reference, and the backends table."""
 import pytest
 import torch
 
 from radd_fast import RADD, ModelConfig, RADDConfig, load_model
 from radd_fast.kernels.attention import get_attention_impl, set_attention_impl
 from radd_fast.model.ops import BACKENDS, FastOps, ReferenceOps, get_ops
-from tests.helpers import assert_close
-from tests.independent_radd import published_config, published_log_probs, published_logits, published_state_dict
+from tests.support.compare import assert_close
+from tests.support.kernel_paths import with_interpreter
+from tests.support.models import fallback_model
+from tests.support.published_model import published_config, published_log_probs, published_logits, published_state_dict
 
 TOKENS = 41
 
@@ -133,7 +138,7 @@ def test_fast_model_compiles_and_matches(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are checked on CUDA only")
 def test_fast_bf16_error_is_within_reference_bf16_error(device):
-    from tests.helpers import assert_within_torch_error
+    from tests.support.compare import assert_within_torch_error
 
     ref, fast = _pair(device, d=128, h=2, seed=6)
     x = torch.randint(0, TOKENS + 1, (4, 32), device=device)
@@ -148,3 +153,12 @@ def test_get_ops_reads_the_backends_table():
     assert get_ops("reference") is ReferenceOps and get_ops("fast") is FastOps
     with pytest.raises(ValueError, match="unknown backend 'turbo'; valid backends: reference, fast"):
         get_ops("turbo")
+
+
+# --------------------------------- the fast backend without Triton (the interpreter off)
+def test_fast_backend_without_triton_equals_the_reference(no_triton):
+    x = torch.randint(0, 10, (2, 8))
+    fast, ref = fallback_model("fast"), fallback_model("reference")
+    assert_close(fast(x), ref(x), atol=1e-5, name="forward")
+    with_kernels = with_interpreter(no_triton, lambda: fast(x))
+    assert_close(fast(x), with_kernels, atol=1e-4, name="fallback vs kernels")
