@@ -1,6 +1,6 @@
 """The one compile / CUDA-graph policy (radd_fast/acceleration.py) and the graphs of every path that uses it.
 
-Real CUDA graphs need a GPU; here ``tests.helpers.EmulatedGraph`` stands in for them on the CPU with
+Real CUDA graphs need a GPU; here ``tests.support.graphs.EmulatedGraph`` stands in for them on the CPU with
 the same contract (private input buffers, outputs reused by every replay), so the plumbing of each
 path (what is copied in, what is read out and when) is tested against the same path run eagerly.
 """
@@ -14,9 +14,9 @@ from radd_fast.acceleration import Acceleration, GraphSet, resolve_acceleration
 from radd_fast.evaluation import ppl
 from radd_fast.evaluation.ppl import StaticRowLoss, evaluate_ppl
 from radd_fast.sampling import SamplerConfig, engine, evaluator, generate
-
-from .helpers import EmulatedGraph, assert_close
-from .test_cached_sampler import _model
+from tests.support.compare import assert_close
+from tests.support.graphs import EmulatedGraph
+from tests.support.models import normal_head_model
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -69,7 +69,7 @@ def test_sampler_config_rejects_an_unknown_compile_value():
 
 def test_generate_refuses_cuda_graphs_off_cuda():
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        generate(_model(1, 6), LogLinearNoise(), 2, steps=3, cuda_graphs=True, progress=False)
+        generate(normal_head_model(1, 6), LogLinearNoise(), 2, steps=3, cuda_graphs=True, progress=False)
 
 
 # -- GraphSet -----------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sampler_from_graphs_equals_the_eager_sampler(case, request):
-    model = _model(n_blocks=2, length=12)
+    model = normal_head_model(n_blocks=2, length=12)
     cfg = SamplerConfig(steps=9, rows_in_flight=4, use_kernels=False, **CASES[case])
     eager, s_eager = generate(model, LogLinearNoise(), 10, config=cfg, conditioning={3: 2}, seed=11, progress=False)
     assert s_eager.cuda_graphs == 0
@@ -146,7 +146,7 @@ def test_sampler_from_graphs_equals_the_eager_sampler(case, request):
 def test_compiled_cached_sampler_equals_the_eager_one(monkeypatch):
     """The approximate sampler's filling and cached evaluations trace under torch.compile (aot_eager:
     the traced graphs without code generation) and give the eager samples."""
-    model = _model(n_blocks=2, length=12)
+    model = normal_head_model(n_blocks=2, length=12)
     cfg = SamplerConfig(steps=9, rows_in_flight=4, use_kernels=False, refresh_every=2)
     eager, _ = generate(model, LogLinearNoise(), 10, config=cfg, seed=1, progress=False)
     monkeypatch.setattr(engine, "resolve_acceleration", lambda device, compile, graphs: Acceleration(True, False, "aot_eager"))
@@ -155,7 +155,7 @@ def test_compiled_cached_sampler_equals_the_eager_one(monkeypatch):
 
 
 def test_cached_sampler_captures_filling_and_cached_graphs(emulated_graphs, monkeypatch):
-    model = _model(n_blocks=2, length=12)
+    model = normal_head_model(n_blocks=2, length=12)
     runners = []
     original = evaluator.BodyRunner.prepare_cached
 
@@ -181,7 +181,7 @@ def _static_losses(loss: StaticRowLoss, model, x, draws: int) -> list:
 
 @pytest.mark.parametrize("loss_type", ["lambda_DCE", "t_DCE"])
 def test_static_row_evaluation_from_graphs_equals_eager(loss_type):
-    model, noise = _model(n_blocks=2, length=12), LogLinearNoise()
+    model, noise = normal_head_model(n_blocks=2, length=12), LogLinearNoise()
     x = torch.randint(0, 10, (3, 12))
     with torch.no_grad():
         eager = _static_losses(StaticRowLoss(model, noise, loss_type, 1e-3, Acceleration(False, False)), model, x, 4)
@@ -193,7 +193,7 @@ def test_static_row_evaluation_from_graphs_equals_eager(loss_type):
 
 
 def test_static_row_evaluation_compiled_equals_eager():
-    model, noise = _model(n_blocks=1, length=12), LogLinearNoise()
+    model, noise = normal_head_model(n_blocks=1, length=12), LogLinearNoise()
     x = torch.randint(0, 10, (2, 12))
     with torch.no_grad():
         eager = _static_losses(StaticRowLoss(model, noise, "lambda_DCE", 1e-3, Acceleration(False, False)), model, x, 2)
@@ -203,7 +203,7 @@ def test_static_row_evaluation_compiled_equals_eager():
 
 
 def test_evaluation_says_how_it_scored():
-    model = _model(n_blocks=1, length=12)
+    model = normal_head_model(n_blocks=1, length=12)
     batches = [torch.randint(0, 10, (2, 12))]
     assert evaluate_ppl(model, LogLinearNoise(), batches, "t_DCE", 1, progress=False).scoring == "eager"
     static = evaluate_ppl(model, LogLinearNoise(), batches, "t_DCE", 1, static_rows=True, progress=False)
@@ -211,14 +211,14 @@ def test_evaluation_says_how_it_scored():
 
 
 def test_evaluation_graphs_need_static_rows():
-    model = _model(n_blocks=1, length=12)
+    model = normal_head_model(n_blocks=1, length=12)
     with pytest.raises(ValueError, match="needs static_rows=True"):
         evaluate_ppl(model, LogLinearNoise(), [torch.randint(0, 10, (2, 12))], "lambda_DCE", 1, cuda_graphs=True,
                      progress=False)
 
 
 def test_evaluation_compiles_the_body_for_the_run_only(monkeypatch):
-    model = _model(n_blocks=1, length=12)
+    model = normal_head_model(n_blocks=1, length=12)
     batches = [torch.randint(0, 10, (2, 12))]
     torch.manual_seed(0)
     eager = evaluate_ppl(model, LogLinearNoise(), batches, "t_DCE", 2, progress=False)
@@ -237,7 +237,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA 
 @pytest.mark.parametrize("case", ["exact", "cached-r2", "cached-r3-unpruned"])
 def test_cuda_graph_sampler_equals_eager_on_the_gpu(case, monkeypatch):
     monkeypatch.setattr(evaluator, "MIN_TICKS_FOR_GRAPH", 1)
-    model = _model(n_blocks=2, length=12).cuda()
+    model = normal_head_model(n_blocks=2, length=12).cuda()
     cfg = SamplerConfig(steps=9, rows_in_flight=4, **CASES[case])
     eager, _ = generate(model, LogLinearNoise(), 10, config=cfg.replace(cuda_graphs=False), seed=3, progress=False)
     graphed, stats = generate(model, LogLinearNoise(), 10, config=cfg, seed=3, progress=False)
@@ -246,7 +246,7 @@ def test_cuda_graph_sampler_equals_eager_on_the_gpu(case, monkeypatch):
 
 @cuda_only
 def test_cuda_graph_static_row_evaluation_equals_eager_on_the_gpu():
-    model, noise = _model(n_blocks=2, length=12).cuda(), LogLinearNoise()
+    model, noise = normal_head_model(n_blocks=2, length=12).cuda(), LogLinearNoise()
     x = torch.randint(0, 10, (3, 12), device="cuda")
     eager = _static_losses(StaticRowLoss(model, noise, "lambda_DCE", 1e-3, Acceleration(False, False)), model, x, 4)
     graphed_loss = StaticRowLoss(model, noise, "lambda_DCE", 1e-3, Acceleration(False, True))
@@ -254,7 +254,7 @@ def test_cuda_graph_static_row_evaluation_equals_eager_on_the_gpu():
     assert len(graphed_loss.graphs) == 1 and all(torch.equal(a, b) for a, b in zip(eager, graphed))
 
 
-# -- the policy and the graph set, line by line (what mutation testing asked for) -----------------------------
+# -- the policy and the graph set, line by line: exact results, messages, pools, clocks -------------------------
 def test_defaults_are_no_compile_and_graphs_on_cuda_in_one_process():
     assert resolve_acceleration(CUDA) == Acceleration(compile=False, cuda_graphs=True, backend="inductor")
     assert resolve_acceleration(CPU) == Acceleration(compile=False, cuda_graphs=False, backend="inductor")
