@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import bench_e2e, e2e_setup
 from benchmarks.plots import make_plots
-from tests.test_published_harness import published_checkout
+from tests.support.published_code import published_checkout
 
 OURS = ("reference", "fast")
 
@@ -101,16 +101,6 @@ def test_plots_skip_without_matplotlib(quick_run, tmp_path, monkeypatch, capsys)
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_plans_size_the_samplers():
-    small = e2e_setup.PLANS["small"]
-    assert e2e_setup.samples_for(small.cached_samples, 1024) == 16
-    assert e2e_setup.samples_for(small.cached_samples, 4096) == 8
-    assert e2e_setup.samples_for(small.nocache_samples, 4096) == 0  # not run: minutes at 4096 steps
-    assert small.fast_samples == small.rows_per_eval == 64
-    assert small.train_batch == 32  # the training targets are at B = 32 x 1024
-    assert small.reference_max_steps == 1024 and e2e_setup.PLANS["quick"].reference_max_steps > 4096
-
-
 def test_out_of_memory_at_a_large_batch_is_the_limit_not_a_failure(monkeypatch):
     def runs(P, device, batch, L, steps):
         def call():
@@ -126,16 +116,3 @@ def test_out_of_memory_at_a_large_batch_is_the_limit_not_a_failure(monkeypatch):
     assert [r.get("limit") for r in sweep] == [None, None, "out of memory"] and not any("error" in r for r in sweep)
     (best,) = [r for r in rows if r["section"] == "best batch"]
     assert best["rows_in_flight"] in (2, 4) and best["batches tried"] == 3
-
-
-def test_a_failing_provider_gets_an_error_row_and_no_ratio():
-    def broken():
-        raise RuntimeError("CUDA out of memory.\nTried to allocate 6 GiB")
-
-    group = []
-    e2e_setup.attempt(group, {"provider": "published"}, broken)
-    e2e_setup.attempt(group, {"provider": "reference"}, lambda: {"s": 2.0})
-    e2e_setup.attempt(group, {"provider": "fast"}, lambda: {"s": 0.5})
-    e2e_setup.add_ratios(group, lambda r: r["s"])
-    assert group[0] == {"provider": "published", "error": "RuntimeError: CUDA out of memory. Tried to allocate 6 GiB"}
-    assert group[2]["vs reference"] == 4.0 and "vs published" not in group[2]

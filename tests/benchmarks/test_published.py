@@ -1,7 +1,7 @@
-"""The harness around the published RADD code (benchmarks/published.py, benchmarks/gpu_check):
-imported from a checkout without leaking into our imports, loaded with our exact weights, its
-samplers / training step / evaluation runnable on CPU, clear errors for a bad checkout, and
-gpu_check's dry run end to end.
+"""The harness around the published RADD code (benchmarks/published.py): imported from a checkout
+without leaking into our imports, loaded with our exact weights, its samplers / training step /
+evaluation runnable on CPU, and clear errors for a bad checkout (gpu_check's dry run:
+tests/benchmarks/test_gpu_check.py).
 
 The published code is looked for beside the checkout (CI lays ``../shared/published-radd``) or at
 ``$RADD_PUBLISHED``; the tests that need it skip with the reason when it or its dependencies
@@ -9,8 +9,6 @@ The published code is looked for beside the checkout (CI lays ``../shared/publis
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,20 +20,8 @@ import torch
 from benchmarks import bench_e2e, e2e_setup
 from benchmarks import published as pubcode
 from radd_fast import RADD
-
-REPO = Path(__file__).resolve().parents[1]
-BESIDE_CHECKOUT = REPO.parent / "shared" / "published-radd"
-
-
-def published_checkout() -> Path:
-    """The published code for the tests, or pytest.skip with the reason."""
-    path = Path(os.environ.get(pubcode.ENV_VAR) or BESIDE_CHECKOUT)
-    if not path.is_dir():
-        pytest.skip(f"no published RADD code at {path} (CI has ../shared/published-radd; or set {pubcode.ENV_VAR})")
-    missing = [m for m in pubcode.DEPENDENCIES if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"the published code needs {', '.join(missing)}: pip install -e '.[bench]'")
-    return path
+from tests.support.paths import REPO
+from tests.support.published_code import published_checkout
 
 
 @pytest.fixture(scope="module")
@@ -130,28 +116,3 @@ def test_cli_names_a_bad_published_path_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: --published {tmp_path / 'nope'}: no such folder (point it at "
                                                 "a checkout of the published RADD code, github.com/ML-GSAI/RADD)"]
     assert "Traceback" not in proc.stderr
-
-
-def test_gpu_check_dry_run_end_to_end(tmp_path):
-    """The CPU dry run: copy into the third-party folder, collect the tests, the side-by-side rows
-    with the published provider, one micro-benchmark, the summary (kept small: a few steps)."""
-    source = published_checkout()
-    third, out = tmp_path / "third_party", tmp_path / "out"
-    env = {**os.environ, "RADD_THIRD_PARTY": str(third), "GPU_CHECK_FETCH_WHEELS": "0",
-           "GPU_CHECK_TESTS": "tests/test_bench_run.py", "MICRO_ONLY": "rotary",
-           "E2E_ARGS": "--sections sampling,eval --steps 8 --eval_mc 2"}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check", "--dry-run", "--published", str(source), str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (third / "published-radd" / "sampling.py").read_bytes() == (source / "sampling.py").read_bytes()
-    assert not (third / "published-radd" / ".git").exists()
-    status = (out / "status.txt").read_text().splitlines()
-    assert status == ["tests (collected only: dry run): exit 0", "side-by-side tables: exit 0",
-                      "micro-benchmarks: exit 0"]
-    rows = json.loads((out / "e2e" / "e2e.json").read_text())["rows"]
-    assert {(r["section"], r["provider"]) for r in rows} >= {("sampling", "published"), ("sampling", "published no-cache"),
-                                                            ("sampling", "fast"), ("eval", "published")}
-    summary = (out / "summary.md").read_text()
-    assert "DRY RUN" in (out / "env.txt").read_text() and "### e2e sampling" in summary
-    assert "tests collected" in summary and "### rotary" in summary
-    assert "Traceback" not in proc.stdout + proc.stderr

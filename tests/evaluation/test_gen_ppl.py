@@ -1,4 +1,5 @@
-"""Generative perplexity: scoring with a causal LM, retokenization, windows, unigram entropy, CLI.
+"""Generative perplexity (radd_fast/evaluation/gen_ppl.py): scoring with a causal LM, retokenization,
+windows, unigram entropy, the CLI's --gen_ppl mode, and a hub scorer that cannot be had offline.
 
 The scorer is a one-layer GPT-2 with a byte-level BPE tokenizer trained here on a
 tiny corpus and saved to a temporary folder: offline, loaded through the same
@@ -19,6 +20,7 @@ pytest.importorskip("tokenizers")
 from radd_fast.data import ByteTokenizer, HFTokenizer  # noqa: E402
 from radd_fast.evaluation import cli, score_samples, unigram_entropy  # noqa: E402
 from radd_fast.evaluation.gen_ppl import load_scorer, token_nll  # noqa: E402
+from radd_fast.evaluation.protocol import EvalError  # noqa: E402
 
 CORPUS = ["the cat sat on the mat and the dog sat on the log. ", "a quick brown fox jumps over a lazy dog! "]
 TEXTS = ["the cat sat on the log", "a lazy fox jumps over the mat and the dog sat on a cat", "dog dog dog"]
@@ -140,3 +142,12 @@ def test_cli_gen_ppl(scorer_dir, tmp_path, capsys):
     samples.write_text('{"text": "fine"}\nnot json\n')
     assert cli.main(argv) == 2
     assert "samples.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_a_hub_scorer_offline_fails_at_once(monkeypatch):
+    """No network (HF_HUB_OFFLINE) and not cached: one line saying what to pass, no hub retries."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # not cached here
+    with pytest.raises(EvalError, match="HF_HUB_OFFLINE is set; pass --scorer <local folder"):
+        load_scorer("gpt2-large", "cpu")

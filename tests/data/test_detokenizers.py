@@ -1,25 +1,14 @@
-"""The published detokenizers, rule by rule, on inputs written for each rule; and the corpus table
-of the published evaluation protocol (which split, which detokenizer, which hub dataset).
+"""The published detokenizers (radd_fast/data/detokenizers.py), rule by rule, on inputs written for
+each rule and on a sentence of each corpus; and the cache key that follows the rules.
 
 Expected strings follow from the published rules as they read, quirks included (a regex
 WikiText rule that only matches a literal "/' <digit>/", PTB numbers written as 1)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from radd_fast.data import (
-    DETOKENIZERS,
-    HF_CORPORA,
-    ByteTokenizer,
-    lambada_detokenizer,
-    lm1b_detokenizer,
-    load_blocks,
-    ptb_detokenizer,
-    wikitext_detokenizer,
-)
+from radd_fast.data import lambada_detokenizer, lm1b_detokenizer, ptb_detokenizer, wikitext_detokenizer
 from radd_fast.data.detokenizers import detokenizer_identity
-from radd_fast.evaluation.protocol import PUBLISHED_SPLITS, detokenizer_of, published_split
 
 WIKITEXT = [
     ("the players ' union", "the players' union"),
@@ -72,54 +61,32 @@ LM1B = [
     ("pay $ 5 or \u00a3 3", "pay $5 or \u00a33"),
 ]
 
-
 @pytest.mark.parametrize("text, expected", WIKITEXT)
 def test_wikitext_rules(text, expected):
     assert wikitext_detokenizer(text) == expected
-
 
 @pytest.mark.parametrize("text, expected", PTB)
 def test_ptb_rules(text, expected):
     assert ptb_detokenizer(text) == expected
 
-
 @pytest.mark.parametrize("text, expected", LM1B)
 def test_lm1b_rules(text, expected):
     assert lm1b_detokenizer(text) == expected
-
 
 def test_lambada_straightens_quotes_and_starts_a_line():
     assert lambada_detokenizer("  \u201cCome in,\u201d she said.  ") == '\n"Come in," she said.'
     assert lambada_detokenizer("plain") == "\nplain"
 
 
-def test_each_corpus_uses_the_published_split_and_detokenizer():
-    """The published evaluation reads WikiText2's TRAIN split and the others' test split."""
-    assert PUBLISHED_SPLITS == {"lambada": "test", "wikitext2": "train", "ptb": "test", "wikitext103": "test",
-                                "lm1b": "test"}
-    assert published_split("input.txt") == "test"
-    expected = {"lambada": lambada_detokenizer, "wikitext2": wikitext_detokenizer, "ptb": ptb_detokenizer,
-                "wikitext103": wikitext_detokenizer, "lm1b": lm1b_detokenizer}
-    for name, detok in expected.items():
-        assert detokenizer_of(name) is detok and DETOKENIZERS[name] is detok
-        assert PUBLISHED_SPLITS[name] in HF_CORPORA[name].splits
-    hub = {name: (HF_CORPORA[name].path, HF_CORPORA[name].name, HF_CORPORA[name].text_field,
-                  HF_CORPORA[name].splits[PUBLISHED_SPLITS[name]]) for name in expected}
-    assert hub == {"lambada": ("EleutherAI/lambada_openai", "default", "text", "test"),  # OpenAI's LAMBADA test set
-                   "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "train"),
-                   "ptb": ("ptb_text_only", None, "sentence", "test"),
-                   "wikitext103": ("wikitext", "wikitext-103-raw-v1", "text", "test"),
-                   "lm1b": ("lm1b", None, "text", "test")}
-
-
-def test_a_local_stand_in_is_detokenised_when_asked(tmp_path):
-    text = tmp_path / "ptb.txt"
-    text.write_text("he does n't pay $ N")
-    tok = ByteTokenizer()
-    plain = load_blocks(str(text), "test", tok, length=1, cache_dir=tmp_path)
-    detok = load_blocks(str(text), "test", tok, length=1, cache_dir=tmp_path, detokenizer=ptb_detokenizer)
-    as_text = lambda b: bytes(b[np.arange(len(b))].ravel().tolist()[:-1]).decode()  # noqa: E731 (drop EOS)
-    assert as_text(plain) == "he does n't pay $ N" and as_text(detok) == "he doesn't pay $ N"
+def test_each_detokenizer_on_a_sentence_of_its_corpus():
+    assert wikitext_detokenizer(" = = Early life = = \n") == " == Early life ==\n"
+    assert wikitext_detokenizer("1 @,@ 000 people , in the ( old city ) . It 's 3 @.@ 5 m") == \
+        "1,000 people, in the (old city). It's 3.5 m"
+    assert ptb_detokenizer("he does n't pay $ 1 million") == "he doesn't pay $1 million"
+    assert ptb_detokenizer("about N shares") == "about 1 shares"  # published: " N " -> " 1 "
+    assert lm1b_detokenizer('He said : " it is fine " , then left .') == 'He said: "it is fine", then left.'
+    assert lm1b_detokenizer("see http : / / example.com ( now ) !") == "see http://example.com (now)!"
+    assert lambada_detokenizer("  \u201cHi,\u201d she said.  ") == '\n"Hi," she said.'
 
 
 def test_cache_key_follows_the_rules():

@@ -1,0 +1,58 @@
+"""eval.py as a user runs it (a subprocess): a seeded evaluation end to end, its printed line and JSON,
+and a NaN checkpoint failing in one error line with no traceback."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.support.eval_inputs import cli_args, write_eval_checkpoint
+from tests.support.models import EVAL_LENGTH, eval_model
+from tests.support.paths import REPO
+
+ROOT = REPO
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_eval_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def test_cli_end_to_end(checkpoint, tmp_path):
+    cmd = [sys.executable, str(ROOT / "eval.py"), *cli_args(checkpoint, tmp_path, "--monte_carlo_timesteps", "2",
+                                                             "--seed", "5")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = [s for s in proc.stdout.splitlines() if s.startswith("Evaluation PPL: ")]
+    assert line, proc.stdout
+    result = json.loads((tmp_path / "out" / "eval_ppl_text_lambda_DCE.json").read_text())
+    assert float(line[0].split(": ")[1]) == pytest.approx(result["ppl"])
+    assert result["ppl"] == pytest.approx(math.exp(sum(result["batch_losses"]) / len(result["batch_losses"]) / EVAL_LENGTH))
+    s = result["settings"]
+    assert (s["loss_type"], s["monte_carlo_timesteps"], s["length"], s["seed"], s["backend"], s["tokenizer"]) == \
+        ("lambda_DCE", 2, EVAL_LENGTH, 5, "reference", "bytes")
+    assert (s["split"], s["mc_batching"], s["batch_size"]) == ("test", False, 4)
+    assert result["num_batches"] == len(result["batch_losses"]) > 0
+    n_blocks = len((checkpoint / "text.txt").read_bytes()) // EVAL_LENGTH  # one document + EOS, cut into blocks
+    assert f"split test, {n_blocks} blocks of {EVAL_LENGTH} tokens; evaluating {n_blocks} blocks in " in proc.stdout
+    assert result["num_sequences"] == n_blocks and result["ppl_stderr"] > 0
+
+def test_cli_nan_weights_fail_in_one_line(checkpoint, tmp_path):
+    """As a user meets it (a subprocess): a NaN checkpoint gives no 'Evaluation PPL: nan' but one error
+    line, exit code 2, no traceback."""
+    bad = eval_model()
+    with torch.no_grad():
+        bad.blocks[0].attn_qkv.weight.fill_(float("nan"))
+    bad.save_pretrained(tmp_path / "nan_model")
+    args = cli_args(checkpoint, tmp_path, "--monte_carlo_timesteps", "2")
+    args[args.index("--model_path") + 1] = str(tmp_path / "nan_model")
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    err_lines = proc.stderr.strip().splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: the loss of batch 0 is nan"), proc.stderr
+    assert "not finite" in err_lines[0] and "Traceback" not in proc.stderr and "Evaluation PPL" not in proc.stdout
