@@ -25,11 +25,15 @@ Generative perplexity of existing samples (JSONL with ``text`` and/or ``ids``)::
 Kernels and algorithm are separate flags: ``--backend reference|fast`` picks the
 kernels (default fast on CUDA), ``--mc_batching`` / ``--no_mc_batching`` whether
 several noise draws share one forward (default on for CUDA; off is the published
-loop). The protocol is written down in docs/EVALUATION.md.
+loop). The flags become one typed, validated ``EvalConfig`` (evaluation/config.py)
+before any model is read; a bad flag or value is one ``error: ...`` line and exit
+code 2, as in sample.py and train.py (``--debug`` or ``RADD_DEBUG=1``: the traceback).
+The protocol is written down in docs/EVALUATION.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -41,58 +45,50 @@ import numpy as np
 import torch
 
 from .. import data
-from ..checkpoint import check_device, load_model
-from ..data.tokenizers import default_tokenizer_name, tokenizer_mismatch
+from ..checkpoint import load_model
+from ..data.tokenizers import tokenizer_mismatch
 from ..distributed import DistEnv, shard, spawn_local_ranks
-from ..errors import UserError, run_cli
+from ..errors import ArgParser, run_cli
 from ..losses.registry import LOSS_TYPES
 from ..sampling.schedule import METHODS
+from .config import AR_COLUMNS, BACKENDS, HF_DATASETS, SAMPLING_DTYPES, SUITES, EvalConfig, check_dataset
 from .gen_ppl import load_scorer, read_samples, score_samples
 from .gen_suite import run_gen_suite
-from .paper_numbers import GEN_PPL_STEPS, ZERO_SHOT_DATASETS
-from .ppl import check_loss_type, compile_body, default_mc_batching, evaluate_ppl, evaluation_acceleration
-from .protocol import (
-    PUBLISHED_SPLITS,
-    EvalError,
-    check_work_dir,
-    default_mc_timesteps,
-    detokenizer_of,
-    json_safe,
-    model_loss_type,
-    published_split,
-    rank_batch_size,
-)
+from .ppl import compile_body, evaluate_ppl
+from .protocol import EvalError, detokenizer_of, json_safe, published_split, rank_batch_size
 from .suite import run_zero_shot
 
-HF_DATASETS = tuple(PUBLISHED_SPLITS)
-ENGINE_GONE = ("--engine is gone: it meant two things; use --backend reference|fast for the kernels and "
-               "--mc_batching / --no_mc_batching for batched Monte Carlo draws")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}  # the flags' defaults: EvalConfig's
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   error_type=EvalError)
+    d = DEFAULTS
     # Published flags (same names, meanings and defaults, except --ngpus: one local device by default).
-    ap.add_argument("--model_path", default="JingyangOu/radd-lambda-dce",
+    ap.add_argument("--model_path", default=d["model_path"],
                     help="hub repo id, hub-layout folder or training-run folder")
-    ap.add_argument("--batch_size", type=int, default=16, help="GLOBAL batch, divided over --ngpus (as published)")
+    ap.add_argument("--batch_size", type=int, default=d["batch_size"],
+                    help="GLOBAL batch, divided over --ngpus (as published)")
     ap.add_argument("--length", type=int, default=None, help="block length (default: the model's; 1024 published)")
-    ap.add_argument("--valid_dataset", default="ptb", help=f"one of {', '.join(HF_DATASETS)} or a local text file")
+    ap.add_argument("--valid_dataset", default=d["valid_dataset"],
+                    help=f"one of {', '.join(HF_DATASETS)} or a local text file")
     ap.add_argument("--monte_carlo_timesteps", type=int, default=None,
                     help="noise draws per batch (default 1024; 1 for the exact ar_* losses)")
-    ap.add_argument("--ngpus", type=int, default=1, help="ranks (one process per GPU; CPU ranks use gloo)")
+    ap.add_argument("--ngpus", type=int, default=d["ngpus"], help="ranks (one process per GPU; CPU ranks use gloo)")
     ap.add_argument("--loss_type", default=None,
                     help=f"one of {', '.join(LOSS_TYPES)} (default lambda_DCE; --suite: the model's own)")
-    ap.add_argument("--work_dir", default="runs/eval", help="folder for the results (checked writable first)")
-    ap.add_argument("--cache_dir", default="data", help="where tokenised corpora are cached")
+    ap.add_argument("--work_dir", default=d["work_dir"], help="folder for the results (checked writable first)")
+    ap.add_argument("--cache_dir", default=d["cache_dir"], help="where tokenised corpora are cached")
     # Additions.
     ap.add_argument("--tokenizer", default=None,
                     help="'bytes', a hub name or a folder (default: the checkpoint config's, else by vocab size)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the noise draws (rank r uses seed + r)")
+    ap.add_argument("--seed", type=int, default=d["seed"], help="seed of the noise draws (rank r uses seed + r)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="compute dtype override: bf16, fp16 or fp32")
     ap.add_argument("--split", default=None,
                     help="dataset split (default: the published one: train for wikitext2, else test)")
-    ap.add_argument("--backend", choices=("reference", "fast"), default=None,
+    ap.add_argument("--backend", choices=BACKENDS, default=None,
                     help="kernels: fast (Triton, fused loss head; default on CUDA) or reference (plain PyTorch)")
     ap.add_argument("--mc_batching", action=argparse.BooleanOptionalAction, default=None,
                     help="several noise draws per forward (default on for CUDA); --no_mc_batching: published loop")
@@ -107,95 +103,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replay the --static_rows loss from CUDA graphs (default on for CUDA with --static_rows)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     # Suites.
-    ap.add_argument("--suite", choices=("zero_shot", "gen_ppl"), default=None,
+    ap.add_argument("--suite", choices=SUITES, default=None,
                     help="zero_shot: the paper's table; gen_ppl: the generative-perplexity protocol")
-    ap.add_argument("--datasets", default=",".join(ZERO_SHOT_DATASETS), help="zero_shot: comma-separated corpora")
+    ap.add_argument("--datasets", default=",".join(d["datasets"]), help="zero_shot: comma-separated corpora")
     ap.add_argument("--dataset_files", nargs="+", default=[], metavar="NAME=PATH",
                     help="zero_shot: read a corpus from a local text file (its split and detokenizer still apply)")
-    ap.add_argument("--ar_column", choices=("ar_forward", "ar_backward", "ar_random"), default=None,
+    ap.add_argument("--ar_column", choices=AR_COLUMNS, default=None,
                     help="zero_shot: add the exact any-order likelihood of this order as a column")
-    ap.add_argument("--steps", default=",".join(map(str, GEN_PPL_STEPS)), help="gen_ppl: comma-separated step counts")
-    ap.add_argument("--num_samples", type=int, default=1024, help="gen_ppl: samples per step count")
-    ap.add_argument("--sample_chunk", type=int, default=256, help="gen_ppl: samples per generate call and flush")
-    ap.add_argument("--rows_in_flight", type=int, default=64, help="gen_ppl: rows per model evaluation")
-    ap.add_argument("--sampling_dtype", choices=("float64", "float32"), default="float64",
+    ap.add_argument("--steps", default=",".join(map(str, d["steps"])), help="gen_ppl: comma-separated step counts")
+    ap.add_argument("--num_samples", type=int, default=d["num_samples"], help="gen_ppl: samples per step count")
+    ap.add_argument("--sample_chunk", type=int, default=d["sample_chunk"],
+                    help="gen_ppl: samples per generate call and flush")
+    ap.add_argument("--rows_in_flight", type=int, default=d["rows_in_flight"], help="gen_ppl: rows per model evaluation")
+    ap.add_argument("--sampling_dtype", choices=SAMPLING_DTYPES, default=d["sampling_dtype"],
                     help="gen_ppl: Gumbel noise dtype (paper: float64)")
-    ap.add_argument("--method", choices=METHODS, default="tweedie", help="gen_ppl: sampling method")
+    ap.add_argument("--method", choices=METHODS, default=d["method"], help="gen_ppl: sampling method")
     # Generative perplexity of a samples file.
     ap.add_argument("--gen_ppl", default=None, metavar="SAMPLES.jsonl",
                     help="score samples with --scorer instead of evaluating a RADD checkpoint")
-    ap.add_argument("--scorer", "--eval_model", dest="eval_model", default="gpt2-large",
+    ap.add_argument("--scorer", "--eval_model", dest="eval_model", default=d["eval_model"],
                     help="causal LM that scores samples (hub name or local folder)")
-    ap.add_argument("--gen_batch_size", type=int, default=8, help="windows per scorer forward")
+    ap.add_argument("--gen_batch_size", type=int, default=d["gen_batch_size"], help="windows per scorer forward")
     return ap
 
 
-# -- shared checks ---------------------------------------------------------------------------------------
-def _checked_device(device: str | None) -> str:
-    """--device (default: cuda when visible) checked by the loader's own rule, the flag named."""
-    try:
-        return str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    except UserError as e:
-        raise EvalError(f"{e} (--device)") from None
-
-
-def _check_counts(args) -> None:
-    """Counts that must be >= 1 when given (0 or negative would mean "all" or slice from the end)."""
-    for name in ("max_batches", "token_budget", "gen_batch_size"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise EvalError(f"--{name} must be >= 1, got {value}")
-
-
-def _check_acceleration(args) -> None:
-    """--compile / --cuda_graphs through the shared policy, before any model is loaded."""
-    try:
-        evaluation_acceleration(torch.device(args.device), args.static_rows, args.compile, args.cuda_graphs)
-    except ValueError as e:
-        raise EvalError(f"--cuda_graphs: {e}".replace("static_rows=True", "--static_rows")) from e
-
-
-def resolve_common(args) -> argparse.Namespace:
-    """Defaults that depend on the machine; everything checkable without a model, the work folder first."""
-    if args.engine is not None:
-        raise EvalError(ENGINE_GONE)
-    args.device = _checked_device(args.device)
-    _check_counts(args)
-    _check_acceleration(args)
-    args.backend = args.backend or ("fast" if args.device.startswith("cuda") else "reference")
-    if args.mc_batching is None:
-        args.mc_batching = default_mc_batching(torch.device(args.device))
-    if args.length is not None and args.length < 1:
-        raise EvalError(f"--length must be >= 1, got {args.length}")
-    check_work_dir(args.work_dir)
-    return args
-
-
-def check_losses(loss_type: str, mc: int) -> None:
-    try:
-        check_loss_type(loss_type, mc)
-    except ValueError as e:
-        raise EvalError(str(e)) from e
-
-
-def check_dataset(dataset: str) -> None:
-    if not Path(dataset).expanduser().exists() and dataset not in HF_DATASETS:
-        raise EvalError(f"unknown dataset {dataset!r}: expected one of {', '.join(HF_DATASETS)} "
-                        f"or the path of an existing local text file (.txt / .jsonl / folder of .txt)")
-
-
-def load_checkpoint(args, device):
-    """(model, noise) with the length and tokenizer defaults taken from the model."""
-    model, noise = load_model(args.model_path, device=device, backend=args.backend, dtype=args.dtype)
-    if args.length is None:
-        args.length = model.length
-    elif args.length > model.length:
-        raise EvalError(f"--length {args.length} is larger than the model's length {model.length} (model.length)")
-    try:
-        args.tokenizer = args.tokenizer or default_tokenizer_name(model.config)
-    except ValueError as e:  # the config names no tokenizer and the vocabulary size fits none
-        raise EvalError(str(e)) from e
-    return model, noise
+# -- what every mode with a RADD model shares ---------------------------------------------------------------
+def load_checkpoint(cfg: EvalConfig, device) -> tuple:
+    """(model, noise, the config with the model's length, tokenizer and, for the suite, loss)."""
+    model, noise = load_model(cfg.model_path, device=device, backend=cfg.backend, dtype=cfg.dtype)
+    return model, noise, cfg.with_model(model)
 
 
 def load_blocks(dataset: str, tokenizer: str, length: int, split: str, cache_dir: str, tokens: int,
@@ -220,178 +156,117 @@ def load_blocks(dataset: str, tokenizer: str, length: int, split: str, cache_dir
 
 
 # -- zero-shot perplexity of one dataset -----------------------------------------------------------------
-def run_ppl(args) -> dict:
-    args = resolve_common(args)
-    args.loss_type = args.loss_type or "lambda_DCE"
-    args.monte_carlo_timesteps = args.monte_carlo_timesteps or default_mc_timesteps(args.loss_type)
-    check_losses(args.loss_type, args.monte_carlo_timesteps)
-    rank_bs = rank_batch_size(args.batch_size, args.ngpus)
-    check_dataset(args.valid_dataset)
-    args.split = args.split or published_split(args.valid_dataset)
-    device = args.device if args.ngpus == 1 else "cpu"  # N ranks: the parent only reads the config
-    model, noise = load_checkpoint(args, device)
-    blocks = load_blocks(args.valid_dataset, args.tokenizer, args.length, args.split, args.cache_dir,
+def run_ppl(cfg: EvalConfig) -> dict:
+    device = cfg.device if cfg.ngpus == 1 else "cpu"  # N ranks: the parent only reads the config
+    model, noise, cfg = load_checkpoint(cfg, device)
+    blocks = load_blocks(cfg.valid_dataset, cfg.tokenizer, cfg.length, cfg.split, cfg.cache_dir,
                          model.config.tokens)
-    report_blocks(args, blocks, rank_bs)
-    if args.ngpus == 1:
-        return evaluate_rank(DistEnv(device=torch.device(args.device)), args, blocks, (model, noise))
-    device_type = torch.device(args.device).type
-    if device_type == "cuda" and args.ngpus > torch.cuda.device_count():
-        raise EvalError(f"--ngpus {args.ngpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    report_blocks(cfg, blocks)
+    if cfg.ngpus == 1:
+        return evaluate_rank(DistEnv(device=torch.device(cfg.device)), cfg, blocks, (model, noise))
     try:
-        spawn_local_ranks(evaluate_rank, args.ngpus, device_type, args, blocks)
+        spawn_local_ranks(evaluate_rank, cfg.ngpus, torch.device(cfg.device).type, cfg, blocks)
     except Exception as e:  # a rank's error arrives as its traceback text: report its last line only
         lines = [s for s in str(e).splitlines() if s.strip()]
         raise EvalError(f"a rank failed: {lines[-1] if lines else type(e).__name__}") from e
-    return json.loads(result_path(args).read_text())
+    return json.loads(result_path(cfg).read_text())
 
 
-def report_blocks(args, blocks: torch.Tensor, rank_bs: int) -> None:
+def report_blocks(cfg: EvalConfig, blocks: torch.Tensor) -> None:
     """Say which split and how many blocks are evaluated (a truncated run says so too)."""
+    rank_bs = rank_batch_size(cfg.batch_size, cfg.ngpus)
     n_batches = math.ceil(len(blocks) / rank_bs)
-    used = n_batches if args.max_batches is None else min(n_batches, args.max_batches * args.ngpus)
+    used = n_batches if cfg.max_batches is None else min(n_batches, cfg.max_batches * cfg.ngpus)
     n_blocks = min(len(blocks), used * rank_bs)
-    print(f"{args.valid_dataset}: split {args.split}, {len(blocks)} blocks of {args.length} tokens; evaluating "
-          f"{n_blocks} blocks in {used} batches of {rank_bs} per rank on {args.ngpus} rank(s)")
+    print(f"{cfg.valid_dataset}: split {cfg.split}, {len(blocks)} blocks of {cfg.length} tokens; evaluating "
+          f"{n_blocks} blocks in {used} batches of {rank_bs} per rank on {cfg.ngpus} rank(s)")
 
 
-def evaluate_rank(env: DistEnv, args, blocks: torch.Tensor, loaded=None) -> dict | None:
+def evaluate_rank(env: DistEnv, cfg: EvalConfig, blocks: torch.Tensor, loaded=None) -> dict | None:
     """One rank's share of the evaluation; rank 0 returns (and writes) the results."""
     if loaded is None:
-        loaded = load_model(args.model_path, device=env.device, backend=args.backend, dtype=args.dtype)
+        loaded = load_model(cfg.model_path, device=env.device, backend=cfg.backend, dtype=cfg.dtype)
     model, noise = loaded
-    batches = shard(list(blocks.split(rank_batch_size(args.batch_size, env.world))), env)
-    torch.manual_seed(args.seed + env.rank)
-    res = evaluate_ppl(model, noise, batches, loss_type=args.loss_type, mc_timesteps=args.monte_carlo_timesteps,
-                       mc_batching=args.mc_batching, token_budget=args.token_budget, max_batches=args.max_batches,
-                       progress=not args.no_progress, desc=f"{Path(args.valid_dataset).name} {args.loss_type}",
-                       static_rows=args.static_rows, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    batches = shard(list(blocks.split(rank_batch_size(cfg.batch_size, env.world))), env)
+    torch.manual_seed(cfg.seed + env.rank)
+    res = evaluate_ppl(model, noise, batches, loss_type=cfg.loss_type, mc_timesteps=cfg.monte_carlo_timesteps,
+                       mc_batching=cfg.mc_batching, token_budget=cfg.token_budget, max_batches=cfg.max_batches,
+                       progress=cfg.progress, desc=f"{Path(cfg.valid_dataset).name} {cfg.loss_type}",
+                       static_rows=cfg.static_rows, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
     if not env.is_main:
         return None
     out = res.to_dict() | {
         "batch_vars": json_safe(res.batch_vars),  # NaN (one draw) -> null: valid JSON
-        "settings": {**settings(args), "world_size": env.world, "mc_per_forward": res.mc_per_forward,
+        "settings": {**cfg.flags(), "world_size": env.world, "mc_per_forward": res.mc_per_forward,
                      "compute_dtype": str(model.compute_dtype).replace("torch.", ""), "backend": model.backend},
         "environment": environment(env.device),
     }
-    path = result_path(args)
+    path = result_path(cfg)
     path.write_text(json.dumps(out, indent=1))
     stderr = "" if res.ppl_stderr is None else f" (Monte Carlo s.e. {res.ppl_stderr:.4g})"
     print(f"Evaluation PPL: {res.ppl}")
-    print(f"split {args.split}: {res.num_sequences} blocks in {res.num_batches} batches{stderr}; scored {res.scoring}")
+    print(f"split {cfg.split}: {res.num_sequences} blocks in {res.num_batches} batches{stderr}; scored {res.scoring}")
     print(f"results written to {path}")
     return out
 
 
-def result_path(args) -> Path:
-    return Path(args.work_dir) / f"eval_ppl_{_tag(args.valid_dataset)}_{args.loss_type}.json"
+def result_path(cfg: EvalConfig) -> Path:
+    return Path(cfg.work_dir) / f"eval_ppl_{_tag(cfg.valid_dataset)}_{cfg.loss_type}.json"
 
 
 # -- the zero-shot suite ---------------------------------------------------------------------------------
-def parse_dataset_files(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise EvalError(f"--dataset_files expects NAME=PATH, got {item!r}")
-        if not Path(path).expanduser().exists():
-            raise EvalError(f"--dataset_files {name}: no such file {path}")
-        out[name] = path
-    return out
-
-
-def run_zero_shot_suite(args) -> dict:
-    args = resolve_common(args)
-    if args.ngpus != 1:
-        raise EvalError("--suite zero_shot runs on one device: use --ngpus 1")
-    files = parse_dataset_files(args.dataset_files)
-    datasets = [d for d in args.datasets.split(",") if d]
-    for d in datasets:
-        if d not in HF_DATASETS and d not in files:
-            raise EvalError(f"--datasets: unknown corpus {d!r}; expected some of {', '.join(HF_DATASETS)} "
-                            f"(or map it to a file with --dataset_files {d}=PATH)")
-    model, noise = load_checkpoint(args, args.device)
-    loss_type = args.loss_type or model_loss_type(model.config, args.model_path)
-    mc = args.monte_carlo_timesteps or default_mc_timesteps(loss_type)
-    check_losses(loss_type, mc)
-    if args.compile:
+def run_zero_shot_suite(cfg: EvalConfig) -> dict:
+    model, noise, cfg = load_checkpoint(cfg, cfg.device)
+    if cfg.compile:
         compile_body(model)
-    settings_ = {"model_path": str(args.model_path), "loss_type": loss_type, "mc_timesteps": mc,
-                 "length": args.length, "batch_size": args.batch_size, "seed": args.seed, "datasets": datasets,
-                 "dataset_files": files, "ar_column": args.ar_column, "mc_batching": bool(args.mc_batching),
-                 "token_budget": args.token_budget, "max_batches": args.max_batches, "tokenizer": args.tokenizer,
-                 "split": args.split, "backend": args.backend, "dtype": args.dtype}
 
     def blocks_of(dataset: str):
-        split = args.split or published_split(dataset)
-        source = files.get(dataset)
-        blocks = load_blocks(dataset, args.tokenizer, args.length, split, args.cache_dir, model.config.tokens, source)
+        split = cfg.split or published_split(dataset)
+        source = cfg.dataset_files.get(dataset)
+        blocks = load_blocks(dataset, cfg.tokenizer, cfg.length, split, cfg.cache_dir, model.config.tokens, source)
         where = f"local file {source}" if source else "Hugging Face hub"
         return blocks, split, where
 
-    return run_zero_shot(model, noise, settings_, blocks_of, args.work_dir, progress=not args.no_progress)
+    return run_zero_shot(model, noise, cfg.zero_shot_settings(), blocks_of, cfg.work_dir, progress=cfg.progress)
 
 
 # -- the generative-perplexity suite ----------------------------------------------------------------------
-def parse_steps(text: str) -> list[int]:
+def run_gen_ppl_suite(cfg: EvalConfig) -> dict:
+    model, noise, cfg = load_checkpoint(cfg, cfg.device)
     try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as e:
-        raise EvalError(f"--steps expects comma-separated whole numbers, got {text!r}") from e
-    if not steps or min(steps) < 1:
-        raise EvalError(f"--steps needs step counts >= 1, got {text!r}")
-    return steps
-
-
-def run_gen_ppl_suite(args) -> dict:
-    args = resolve_common(args)
-    steps = parse_steps(args.steps)
-    for name in ("num_samples", "sample_chunk", "rows_in_flight"):
-        if getattr(args, name) < 1:
-            raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    model, noise = load_checkpoint(args, args.device)
-    try:
-        sample_tok = data.get_tokenizer(args.tokenizer)
+        sample_tok = data.get_tokenizer(cfg.tokenizer)
     except ValueError as e:
         raise EvalError(str(e)) from e
-    scorer = load_scorer(args.eval_model, args.device)  # before sampling: a missing scorer fails in seconds
-    settings_ = {"model_path": str(args.model_path), "steps": steps, "num_samples": args.num_samples,
-                 "length": args.length, "chunk": args.sample_chunk, "rows_in_flight": args.rows_in_flight,
-                 "method": args.method, "sampling_dtype": args.sampling_dtype, "seed": args.seed,
-                 "scorer": str(args.eval_model), "score_batch_size": args.gen_batch_size, "tokenizer": args.tokenizer}
+    scorer = load_scorer(cfg.eval_model, cfg.device)  # before sampling: a missing scorer fails in seconds
     try:
-        return run_gen_suite(model, noise, settings_, scorer, sample_tok, args.work_dir, device=args.device,
-                             progress=not args.no_progress)
+        return run_gen_suite(model, noise, cfg.gen_suite_settings(), scorer, sample_tok, cfg.work_dir,
+                             device=cfg.device, progress=cfg.progress)
     except ValueError as e:  # a bad sampling option (method, dtype) is a user error
         raise EvalError(str(e)) from e
 
 
 # -- generative perplexity of a samples file ------------------------------------------------------------
-def run_gen_ppl(args) -> dict:
-    device = _checked_device(args.device)
-    _check_counts(args)
-    check_work_dir(args.work_dir)
+def run_gen_ppl(cfg: EvalConfig) -> dict:
     try:
-        samples = read_samples(args.gen_ppl)
+        samples = read_samples(cfg.gen_ppl)
     except (OSError, ValueError) as e:  # missing or malformed JSONL: a user error, reported without a traceback
         raise EvalError(str(e)) from e
     sample_tok = None
     if any("ids" in s for s in samples):
         try:
-            sample_tok = data.get_tokenizer(args.tokenizer or "gpt2")
+            sample_tok = data.get_tokenizer(cfg.tokenizer or "gpt2")
         except ValueError as e:
             raise EvalError(str(e)) from e
-    scorer = load_scorer(args.eval_model, device)
+    scorer = load_scorer(cfg.eval_model, cfg.device)
     try:
-        res = score_samples(samples, scorer, sample_tok, device=device, batch_size=args.gen_batch_size,
-                            progress=not args.no_progress)
+        res = score_samples(samples, scorer, sample_tok, device=cfg.device, batch_size=cfg.gen_batch_size,
+                            progress=cfg.progress)
     except ValueError as e:
         raise EvalError(str(e)) from e
-    res["eval_model"] = str(args.eval_model)
-    res["settings"] = {"samples": str(args.gen_ppl), "eval_model": args.eval_model,
-                       "tokenizer": args.tokenizer or "gpt2", "device": device}
-    res["environment"] = environment(torch.device(device))
-    path = Path(args.work_dir) / f"gen_ppl_{_tag(args.gen_ppl)}.json"
+    res["eval_model"] = str(cfg.eval_model)
+    res["settings"] = cfg.samples_settings()
+    res["environment"] = environment(torch.device(cfg.device))
+    path = Path(cfg.work_dir) / f"gen_ppl_{_tag(cfg.gen_ppl)}.json"
     path.write_text(json.dumps(res, indent=1))
     print(f"Generative PPL: {res['mean_ppl']}")
     print(f"Unigram entropy: {res['mean_entropy']}")
@@ -400,10 +275,6 @@ def run_gen_ppl(args) -> dict:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def settings(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("no_progress", "engine")}
-
-
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if device.type == "cuda":
@@ -416,16 +287,13 @@ def _tag(path_or_name: str) -> str:
     return p.stem if p.suffix or p.exists() else str(path_or_name)
 
 
+RUNS = {"ppl": run_ppl, "zero_shot": run_zero_shot_suite, "gen_ppl_suite": run_gen_ppl_suite,
+        "score_samples": run_gen_ppl}
+
+
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.gen_ppl:
-        run_gen_ppl(args)
-    elif args.suite == "zero_shot":
-        run_zero_shot_suite(args)
-    elif args.suite == "gen_ppl":
-        run_gen_ppl_suite(args)
-    else:
-        run_ppl(args)
+    cfg = EvalConfig.from_flags(build_parser().parse_args(argv))
+    RUNS[cfg.mode](cfg)
     return 0
 
 
