@@ -150,7 +150,9 @@ class SamplingConfig:
 
 
 @dataclass
-class EvalConfig:
+class TrainingEvalConfig:
+    """The run config's ``eval:`` section: evaluation during training (not eval.py's ``evaluation.EvalConfig``)."""
+
     batch_size: int = 512  # global, split over ranks and evaluated in training.accum chunks
     perplexity: bool = True  # generative PPL of the snapshot samples
     perplexity_batch_size: int = 32
@@ -169,7 +171,7 @@ class LoggingConfig:
 
 
 SECTIONS = {"training": TrainingConfig, "optim": OptimConfig, "data": DataConfig, "sampling": SamplingConfig,
-            "eval": EvalConfig, "logging": LoggingConfig}
+            "eval": TrainingEvalConfig, "logging": LoggingConfig}
 
 
 @dataclass
@@ -179,7 +181,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tokenizer: str = "gpt2"
     raw: dict = field(default_factory=dict)  # the whole plain config, written to the run folder
