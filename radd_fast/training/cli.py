@@ -7,9 +7,11 @@ configs/config.yaml and the command-line overrides, ``train`` runs.
 
 Under torchrun every rank runs this; only rank 0 lets Hydra write the run folder
 (ranks > 0 get ``hydra.output_subdir=null hydra.run.dir=.`` added to their overrides)
-and rank 0 tells the others where it is. Every user error (a bad override key or
-value, a missing data file or load_dir, a ConfigError of the run config) is one
-``error: ...`` line and exit code 2; ``--debug`` or ``RADD_DEBUG=1`` shows the traceback.
+and rank 0 tells the others where it is. Every user error (an unknown flag, a bad
+override key or value, a missing data file or load_dir, a ConfigError of the run
+config) is one ``error: ...`` line and exit code 2, as in sample.py and eval.py: the
+command line is read first by Hydra's own flags in the shared raising parser
+(``errors.ArgParser``); ``--debug`` or ``RADD_DEBUG=1`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
@@ -27,7 +30,7 @@ from omegaconf import OmegaConf
 
 from ..config import PRESETS, ConfigError
 from ..distributed import broadcast_object, cleanup, init_distributed
-from ..errors import UserError, run_cli
+from ..errors import ArgParser, UserError, run_cli
 from .loop import train
 
 # configs/ sits beside the package in the checkout (train.py runs from there).
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
 def _main(argv: list[str]) -> int:
     if not (CONFIG_DIR / f"{CONFIG_NAME}.yaml").exists():
         raise ConfigError(f"no {CONFIG_NAME}.yaml in {CONFIG_DIR}: train.py runs from a radd-fast checkout")
+    build_parser().parse_args(argv)  # an unknown flag or a missing value: one line, before Hydra prints its usage
     check_overrides(task_overrides(argv))
     failure: list[UserError] = []
     saved = sys.argv
@@ -80,6 +84,14 @@ def _main(argv: list[str]) -> int:
     if failure:  # raised inside the task, where Hydra would print it with a traceback
         raise failure[0]
     return 0
+
+
+def build_parser() -> ArgParser:
+    """Hydra's command line (its flags and the key=value overrides) in the shared raising parser: what
+    Hydra refuses is refused here first, in one line. The flags are Hydra's own parser's (its
+    ``get_args_parser``), so they stay Hydra's whatever its version."""
+    return ArgParser(prog="train.py", parents=[get_args_parser()], add_help=False,
+                     error_type=ConfigError)
 
 
 def hydra_arguments(argv: list[str], rank: int) -> list[str]:
