@@ -34,3 +34,11 @@ def test_loader_resumes_exactly_and_rejects_bad_positions():
         ResumableLoader(blocks_of(3), batch_size=4)
     with pytest.raises(ValueError, match="not divisible"):
         ResumableLoader(blocks_of(30), batch_size=4, world=3)
+
+
+def test_batch_must_split_over_ranks_and_accum():
+    from radd_fast.data import check_batch_split
+
+    assert check_batch_split(512, 8, 1) == 64
+    with pytest.raises(ValueError, match="not divisible by ngpus x training.accum = 3 x 2 = 6"):
+        check_batch_split(512, 3, 2)
