@@ -14,9 +14,8 @@ from radd_fast.kernels.sampling_update import (
     row_chunks,
 )
 from radd_fast.kernels.utils import triton_runs_on
-
-from ..helpers import poison_like
-from ..test_sampling_utils import ALPHA, two_sample_chi2
+from tests.support.compare import poison_like
+from tests.support.stats import ALPHA, ks_critical, ks_gumbel, two_sample_chi2
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +97,19 @@ def test_gumbel_noise_statistics_and_seeding(device, fp64):
     assert abs(g.var().item() - math.pi**2 / 6) < 0.03
     assert torch.equal(gumbel_noise(256, 512, seed=1, device=device, fp64=fp64).double(), g)
     assert not torch.equal(gumbel_noise(256, 512, seed=2, device=device, fp64=fp64).double(), g)
+
+
+@pytest.mark.parametrize("fp64", [False, True])
+def test_kernel_gumbel_noise_is_standard_gumbel_and_fresh(fp64):
+    """The Philox noise of the sampling kernels (interpreter on CPU): distribution, rows, keys."""
+    x = gumbel_noise(64, 300, seed=11, device="cpu", fp64=fp64)
+    assert x.dtype == (torch.float64 if fp64 else torch.float32) and bool(torch.isfinite(x).all())
+    assert ks_gumbel(x) < ks_critical(x.numel())
+    rows = torch.corrcoef(torch.stack([x[1:].flatten(), x[:-1].flatten()]).double())[0, 1]
+    assert abs(float(rows)) < 0.03
+    other = gumbel_noise(64, 300, seed=12, device="cpu", fp64=fp64)
+    assert abs(float(torch.corrcoef(torch.stack([x.flatten(), other.flatten()]).double())[0, 1])) < 0.03
+    assert torch.equal(x, gumbel_noise(64, 300, seed=11, device="cpu", fp64=fp64))
 
 
 def test_gumbel_max_samples_the_softmax(device):

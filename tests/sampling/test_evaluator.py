@@ -11,9 +11,8 @@ from radd_fast.acceleration import Acceleration
 from radd_fast.model.kv_cache import KVCache
 from radd_fast.sampling import evaluator
 from radd_fast.sampling.evaluator import BodyRunner, compact, token_buffers
-
-from .helpers import EmulatedGraph
-from .test_cached_sampler import _model
+from tests.support.graphs import EmulatedGraph
+from tests.support.models import normal_head_model
 
 MASK = 99
 
@@ -65,7 +64,7 @@ def _replays(runner: BodyRunner) -> dict:
 
 
 def test_body_graphs_for_the_shapes_used_often_enough_largest_first(graphed):
-    model = _model(n_blocks=1, length=6)
+    model = normal_head_model(n_blocks=1, length=6)
     runner = BodyRunner(model, graphed, capture=EmulatedGraph)
     n = evaluator.MIN_TICKS_FOR_GRAPH
     runner.prepare({(2, 6): n, (4, 6, 3): n, (1, 6): n - 1})
@@ -79,7 +78,7 @@ def test_body_graphs_for_the_shapes_used_often_enough_largest_first(graphed):
 
 
 def test_cached_graphs_are_keyed_by_kind_and_shape(graphed):
-    model = _model(n_blocks=1, length=6)
+    model = normal_head_model(n_blocks=1, length=6)
     cache = KVCache.allocate(model, slots=2, length=6)
     runner = BodyRunner(model, graphed, cache, capture=EmulatedGraph)
     n = evaluator.MIN_TICKS_FOR_GRAPH
@@ -98,7 +97,7 @@ def test_cached_graphs_are_keyed_by_kind_and_shape(graphed):
 def test_graph_sets_share_one_pool_and_name_themselves(monkeypatch, graphed):
     made = []
     monkeypatch.setattr(evaluator, "new_graph_pool", lambda device: made.append(device) or "the pool")
-    model = _model(n_blocks=1, length=6)
+    model = normal_head_model(n_blocks=1, length=6)
     runner = BodyRunner(model, graphed, KVCache.allocate(model, slots=1, length=6), capture=EmulatedGraph)
     assert [s.pool for s in runner.graph_sets] == ["the pool"] * 3 and len(made) == 1
     assert [s.what for s in runner.graph_sets] == ["the transformer body", "the cache-filling body", "the cached evaluation"]

@@ -7,8 +7,7 @@ import torch
 from radd_fast import LogLinearNoise
 from radd_fast.sampling import METHOD_SPECS, STRATEGY_SPECS, SamplerConfig, generate, sampler_config
 from radd_fast.sampling.config import auto_rows_in_flight
-
-from .test_sampling_utils import tiny_model
+from tests.support.models import random_head_model
 
 
 @pytest.mark.parametrize("eps", [0.0, 1.0, 2.0, -1e-3, math.nan, math.inf])
@@ -53,7 +52,7 @@ def test_auto_rows_in_flight_on_cpu_is_bounded_by_the_samples():
 
 
 def test_generate_records_its_config_in_the_stats():
-    model = tiny_model(tokens=8, length=8)
+    model = random_head_model(tokens=8, length=8)
     cfg = SamplerConfig(steps=4, sampling_dtype="float32", use_kernels=False)
     tokens, stats = generate(model, LogLinearNoise(), 6, config=cfg, seed=0, progress=False)
     assert tokens.shape == (6, 8) and stats.rows_in_flight == 6 and stats.steps == 4

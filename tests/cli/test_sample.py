@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from .test_sampling_utils import tiny_model
+from tests.support.models import random_head_model
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def _free_port() -> int:
@@ -28,7 +29,7 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
-    tiny_model(tokens=256, length=12).save_pretrained(folder)
+    random_head_model(tokens=256, length=12).save_pretrained(folder)
     return str(folder)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from radd_fast import RADD, LogLinearNoise, ModelConfig, RADDConfig
+from radd_fast import LogLinearNoise, ModelConfig, RADDConfig
 from radd_fast.acceleration import Acceleration
 from radd_fast.model.head import RevealSampler, noise_key
 from radd_fast.model.kv_cache import KVCache, hidden_cached, hidden_filling
@@ -13,22 +13,10 @@ from radd_fast.sampling import SamplerConfig, engine, evaluator, generate
 from radd_fast.sampling.batching import plan_ticks
 from radd_fast.sampling.cached import CachedWave, _sub_batch, assign_slots
 from radd_fast.sync_counter import SyncCounter
-
-from .helpers import EmulatedGraph, assert_close
-from .test_sampling_syncs import AT_END, PER_WAVE
-from .test_sampling_utils import tiny_model
-
-
-def _model(n_blocks: int, length: int, backend: str = "reference", tokens: int = 11) -> RADD:
-    torch.manual_seed(4)
-    cfg = RADDConfig(tokens=tokens, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=n_blocks, length=length,
-                                                      dropout=0.0, name="cache"))
-    model = RADD(cfg, backend=backend).eval()
-    with torch.no_grad():
-        model.output_layer.linear.weight.normal_(0, 0.3)
-        model.output_layer.norm_final.bias.zero_()
-    return model
-
+from tests.support.compare import assert_close
+from tests.support.graphs import EmulatedGraph
+from tests.support.models import normal_head_model, random_head_model
+from tests.support.sync_budgets import ENGINE_SYNCS_AT_END, ENGINE_SYNCS_PER_WAVE
 
 # -- R = 1 is the exact engine ------------------------------------------------------------------------
 EXACT_CASES = {
@@ -46,7 +34,7 @@ def test_refresh_every_one_is_the_exact_engine_bit_for_bit(case):
     options = EXACT_CASES[case]
     if options.get("use_kernels"):
         pytest.importorskip("triton")
-    model = _model(n_blocks=2, length=10)
+    model = normal_head_model(n_blocks=2, length=10)
     cfg = SamplerConfig(steps=7, rows_in_flight=4, **options)
     n = 6 if options.get("use_kernels") else 18  # the kernels run in the Triton interpreter on CPU
     exact, s_exact = generate(model, LogLinearNoise(), n, config=cfg, conditioning={2: 5}, seed=5, progress=False)
@@ -77,7 +65,7 @@ def _positions(L: int):
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_filling_is_the_model_forward_and_caches_keys(backend):
-    model = _model(n_blocks=3, length=9, backend=backend)
+    model = normal_head_model(n_blocks=3, length=9, backend=backend)
     x = torch.randint(0, model.vocab_size, (3, 9))
     cache, slots, full = _fill(model, x, slots=torch.tensor([2, 0, 3]))  # any slots, in any order
     with torch.no_grad():
@@ -89,7 +77,7 @@ def test_filling_is_the_model_forward_and_caches_keys(backend):
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_cached_rows_equal_the_full_forward_when_nothing_changed(backend):
-    model = _model(n_blocks=3, length=9, backend=backend)
+    model = normal_head_model(n_blocks=3, length=9, backend=backend)
     x = torch.randint(0, model.vocab_size, (3, 9))
     cache, slots, full = _fill(model, x)
     before_k, before_v = cache.k.clone(), cache.v.clone()
@@ -107,7 +95,7 @@ def test_cached_rows_equal_the_full_forward_when_nothing_changed(backend):
 def test_one_block_cached_rows_are_exact_after_changes():
     """With one block the keys and values depend on a position's own token only: caching is exact
     as long as every changed position is pushed, which checks the overwrite-then-attend order."""
-    model = _model(n_blocks=1, length=9)
+    model = normal_head_model(n_blocks=1, length=9)
     x = torch.randint(0, model.vocab_size, (3, 9))
     cache, slots, _ = _fill(model, x)
     positions, valid = _positions(9)
@@ -124,7 +112,7 @@ def test_one_block_cached_rows_are_exact_after_changes():
 def test_engine_cached_evaluations_see_the_exact_rows_on_a_one_block_model(monkeypatch):
     """End to end (slots, pushed groups, padding, waves): every hidden row the head gets equals
     model.hidden of the current tokens, since one-block caching is exact."""
-    model = tiny_model(tokens=8, length=11)
+    model = random_head_model(tokens=8, length=11)
     original = RevealSampler.sample_at
     checked = []
 
@@ -162,7 +150,7 @@ def test_body_token_rows_closed_form_on_a_hand_made_plan(R, rows_in_flight):
     K = group.max(axis=1) + 1  # [5, 1, 7, 2]
     L = group.shape[1]
     x0 = torch.where(torch.from_numpy(group) >= 0, 7, 3)  # 7 = MASK where free, a fixed token elsewhere
-    model = tiny_model(tokens=7, length=L)
+    model = random_head_model(tokens=7, length=L)
     cache = KVCache.allocate(model, rows_in_flight, L)
     wave = CachedWave(x0, torch.from_numpy(group), torch.from_numpy(K), rows_in_flight, True, R, cache)
     assert wave.body_token_rows == _closed_form(group, K, R, L)
@@ -188,7 +176,7 @@ def test_the_approximate_label_and_stats():
     cfg = SamplerConfig(steps=8, refresh_every=4)
     assert cfg.approximate and "approximate (refresh every 4)" in cfg.describe()
     assert not SamplerConfig().approximate and "approximate" not in SamplerConfig().describe()
-    model = tiny_model(tokens=8, length=12)
+    model = random_head_model(tokens=8, length=12)
     _, stats = generate(model, LogLinearNoise(), 6, config=cfg, use_kernels=False, seed=0, progress=False)
     assert stats.refresh_every == 4 and "approximate (refresh every 4)" in stats.summary()
     assert "body token-rows" in stats.summary() and 0 < stats.body_fraction < 1
@@ -205,18 +193,18 @@ def test_refresh_every_must_be_a_whole_number(bad):
 
 @pytest.mark.parametrize("R", [3])
 def test_syncs_per_wave_stay_fixed(R):
-    model = tiny_model(tokens=8, length=12)
+    model = random_head_model(tokens=8, length=12)
     totals = []
     for steps, wave_size in [(2, 8), (12, 8), (12, 4)]:
         cfg = SamplerConfig(steps=steps, rows_in_flight=4, wave_size=wave_size, use_kernels=False, refresh_every=R)
         with SyncCounter() as syncs:
             generate(model, LogLinearNoise(), 8, config=cfg, seed=3, progress=False)
         totals.append(syncs.total)
-    assert totals == [PER_WAVE + AT_END, PER_WAVE + AT_END, 2 * PER_WAVE + AT_END]
+    assert totals == [ENGINE_SYNCS_PER_WAVE + ENGINE_SYNCS_AT_END, ENGINE_SYNCS_PER_WAVE + ENGINE_SYNCS_AT_END, 2 * ENGINE_SYNCS_PER_WAVE + ENGINE_SYNCS_AT_END]
 
 
 def test_cache_bytes_per_row():
-    model = tiny_model(tokens=8, length=12)
+    model = random_head_model(tokens=8, length=12)
     assert KVCache.bytes_per_row(model, 12) == 1 * 2 * 12 * 32 * 4  # blocks x (k, v) x L x d x fp32
     small = RADDConfig(tokens=50257, model=ModelConfig(hidden_size=768, n_heads=12, n_blocks=12, length=1024, name="s"))
     assert KVCache.bytes_per_row(SimpleNamespace(config=small), 1024, torch.bfloat16) == 12 * 2 * 1024 * 768 * 2
@@ -226,7 +214,7 @@ def test_the_quality_benchmark_measures_no_kl_where_caching_is_exact():
     """benchmarks/bench_cache_quality.py's teacher-forced KL: 0 at r = 1, ~0 on a one-block model
     (caching exact there), > 0 with two blocks and no refresh; body fractions as the engine counts."""
     bench = pytest.importorskip("benchmarks.bench_cache_quality")
-    one, two = _model(n_blocks=1, length=12), _model(n_blocks=2, length=12)
+    one, two = normal_head_model(n_blocks=1, length=12), normal_head_model(n_blocks=2, length=12)
     kl_one = bench.teacher_forced_kl(one, LogLinearNoise(), 4, 12, 8, [1, 3, bench.NEVER], seed=0)
     kl_two = bench.teacher_forced_kl(two, LogLinearNoise(), 4, 12, 8, [1, 3, bench.NEVER], seed=0)
     assert kl_one[1]["kl"] == kl_two[1]["kl"] == 0.0 and kl_one[1]["tf_body_fraction"] == 1.0
@@ -237,7 +225,7 @@ def test_the_quality_benchmark_measures_no_kl_where_caching_is_exact():
     assert 0 < kl_two[3]["tf_body_fraction"] < 1
 
 
-# -- the wave's plan in detail (from a mutation run of cached.py) ---------------------------------------------------
+# -- the wave's plan in detail --------------------------------------------------------------------------------
 HAND_GROUP = np.array([[0, 1, 1, 2, 3, 3, -1, 4],
                        [0, 0, 0, 0, 0, 0, -1, 0],
                        [2, 1, 0, 3, 4, 5, -1, 6],
@@ -249,7 +237,7 @@ def _hand_wave(R: int, rows_in_flight: int, buckets: bool = True, cache_length: 
     K = group.max(dim=1).values + 1
     L = group.shape[1]
     x0 = torch.where(group >= 0, 7, 3)
-    model = tiny_model(tokens=7, length=L)
+    model = random_head_model(tokens=7, length=L)
     cache = KVCache.allocate(model, rows_in_flight, cache_length or L)
     return CachedWave(x0, group, K, rows_in_flight, buckets, R, cache)
 
@@ -319,7 +307,7 @@ def test_a_cache_of_the_wrong_length_is_refused():
 def test_a_wave_with_nothing_to_reveal():
     x0 = torch.full((2, 5), 3)
     group = torch.full((2, 5), -1, dtype=torch.int32)
-    model = tiny_model(tokens=7, length=5)
+    model = random_head_model(tokens=7, length=5)
     wave = CachedWave(x0, group, torch.zeros(2, dtype=torch.int64), 2, True, 2, KVCache.allocate(model, 2, 5))
     assert wave.ticks == 0 and wave.body_token_rows == wave.eval_rows == wave.eval_rows_padded == 0
     assert wave.cached_S.shape == (0,) and wave.shapes_used(True) == ({}, {})
@@ -365,7 +353,7 @@ def test_emulated_graphs_of_the_cached_sampler_are_all_replayed(monkeypatch):
                         lambda self, fills, cached: runners.append(self) or original(self, fills, cached))
     for prune in (True, False):
         runners.clear()
-        generate(_model(2, 12), LogLinearNoise(), 8, steps=9, rows_in_flight=4, refresh_every=3, use_kernels=False,
+        generate(normal_head_model(2, 12), LogLinearNoise(), 8, steps=9, rows_in_flight=4, refresh_every=3, use_kernels=False,
                  prune_last_block=prune, seed=2, progress=False)
         replays = {key: g.replays for s in runners[0].graph_sets for key, g in s.graphs.items()}
         assert {key[0] for key in replays} >= {"fill", "cached"} and min(replays.values()) >= 1, replays

@@ -1,19 +1,18 @@
 """sample.py end to end on a saved checkpoint with the byte tokenizer (in process; the
-subprocess runs a user makes, with their exit codes and one-line errors, are test_cli_errors.py)."""
+subprocess runs a user makes, with their exit codes and one-line errors, are in tests/cli/)."""
 import json
 
 import pytest
 
 import sample
 from radd_fast.sampling import cli as sample_cli
-
-from .test_sampling_utils import tiny_model
+from tests.support.models import random_head_model
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
-    tiny_model(tokens=256, length=16).save_pretrained(folder)
+    random_head_model(tokens=256, length=16).save_pretrained(folder)
     return str(folder)
 
 
