@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from radd_fast.distributed import DistEnv
 from radd_fast.evaluation import LOSS_TYPES, NonFiniteLossError, evaluate_ppl
 from radd_fast.evaluation import ppl as ppl_mod
 from radd_fast.evaluation.ppl import (
@@ -462,20 +463,21 @@ def test_compile_body_switches_off_the_range_check_and_compiles_statically(monke
 # ---------------------------------------------------------------------------- over ranks
 def test_results_gathered_over_ranks(monkeypatch):
     """Two ranks (all_gather_object emulated): per-batch values in rank order, sequences summed, one
-    length; a rank without batches adds nothing; two lengths are refused."""
+    length; a rank without batches adds nothing; two lengths are refused; one process gathers nothing."""
     def gather_with(other):
         def all_gather_object(parts, mine):
             parts[0], parts[1] = mine, other
         monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
 
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    two = DistEnv(rank=0, world=2)
     losses, variances = [torch.tensor(1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)], \
         [torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)]
     gather_with(([3.0], [0.3], 2, 16))
-    assert ppl_mod._gather(losses, variances, 5, 16) == ([1.0, 2.0, 3.0], [0.1, 0.2, 0.3], 7, 16)
+    assert ppl_mod._gather(losses, variances, 5, 16, two) == ([1.0, 2.0, 3.0], [0.1, 0.2, 0.3], 7, 16)
     gather_with(([], [], 0, None))
-    assert ppl_mod._gather(losses, variances, 5, 16) == ([1.0, 2.0], [0.1, 0.2], 5, 16)
-    assert ppl_mod._gather([], [], 0, None) == ([], [], 0, None)
+    assert ppl_mod._gather(losses, variances, 5, 16, two) == ([1.0, 2.0], [0.1, 0.2], 5, 16)
+    assert ppl_mod._gather([], [], 0, None, two) == ([], [], 0, None)
     gather_with(([3.0], [0.3], 2, 8))
-    assert _value_error(ppl_mod._gather, losses, variances, 5, 16) == "ranks evaluated different block lengths [8, 16]"
+    assert _value_error(ppl_mod._gather, losses, variances, 5, 16, two) == \
+        "ranks evaluated different block lengths [8, 16]"
+    assert ppl_mod._gather(losses, variances, 5, 16, DistEnv()) == ([1.0, 2.0], [0.1, 0.2], 5, 16)
