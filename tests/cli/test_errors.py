@@ -182,7 +182,7 @@ def test_out_in_an_unwritable_folder(ckpts, tmp_path, capsys):
 def test_out_is_written_and_flushed_per_sample(ckpts, tmp_path, capsys):
     out = tmp_path / "s.jsonl"
     assert sample_cli.main(BASE + ["--model_path", ckpts["good"], "--batch_size", "3", "--rows_in_flight", "2",
-                                   "--engine", "reference", "--out", str(out)]) == 0
+                                   "--loop", "published_api", "--out", str(out)]) == 0
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1, 2]
     assert capsys.readouterr().out.count("E-NFE") == 1
 
@@ -229,6 +229,13 @@ def script_runs(ckpts, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "train: missing data.train": ["train.py", *train_common, f"data.train={tmp / 'nope.txt'}"],
         "train: bad load_dir": ["train.py", *train_common, f"load_dir={tmp / 'no_run'}"],
         "train: batch does not split": ["train.py", *train_common, "training.batch_size=6", "training.accum=4"],
+        # a flag none of them knows, and a flag without its value: the same one line from each parser
+        "sample: unknown flag": ["sample.py", "--bogus"],
+        "eval: unknown flag": ["eval.py", "--bogus"],
+        "train: unknown flag": ["train.py", "--bogus"],
+        "sample: flag without its value": ["sample.py", "--seed"],
+        "eval: flag without its value": ["eval.py", "--seed"],
+        "train: flag without its value": ["train.py", "--config-name"],
     }
     procs = {name: subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for name, cmd in commands.items()}
@@ -256,6 +263,20 @@ def script_runs(ckpts, tmp_path_factory) -> dict[str, subprocess.CompletedProces
 def test_scripts_print_one_error_line(script_runs, name, needles):
     result = script_runs[name]
     _assert_one_error_line(result.returncode, result.stderr, *needles)
+
+
+@pytest.mark.parametrize("kind, line", [
+    ("unknown flag", "error: unrecognized arguments: --bogus"),
+    ("flag without its value", "error: argument {flag}: expected one argument"),
+])
+def test_a_bad_flag_is_the_same_one_line_in_every_script(script_runs, kind, line):
+    """One raising parser (errors.ArgParser) for the three CLIs: no usage block, the same line, exit 2
+    (eval.py printed 19 lines of usage, train.py Hydra's 8)."""
+    flags = {"sample": "--seed", "eval": "--seed", "train": "--config-name/-cn"}
+    for script, flag in flags.items():
+        result = script_runs[f"{script}: {kind}"]
+        assert (result.returncode, result.stderr.splitlines()) == (2, [line.format(flag=flag)]), (script, result.stderr)
+        assert result.stdout == ""
 
 
 def test_debug_shows_the_traceback(script_runs):
