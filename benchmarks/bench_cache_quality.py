@@ -118,7 +118,7 @@ class TeacherForced:
                                        torch.where(valid, positions, torch.full_like(positions, L)))
         h = hidden_cached(model, x.gather(1, positions), positions, write, self.cache)  # [n, S, d]
         at = (group.gather(1, positions) == ks[:, None]) & valid  # [n, S]: the revealed queries
-        logp = model.log_probs_at(h[at]).double()
+        logp = model.vocab_log_probs(h[at]).double()
         index_in_alive = torch.full((n,), -1, dtype=torch.int64, device=x.device)
         index_in_alive[alive] = torch.arange(alive.numel(), device=x.device)
         row = index_in_alive[:, None].expand_as(positions)[at]
@@ -146,7 +146,7 @@ def teacher_forced_kl(model, noise, n: int, length: int, steps: int, periods: li
     for k in range(int(K.max())):
         alive = torch.nonzero(K > k).squeeze(1)
         h = hidden_filling(model, x[alive], exact_cache, alive)  # the exact evaluation, filling the cache
-        logp = model.log_probs_at(h)  # [n_alive, L, V-1]
+        logp = model.vocab_log_probs(h)  # [n_alive, L, V-1]
         for variant in variants.values():
             variant.step(model, k, x, group, alive, exact_cache, logp)
         reveal = group[alive] == k  # Gumbel-max over the real tokens at the revealed positions only

@@ -1,14 +1,13 @@
 """The approximate sampler (refresh_every): exact where it must be, counts in closed form, labelled."""
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from radd_fast import LogLinearNoise, ModelConfig, RADDConfig
+from radd_fast import LogLinearNoise
 from radd_fast.acceleration import Acceleration
 from radd_fast.model.head import RevealSampler, noise_key
-from radd_fast.model.kv_cache import KVCache, hidden_cached, hidden_filling
+from radd_fast.model.kv_cache import KVCache
 from radd_fast.sampling import SamplerConfig, engine, evaluator, generate
 from radd_fast.sampling.batching import plan_ticks
 from radd_fast.sampling.cached import CachedWave, _sub_batch, assign_slots
@@ -46,69 +45,7 @@ def test_refresh_every_one_is_the_exact_engine_bit_for_bit(case):
     assert s_one.body_token_rows == s_one.body_token_rows_exact == s_exact.body_token_rows == s_exact.eval_rows * 10
 
 
-# -- the cached evaluation ---------------------------------------------------------------------------------
-def _fill(model, x, slots=None):
-    B, L = x.shape
-    cache = KVCache.allocate(model, slots=B + 1, length=L)
-    slots = torch.arange(B) if slots is None else slots
-    with torch.no_grad():
-        full = hidden_filling(model, x, cache, slots)
-    return cache, slots, full
-
-
-def _positions(L: int):
-    """Per row: the pushed positions, the first repeated as padding (valid False), S = 4."""
-    positions = torch.tensor([[1, 4, 6, 1], [0, 0, 0, 0], [2, 3, 5, 7]])
-    valid = torch.tensor([[True, True, True, False], [True, False, False, False], [True, True, True, True]])
-    return positions, valid
-
-
-@pytest.mark.parametrize("backend", ["reference", "fast"])
-def test_filling_is_the_model_forward_and_caches_keys(backend):
-    model = normal_head_model(n_blocks=3, length=9, backend=backend)
-    x = torch.randint(0, model.vocab_size, (3, 9))
-    cache, slots, full = _fill(model, x, slots=torch.tensor([2, 0, 3]))  # any slots, in any order
-    with torch.no_grad():
-        assert torch.equal(full, model.hidden(x))
-        rows = torch.tensor([0, 5, 13, 26, 5])
-        assert torch.equal(hidden_filling(model, x, cache, slots, rows=rows), model.hidden(x, rows=rows))
-    assert cache.k[:, slots].abs().sum() > 0 and cache.k[:, 1].abs().sum() == 0  # slot 1 unused: untouched
-
-
-@pytest.mark.parametrize("backend", ["reference", "fast"])
-def test_cached_rows_equal_the_full_forward_when_nothing_changed(backend):
-    model = normal_head_model(n_blocks=3, length=9, backend=backend)
-    x = torch.randint(0, model.vocab_size, (3, 9))
-    cache, slots, full = _fill(model, x)
-    before_k, before_v = cache.k.clone(), cache.v.clone()
-    positions, valid = _positions(9)
-    write = cache.write_index(slots, torch.where(valid, positions, torch.full_like(positions, cache.length)))
-    with torch.no_grad():
-        h = hidden_cached(model, x.gather(1, positions), positions, write, cache)  # [3, 4, d]
-    want = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
-    assert_close(h, want, atol=1e-5, rtol=1e-5, name="cached hidden rows")
-    # Pushed entries rewritten with (nearly) the same values; the padding queries only touched the dump.
-    assert_close(cache.k[:, :, :cache.length], before_k[:, :, :cache.length], atol=1e-5, rtol=1e-5, name="keys")
-    assert_close(cache.v[:, :, :cache.length], before_v[:, :, :cache.length], atol=1e-5, rtol=1e-5, name="values")
-
-
-def test_one_block_cached_rows_are_exact_after_changes():
-    """With one block the keys and values depend on a position's own token only: caching is exact
-    as long as every changed position is pushed, which checks the overwrite-then-attend order."""
-    model = normal_head_model(n_blocks=1, length=9)
-    x = torch.randint(0, model.vocab_size, (3, 9))
-    cache, slots, _ = _fill(model, x)
-    positions, valid = _positions(9)
-    x_new = x.clone()
-    x_new[0, 4], x_new[2, 7], x_new[2, 2] = (x[0, 4] + 1) % 11, (x[2, 7] + 3) % 11, (x[2, 2] + 1) % 11
-    write = cache.write_index(slots, torch.where(valid, positions, torch.full_like(positions, cache.length)))
-    with torch.no_grad():
-        h = hidden_cached(model, x_new.gather(1, positions), positions, write, cache)
-        full = model.hidden(x_new)
-    want = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
-    assert_close(h[valid], want[valid], atol=1e-5, rtol=1e-5, name="one-block cached rows")
-
-
+# -- the cached evaluation in the engine -------------------------------------------------------------
 def test_engine_cached_evaluations_see_the_exact_rows_on_a_one_block_model(monkeypatch):
     """End to end (slots, pushed groups, padding, waves): every hidden row the head gets equals
     model.hidden of the current tokens, since one-block caching is exact."""
@@ -201,28 +138,6 @@ def test_syncs_per_wave_stay_fixed(R):
             generate(model, LogLinearNoise(), 8, config=cfg, seed=3, progress=False)
         totals.append(syncs.total)
     assert totals == [ENGINE_SYNCS_PER_WAVE + ENGINE_SYNCS_AT_END, ENGINE_SYNCS_PER_WAVE + ENGINE_SYNCS_AT_END, 2 * ENGINE_SYNCS_PER_WAVE + ENGINE_SYNCS_AT_END]
-
-
-def test_cache_bytes_per_row():
-    model = random_head_model(tokens=8, length=12)
-    assert KVCache.bytes_per_row(model, 12) == 1 * 2 * 12 * 32 * 4  # blocks x (k, v) x L x d x fp32
-    small = RADDConfig(tokens=50257, model=ModelConfig(hidden_size=768, n_heads=12, n_blocks=12, length=1024, name="s"))
-    assert KVCache.bytes_per_row(SimpleNamespace(config=small), 1024, torch.bfloat16) == 12 * 2 * 1024 * 768 * 2
-
-
-def test_the_quality_benchmark_measures_no_kl_where_caching_is_exact():
-    """benchmarks/bench_cache_quality.py's teacher-forced KL: 0 at r = 1, ~0 on a one-block model
-    (caching exact there), > 0 with two blocks and no refresh; body fractions as the engine counts."""
-    bench = pytest.importorskip("benchmarks.bench_cache_quality")
-    one, two = normal_head_model(n_blocks=1, length=12), normal_head_model(n_blocks=2, length=12)
-    kl_one = bench.teacher_forced_kl(one, LogLinearNoise(), 4, 12, 8, [1, 3, bench.NEVER], seed=0)
-    kl_two = bench.teacher_forced_kl(two, LogLinearNoise(), 4, 12, 8, [1, 3, bench.NEVER], seed=0)
-    assert kl_one[1]["kl"] == kl_two[1]["kl"] == 0.0 and kl_one[1]["tf_body_fraction"] == 1.0
-    # exact caching leaves only fp32 rounding of the log-probs (+-4e-9 on this project's CPUs, and
-    # its sign varies by CPU): 1e-6 is far above that and far below the inexact two-block KL (~1e-3)
-    assert abs(kl_one[3]["kl"]) < 1e-6 and abs(kl_one[bench.NEVER]["kl"]) < 1e-6
-    assert kl_two[bench.NEVER]["kl"] > 1e-4
-    assert 0 < kl_two[3]["tf_body_fraction"] < 1
 
 
 # -- the wave's plan in detail --------------------------------------------------------------------------------
