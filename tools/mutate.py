@@ -65,8 +65,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "radd_fast/sampling/engine.py": ["tests/test_blind_spots_engine.py", "tests/test_sampling_engine.py",
                                      "tests/test_blind_spots_sampling.py", "tests/test_sampling_syncs.py",
                                      "tests/test_last_block_pruning.py"],
-    "radd_fast/sampling/reference.py": ["tests/test_blind_spots_reference.py", "tests/test_sampling_reference.py",
-                                        "tests/test_blind_spots_sampling.py", "tests/test_sampling_engine.py"],
+    "radd_fast/sampling/published_api.py": ["tests/sampling/test_published_api.py", "tests/sampling/test_engine.py"],
     # The kernel modules: only the launchers, configuration choices and *_ref references are mutated
     # (see SKIP_NAME_PATTERNS); the fallbacks and the per-card choices have their own test files.
     "radd_fast/kernels/sampling_update.py": ["tests/kernels/test_sampling_update.py", "tests/kernels/test_launch_configs.py",
