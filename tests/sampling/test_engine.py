@@ -21,7 +21,7 @@ from radd_fast.sampling.conditioning import initial_state, projection
 from radd_fast.sampling.engine import Counters, SamplingStats
 from radd_fast.sampling.schedule import expected_enfe_exact, update_rates
 from radd_fast.sync_counter import SyncCounter
-from tests.support.models import random_head_model
+from tests.support.models import fallback_model, random_head_model
 from tests.support.stats import assert_same_counts, assert_same_distribution
 from tests.support.sync_budgets import ENGINE_SYNCS_AT_END, ENGINE_SYNCS_PER_WAVE
 from tests.support.uniform_head import LENGTH as UNIFORM_LENGTH
@@ -269,7 +269,7 @@ def test_argument_messages(model):
         with pytest.raises(TypeError) as err:
             generate(fake, LogLinearNoise(), 1, 4, 4, progress=False)
         assert str(err.value) == (f"the fast engine needs a radd_fast.RADD model (missing {missing!r}); "
-                                  "use the reference samplers for other models")
+                                  "use the published-API samplers (DiffusionSampler / OrderedSampler) for other models")
 
 
 def test_the_default_length_is_the_models(model):
@@ -490,3 +490,22 @@ class TestHostSyncs:
             pytest.importorskip("triton")
         total, ops, _ = _syncs(model, steps=6, num_samples=8, wave_size=8, use_kernels=True)
         assert total == ENGINE_SYNCS_PER_WAVE + ENGINE_SYNCS_AT_END, ops
+
+
+# ---- without Triton, and last-block pruning -----------------------------------------------------------------------
+def test_engine_without_triton_runs_the_torch_head_and_refuses_kernels(no_triton):
+    model = fallback_model("fast")
+    x, _ = generate(model, LogLinearNoise(), 6, 8, 4, seed=1, progress=False)
+    y, _ = generate(fallback_model("reference"), LogLinearNoise(), 6, 8, 4, seed=1, progress=False)
+    assert torch.equal(x, y)  # the fast backend's head fell back to the same seeded torch draw
+    with pytest.raises(ValueError, match="use_kernels=True needs CUDA tensors or TRITON_INTERPRET=1"):
+        generate(model, LogLinearNoise(), 2, 8, 4, use_kernels=True, seed=1, progress=False)
+
+
+@pytest.mark.parametrize("strategy,para", [("direct", None), ("top_k", 3)])
+def test_engine_samples_do_not_change_with_pruning(strategy, para):
+    model = random_head_model(tokens=8, length=10)
+    cfg = SamplerConfig(steps=6, strategy=strategy, strategy_para=para, use_kernels=False, rows_in_flight=4)
+    a, sa = generate(model, LogLinearNoise(), 24, config=cfg, seed=2, progress=False)
+    b, sb = generate(model, LogLinearNoise(), 24, config=cfg.replace(prune_last_block=False), seed=2, progress=False)
+    assert torch.equal(a, b) and torch.equal(sa.enfe, sb.enfe)
