@@ -1,9 +1,12 @@
-"""Faults during training lose nothing and leave no debris (CPU, offline, in process).
+"""Run state on disk (radd_fast/training/state.py): a run killed anywhere, or fed damaged files,
+loses nothing and leaves no debris (CPU, offline, in process).
 
-A kill is simulated by raising ``Killed`` (a BaseException) at a chosen point of the loop;
-the real SIGKILL of a ``train.py`` process is in test_reproducible.py. Each resumed run is
-compared with the uninterrupted one: losses, metrics.jsonl, the files of the run folder,
-and the weights / EMA / optimizer state bit for bit.
+Checkpoints are written atomically with a SHA-256 sidecar, verified on load, found for a resume
+(falling back past damaged files, with the reason) and refused when the run changed. A kill is
+simulated by raising ``Killed`` (a BaseException) at a chosen point of the loop; the real SIGKILL of
+a ``train.py`` process is in tests/cli/test_train.py. Each resumed run is compared with the
+uninterrupted one: losses, metrics.jsonl, the files of the run folder, and the weights / EMA /
+optimizer state bit for bit.
 """
 import errno
 import logging
@@ -18,19 +21,16 @@ import torch
 
 import radd_fast
 from radd_fast.checkpoint import CheckpointError
-from radd_fast.training import NonFiniteLossError, train
 from radd_fast.training import loop as loop_module
 from radd_fast.training import state as state_module
-from radd_fast.training.metrics import drop_records_after
+from radd_fast.training import train
 from radd_fast.training.state import atomic_save, find_resume_checkpoint, remove_stale_temporaries, sidecar_path
-from radd_fast.training.step import TrainStep
-from tests.train_helpers import (
+from tests.support.runs import (
     Killed,
     assert_same_checkpoints,
     assert_same_state,
     load_meta,
     metric_records,
-    poison_gradients_at,
     run_files,
     tiny_config,
 )
@@ -75,7 +75,7 @@ def assert_same_as_straight(run, straight_run):
     assert_same_checkpoints(run, straight_run)
 
 
-# ---- write ordering: a kill anywhere in a snapshot step --------------------------------------------------
+# ---- write ordering: a kill anywhere in a snapshot step ------------------------------------------------------
 @pytest.mark.parametrize("where", ["after_snapshot_checkpoint", "after_samples", "inside_meta_write"])
 def test_killed_in_a_snapshot_step_resumes_to_the_same_folder(straight, tmp_path, monkeypatch, where):
     """Step 6 writes checkpoint_6, samples/iter_6, then the meta checkpoint (the resume point) last:
@@ -108,7 +108,7 @@ def test_killed_in_a_snapshot_step_resumes_to_the_same_folder(straight, tmp_path
     assert_same_as_straight(run, straight[0])  # no temporary left, no duplicate metrics, same samples
 
 
-# ---- metrics.jsonl after a kill ----------------------------------------------------------------------------
+# ---- metrics.jsonl after a kill ------------------------------------------------------------------------------
 def test_metrics_after_kill_and_resume_read_as_one_run(straight, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real = loop_module._accumulate
@@ -130,15 +130,7 @@ def test_metrics_after_kill_and_resume_read_as_one_run(straight, tmp_path, monke
     assert_same_as_straight(run, straight[0])
 
 
-def test_drop_records_after_keeps_earlier_steps_and_drops_a_torn_line(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
-    assert drop_records_after(path, 2) == 2
-    assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n'
-    assert drop_records_after(path, 2) == 0 and drop_records_after(tmp_path / "absent.jsonl", 0) == 0
-
-
-# ---- stale temporaries ---------------------------------------------------------------------------------
+# ---- stale temporaries ---------------------------------------------------------------------------------------
 def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -173,7 +165,7 @@ def test_a_training_run_starts_by_removing_stale_temporaries(five_steps, tmp_pat
     assert not stale.exists()
 
 
-# ---- corrupt checkpoints ---------------------------------------------------------------------------------
+# ---- corrupt checkpoints -------------------------------------------------------------------------------------
 def corrupt(path, how: str) -> None:
     data = path.read_bytes()
     path.write_bytes({"truncated": data[:len(data) // 2], "zero_bytes": b"",
@@ -247,15 +239,7 @@ def test_the_published_loader_still_reads_the_run(five_steps):
     assert torch.equal(next(model.parameters()), load_meta(five_steps / "run")["ema"]["shadow_params"][0])
 
 
-# ---- what a resume refuses ---------------------------------------------------------------------------------
-def test_no_checkpoint_says_it_starts_at_step_0(tmp_path, caplog):
-    cfg = tiny_config(tmp_path)
-    with caplog.at_level(logging.INFO, logger="radd_fast"):
-        train(dict(cfg, training=dict(cfg["training"], n_iters=1)), tmp_path / "run")
-    assert f"no checkpoint in {tmp_path / 'run'}: starting at step 0" in caplog.messages
-    assert "starting at step 0" in (tmp_path / "run" / "logs").read_text()
-
-
+# ---- what a resume refuses -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, expected", [
     ({"training": {"batch_size": 8}}, "training.batch_size=4 -> 8"),
     ({"model": {"hidden_size": 64}}, "model.hidden_size=32 -> 64"),
@@ -294,45 +278,7 @@ def test_a_published_format_checkpoint_resumes_from_the_first_batch(five_steps, 
     assert any("holds no data position (published format)" in m for m in caplog.messages)
 
 
-# ---- the NaN guard ---------------------------------------------------------------------------------------
-def test_nonfinite_weights_are_never_written_and_the_real_last_good_file_is_named(tmp_path, monkeypatch):
-    real = TrainStep.update
-    updates = []
-
-    def explodes_in_step_3(self, optimizer, *args, **kwargs):
-        real(self, optimizer, *args, **kwargs)
-        updates.append(1)
-        if len(updates) == 3:
-            with torch.no_grad():
-                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
-
-    monkeypatch.setattr(TrainStep, "update", explodes_in_step_3)
-    run = tmp_path / "run"
-    meta = run / META
-    with pytest.raises(NonFiniteLossError, match=f"the weights are not finite after step 3: .*checkpoint_3.pth was not "
-                                                 f"written; the last good checkpoint is {re.escape(str(meta))} "
-                                                 r"\(step 2\)"):
-        train(tiny_config(tmp_path), run)
-    assert not (run / "checkpoints" / "checkpoint_3.pth").exists() and load_meta(run)["step"] == 2
-
-
-def test_nan_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(0))
-    with pytest.raises(NonFiniteLossError, match="not finite at step 1: .*no checkpoint has been written yet, "
-                                                 "so there is none to resume from"):
-        train(tiny_config(tmp_path), tmp_path / "run")
-
-
-def test_nan_after_only_a_snapshot_names_the_snapshot(tmp_path, monkeypatch):
-    """Without a meta checkpoint a resume starts from the newest snapshot: that is the file to name."""
-    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(3))
-    cfg = tiny_config(tmp_path, training={"snapshot_freq_for_preemption": 100})
-    snapshot = tmp_path / "run" / "checkpoints" / "checkpoint_3.pth"
-    with pytest.raises(NonFiniteLossError, match=f"not finite at step 4: .*{re.escape(str(snapshot))} \\(step 3\\)"):
-        train(cfg, tmp_path / "run")
-
-
-# ---- disk full -----------------------------------------------------------------------------------------
+# ---- disk full -----------------------------------------------------------------------------------------------
 def enospc():
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

@@ -1,4 +1,5 @@
-"""Two gloo ranks on 127.0.0.1 agree with one process on the same global batch.
+"""Two gloo ranks on 127.0.0.1 agree with one process on the same global batch (radd_fast/distributed.py
+under the training loop).
 
 Per-micro-batch randomness is keyed on the micro-batch's index in the global
 batch, so 2 ranks x accum 1 and 1 rank x accum 2 draw the same data, masks and
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from radd_fast.training import train
-from tests.train_helpers import assert_same_state, ddp_worker, free_port, load_meta, tiny_config
+from tests.support.runs import assert_same_state, ddp_worker, free_port, load_meta, tiny_config
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo missing")
@@ -30,11 +31,3 @@ def test_two_ranks_match_one_process(tmp_path):
     ckpt = load_meta(tmp_path / "ddp")
     assert ckpt["world"] == 2 and "rng" not in ckpt  # generators are reseeded per micro-batch, not restored
     assert_same_state(ckpt, load_meta(tmp_path / "single"), exact=False, atol=1e-5)
-
-
-def test_batch_must_split_over_ranks_and_accum():
-    from radd_fast.data import check_batch_split
-
-    assert check_batch_split(512, 8, 1) == 64
-    with pytest.raises(ValueError, match="not divisible by ngpus x training.accum = 3 x 2 = 6"):
-        check_batch_split(512, 3, 2)

@@ -1,6 +1,7 @@
-"""The static-shape training step: the published masking law, the eager losses' values, and the
-compiled step equal to the eager one (losses and gradients, fp32 1e-5), overflows included."""
-import itertools
+"""The static-row losses (radd_fast/losses/static_rows.py): the published masking law of the planned
+counts and positions, the planned loss equal to the eager one on the same masks (values and
+gradients, fp32 1e-5), the capacity from the count distribution, and a loss that compiles to one
+graph."""
 import math
 
 import numpy as np
@@ -9,18 +10,11 @@ import torch
 from scipy import stats
 
 from radd_fast import LogLinearNoise
-from radd_fast.acceleration import Acceleration, resolve_acceleration
-from radd_fast.config import ConfigError
-from radd_fast.flops import executed_train_flops, train_flops_per_token
 from radd_fast.losses import k_dce, lambda_dce, t_dce, t_dse
-from radd_fast.losses.ar import random_orders
 from radd_fast.losses.masking import mask_k_random
 from radd_fast.losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_loss, planned_rows
-from radd_fast.training.config import TrainingConfig
-from radd_fast.training.step import TrainStep
-
-from .helpers import assert_close
-from .test_losses import TOKENS, make_model
+from tests.support.compare import assert_close
+from tests.support.models import LOSS_TOKENS, loss_model
 
 EPS = 1e-3
 EAGER = {"t_DSE": lambda m, x, n, plan, p: t_dse(m, x, n, t=plan.rate, perturbed=p),
@@ -29,7 +23,7 @@ EAGER = {"t_DSE": lambda m, x, n, plan, p: t_dse(m, x, n, t=plan.rate, perturbed
          "k_DCE": lambda m, x, n, plan, p: k_dce(m, x, k=plan.counts, perturbed=p)}
 
 
-# ---- the masking law ----------------------------------------------------------------------------
+# ---- the masking law -----------------------------------------------------------------------------------------
 def pooled_count_law(loss_type: str, length: int, noise) -> np.ndarray:
     """P(n = k), k = 0..L, for one sequence with its rate drawn by the loss's sampler.
 
@@ -107,15 +101,15 @@ def test_planned_rows_layout():
     assert ((flat >= 0) & (flat < B * L)).all()
 
 
-# ---- values: the eager losses on the same perturbed batch -----------------------------------------
+# ---- values: the eager losses on the same perturbed batch ----------------------------------------------------
 @pytest.mark.parametrize("loss_type", PLANNED_LOSS_TYPES)
 def test_planned_loss_equals_eager_loss(loss_type):
     """Same rates, same positions: the static-row loss and its gradients are the eager loss's."""
     B, L, noise = 4, 12, LogLinearNoise(EPS)
-    model, twin = make_model(), make_model()
+    model, twin = loss_model(), loss_model()
     planner = MaskPlanner(loss_type, noise, L, sampling_eps=EPS)
     torch.manual_seed(4)
-    batch = torch.randint(0, TOKENS, (B, L))
+    batch = torch.randint(0, LOSS_TOKENS, (B, L))
     plan = planner.draw(B)
     keys = torch.rand(B, L, dtype=torch.float64)
     static = planned_loss(model, loss_type, noise, batch, keys, plan.counts, plan.rate, plan.total + 5)
@@ -128,40 +122,7 @@ def test_planned_loss_equals_eager_loss(loss_type):
         assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, name=name)
 
 
-# ---- the compiled step ------------------------------------------------------------------------------
-def test_compiled_step_equals_eager_step():
-    """Four steps of two micro-batches, mask counts varying, a capacity small enough that some
-    micro-batches overflow: compiled (aot_eager: the traced graph without code generation, fast
-    on CPU; CUDA runs inductor) and eager give the same losses, gradients and weights."""
-    B, L, noise = 4, 16, LogLinearNoise(EPS)
-    eager_model, compiled_model = make_model(length=L), make_model(length=L)
-    eager = TrainStep(eager_model, noise, "lambda_DCE", capacity=30)
-    compiled = TrainStep(compiled_model, noise, "lambda_DCE", capacity=30, compile=True, backend="aot_eager")
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (eager_model, compiled_model)]
-    totals = []
-    for step in range(1, 5):
-        for micro in range(2):
-            batch = torch.randint(0, TOKENS, (B, L))
-            losses = []
-            for stepper in (eager, compiled):
-                torch.manual_seed(100 * step + micro)  # as the loop seeds each micro-batch
-                plan = stepper.plan(B)
-                losses.append(stepper.micro_batch(batch, weight=0.5, plan=plan))
-            totals.append(plan.total)
-            assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5, name=f"loss {step}.{micro}")
-        for (name, p), q in zip(eager_model.named_parameters(), compiled_model.parameters()):
-            assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, name=f"grad {name} step {step}")
-        for stepper, opt, m in zip((eager, compiled), opts, (eager_model, compiled_model)):
-            stepper.update(opt, list(m.parameters()), lr=1e-2, max_norm=1.0, step=step)
-    reports = [eager.read(), compiled.read()]
-    assert len(set(totals)) > 1 and any(n > 30 for n in totals) and any(n <= 30 for n in totals)
-    assert reports[0].overflows == reports[1].overflows == sum(n > 30 for n in totals)
-    assert_close(torch.tensor(reports[1].losses), torch.tensor(reports[0].losses), rtol=1e-5, atol=1e-5)
-    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
-        assert_close(q, p, rtol=1e-5, atol=1e-5)
-
-
-# ---- the capacity and the FLOPs -----------------------------------------------------------------------
+# ---- the capacity --------------------------------------------------------------------------------------------
 def test_capacity_from_the_count_distribution():
     """lambda_DCE (decoupled): E[N] = L B / 2 and Var[N] = L^2 / (12 B) + L (B / 6 - 1 / (6 B)) in
     closed form; the capacity is mean + 8 sd up to a multiple of 128, and never overflows in 500
@@ -181,46 +142,13 @@ def test_capacity_from_the_count_distribution():
     assert k_planner.capacity(4) == 4 * 64  # mean + 8 sd is past B * L: capped
 
 
-def test_executed_flops():
-    model = make_model(length=16)
-    B, L = 3, 16
-    full = executed_train_flops(model, B, L, head_rows=B * L)
-    assert math.isclose(full, B * L * train_flops_per_token(model, L), rel_tol=1e-12)
-    d, V = model.config.model.hidden_size, model.vocab_size
-    rows_last = 9 * d * d  # attention output (d^2) + MLP (8 d^2) weights; biases are 1-D, not counted
-    pruned = executed_train_flops(model, B, L, head_rows=10, last_block_rows=10)
-    assert math.isclose(full - pruned, 3 * (B * L - 10) * (2 * rows_last + 2 * d * V), rel_tol=1e-12)
-
-
+# ---- one graph -----------------------------------------------------------------------------------------------
 def test_loss_compiles_to_one_graph():
     """The static-row loss traces as one graph: nothing in it needs the host."""
     B, L, noise = 2, 16, LogLinearNoise(EPS)
-    model = make_model(length=L)
+    model = loss_model(length=L)
     plan = MaskPlanner("lambda_DCE", noise, L).draw(B)
     model.rotary_emb(L, model.device)
-    explained = torch._dynamo.explain(planned_loss)(model, "lambda_DCE", noise, torch.randint(0, TOKENS, (B, L)),
+    explained = torch._dynamo.explain(planned_loss)(model, "lambda_DCE", noise, torch.randint(0, LOSS_TOKENS, (B, L)),
                                                      torch.rand(B, L, dtype=torch.float64), plan.counts, plan.rate, 20)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-
-
-def test_compile_auto_is_on_for_cuda_only():
-    step = TrainStep(make_model(length=8), LogLinearNoise(EPS), "lambda_DCE", compile="auto")
-    assert step.acceleration == Acceleration(compile=False, cuda_graphs=False)
-    on_cuda = resolve_acceleration(torch.device("cuda"), "auto", None, graphs_need_compile=True)
-    assert on_cuda == Acceleration(compile=True, cuda_graphs=True)
-    assert resolve_acceleration(torch.device("cuda"), "auto", None, graphs_need_compile=True, world_size=2).cuda_graphs is False
-    with pytest.raises(ValueError, match="never captured"):
-        TrainStep(make_model(length=8), LogLinearNoise(EPS), "ar_forward", cuda_graphs=True)
-    with pytest.raises(ConfigError, match="training.compile must be auto, true or false, got 'yes'"):
-        TrainingConfig(compile="yes")
-
-
-def test_ar_random_orders_are_uniform_permutations():
-    """ar_random's one random draw: every order of 3 positions equally likely."""
-    torch.manual_seed(6)
-    orders = random_orders(12_000, 3)
-    codes = (orders * torch.tensor([9, 3, 1])).sum(-1).numpy()
-    counts = np.bincount(codes, minlength=27)
-    perms = [9 * a + 3 * b + c for a, b, c in itertools.permutations(range(3))]
-    assert counts.sum() == counts[perms].sum() == 12_000
-    assert stats.chisquare(counts[perms]).pvalue > 1e-4

@@ -1,25 +1,153 @@
-"""Every loss parameter at a non-default value, against a closed form (issue 17).
+"""The diffusion losses t_DSE, t_DCE, lambda_DCE and k_DCE (radd_fast/losses/dce.py, docs/LOSSES.md).
 
-A fresh RADD has a zero output layer, so -log p = log(V-1) at every masked token, whatever the
-input. The losses then have closed forms in the time t (or rate lambda, or k) and the number of
-masked tokens n of each sequence; the tests record what the loss fed the model (the perturbed
-batch) and what it asked the schedule (t), and check the value, the range of t and the masking.
-Noise schedules get the same treatment: sigma(t), sigma'(t) and the move chance written out with
-``math``.
+Each against a direct implementation of the published formulas on the full ``model(x)`` log-probs,
+on the same perturbed batch (same RNG), values and gradients; expectation checks against the exact
+any-order NLL. Then every loss parameter at a non-default value, against a closed form: a fresh RADD
+has a zero output layer, so -log p = log(V-1) at every masked token, whatever the input. The losses
+then have closed forms in the time t (or rate lambda, or k) and the number of masked tokens n of
+each sequence; the tests record what the loss fed the model (the perturbed batch) and what it asked
+the schedule (t), and check the value, the range of t and the masking.
 """
 from __future__ import annotations
 
+import itertools
 import math
-import types
 
 import pytest
 import torch
 
-from radd_fast import RADD, GeometricNoise, LogLinearNoise, ModelConfig, NoiseConfig, RADDConfig, get_noise
-from radd_fast.losses import get_loss_fn, k_dce, lambda_dce, t_dce, t_dse
-from radd_fast.losses.masking import mask_k_random, mask_order_suffix, mask_with_prob
-from radd_fast.losses.time_samplers import get_time_sampler
+from radd_fast import LogLinearNoise
+from radd_fast.losses import ar_random, get_loss_fn, k_dce, lambda_dce, t_dce, t_dse
+from radd_fast.losses.time_samplers import decoupled, vdm
+from tests.support.compare import assert_close
+from tests.support.gradients import compare
+from tests.support.models import LOSS_TOKENS, loss_model, perturbed_model
 
+EPS = 1e-3
+
+
+# ---- the published formulas, written directly on the full [B, L, V] log-probs --------------------------------
+def direct(loss_type, model, batch, perturbed, noise=None, t=None, lam=None, k=None):
+    logp_all = model(perturbed)  # [B, L, V] published layout
+    logp = logp_all.gather(-1, batch[..., None]).squeeze(-1)  # [B, L]
+    M = perturbed == model.mask_id
+    L = batch.shape[1]
+    if loss_type in ("t_DCE", "t_DSE"):
+        sigma, dsigma = noise(t)
+        e = torch.expm1(sigma)[:, None]
+        per_pos = (torch.log(e) - logp) / e
+        if loss_type == "t_DSE":
+            pos = torch.exp(logp_all[..., :-1] - torch.log(e)[..., None]).sum(-1)
+            per_pos = per_pos + pos + (1 / e) * (torch.log(1 / e) - 1)
+        return dsigma * torch.where(M, per_pos, 0).sum(-1)
+    if loss_type == "lambda_DCE":
+        return -torch.where(M, logp.double(), 0).sum(-1) / lam.double()
+    if loss_type == "k_DCE":
+        return -torch.where(M, logp, 0).sum(-1) * L / k.float()
+    raise AssertionError(loss_type)
+
+
+def draw_like_the_loss(loss_type, batch, mask_id, noise):
+    """Replay the loss's random draws in the documented order: sampler, then masking."""
+    B, L = batch.shape
+    if loss_type in ("t_DCE", "t_DSE"):
+        t = (1 - EPS) * vdm(B, batch.device) + EPS
+        move = torch.rand(batch.shape) < -torch.expm1(-noise(t)[0])[:, None]
+        return dict(t=t), torch.where(move, mask_id, batch)
+    if loss_type == "lambda_DCE":
+        lam = decoupled(B, batch.device)
+        move = torch.rand(batch.shape) < lam[:, None]
+        return dict(lam=lam), torch.where(move, mask_id, batch)
+    k = torch.randint(1, L + 1, (B,))
+    rank = torch.rand(batch.shape).argsort(-1).argsort(-1)
+    return dict(k=k), torch.where(rank < k[:, None], mask_id, batch)
+
+
+DCE_TYPES = ["t_DSE", "t_DCE", "lambda_DCE", "k_DCE"]
+
+
+@pytest.mark.parametrize("loss_type", DCE_TYPES)
+@pytest.mark.parametrize("B,L", [(1, 1), (3, 7), (4, 16)])
+def test_loss_matches_published_formula_same_rng(loss_type, B, L):
+    model, noise = loss_model(), LogLinearNoise(EPS)
+    batch = torch.randint(0, LOSS_TOKENS, (B, L))
+    loss_fn = get_loss_fn(noise, model.vocab_size, train=True, sampling_eps=EPS, loss_type=loss_type)
+    torch.manual_seed(123)
+    value = loss_fn(model, batch)
+    torch.manual_seed(123)
+    draws, perturbed = draw_like_the_loss(loss_type, batch, model.mask_id, noise)
+    assert value.shape == (B,)
+    compare(model, value, direct(loss_type, model, batch, perturbed, noise, **draws), loss_type)
+
+
+@pytest.mark.parametrize("fn,name", [(t_dse, "t_DSE"), (t_dce, "t_DCE")])
+def test_t_losses_on_fixed_perturbed_batch(fn, name):
+    """Heavy masking, light masking and no masking at all (loss exactly 0, graph intact)."""
+    model, noise = loss_model(), LogLinearNoise(EPS)
+    batch = torch.randint(0, LOSS_TOKENS, (3, 9))
+    t = torch.tensor([0.97, 0.05, 0.5])
+    perturbed = batch.clone()
+    perturbed[0, :8] = model.mask_id
+    perturbed[1, 4] = model.mask_id
+    value = fn(model, batch, noise, t=t, perturbed=perturbed)
+    assert value[2] == 0
+    compare(model, value, direct(name, model, batch, perturbed, noise, t=t), name)
+
+
+def test_lambda_and_k_on_fixed_perturbed_batch():
+    model = loss_model()
+    batch = torch.randint(0, LOSS_TOKENS, (2, 13))
+    perturbed = torch.where(torch.rand(2, 13) < 0.6, model.mask_id, batch)
+    lam = torch.tensor([0.6, 0.3])
+    compare(model, lambda_dce(model, batch, lam=lam, perturbed=perturbed),
+            direct("lambda_DCE", model, batch, perturbed, lam=lam), "lambda_DCE")
+    k = (perturbed == model.mask_id).sum(-1)
+    compare(model, k_dce(model, batch, perturbed=perturbed), direct("k_DCE", model, batch, perturbed, k=k), "k_DCE")
+
+
+def exact_any_order_nll(model, x):
+    """E over orders of the AR NLL of x [L], by enumerating every masked subset S (one pass each):
+    sum_S sum_{j in S} -log p(x_j | x_{S^c}) / (|S| C(L, |S|))."""
+    L = x.shape[0]
+    subsets = torch.tensor(list(itertools.product([0, 1], repeat=L))[1:], dtype=torch.bool)  # [2^L - 1, L]
+    perturbed = torch.where(subsets, model.mask_id, x)
+    with torch.no_grad():
+        logp = model(perturbed).gather(-1, x.expand_as(perturbed)[..., None]).squeeze(-1).double()
+    k = subsets.sum(-1)
+    weight = 1.0 / (k * torch.tensor([math.comb(L, int(j)) for j in k]))
+    return (weight * -torch.where(subsets, logp, 0).sum(-1)).sum().item()
+
+
+def test_losses_agree_in_expectation_with_exact_any_order_nll():
+    """lambda_DCE, k_DCE, t_DCE, t_DSE are unbiased for E_order[ar NLL] (t-losses up to the
+    eps = 1e-3 truncation); ar_random averaged over every order equals it exactly."""
+    model, noise = loss_model(tokens=5, length=5), LogLinearNoise(EPS)
+    x = torch.tensor([3, 0, 4, 4, 1])
+    exact = exact_any_order_nll(model, x)
+    perms = torch.tensor(list(itertools.permutations(range(5))))  # [120, 5]
+    with torch.no_grad():
+        all_orders = ar_random(model, x.expand(120, 5), order=perms).double().mean().item()
+    assert abs(all_orders - exact) < 1e-5 * exact
+    batch = x.expand(4096, 5)
+    torch.manual_seed(0)
+    for loss_type in ("lambda_DCE", "k_DCE", "t_DCE", "t_DSE"):
+        with torch.no_grad():
+            est = get_loss_fn(noise, model.vocab_size, train=False, loss_type=loss_type)(model, batch).double()
+        se = est.std().item() / math.sqrt(est.numel())
+        assert abs(est.mean().item() - exact) < 5 * se + 2e-3 * exact, \
+            f"{loss_type}: mean {est.mean().item():.4f} +- {se:.4f}, exact {exact:.4f}"
+
+
+def test_sequence_length_comes_from_the_batch():
+    """A model with length 16 scores L = 5 batches with L / k weights for L = 5, not 1024."""
+    model = loss_model()
+    batch = torch.randint(0, LOSS_TOKENS, (2, 5))
+    perturbed = torch.full_like(batch, model.mask_id)  # k = L: weight 1
+    value = k_dce(model, batch, perturbed=perturbed)
+    assert_close(value, direct("k_DCE", model, batch, perturbed, k=torch.tensor([5, 5])), rtol=1e-5)
+
+
+# ---- closed forms under a zero output layer ------------------------------------------------------------------
 N_REAL = 6
 V = N_REAL + 1
 MASK = N_REAL
@@ -29,9 +157,7 @@ LOG_V1 = math.log(N_REAL)  # -log p at every masked token under the zero head
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = RADD(RADDConfig(tokens=N_REAL, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=1, length=16,
-                                                          dropout=0.0, name="zero-head"))).eval()
+    m = perturbed_model(N_REAL, 16, zero_head=True).eval()  # the published init: a zero output layer
     assert not m.output_layer.linear.weight.detach().any()
     return m
 
@@ -96,7 +222,7 @@ def expected(per_token, times: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.tensor([per_token(float(t)) for t in times], dtype=torch.float64) * n
 
 
-# ------------------------------------------------------------------ given t and perturbed
+# ---- given t and perturbed -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("loss,per_token", [(t_dce, t_dce_per_token), (t_dse, t_dse_per_token)])
 def test_t_losses_at_given_t_and_perturbed(model, batch, loss, per_token):
     t = torch.tensor([0.05, 0.2, 0.35, 0.5, 0.62, 0.8, 0.9, 0.99])
@@ -123,7 +249,7 @@ def test_lambda_and_k_at_given_rate_and_perturbed(model, batch):
                                torch.full((B,), L * LOG_V1, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
-# ------------------------------------------------------------------ drawn t: sampling_eps and time_sampler
+# ---- drawn t: sampling_eps and time_sampler ------------------------------------------------------------------
 @pytest.mark.parametrize("loss_type,per_token", [("t_DCE", t_dce_per_token), ("t_DSE", t_dse_per_token)])
 @pytest.mark.parametrize("sampling_eps", [0.0, 0.4, 0.9])
 @pytest.mark.parametrize("time_sampler", ["vdm", "naive", "decoupled"])
@@ -188,84 +314,6 @@ def test_k_dce_draws_k_in_1_to_L_and_masks_exactly_k(model, recorder):
     assert bool((recorder.n_masked == 2).all())
 
 
-def test_get_loss_fn_checks_and_defaults(model, batch):
-    with pytest.raises(ValueError, match=r"sampling_eps must be in \[0, 1\)"):
-        get_loss_fn(LogLinearNoise(), V, train=False, sampling_eps=1.0)
-    with pytest.raises(ValueError, match="takes no time sampler"):
-        get_loss_fn(LogLinearNoise(), V, train=False, loss_type="k_DCE", time_sampler="vdm")
-    with pytest.raises(ValueError, match="unknown time sampler 'uniform'"):
-        get_loss_fn(LogLinearNoise(), V, train=False, loss_type="t_DCE", time_sampler="uniform")
-    fn = get_loss_fn(LogLinearNoise(), V, train=True, loss_type="k_DCE")
-    fn(model, batch)
-    assert model.training and fn.loss_type == "k_DCE"
-    model.eval()
-
-
-# ------------------------------------------------------------------ masking and time samplers
-def test_mask_with_prob_rates_and_extremes():
-    torch.manual_seed(0)
-    x = torch.zeros(4, 20000, dtype=torch.int64)
-    out = mask_with_prob(x, torch.tensor([0.0, 0.25, 0.7, 1.0]), mask_id=9)
-    frac = (out == 9).double().mean(-1).tolist()
-    assert frac[0] == 0.0 and frac[3] == 1.0
-    assert abs(frac[1] - 0.25) < 0.02 and abs(frac[2] - 0.7) < 0.02
-    assert bool((out[out != 9] == 0).all())
-
-
-def test_mask_k_random_and_suffix():
-    torch.manual_seed(0)
-    x = torch.arange(10).repeat(3, 1)
-    out = mask_k_random(x, torch.tensor([0, 3, 10]), mask_id=99)
-    assert (out == 99).sum(-1).tolist() == [0, 3, 10]
-    assert bool((out[out != 99] == x[out != 99]).all())
-    rank = torch.tensor([[2, 0, 1]])
-    assert mask_order_suffix(torch.tensor([[5, 6, 7]]), rank, 1, 9).tolist() == [[9, 6, 9]]
-    assert mask_order_suffix(torch.tensor([[5, 6, 7]]), rank, 0, 9).tolist() == [[9, 9, 9]]
-
-
-@pytest.mark.parametrize("name", ["naive", "vdm", "decoupled"])
-def test_time_samplers_are_uniform_on_0_1(name):
-    torch.manual_seed(0)
-    draws = torch.cat([get_time_sampler(name)(16, "cpu") for _ in range(500)])
-    assert draws.dtype == torch.float32 and bool((draws >= 0).all()) and bool((draws < 1).all())
-    counts = torch.histc(draws, bins=10, min=0, max=1)
-    assert bool(((counts - 800).abs() < 5 * math.sqrt(800)).all()), counts.tolist()
-
-
-# ------------------------------------------------------------------ noise schedules in closed form
-@pytest.mark.parametrize("eps", [1e-3, 0.1, 0.5])
-def test_loglinear_noise_closed_form(eps):
-    noise = LogLinearNoise(eps)
-    t = torch.tensor([0.0, 0.25, 0.5, 0.999], dtype=torch.float64)
-    sigma, dsigma = noise(t)
-    for i, ti in enumerate(t.tolist()):
-        s, ds = -math.log(1 - (1 - eps) * ti), (1 - eps) / (1 - (1 - eps) * ti)
-        assert sigma[i].item() == pytest.approx(s, rel=1e-12, abs=1e-15)
-        assert dsigma[i].item() == pytest.approx(ds, rel=1e-12)
-        assert noise.move_chance(t)[i].item() == pytest.approx((1 - eps) * ti, rel=1e-12, abs=1e-15)
-
-
-@pytest.mark.parametrize("smin,smax", [(1e-3, 1.0), (1e-4, 20.0), (0.5, 2.0)])
-def test_geometric_noise_closed_form(smin, smax):
-    noise = GeometricNoise(smin, smax)
-    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
-    sigma, dsigma = noise(t)
-    for i, ti in enumerate(t.tolist()):
-        s = smin ** (1 - ti) * smax ** ti
-        assert sigma[i].item() == pytest.approx(s, rel=1e-12)
-        assert dsigma[i].item() == pytest.approx(s * math.log(smax / smin), rel=1e-12)
-        assert noise.move_chance(t)[i].item() == pytest.approx(1 - math.exp(-s), rel=1e-12)
-
-
-def test_get_noise_reads_every_config_form():
-    assert get_noise({"type": "loglinear", "eps": 0.2, "sigma_min": 1}).eps == 0.2
-    geo = get_noise({"type": "geometric", "sigma_min": 0.01, "sigma_max": 7.0, "other": 1})
-    assert isinstance(geo, GeometricNoise) and (geo.sigma_min, geo.sigma_max) == (0.01, 7.0)
-    assert isinstance(get_noise(NoiseConfig(type="loglinear")), LogLinearNoise)
-    cfg = RADDConfig(tokens=4)
-    assert isinstance(get_noise(cfg), type(get_noise(cfg.noise)))
-
-
 @pytest.mark.parametrize("loss,per_token", [(t_dce, t_dce_per_token), (t_dse, t_dse_per_token)])
 def test_t_losses_defaults_are_eps_1e3_and_vdm(model, batch, recorder, loss, per_token):
     """Called directly (not through get_loss_fn): t = 1e-3 + (1 - 1e-3) u, u stratified (vdm)."""
@@ -275,32 +323,3 @@ def test_t_losses_defaults_are_eps_1e3_and_vdm(model, batch, recorder, loss, per
     u = ((t - 1e-3) / (1 - 1e-3)).sort().values
     assert all(abs(g - 1 / B) < 1e-5 for g in (u[1:] - u[:-1]).tolist())
     torch.testing.assert_close(out.double(), expected(per_token, t, recorder.n_masked), rtol=2e-5, atol=1e-5)
-
-
-def test_noise_defaults_and_other_config_forms():
-    assert LogLinearNoise().eps == 1e-3
-    geo = GeometricNoise()
-    assert (geo.sigma_min, geo.sigma_max) == (1e-3, 1.0)
-    # a read-only mapping (as a Hydra / OmegaConf section behaves) is read like a dict
-    section = types.MappingProxyType({"type": "geometric", "sigma_min": 0.02, "sigma_max": 3.0})
-    geo = get_noise(section)
-    assert isinstance(geo, GeometricNoise) and (geo.sigma_min, geo.sigma_max) == (0.02, 3.0)
-    cfg = NoiseConfig()
-    cfg.type = "cosine"  # past validation: the last line of defence still names it
-    with pytest.raises(ValueError, match="unknown noise type 'cosine'"):
-        get_noise(cfg)
-
-
-@pytest.mark.parametrize("name", ["naive", "vdm", "decoupled"])
-def test_time_samplers_draw_from_the_generator_given(name):
-    sampler = get_time_sampler(name)
-    a = sampler(8, "cpu", generator=torch.Generator().manual_seed(7))
-    torch.manual_seed(99)  # the global generator must not matter
-    assert torch.equal(a, sampler(8, "cpu", generator=torch.Generator().manual_seed(7)))
-    assert not torch.equal(a, sampler(8, "cpu", generator=torch.Generator().manual_seed(8)))
-
-
-def test_vdm_steps_up_by_one_over_b_from_sequence_to_sequence():
-    t = get_time_sampler("vdm")(8, "cpu", generator=torch.Generator().manual_seed(0)).double()
-    steps = ((t - t[0]) % 1 * 8).tolist()  # sequence j sits j/B above sequence 0 (mod 1)
-    assert steps == pytest.approx([float(j) for j in range(8)], abs=1e-4)

@@ -1,13 +1,14 @@
-"""The training loop's own mechanics, each against an independent expectation (issue 17).
+"""The training loop (radd_fast/training/loop.py).
 
-The run-level tests (test_train.py, test_train_faults.py, test_reproducible.py) compare a run
-with itself: straight vs resumed, killed vs not. They cannot see a loop that logs the wrong
-throughput, seeds every run the same wrong way, averages evaluation micro-batches wrongly or
-writes the wrong log line, as long as it does so every time. These tests pin each piece:
-the seed derivation (a resumed run of a newer version must draw what the older one drew),
-the boundary schedule (which steps log, evaluate, snapshot, write the resume point), the
-logged figures under a fake clock, the evaluation mean, the micro-batch weights and DDP's
-no_sync, and the user-facing log lines word for word.
+Whole runs: the run folder's layout, a resumed run equal to the uninterrupted one, the NaN guard and
+what train() refuses before any work. Then each piece against an independent expectation (a run
+compared with itself cannot see a loop that logs the wrong throughput, seeds every run the same
+wrong way, averages evaluation micro-batches wrongly or writes the wrong log line, as long as it
+does so every time): the seed derivation (a resumed run of a newer version must draw what the older
+one drew) and the reseeding before every draw (no generator state is saved or restored), torch's
+deterministic mode during CPU training, the boundary schedule (which steps log, evaluate, snapshot,
+write the resume point), the logged figures under a fake clock, the evaluation mean, the micro-batch
+weights and DDP's no_sync, and the user-facing log lines word for word.
 """
 from __future__ import annotations
 
@@ -15,24 +16,32 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from radd_fast import RADD, ExponentialMovingAverage
+import radd_fast
+from radd_fast import RADD, ExponentialMovingAverage, LogLinearNoise, ModelConfig, RADDConfig
 from radd_fast.acceleration import Acceleration
 from radd_fast.checkpoint import CheckpointError
 from radd_fast.config import ConfigError
+from radd_fast.data import ByteTokenizer, DataError, ResumableLoader, load_blocks
 from radd_fast.distributed import DistEnv
 from radd_fast.training import NonFiniteLossError, train
 from radd_fast.training import loop as loop_module
 from radd_fast.training.config import RunConfig
 from radd_fast.training.state import META, atomic_save
 from radd_fast.training.step import TrainStep
-
-from .train_helpers import load_meta, poison_gradients_at, tiny_config
+from tests.support.runs import (
+    assert_same_state,
+    load_meta,
+    poison_gradients_at,
+    tiny_config,
+    write_text,
+)
 
 
 def expected_seed(seed: int, step: int, micro: int, stream: str) -> int:
@@ -41,7 +50,78 @@ def expected_seed(seed: int, step: int, micro: int, stream: str) -> int:
     return int.from_bytes(digest, "little") % 2**63
 
 
-# ---- seeding -----------------------------------------------------------------------------------------------
+# ---- whole runs ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """6 steps in one go: the reference for the resume tests."""
+    folder = tmp_path_factory.mktemp("straight")
+    history = train(tiny_config(folder), folder / "run")
+    return folder / "run", history
+
+
+def test_run_folder_layout_and_load_model(straight_run):
+    run, history = straight_run
+    assert history["step"] == 6 and len(history["losses"]) == 6
+    assert [s for s, _ in history["eval_losses"]] == [2, 4, 6]
+    for rel in (".hydra/config.yaml", "checkpoints/checkpoint_3.pth", "checkpoints/checkpoint_6.pth",
+                "checkpoints-meta/checkpoint.pth", "logs", "metrics.jsonl"):
+        assert (run / rel).exists(), rel
+    ckpt = load_meta(run)  # weights_only=True: plain tensors, numbers and dicts only
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "scaler", "data", "world", "run"}
+    assert "rng" not in ckpt  # every generator is reseeded before use: no state to save
+    assert ckpt["step"] == 6 and set(ckpt["ema"]) == {"decay", "num_updates", "shadow_params"}
+    assert ckpt["data"]["train"] == {"epoch": ckpt["data"]["train"]["epoch"], "batch": ckpt["data"]["train"]["batch"]}
+    assert ckpt["run"]["training.batch_size"] == 4 and ckpt["run"]["model.hidden_size"] == 32
+    for rel in ("checkpoints-meta/checkpoint.pth", "checkpoints/checkpoint_3.pth", "checkpoints/checkpoint_6.pth"):
+        digest, name = (run / (rel + ".sha256")).read_text().split()  # sha256sum -c format
+        assert name == Path(rel).name and digest == hashlib.sha256((run / rel).read_bytes()).hexdigest()
+    model, noise = radd_fast.load_model(run)  # the run format: EMA weights served
+    names = [n for n, _ in model.named_parameters()]
+    for name, shadow in zip(names, ckpt["ema"]["shadow_params"]):
+        assert torch.equal(model.state_dict()[name], shadow)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train_lines] == [1, 2, 3, 4, 5, 6]
+    assert all(x["tokens_per_s"] > 0 and x["mfu"] is None for x in train_lines)  # no MFU on CPU
+    assert [x["loss"] for x in train_lines] == [loss for _, loss in history["losses"]]
+
+
+def test_resume_reproduces_the_uninterrupted_run(straight_run, tmp_path):
+    run, straight = straight_run
+    cfg = tiny_config(tmp_path)
+    half = train(dict(cfg, training=dict(cfg["training"], n_iters=3)), tmp_path / "run")
+    rest = train(cfg, tmp_path / "run")
+    assert half["losses"] + rest["losses"] == straight["losses"]  # exactly, not approximately
+    assert half["eval_losses"] + rest["eval_losses"] == straight["eval_losses"]
+    assert_same_state(load_meta(tmp_path / "run"), load_meta(run))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(straight_run, tmp_path, monkeypatch):
+    """A NaN at step 5 stops the run before the update; the step-4 checkpoint is intact and
+    resuming from it (the interruption) reproduces the straight run."""
+    run, straight = straight_run
+    real = loop_module._accumulate
+    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(4))  # index 4: the 5th step
+    meta = tmp_path / "run" / "checkpoints-meta" / "checkpoint.pth"
+    with pytest.raises(NonFiniteLossError, match=f"not finite at step 5: no update from that step on was applied; "
+                                                 f"the last good checkpoint is {re.escape(str(meta))} \\(step 4\\)"):
+        train(tiny_config(tmp_path), tmp_path / "run")
+    ckpt = load_meta(tmp_path / "run")
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    monkeypatch.setattr(loop_module, "_accumulate", real)
+    rest = train(tiny_config(tmp_path), tmp_path / "run")
+    assert rest["losses"] == straight["losses"][4:]
+    assert rest["eval_losses"] == straight["eval_losses"][2:]  # the validation position resumed too
+    assert_same_state(load_meta(tmp_path / "run"), load_meta(run))
+
+
+@pytest.mark.parametrize("loss_type", ["t_DCE", "t_DSE", "k_DCE"])
+def test_other_losses_train(tmp_path, loss_type):
+    cfg = tiny_config(tmp_path, training={"n_iters": 2, "loss_type": loss_type, "eval_freq": 0})
+    assert train(cfg, tmp_path / "run")["step"] == 2
+
+
+# ---- seeding: every generator reseeded before use ------------------------------------------------------------
 @pytest.mark.parametrize("key", [(3, 7, 1, "train"), (0, 0, 0, "eval"), (2**40, 123456, 5, "sample")])
 def test_seed_for_is_the_documented_derivation(key):
     loop_module.seed_for(*key)
@@ -53,7 +133,50 @@ def test_seed_for_defaults_to_the_training_stream():
     assert torch.initial_seed() == expected_seed(4, 9, 2, "train")
 
 
+def test_seed_for_depends_on_every_part_of_its_key():
+    def draw(*key):
+        loop_module.seed_for(*key)
+        return torch.rand(4)
+
+    assert torch.equal(draw(1, 5, 0), draw(1, 5, 0))
+    keys = [(1, 5, 0), (2, 5, 0), (1, 6, 0), (1, 5, 1), (1, 5, 0, "eval")]
+    draws = [draw(*k) for k in keys]
+    assert all(not torch.equal(draws[i], draws[j]) for i in range(len(keys)) for j in range(i))
+
+
+def test_a_step_draws_the_same_whatever_the_generator_held_before(tmp_path):
+    """The reseeding is the whole mechanism: with it removed (or skipped for a micro-batch) the
+    loss of a step depends on what was drawn before, and a resumed run would differ."""
+    model = RADD(RADDConfig(tokens=256, model=ModelConfig(hidden_size=32, n_heads=2, n_blocks=1, length=16,
+                                                          dropout=0.1))).train()
+    blocks = load_blocks(str(write_text(tmp_path)), "train", ByteTokenizer(), 16, cache_dir=tmp_path / "cache")
+    batches = ResumableLoader(blocks, 4, seed=0, accum=2).next_step()
+    stepper = TrainStep(model, LogLinearNoise(), "lambda_DCE")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = []
+    for prior in (0, 12345):
+        torch.manual_seed(prior)
+        torch.rand(prior % 97)  # leave the generator somewhere else
+        loop_module._accumulate(stepper, batches, scaler, 7, 3, DistEnv())
+        stepper.update(optimizer, list(model.parameters()), lr=0.0, max_norm=0.0, step=8)
+        losses += stepper.read().losses
+    assert losses[0] == losses[1]
+
+
 # ---- deterministic mode --------------------------------------------------------------------------------------
+def test_cpu_training_runs_under_deterministic_algorithms_and_restores_the_mode():
+    assert not torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    with loop_module.deterministic_algorithms(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory == fill
+    with loop_module.deterministic_algorithms(torch.device("cuda")):  # only a device object: no GPU needed
+        assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_deterministic_mode_skips_the_nan_fill_and_leaves_a_mode_the_user_set():
     with loop_module.deterministic_algorithms(torch.device("cpu")):
         assert torch.utils.deterministic.fill_uninitialized_memory is False
@@ -78,7 +201,7 @@ def test_resolve_dtype_auto_bf16_and_fp16():
     assert str(err.value) == "training.dtype=fp16 needs CUDA (loss scaling); use fp32 or bf16 on CPU"
 
 
-# ---- messages --------------------------------------------------------------------------------------------------
+# ---- messages ------------------------------------------------------------------------------------------------
 def test_last_good_names_the_file_and_step_or_says_there_is_none():
     assert loop_module._last_good(None) == "no checkpoint has been written yet, so there is none to resume from"
     assert loop_module._last_good((Path("r/c.pth"), 4)) == "the last good checkpoint is r/c.pth (step 4); a resume starts from it"
@@ -149,7 +272,7 @@ def test_evaluate_is_the_mean_of_micro_batch_means_under_the_ema_weights(tmp_pat
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), trained))  # training weights back
 
 
-# ---- run-folder helpers ----------------------------------------------------------------------------------------
+# ---- run-folder helpers --------------------------------------------------------------------------------------
 def test_write_config_keeps_the_key_order_and_never_overwrites(tmp_path):
     cfg = RunConfig.from_dict(tiny_config(tmp_path))
     run = tmp_path / "run"
@@ -203,7 +326,7 @@ def test_blocks_rank_0_tokenises_first(tmp_path, monkeypatch, rank, expected):
     assert events == expected
 
 
-# ---- the loop: boundaries, logged figures, log lines -------------------------------------------------------------
+# ---- the loop: boundaries, logged figures, log lines ---------------------------------------------------------
 class FakeClock:
     """Stands for the loop's ``time`` module: ``perf_counter`` advances ``per_call`` seconds each time it
     is read (1: a window's seconds are its reads); a test may also move ``now`` itself (``per_call=0``)."""
@@ -320,6 +443,28 @@ def test_no_mfu_without_a_known_peak(tmp_path):
     assert [x["mfu"] for x in logged] == [None, None] and not any("mfu_formula" in x for x in logged)
 
 
+def test_the_loop_logs_the_pre_clip_norm_and_passes_grad_clip(tmp_path, monkeypatch):
+    seen = []
+    real = TrainStep.update
+
+    def spy(self, optimizer, params, lr, max_norm, step, scaler=None):
+        grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+        seen.append((torch.cat(grads).norm().item(), max_norm))
+        return real(self, optimizer, params, lr, max_norm, step, scaler)
+
+    monkeypatch.setattr(TrainStep, "update", spy)
+    cfg = tiny_config(tmp_path, training={"n_iters": 2, "snapshot_freq": 2, "snapshot_freq_for_preemption": 2,
+                                          "eval_freq": 100, "accum": 1},
+                      optim={"lr": 1e-3, "warmup": 0, "grad_clip": 0.05})
+    train(cfg, run_dir=tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in logged if "grad_norm" in r]
+    assert len(seen) == 2 and len(norms) == 2
+    for (before, max_norm), logged_norm in zip(seen, norms):
+        assert max_norm == 0.05 and before > 0.05
+        assert logged_norm == pytest.approx(before, rel=1e-5)
+
+
 def test_resume_logs_where_it_resumed_and_restores_the_validation_position(tmp_path, caplog):
     cfg = tiny_config(tmp_path, training={"n_iters": 2})
     run = tmp_path / "run"
@@ -339,7 +484,32 @@ def test_resume_logs_where_it_resumed_and_restores_the_validation_position(tmp_p
     assert f"resumed {run} at step 2 from {run / 'checkpoints-meta' / 'checkpoint.pth'}" in caplog.messages
 
 
-# ---- set-up checks before any work ----------------------------------------------------------------------------
+# ---- set-up checks before any work ---------------------------------------------------------------------------
+def test_batch_not_divisible_by_ranks_times_accum(tmp_path):
+    with pytest.raises(ValueError, match="training.batch_size = 6 is not divisible by ngpus x training.accum = 1 x 4"):
+        train(tiny_config(tmp_path, training={"batch_size": 6, "accum": 4}), tmp_path / "run")
+
+
+def test_empty_and_too_short_datasets(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="fewer than one block of 16"):
+        train(tiny_config(tmp_path, data={"train": str(empty)}), tmp_path / "run")
+    with pytest.raises(DataError, match="unknown dataset 'owt'"):
+        train(tiny_config(tmp_path, data={"train": "owt"}), tmp_path / "run2")
+
+
+def test_bad_config_values(tmp_path):
+    with pytest.raises(ConfigError, match="unknown training.loss_type 'dce'"):
+        train(tiny_config(tmp_path, training={"loss_type": "dce"}), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['training.batchsize'\]"):
+        train(tiny_config(tmp_path, training={"batchsize": 4}), tmp_path / "run")
+    with pytest.raises(ConfigError, match="set tokens=256"):
+        train(dict(tiny_config(tmp_path), tokens=100), tmp_path / "run")
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        train(tiny_config(tmp_path, training={"dtype": "fp16"}), tmp_path / "run")
+
+
 def test_an_eval_batch_that_does_not_split_is_refused_only_when_evaluation_runs(tmp_path):
     cfg = tiny_config(tmp_path, eval={"batch_size": 3, "perplexity": False}, training={"n_iters": 1})
     with pytest.raises(ConfigError, match=r"^eval\.batch_size = 3 is not divisible by ngpus x training\.accum"):
@@ -402,7 +572,15 @@ def test_a_bf16_run_computes_in_bf16(tmp_path, monkeypatch):
     assert dtypes[0] == torch.bfloat16
 
 
-# ---- resuming: what the user is told ----------------------------------------------------------------------------
+# ---- resuming: what the user is told -------------------------------------------------------------------------
+def test_no_checkpoint_says_it_starts_at_step_0(tmp_path, caplog):
+    cfg = tiny_config(tmp_path)
+    with caplog.at_level(logging.INFO, logger="radd_fast"):
+        train(dict(cfg, training=dict(cfg["training"], n_iters=1)), tmp_path / "run")
+    assert f"no checkpoint in {tmp_path / 'run'}: starting at step 0" in caplog.messages
+    assert "starting at step 0" in (tmp_path / "run" / "logs").read_text()
+
+
 def test_resume_messages_name_the_file(tmp_path, caplog):
     cfg = tiny_config(tmp_path, training={"n_iters": 2})
     run = tmp_path / "run"
@@ -421,7 +599,55 @@ def test_resume_messages_name_the_file(tmp_path, caplog):
     assert str(err.value).startswith(f"cannot resume from {run / META}: ")
 
 
-# ---- what a call leaves behind -------------------------------------------------------------------------------------
+# ---- the NaN guard -------------------------------------------------------------------------------------------
+def test_nonfinite_weights_are_never_written_and_the_real_last_good_file_is_named(tmp_path, monkeypatch):
+    real = TrainStep.update
+    updates = []
+
+    def explodes_in_step_3(self, optimizer, *args, **kwargs):
+        real(self, optimizer, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == 3:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(TrainStep, "update", explodes_in_step_3)
+    run = tmp_path / "run"
+    meta = run / META
+    with pytest.raises(NonFiniteLossError, match=f"the weights are not finite after step 3: .*checkpoint_3.pth was not "
+                                                 f"written; the last good checkpoint is {re.escape(str(meta))} "
+                                                 r"\(step 2\)"):
+        train(tiny_config(tmp_path), run)
+    assert not (run / "checkpoints" / "checkpoint_3.pth").exists() and load_meta(run)["step"] == 2
+
+
+def test_nan_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(0))
+    with pytest.raises(NonFiniteLossError, match="not finite at step 1: .*no checkpoint has been written yet, "
+                                                 "so there is none to resume from"):
+        train(tiny_config(tmp_path), tmp_path / "run")
+
+
+def test_nan_after_only_a_snapshot_names_the_snapshot(tmp_path, monkeypatch):
+    """Without a meta checkpoint a resume starts from the newest snapshot: that is the file to name."""
+    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(3))
+    cfg = tiny_config(tmp_path, training={"snapshot_freq_for_preemption": 100})
+    snapshot = tmp_path / "run" / "checkpoints" / "checkpoint_3.pth"
+    with pytest.raises(NonFiniteLossError, match=f"not finite at step 4: .*{re.escape(str(snapshot))} \\(step 3\\)"):
+        train(cfg, tmp_path / "run")
+
+
+def test_a_nan_after_a_snapshot_names_the_meta_checkpoint_a_resume_would_read(tmp_path, monkeypatch):
+    """Meta at step 2, snapshot 3 (no meta), NaN at 4: a resume reads the meta checkpoint, so it is named."""
+    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(3))
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as err:
+        train(tiny_config(tmp_path), run)  # snapshots every 3, meta every 2
+    assert str(err.value).endswith(f"the last good checkpoint is {run / META} (step 2); a resume starts from it")
+    assert (run / "checkpoints" / "checkpoint_3.pth").exists()
+
+
+# ---- what a call leaves behind -------------------------------------------------------------------------------
 def test_train_takes_a_run_config_object(tmp_path):
     cfg = RunConfig.from_dict(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0}))
     assert train(cfg, tmp_path / "run")["step"] == 1
@@ -453,9 +679,9 @@ def test_train_ends_only_the_process_group_it_started(tmp_path, monkeypatch, ini
     assert len(ended) == (0 if initialized_before else 1)
 
 
-# ---- wiring: what the loop hands its parts ----------------------------------------------------------------------------
+# ---- wiring: what the loop hands its parts -------------------------------------------------------------------
 def test_the_periodic_evaluation_scores_the_training_loss_through_static_rows(tmp_path, monkeypatch):
-    """Its semantics are tested in test_eval.py / test_blind_spots_eval.py; here, that the loop asks for it."""
+    """Its semantics are tested in tests/evaluation/test_ppl.py; here, that the loop asks for it."""
     made = []
     real = loop_module.make_loss_fn
     monkeypatch.setattr(loop_module, "make_loss_fn", lambda *a, **kw: made.append((a, kw)) or real(*a, **kw))
@@ -515,7 +741,7 @@ def test_the_loop_reads_each_split_by_name_and_builds_the_step_from_the_config(t
                                 "world_size": 1})]
 
 
-# ---- more of what the loop hands on ------------------------------------------------------------------------------------
+# ---- more of what the loop hands on --------------------------------------------------------------------------
 def test_every_seed_the_loop_draws_comes_from_the_run_seed(tmp_path, monkeypatch):
     """Micro-batches, evaluations and snapshot samples each reseed from (training.seed, step, index, stream)."""
     seeds = []
@@ -616,13 +842,3 @@ def test_throughput_counts_the_training_time_of_the_whole_window_and_no_evaluati
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     # windows of 3 steps (3 s of training each, an evaluation of 100 s inside): 4 x 16 tokens a second
     assert [x["tokens_per_s"] for x in logged if "loss" in x] == [64.0, 64.0]
-
-
-def test_a_nan_after_a_snapshot_names_the_meta_checkpoint_a_resume_would_read(tmp_path, monkeypatch):
-    """Meta at step 2, snapshot 3 (no meta), NaN at 4: a resume reads the meta checkpoint, so it is named."""
-    monkeypatch.setattr(loop_module, "_accumulate", poison_gradients_at(3))
-    run = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError) as err:
-        train(tiny_config(tmp_path), run)  # snapshots every 3, meta every 2
-    assert str(err.value).endswith(f"the last good checkpoint is {run / META} (step 2); a resume starts from it")
-    assert (run / "checkpoints" / "checkpoint_3.pth").exists()

@@ -1,0 +1,128 @@
+"""``python train.py`` (the Hydra entry point) in separate processes: a run, a resume, and runs that
+reproduce bit for bit, straight or SIGKILLed and resumed.
+
+The cause of the irreproducibility was the backward of the embedding lookup (``embedding[ids]`` is an
+``index_put_`` with accumulate: on CPU torch adds with atomics across threads once the gradient has
+>= 32768 elements); the fix is torch's deterministic mode during CPU training
+(loop.deterministic_algorithms). ``per_sequence`` (``index_add_`` before, atomic on CUDA) became a
+fixed-order segment sum. The design kept for randomness: every generator is reseeded before each use
+(loop.seed_for), and no generator state is saved or restored.
+
+The reproducibility test trains the tiny preset with torch's default thread count, on real prose
+nobody here wrote: the ``LICENSE.txt`` that ships with the interpreter (the history of Python and the
+PSF license), or, where a distribution strips it, the docstrings of standard-library modules.
+"""
+import importlib
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import radd_fast
+from tests.support.paths import REPO
+from tests.support.runs import (
+    assert_same_checkpoints,
+    load_meta,
+    metric_records,
+    run_files,
+)
+
+ROOT = REPO
+DOCSTRING_MODULES = ("argparse", "collections", "functools", "itertools", "json", "logging", "pathlib",
+                     "subprocess", "threading", "unittest", "zipfile", "tarfile", "heapq", "bisect", "textwrap")
+
+
+def real_prose() -> str:
+    """The interpreter's LICENSE.txt, or the docstrings of standard-library modules where it is absent."""
+    license_file = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if license_file.exists():
+        return license_file.read_text(encoding="utf-8")
+    return "\n\n".join(inspect.getdoc(importlib.import_module(name)) or "" for name in DOCSTRING_MODULES)
+
+
+# ---- the Hydra entry point: a run and its resume -------------------------------------------------------------
+def test_train_py_runs_and_resumes(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello radd " * 400)
+    common = ["model=tiny", "tokenizer=bytes", "tokens=256", f"data.train={text}", f"data.valid={text}",
+              f"data.cache_dir={tmp_path / 'cache'}", "model.length=32", "training.batch_size=2", "training.accum=1",
+              "training.log_freq=1", "training.eval_freq=2", "eval.batch_size=2", "training.snapshot_sampling=false",
+              "training.progress=false", "training.snapshot_freq=2"]
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for extra in (["training.n_iters=2", f"hydra.run.dir={run}"], [f"load_dir={run}", "training.n_iters=3"]):
+        out = subprocess.run([sys.executable, "train.py", *common, *extra], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert load_meta(run)["step"] == 3
+    assert (run / ".hydra" / "config.yaml").exists() and (run / "checkpoints" / "checkpoint_2.pth").exists()
+    assert list((run / "resumes").iterdir())  # the resume call's own .hydra, not over the run's
+    radd_fast.load_model(run)
+
+
+# ---- the user's view: separate train.py processes reproduce bit for bit --------------------------------------
+N_ITERS = 30
+
+
+def train_command(text: Path, cache: Path, extra: list[str]) -> list[str]:
+    """The tiny preset with 64-byte blocks: every train.py call of this test reads the same config."""
+    return [sys.executable, "train.py", "model=tiny", "tokenizer=bytes", "tokens=256", f"data.train={text}",
+            f"data.valid={text}", f"data.cache_dir={cache}", "model.length=64", "training.batch_size=16",
+            "training.accum=1", f"training.n_iters={N_ITERS}", "training.log_freq=1", "training.eval_freq=5",
+            "eval.batch_size=16", "training.snapshot_freq=10", "training.snapshot_freq_for_preemption=5",
+            "training.snapshot_sampling=false", "training.progress=false", "eval.perplexity=false",
+            "optim.lr=1e-3", "optim.warmup=10", "training.ema=0.999", "training.seed=7", *extra]
+
+
+def default_threads_env() -> dict:
+    """torch's own default thread count, but at least 2 (one thread would hide the reductions' order)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["HF_HUB_OFFLINE"] = "1"
+    if (os.cpu_count() or 1) < 2:
+        env["OMP_NUM_THREADS"] = "2"
+    return env
+
+
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def test_train_py_runs_reproduce_bit_for_bit_straight_and_killed_then_resumed(tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text(real_prose(), encoding="utf-8")
+    env = default_threads_env()
+    runs = {name: tmp_path / name for name in ("a", "b", "killed")}
+    logs = {name: tmp_path / f"{name}.out" for name in runs}
+
+    def start(name: str, extra: list[str]) -> subprocess.Popen:
+        with logs[name].open("a") as out:
+            return subprocess.Popen(train_command(text, tmp_path / f"cache_{name}", extra), cwd=ROOT, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
+
+    for name in ("a", "b"):  # one after the other: two processes would fight over the same cores
+        assert start(name, [f"hydra.run.dir={runs[name]}"]).wait(timeout=240) == 0, logs[name].read_text()[-3000:]
+    victim = start("killed", [f"hydra.run.dir={runs['killed']}"])
+    deadline = time.monotonic() + 240
+    while logged_steps(runs["killed"]) < 13 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)  # mid-run: past the step-10 resume point, before step 30
+    assert victim.wait() == -signal.SIGKILL, logs["killed"].read_text()[-3000:]
+    assert 10 <= load_meta(runs["killed"])["step"] < N_ITERS
+    resumed = start("killed", [f"load_dir={runs['killed']}"])
+    assert resumed.wait(timeout=240) == 0, logs["killed"].read_text()[-3000:]
+
+    reference = metric_records(runs["a"])
+    assert [s for s, k, _ in reference if k == "loss"] == list(range(1, N_ITERS + 1))
+    for name in ("b", "killed"):
+        assert metric_records(runs[name]) == reference, name  # losses, eval losses, grad norms: bit for bit
+        assert run_files(runs[name]) == run_files(runs["a"]), name  # the same files, no debris
+        assert_same_checkpoints(runs[name], runs["a"])  # weights, EMA, optimizer, data position

@@ -1,0 +1,56 @@
+"""The optimizer and its schedule (radd_fast/training/optim.py) against hand-computed values: the
+warmed-up lr, the first Adam / AdamW step in closed form, the fused kernels on CUDA only."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radd_fast.training.config import OptimConfig
+from radd_fast.training.optim import build_optimizer, lr_at
+
+
+def test_warmup_schedule():
+    cfg = OptimConfig(lr=1.0, warmup=4)
+    assert [lr_at(s, cfg) for s in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert lr_at(1, OptimConfig(lr=0.5, warmup=0)) == 0.5
+
+
+def test_lr_warmup_closed_form():
+    cfg = OptimConfig(lr=2e-3, warmup=10)
+    assert [lr_at(s, cfg) for s in (1, 5, 10, 11, 1000)] == pytest.approx([2e-4, 1e-3, 2e-3, 2e-3, 2e-3])
+    assert lr_at(1, OptimConfig(lr=2e-3, warmup=0)) == 2e-3
+
+
+@pytest.mark.parametrize("kind", ["AdamW", "Adam"])
+def test_first_adam_step_in_closed_form(kind):
+    """First step: m / (sqrt(v) + eps) = g / (|g| + eps); AdamW decays the weights by lr * wd first,
+    Adam adds wd * p to the gradient."""
+    cfg = OptimConfig(optimizer=kind, lr=0.1, beta1=0.5, beta2=0.75, eps=1e-3, weight_decay=0.2, warmup=0)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = build_optimizer([p], cfg, torch.device("cpu"))
+    assert isinstance(opt, getattr(torch.optim, kind))
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.1, (0.5, 0.75), 1e-3, 0.2)
+    g = torch.tensor([0.3, 0.0, -4.0], dtype=torch.float64)
+    p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_([p], max_norm=cfg.grad_clip)  # norm 4.01 > 1: clipped to norm 1
+    g = g / g.norm()
+    p0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if kind == "AdamW":
+        want = p0 * (1 - 0.1 * 0.2) - 0.1 * g / (g.abs() + 1e-3)
+    else:
+        g = g + 0.2 * p0
+        want = p0 - 0.1 * g / (g.abs() + 1e-3)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-9, atol=1e-12)
+    assert p.grad is None
+
+
+def test_fused_optimizer_exactly_on_cuda():
+    """Fused AdamW / Adam on CUDA, the for-each one elsewhere (the flag is read off a CPU build:
+    torch's fused kernels also exist for CPU tensors, so no GPU is needed to check it)."""
+    for kind in ("AdamW", "Adam"):
+        cfg = OptimConfig(optimizer=kind)
+        assert build_optimizer([torch.nn.Parameter(torch.ones(2))], cfg, torch.device("cpu")).defaults["fused"] is False
+        assert build_optimizer([torch.nn.Parameter(torch.ones(2))], cfg, torch.device("cuda")).defaults["fused"] is True
