@@ -5,7 +5,9 @@ import json
 import pytest
 
 import sample
+from radd_fast.sampling import SamplerConfig
 from radd_fast.sampling import cli as sample_cli
+from radd_fast.sampling.strategies import PUBLISHED_CLI_TOP_P, PUBLISHED_LIBRARY_TOP_P
 from tests.support.models import random_head_model
 
 
@@ -16,13 +18,13 @@ def ckpt(tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("engine,method,strategy", [("fast", "tweedie", "direct"), ("reference", "euler", "top_p"),
-                                                    ("fast", "ordered", "top_k")])
-def test_cli_writes_jsonl_with_the_conditioning(ckpt, tmp_path, capsys, engine, method, strategy):
+@pytest.mark.parametrize("loop,method,strategy", [("fast", "tweedie", "direct"), ("published_api", "euler", "top_p"),
+                                                  ("fast", "ordered", "top_k")])
+def test_cli_writes_jsonl_with_the_conditioning(ckpt, tmp_path, capsys, loop, method, strategy):
     out = tmp_path / "s.jsonl"
     args = ["--model_path", ckpt, "--tokenizer", "bytes", "--rows_in_flight", "3", "--num_samples", "5",
             "--steps", "8", "--method", method, "--strategy", strategy, "--prefix", "ab", "--suffix", "yz",
-            "--infill", "6:mid", "--seed", "0", "--engine", engine, "--out", str(out), "--no_progress",
+            "--infill", "6:mid", "--seed", "0", "--loop", loop, "--out", str(out), "--no_progress",
             "--device", "cpu"]
     if strategy != "direct":
         args += ["--strategy_para", "0.9" if strategy == "top_p" else "5"]
@@ -37,6 +39,7 @@ def test_cli_writes_jsonl_with_the_conditioning(ckpt, tmp_path, capsys, engine, 
     printed = capsys.readouterr().out
     assert "E-NFE" in printed and "tokens/s" in printed and "sample 4" in printed
     assert printed.count("E-NFE") == 1  # one summary line, not the engine's and the CLI's
+    assert printed.splitlines()[-1].startswith(f"loop {loop} | ")  # the summary names the loop
 
 
 def test_batch_size_is_the_number_of_samples(ckpt, tmp_path):
@@ -47,14 +50,14 @@ def test_batch_size_is_the_number_of_samples(ckpt, tmp_path):
     assert len(out.read_text().splitlines()) == 6
 
 
-@pytest.mark.parametrize("engine", ["fast", "reference"])
-def test_ordered_defaults_to_left_to_right(ckpt, tmp_path, engine):
+@pytest.mark.parametrize("loop", ["fast", "published_api"])
+def test_ordered_defaults_to_left_to_right(ckpt, tmp_path, loop):
     """--method ordered with steps = length reveals one position per step, left to right (published
     run_sample.py passes arange); --order random is a different schedule."""
     def run(*extra):
         out = tmp_path / "o.jsonl"
         assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "2", "--steps", "16",
-                            "--method", "ordered", "--seed", "1", "--engine", engine, "--out", str(out),
+                            "--method", "ordered", "--seed", "1", "--loop", loop, "--out", str(out),
                             "--no_progress", "--device", "cpu", *extra]) == 0
         return [json.loads(line)["ids"] for line in out.read_text().splitlines()]
 
@@ -68,9 +71,35 @@ def test_published_strategy_para_defaults():
     def para(*extra):
         return check_args(build_parser().parse_args(["--device", "cpu", *extra])).sampler.strategy_para
 
-    assert para("--strategy", "top_p") == 0.8  # run_sample.py's --strategy_para default
+    assert para("--strategy", "top_p") == PUBLISHED_CLI_TOP_P == 0.8  # run_sample.py's --strategy_para default
     assert para("--strategy", "top_k") == 400  # catsample.top_k_sampling's k (0.8 is no k)
     assert para("--strategy", "direct") is None
+    # the library API keeps the published library's own top-p default
+    assert SamplerConfig(strategy="top_p").strategy_para == PUBLISHED_LIBRARY_TOP_P == 0.9
+
+
+def loop_of(*flags) -> str:
+    return sample_cli.check_args(sample_cli.build_parser().parse_args(["--device", "cpu", *flags])).loop
+
+
+def test_loop_picks_the_sampling_loop():
+    assert loop_of() == "fast" and loop_of("--loop", "published_api") == "published_api"
+    with pytest.raises(sample_cli.SampleArgError, match="argument --loop: invalid choice: 'reference'"):
+        loop_of("--loop", "reference")  # "reference" is a --backend, not a loop
+
+
+@pytest.mark.parametrize("engine, loop", [("fast", "fast"), ("reference", "published_api")])
+def test_engine_still_works_as_the_deprecated_name_of_loop(capsys, engine, loop):
+    assert loop_of("--engine", engine) == loop
+    assert capsys.readouterr().err.splitlines() == [f"warning: --engine is deprecated: use --loop {loop}"]
+    assert loop_of("--engine", engine, "--loop", loop) == loop  # the same loop twice: fine
+
+
+def test_engine_and_a_different_loop_are_one_error_line(ckpt, capsys):
+    assert sample.main(["--model_path", ckpt, "--engine", "reference", "--loop", "fast", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --engine reference (the deprecated name of --loop published_api) contradicts --loop fast: "
+        "pass --loop only"]
 
 
 def test_cli_is_deterministic_with_a_seed(ckpt, tmp_path):
@@ -136,6 +165,6 @@ def test_refresh_every_is_labelled_approximate_everywhere(ckpt, tmp_path, capsys
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and all("approximate (refresh every 4)" in r["sampler"] for r in rows)
     assert "approximate (refresh every 4)" in capsys.readouterr().out.splitlines()[-1]
-    assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--refresh_every", "4", "--engine",
-                        "reference", "--device", "cpu"]) == 2
-    assert "--refresh_every" in capsys.readouterr().err
+    assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--refresh_every", "4", "--loop",
+                        "published_api", "--device", "cpu"]) == 2
+    assert "--refresh_every (approximate key/value reuse) needs --loop fast" in capsys.readouterr().err
