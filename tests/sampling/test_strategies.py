@@ -8,6 +8,9 @@ import torch
 
 from radd_fast.sampling.strategies import (
     DEFAULT_PARA,
+    PUBLISHED_CLI_TOP_P,
+    PUBLISHED_LIBRARY_TOP_K,
+    PUBLISHED_LIBRARY_TOP_P,
     STRATEGIES,
     check_strategy,
     filter_logits,
@@ -153,6 +156,13 @@ def test_strategy_table_and_parameters():
     assert make_strategy("direct").is_direct and make_strategy("direct").para is None
     with pytest.raises(ValueError, match=r"unknown sampling strategy 'greedy'; expected one of"):
         make_strategy("greedy")
+
+
+def test_the_two_published_top_p_defaults_are_named_apart():
+    """The published library's top_p_sampling(p=0.9) is the table's default; the published CLI's
+    --strategy_para 0.8 is sample.py's (sampling/cli.py), never the library's."""
+    assert (PUBLISHED_LIBRARY_TOP_P, PUBLISHED_CLI_TOP_P, PUBLISHED_LIBRARY_TOP_K) == (0.9, 0.8, 400)
+    assert DEFAULT_PARA == {"top_p": PUBLISHED_LIBRARY_TOP_P, "top_k": PUBLISHED_LIBRARY_TOP_K}
 
 
 def test_sampling_dtype_names():
