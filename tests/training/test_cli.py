@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 from hydra import compose, initialize_config_dir
 
-from radd_fast.config import PRESETS
+from radd_fast.config import PRESETS, ConfigError
 from radd_fast.training import cli as train_cli
 
 
@@ -27,17 +27,9 @@ def test_an_unknown_preset_lists_the_presets():
 
 
 # -- the arguments each rank gets, and the override pre-check -------------------------------------------------------
-# (there under that file's autouse fixture setting HF_HUB_OFFLINE=1 and dropping RADD_DEBUG; this test reads neither)
-import pytest  # noqa: E402
-
-from radd_fast.config import ConfigError  # noqa: E402
-
-
 def test_train_cli_arguments_per_rank():
     """Ranks > 0 add Hydra's own quiet overrides (no .hydra, no run folder of their own); the
     pre-check sees only the key=value overrides, not Hydra's flags or their values."""
-    from radd_fast.training import cli as train_cli
-
     argv = ["model=tiny", "--cfg", "job", "optim.lr=1e-3"]
     assert train_cli.hydra_arguments(argv, 0) == argv
     assert train_cli.hydra_arguments(argv, 3) == [*argv, "hydra.output_subdir=null", "hydra.run.dir=."]
