@@ -38,51 +38,46 @@ EQUIVALENTS_FILE = REPO / "tools" / "mutation_equivalents.txt"
 # module -> the few test files that cover it (each mutant runs only these, and mutmut's own
 # per-function coverage narrows them further). Keep each module's set under a minute or so.
 MODULE_TESTS: dict[str, list[str]] = {
-    "radd_fast/sampling/strategies.py": ["tests/test_sampling_schedule.py", "tests/test_blind_spots_sampling.py"],
-    "radd_fast/sampling/schedule.py": ["tests/test_sampling_schedule.py", "tests/test_blind_spots_sampling.py"],
-    "radd_fast/sampling/batching.py": ["tests/test_sampling_schedule.py", "tests/test_blind_spots_sampling.py"],
-    "radd_fast/sampling/conditioning.py": ["tests/test_sampling_schedule.py", "tests/test_blind_spots_sampling.py"],
-    "radd_fast/losses/dce.py": ["tests/test_losses.py", "tests/test_blind_spots_losses.py"],
-    "radd_fast/losses/time_samplers.py": ["tests/test_losses.py", "tests/test_blind_spots_losses.py"],
-    "radd_fast/losses/masking.py": ["tests/test_losses.py", "tests/test_blind_spots_losses.py"],
-    "radd_fast/noise.py": ["tests/test_noise_ema.py", "tests/test_blind_spots_losses.py"],
-    "radd_fast/ema.py": ["tests/test_noise_ema.py", "tests/test_blind_spots_training.py"],
-    "radd_fast/training/optim.py": ["tests/test_blind_spots_training.py", "tests/test_train.py"],
+    "radd_fast/sampling/strategies.py": ["tests/sampling/test_strategies.py", "tests/model/test_head.py",
+                                         "tests/sampling/test_published_api.py"],
+    "radd_fast/sampling/schedule.py": ["tests/sampling/test_schedule.py", "tests/sampling/test_engine.py",
+                                       "tests/sampling/test_published_api.py"],
+    "radd_fast/sampling/batching.py": ["tests/sampling/test_batching.py"],
+    "radd_fast/sampling/conditioning.py": ["tests/sampling/test_conditioning.py", "tests/sampling/test_engine.py",
+                                           "tests/sampling/test_published_api.py"],
+    "radd_fast/losses/dce.py": ["tests/losses/test_dce.py"],
+    "radd_fast/losses/time_samplers.py": ["tests/losses/test_time_samplers.py", "tests/losses/test_dce.py"],
+    "radd_fast/losses/masking.py": ["tests/losses/test_masking.py"],
+    "radd_fast/noise.py": ["tests/test_noise.py"],
+    "radd_fast/ema.py": ["tests/test_ema.py"],
+    "radd_fast/training/optim.py": ["tests/training/test_optim.py"],
     # the loop: in-process train() calls only (a test that runs train.py as a subprocess never sees a mutant)
-    "radd_fast/training/loop.py": ["tests/test_blind_spots_loop.py", "tests/test_train.py", "tests/test_train_faults.py",
-                                   "tests/test_reproducible.py", "tests/test_blind_spots_training.py"],
-    "radd_fast/training/step.py": ["tests/test_train_step.py", "tests/test_blind_spots_training.py",
-                                   "tests/test_blind_spots_step.py"],
-    "radd_fast/evaluation/ppl.py": ["tests/test_eval.py", "tests/test_blind_spots_eval.py", "tests/test_acceleration.py"],
-    "radd_fast/checkpoint.py": ["tests/test_checkpoint.py", "tests/test_blind_spots_checkpoint.py"],
+    "radd_fast/training/loop.py": ["tests/training/test_loop.py", "tests/training/test_state.py",
+                                   "tests/training/test_snapshot.py", "tests/training/test_optim.py",
+                                   "tests/training/test_metrics.py"],
+    "radd_fast/training/step.py": ["tests/training/test_step.py", "tests/training/test_loop.py",
+                                   "tests/test_flops.py"],
+    "radd_fast/evaluation/ppl.py": ["tests/evaluation/test_ppl.py", "tests/test_acceleration.py"],
+    "radd_fast/checkpoint.py": ["tests/test_checkpoint.py", "tests/test_hub.py"],
     # the compile / CUDA-graph policy and the graphed paths of the sampler (CapturedGraph, CUDA-only,
     # is left out by name: SKIP_NAME_PATTERNS)
     "radd_fast/acceleration.py": ["tests/test_acceleration.py"],
-    "radd_fast/sampling/evaluator.py": ["tests/test_sampling_evaluator.py", "tests/test_acceleration.py",
-                                        "tests/test_last_block_pruning.py"],
-    "radd_fast/sampling/cached.py": ["tests/test_cached_sampler.py", "tests/test_acceleration.py"],
-    # the exact engine and the published-API samplers (their samples are compared in distribution)
-    "radd_fast/sampling/engine.py": ["tests/test_blind_spots_engine.py", "tests/test_sampling_engine.py",
-                                     "tests/test_blind_spots_sampling.py", "tests/test_sampling_syncs.py",
-                                     "tests/test_last_block_pruning.py"],
+    "radd_fast/sampling/evaluator.py": ["tests/sampling/test_evaluator.py", "tests/test_acceleration.py",
+                                        "tests/model/test_model.py", "tests/sampling/test_engine.py"],
+    "radd_fast/sampling/cached.py": ["tests/sampling/test_cached.py", "tests/model/test_kv_cache.py",
+                                     "tests/test_acceleration.py", "tests/benchmarks/test_bench_cache_quality.py"],
+    "radd_fast/sampling/engine.py": ["tests/sampling/test_engine.py", "tests/sampling/test_config.py"],
     "radd_fast/sampling/published_api.py": ["tests/sampling/test_published_api.py", "tests/sampling/test_engine.py"],
-    # The kernel modules: only the launchers, configuration choices and *_ref references are mutated
-    # (see SKIP_NAME_PATTERNS); the fallbacks and the per-card choices have their own test files.
-    "radd_fast/kernels/sampling_update.py": ["tests/kernels/test_sampling_update.py", "tests/kernels/test_launch_configs.py",
-                                             "tests/test_blind_spots_fallbacks.py", "tests/test_blind_spots_kernels.py"],
+    "radd_fast/kernels/sampling_update.py": ["tests/kernels/test_sampling_update.py",
+                                             "tests/kernels/test_card_configs.py"],
     "radd_fast/kernels/linear_log_softmax.py": ["tests/kernels/test_linear_log_softmax.py",
-                                                "tests/test_blind_spots_loss_head.py",
-                                                "tests/kernels/test_launch_configs.py",
-                                                "tests/test_blind_spots_fallbacks.py", "tests/test_blind_spots_kernels.py"],
-    "radd_fast/kernels/attention.py": ["tests/test_blind_spots_attention.py", "tests/kernels/test_attention.py",
-                                       "tests/test_blind_spots_fallbacks.py", "tests/test_blind_spots_kernels.py"],
-    "radd_fast/kernels/flash_attention.py": ["tests/test_blind_spots_attention.py", "tests/kernels/test_attention.py",
-                                             "tests/kernels/test_launch_configs.py",
-                                             "tests/test_blind_spots_fallbacks.py", "tests/test_blind_spots_kernels.py"],
-    "radd_fast/kernels/layer_norm.py": ["tests/kernels/test_layer_norm.py", "tests/test_blind_spots_fallbacks.py",
-                                        "tests/test_blind_spots_kernels.py"],
-    "radd_fast/kernels/rotary.py": ["tests/kernels/test_rotary.py", "tests/test_blind_spots_fallbacks.py",
-                                    "tests/test_blind_spots_kernels.py"],
+                                                "tests/kernels/test_card_configs.py"],
+    "radd_fast/kernels/attention.py": ["tests/kernels/test_attention.py", "tests/kernels/test_flash_attention.py",
+                                       "tests/model/test_ops.py"],
+    "radd_fast/kernels/flash_attention.py": ["tests/kernels/test_flash_attention.py",
+                                             "tests/kernels/test_card_configs.py"],
+    "radd_fast/kernels/layer_norm.py": ["tests/kernels/test_layer_norm.py"],
+    "radd_fast/kernels/rotary.py": ["tests/kernels/test_rotary.py"],
 }
 # Per-module pytest -k filters: leave out slow end-to-end tests that reach the module but are not
 # what guards it (the sampling engine runs schedule.py and strategies.py in every test).
@@ -244,7 +239,7 @@ def recheck(module: str, workdir: Path, tests: list[str], max_children: int) -> 
 
     For after writing tests: every other verdict stands, and the survivors already passed every
     test of the full run, so the new test files are all they need to meet. The tests are copied
-    in from the checkout (with the module's own and the shared helpers); the mapping of tests to
+    in from the checkout (the whole tests/ tree: support code, conftest files); the mapping of tests to
     functions is collected afresh for them (dropping mutmut-stats.json also keeps mutmut from
     resetting the old verdicts over the changed test selection).
     """
@@ -254,10 +249,9 @@ def recheck(module: str, workdir: Path, tests: list[str], max_children: int) -> 
     missing = [t for t in tests if not (REPO / t).exists()]
     if missing:
         raise SystemExit(f"error: --recheck: no such test file {', '.join(missing)}")
-    for name in {*tests, *MODULE_TESTS[module], "tests/helpers.py", "tests/conftest.py"}:
-        if (REPO / name).exists():
-            for base in (dest, dest / "mutants"):
-                shutil.copy2(REPO / name, base / name)
+    for base in (dest, dest / "mutants"):
+        shutil.copytree(REPO / "tests", base / "tests", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     config = mutmut_config(module, tests)
     for base in (dest, dest / "mutants"):
         (base / "setup.cfg").write_text(config)
