@@ -10,7 +10,7 @@ divisibility of pointers and integers, integers equal to 1), compiles with
 ``triton.compile(ASTSource(...), target=GPUTarget('cuda', cc, 32))`` and reads the kernel's
 shared memory from Triton's metadata and registers / spill stores from the bundled
 ``ptxas -v``. Writes a Markdown table and, beside it, the same rows as JSON (read by
-tests/kernels/test_launch_configs.py). It proves compilation and resource fit only: nothing
+tests/kernels/test_card_configs.py). It proves compilation and resource fit only: nothing
 runs, so it says nothing about numerics or speed. The families built are the ``aot_family`` names
 of the table of kernels (radd_fast/kernels/registry.py), each with its spec builder in ``SPEC_BUILDERS``.
 

@@ -93,14 +93,14 @@ MODULE_FILTERS: dict[str, str] = {
     "radd_fast/evaluation/ppl.py": ("not cli and not expectation and not ar_forward_equals"
                                     " and not static_row_evaluation_compiled and not compiled_cached"),
     # the real torch.compile of the step (7-8 s a mutant, and through mutmut's trampolines):
-    # tests/test_blind_spots_step.py checks the compile decision with the policy's compile recorded
+    # tests/training/test_step.py checks the compile decision with the policy's compile recorded
     "radd_fast/training/step.py": "not compiled_step and not compiles_to_one_graph",
     # the compiled sampler (aot_eager through mutmut's trampolines) and most interpreter kernel cases
     # (the bit-for-bit one stays: only the kernel path uses the head's noise key)
     "radd_fast/sampling/evaluator.py": "not compiled",
     "radd_fast/sampling/cached.py": "not compiled and not quality_benchmark and not (kernel and not bit_for_bit)",
     # torch.compile cannot trace mutmut's trampolines (the compile tests fail on every mutant, so
-    # they would mask the rest; tests/test_blind_spots_kernels.py takes the custom-op path eagerly
+    # they would mask the rest; the kernels' test files take the custom-op path eagerly
     # instead); torch.library.opcheck checks the op registrations, which are not mutated, at 2-3 s a
     # mutant; the committed AOT build's records are not copied to the scratch folder
     # (head_config_for / tile_config_for are lru_cache-decorated, so mutmut skips them anyway).
