@@ -82,10 +82,10 @@ MODULE_TESTS: dict[str, list[str]] = {
 # Per-module pytest -k filters: leave out slow end-to-end tests that reach the module but are not
 # what guards it (the sampling engine runs schedule.py and strategies.py in every test).
 MODULE_FILTERS: dict[str, str] = {
-    "radd_fast/sampling/strategies.py": "not engine and not reference_samplers",
-    "radd_fast/sampling/schedule.py": "not engine and not reference_samplers",
-    "radd_fast/sampling/batching.py": "not engine and not reference_samplers",
-    "radd_fast/sampling/conditioning.py": "not engine and not reference_samplers",
+    "radd_fast/sampling/strategies.py": "not engine and not published_api_samplers",
+    "radd_fast/sampling/schedule.py": "not engine and not published_api_samplers",
+    "radd_fast/sampling/batching.py": "not engine and not published_api_samplers",
+    "radd_fast/sampling/conditioning.py": "not engine and not published_api_samplers",
     "radd_fast/training/optim.py": "not resume and not ddp and not train_py and not other_losses",
     # train.py as a subprocess: the scratch copy holds no train.py, and a child process never sees a mutant
     "radd_fast/training/loop.py": "not train_py",

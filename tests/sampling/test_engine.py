@@ -47,7 +47,7 @@ CASES = {  # name: (method, strategy, para, noise, conditioning, kernels, sampli
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_engine_matches_reference_distribution(model, case):
+def test_engine_matches_the_published_api_distribution(model, case):
     method, strategy, para, noise, cond, kernels, sdtype = CASES[case]
     shape = (N_SAMPLES, LENGTH)
     init = initial_state(cond, N_SAMPLES, LENGTH, model.mask_id, "cpu")
@@ -147,7 +147,7 @@ def test_errors(model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (kernels, CUDA graphs, on-device RNG)")
 @pytest.mark.parametrize("strategy,para,sdtype", [("direct", None, "float32"), ("top_p", 0.8, "float64")])
-def test_engine_on_cuda_matches_reference(strategy, para, sdtype):
+def test_engine_on_cuda_matches_the_published_api(strategy, para, sdtype):
     model = random_head_model(tokens=8, length=16).cuda()
     cond = {0: 2}
     init = initial_state(cond, N_SAMPLES, LENGTH, model.mask_id, "cuda")

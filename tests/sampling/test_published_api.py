@@ -224,7 +224,7 @@ def test_the_samplers_device(model):
     assert OrderedSampler(Placed(), (2, 4), 8, "direct").device == torch.device("meta")  # no device given
 
 
-def test_a_seed_makes_the_reference_samplers_repeatable(model):
+def test_a_seed_makes_the_published_api_samplers_repeatable(model):
     def draw(seed):
         return DiffusionSampler("tweedie", model, LogLinearNoise(), (4, 6), model.vocab_size, "top_p", 0.9,
                                 seed=seed).sample(5)
@@ -262,7 +262,7 @@ def test_messages(model):
 
 
 @pytest.mark.parametrize("strategy, para", [("direct", None), ("top_k", 3)])
-def test_seeded_reference_runs_do_not_depend_on_the_global_generator(model, strategy, para):
+def test_seeded_published_api_runs_do_not_depend_on_the_global_generator(model, strategy, para):
     runs = []
     for prior in (0, 99):
         torch.manual_seed(prior)
@@ -310,7 +310,7 @@ def test_a_diffusion_sampler_takes_the_device_it_is_given(model):
 
 
 # ---- fresh noise on a uniform head --------------------------------------------------------------------------------
-def reference_samples(model, kind: str, seed: int) -> torch.Tensor:
+def published_api_samples(model, kind: str, seed: int) -> torch.Tensor:
     V = model.vocab_size
     if kind == "ordered":
         return OrderedSampler(model, (SAMPLES, LENGTH), V, "direct", seed=seed).sample(LENGTH)
@@ -328,7 +328,7 @@ class TestFreshNoiseOnAUniformHead:
         return uniform_model()
 
     @pytest.mark.parametrize("kind", ["tweedie-1", "euler-8", "ordered"])
-    def test_reference_samplers_uniform_head(self, model, kind):
-        a = reference_samples(model, kind, seed=1)
+    def test_published_api_samplers_uniform_head(self, model, kind):
+        a = published_api_samples(model, kind, seed=1)
         assert_iid_uniform(a, kind)
-        assert_rate(a == reference_samples(model, kind, seed=2), 1 / N_REAL, f"{kind}: seeds 1 and 2 agree")
+        assert_rate(a == published_api_samples(model, kind, seed=2), 1 / N_REAL, f"{kind}: seeds 1 and 2 agree")
