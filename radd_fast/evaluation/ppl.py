@@ -31,8 +31,8 @@ from ..acceleration import Acceleration, CapturedGraph, GraphSet, resolve_accele
 from ..distributed import DistEnv, gather_objects, group_env
 from ..errors import NonFiniteLossError
 from ..losses import check_batch, get_loss_fn
-from ..losses.registry import EXACT_LOSS_TYPES, LOSS_TYPES
-from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_inputs, planned_loss
+from ..losses.registry import EXACT_LOSS_TYPES, LOSS_TYPES, has_static_rows
+from ..losses.static_rows import MaskPlanner, planned_inputs, planned_loss
 from ..progress import progress_bar
 
 # Tokens per replicated forward with Monte Carlo batching: 8 x (16 x 1024) for RADD-small in bf16 on one
@@ -168,10 +168,11 @@ def make_loss_fn(model, noise, loss_type: str, sampling_eps: float = 1e-3, stati
     static_rows: the training step's masked-row loss (``StaticRowLoss``), whose shapes are static
     per batch shape, so that ``acceleration`` (default: eager) compiles it whole and replays it
     from CUDA graphs. The same law as the eager loss, not the same random stream. Only for the
-    losses with a planned masking (the ar_* losses are static anyway). time_sampler: as in
-    ``get_loss_fn`` (None: the loss's own).
+    losses whose registry entry has a static-row form; one that says it has none
+    (``LossSpec.no_static_rows``: the ar_* losses, static already) is scored by its own loss.
+    time_sampler: as in ``get_loss_fn`` (None: the loss's own).
     """
-    if static_rows and loss_type in PLANNED_LOSS_TYPES:
+    if static_rows and has_static_rows(loss_type):
         return StaticRowLoss(model, noise, loss_type, sampling_eps, acceleration or Acceleration(False, False),
                              time_sampler=time_sampler)
     return get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type,
@@ -242,7 +243,8 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
         token_budget / mc_chunk: tokens per batched forward / force the number of draws per
             forward (mc_chunk wins over both mc_batching and the budget).
         max_batches: stop after this many batches (per rank).
-        static_rows: score with the training step's static-capacity masked rows (``StaticRowLoss``).
+        static_rows: score with the training step's static-capacity masked rows (``StaticRowLoss``),
+            for a loss whose registry entry has that form (the others: their own loss, as eager).
         compile / cuda_graphs: the shared policy's switches (``radd_fast.acceleration``; compile
             True / False / "auto", cuda_graphs None = on for CUDA). With static_rows the whole loss
             is compiled and replayed from CUDA graphs; without, the eager loss's masked rows change
@@ -263,7 +265,7 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
     model.eval()
     device = model.device
     mc_batching = default_mc_batching(device) if mc_batching is None else bool(mc_batching)
-    static_rows = static_rows and loss_type in PLANNED_LOSS_TYPES
+    static_rows = static_rows and has_static_rows(loss_type)  # the entry's choice (see make_loss_fn)
     acceleration = evaluation_acceleration(device, static_rows, compile, cuda_graphs)
     loss_fn = make_loss_fn(model, noise, loss_type, sampling_eps, static_rows, acceleration)
     env = group_env(device)  # the process group a caller (eval.py --ngpus, torchrun) joined, if any

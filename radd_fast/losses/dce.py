@@ -102,3 +102,24 @@ def k_dce(model, batch, noise=None, k=None, perturbed=None):
 def k_dce_rows(logp, seq, k, length: int):
     """k_DCE's loss at each masked row: logp, seq [N]; k [B] masked counts -> [N] fp32 (weight L / k)."""
     return -logp * (length / k.float())[seq]
+
+
+# -- the rows at a static-row plan (losses/static_rows.py, each entry's ``StaticRowForm.rows``) -----------------------
+# rows(logp [C], seq [C], rate [B], counts [B], length, noise) -> [C]: the formulas above, given the plan's
+# per-sequence rate (t, lam or k) and masked counts instead of the eager losses' own draws.
+def t_dse_plan_rows(logp, seq, rate, counts, length: int, noise):
+    sigma, dsigma = noise(rate)
+    return t_dse_rows(logp, seq, sigma, dsigma)
+
+
+def t_dce_plan_rows(logp, seq, rate, counts, length: int, noise):
+    sigma, dsigma = noise(rate)
+    return t_dce_rows(logp, seq, sigma, dsigma)
+
+
+def lambda_dce_plan_rows(logp, seq, rate, counts, length: int, noise):
+    return lambda_dce_rows(logp, seq, rate)
+
+
+def k_dce_plan_rows(logp, seq, rate, counts, length: int, noise):
+    return k_dce_rows(logp, seq, counts, length)

@@ -8,7 +8,9 @@ parts:
 1. on the host (``MaskPlanner.draw``, B numbers from a CPU generator): each sequence's
    time / rate r_j as the loss's time sampler draws it, and its number of masked
    positions n_j ~ Binomial(L, p_j) with p_j the masking probability of r_j (for k_DCE,
-   n_j = k_j ~ U{1..L} directly). The host then knows N = sum_j n_j without asking the device;
+   n_j = k_j ~ U{1..L} directly). The host then knows N = sum_j n_j without asking the device.
+   Each loss's law and its loss per row come from its registry entry (``LossSpec.static_rows``:
+   ``masking.MaskingLaw``, the ``*_plan_rows`` of dce.py); nothing here branches on a loss name;
 2. on the device (``planned_rows``): which n_j positions, a uniformly random subset of that
    size (the n_j smallest of L iid uniform keys).
 
@@ -21,6 +23,9 @@ The masked rows are gathered into a buffer of a static capacity C per micro-batc
 (``MaskPlanner.capacity``: mean + 8 standard deviations of N, to a multiple of 128), padding
 rows weighted 0 and left out of the per-sequence sums. A batch with N > C (the host knows)
 runs the same function at capacity N, the exact overflow path.
+
+A loss whose entry has no static-row form is refused by name (``registry.NoStaticRowForm``),
+never run here another way.
 
 Example::
 
@@ -40,13 +45,12 @@ from typing import Callable
 import torch
 
 from .common import per_sequence
-from .dce import k_dce_rows, lambda_dce_rows, t_dce_rows, t_dse_rows
-from .registry import get_loss_spec
+from .registry import PLANNED_LOSS_TYPES, get_loss_spec
 from .time_samplers import get_time_sampler
 
-# The losses whose masked rows are planned here; the ar_* losses already run one head row
-# per sequence per pass (static shapes), and draw nothing whose size the host needs.
-PLANNED_LOSS_TYPES = ("t_DSE", "t_DCE", "lambda_DCE", "k_DCE")
+__all__ = ["PLANNED_LOSS_TYPES", "MaskPlan", "MaskPlanner", "planned_inputs", "planned_rows", "planned_loss",
+           "row_values"]
+
 CAPACITY_SIGMAS = 8.0  # N > mean + 8 sd happens about once in 10^15 draws for a Gaussian N
 CAPACITY_MULTIPLE = 128  # matmul-friendly row counts
 CAPACITY_DRAWS = 2048  # rate draws behind the capacity's mean and variance (fixed seed: deterministic)
@@ -68,16 +72,17 @@ class MaskPlan:
 class MaskPlanner:
     """Draws ``MaskPlan``s for one loss on the host and sizes the static row buffer.
 
-    loss_type: one of ``PLANNED_LOSS_TYPES``; noise: the schedule (its ``move_chance`` gives the
-    masking probability of a time; evaluated on the host in float64); length: L, positions per
-    sequence; sampling_eps / time_sampler: as in ``get_loss_fn``.
+    loss_type: a loss whose registry entry has a static-row form (``PLANNED_LOSS_TYPES``; else
+    ``NoStaticRowForm``), whose masking law (``masking.MaskingLaw``) draws the rates and counts;
+    noise: the schedule (its ``move_chance`` gives the masking probability of a time; evaluated on
+    the host in float64); length: L, positions per sequence; sampling_eps / time_sampler: as in
+    ``get_loss_fn``.
     """
 
     def __init__(self, loss_type: str, noise, length: int, sampling_eps: float = 1e-3,
                  time_sampler: str | None = None):
-        if loss_type not in PLANNED_LOSS_TYPES:
-            raise ValueError(f"loss {loss_type!r} has no planned masking; planned: {list(PLANNED_LOSS_TYPES)}")
         spec = get_loss_spec(loss_type)
+        self.masking = spec.static_row_form().masking
         self.loss_type = loss_type
         self.noise = noise
         self.length = length
@@ -87,35 +92,26 @@ class MaskPlanner:
 
     def rates(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(rate [B] fp32, masking probability [B] float64) on the host; k_DCE: (k, k / L)."""
-        if self.loss_type == "k_DCE":
-            k = torch.randint(1, self.length + 1, (batch_size,), generator=generator)
-            return k.float(), k.double() / self.length
-        r = self.sampler(batch_size, "cpu", generator)
-        if self.loss_type == "lambda_DCE":
-            return r, r.double()
-        t = (1 - self.sampling_eps) * r + self.sampling_eps  # as the eager t-losses draw t
-        return t, self.noise.move_chance(t.double())
+        return self.masking.rates(self, batch_size, generator)
 
     def draw(self, batch_size: int, generator: torch.Generator | None = None) -> MaskPlan:
         """One micro-batch's rates and masked counts, drawn on the host (no device work, no sync)."""
         rate, p = self.rates(batch_size, generator)
-        if self.loss_type == "k_DCE":
-            counts = rate.long()
-        else:
-            trials = torch.full((batch_size,), float(self.length), dtype=torch.float64)
-            counts = torch.binomial(trials, p.clamp(0.0, 1.0), generator=generator).long()
+        counts = self.masking.counts(rate, p, self.length, generator)
         return MaskPlan(rate, counts, int(counts.sum()))
 
     def count_moments(self, batch_size: int) -> tuple[float, float]:
         """Mean and variance of N = sum_j n_j for a batch of ``batch_size`` (law of total variance).
 
-        k_DCE: closed form (n_j iid U{1..L}). Otherwise, given the probabilities p_j the counts
-        are independent binomials: E[N] = L E[sum p], Var[N] = L E[sum p (1 - p)] + L^2 Var[sum p],
-        with the expectations over the time sampler taken from a fixed-seed Monte Carlo.
+        The law's closed form where it has one (k_DCE: n_j iid U{1..L}). Otherwise, given the
+        probabilities p_j the counts are independent binomials: E[N] = L E[sum p],
+        Var[N] = L E[sum p (1 - p)] + L^2 Var[sum p], with the expectations over the time sampler
+        taken from a fixed-seed Monte Carlo.
         """
         L = self.length
-        if self.loss_type == "k_DCE":
-            return batch_size * (L + 1) / 2, batch_size * (L * L - 1) / 12
+        closed = self.masking.count_moments(batch_size, L)
+        if closed is not None:
+            return closed
         generator = torch.Generator().manual_seed(0)
         p = torch.stack([self.rates(batch_size, generator)[1] for _ in range(CAPACITY_DRAWS)])  # [D, B]
         total_p = p.sum(-1)
@@ -177,6 +173,7 @@ def planned_loss(model, loss_type: str, noise, batch: torch.Tensor, keys: torch.
     rate [B] fp32: a ``MaskPlan`` on the device plus the keys; capacity >= counts.sum(). The
     model's last block and the head run at the ``capacity`` rows only; padding rows add 0.
     Values equal the eager loss (dce.py) on the same perturbed batch; float64 for lambda_DCE.
+    ``loss_type`` must have a static-row form (``NoStaticRowForm`` otherwise).
     """
     B, L = batch.shape
     mask, seq, flat = planned_rows(keys, counts, capacity)
@@ -190,11 +187,6 @@ def planned_loss(model, loss_type: str, noise, batch: torch.Tensor, keys: torch.
 
 
 def row_values(loss_type: str, noise, logp, seq, rate, counts, length: int) -> torch.Tensor:
-    """Each row's loss term, by the eager losses' own formulas (dce.py)."""
-    if loss_type == "lambda_DCE":
-        return lambda_dce_rows(logp, seq, rate)
-    if loss_type == "k_DCE":
-        return k_dce_rows(logp, seq, counts, length)
-    sigma, dsigma = noise(rate)
-    rows = t_dse_rows if loss_type == "t_DSE" else t_dce_rows
-    return rows(logp, seq, sigma, dsigma)
+    """Each row's loss term, by the eager loss's own formula: its entry's ``StaticRowForm.rows``."""
+    return get_loss_spec(loss_type).static_row_form().rows(logp, seq, rate, counts, length, noise)
+

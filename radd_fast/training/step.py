@@ -3,10 +3,11 @@
 ``TrainStep`` runs the micro-batches and the update of a step so that the host never waits
 for the device until ``read`` (once per ``log_freq`` steps, and before a checkpoint):
 
-- the denoising losses draw their masking in two parts (``losses.static_rows``): the B
-  rates and masked counts on the host, the positions on the device, so the host knows the
-  number of head rows N and the loss runs at a static capacity C per micro-batch shape. A
-  batch with N > C runs the same function eagerly at capacity N (exact; counted);
+- the losses with a static-row form in their registry entry draw their masking in two parts
+  (``losses.static_rows``): the B rates and masked counts on the host, the positions on the
+  device, so the host knows the number of head rows N and the loss runs at a static capacity
+  C per micro-batch shape. A batch with N > C runs the same function eagerly at capacity N
+  (exact; counted);
 - the loss, its mean over the batch and the step's loss stay on the device; the token range
   check, the non-finite check and the gradient norm are device tensors read back by ``read``
   (a batch with an id outside [0, V - 1) is clamped, its update skipped, and ``read`` raises);
@@ -19,8 +20,9 @@ for the device until ``read`` (once per ``log_freq`` steps, and before a checkpo
   (``mode="reduce-overhead"``) unless ``cuda_graphs=False``. Both switches are decided by
   ``radd_fast.acceleration``, the policy the sampler and the evaluation use too.
 
-The ar_* losses run L passes with one head row per sequence each: already static and
-sync-free, they go through the same step without a plan.
+A loss whose entry has no static-row form runs its own ``fn``, as its entry's
+``no_static_rows`` says it may: the ar_* losses run L passes with one head row per sequence
+each, already static and sync-free, and go through the same step without a plan.
 
 Example::
 
@@ -47,7 +49,7 @@ from ..distributed import DistEnv, all_reduce_mean
 from ..flops import executed_train_flops
 from ..losses.common import check_batch_layout
 from ..losses.registry import get_loss_spec
-from ..losses.static_rows import PLANNED_LOSS_TYPES, MaskPlan, MaskPlanner, planned_inputs, planned_loss
+from ..losses.static_rows import MaskPlan, MaskPlanner, planned_inputs, planned_loss
 
 
 class PlannedLossModule(nn.Module):
@@ -110,7 +112,9 @@ class TrainStep:
     (True / False / "auto": on for CUDA; ``backend``: "inductor", or "aot_eager" to trace without
     code generation); cuda_graphs: capture it per capacity (None: on when compiled on CUDA in one
     process; the ar_* losses are never captured). capacity: a fixed row capacity for every
-    micro-batch (tests force overflows with it); default ``MaskPlanner.capacity``. wrap: a
+    micro-batch (tests force overflows with it); default ``MaskPlanner.capacity``. The loss's
+    registry entry decides the path: its static-row form (``self.planner``), or its own ``fn``
+    where the entry says it has none (``LossSpec.no_static_rows``). wrap: a
     function of the loss module, e.g. DDP; world_size: the ranks of the run (graphs need one).
     """
 
@@ -122,7 +126,7 @@ class TrainStep:
         self.model, self.noise, self.loss_type = model, noise, loss_type
         self.device = model.device
         self.planner = None
-        if loss_type in PLANNED_LOSS_TYPES:
+        if spec.static_rows is not None:  # else the entry's no_static_rows: fn itself is static already
             self.planner = MaskPlanner(loss_type, noise, model.length, sampling_eps, time_sampler)
             module = PlannedLossModule(model, loss_type, noise)
         else:
