@@ -27,12 +27,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..acceleration import Acceleration, CapturedGraph, GraphSet, resolve_acceleration
+from ..acceleration import Acceleration, resolve_acceleration
 from ..distributed import DistEnv, gather_objects, group_env
 from ..errors import NonFiniteLossError
-from ..losses import check_batch, get_loss_fn
+from ..losses import get_loss_fn
 from ..losses.registry import EXACT_LOSS_TYPES, LOSS_TYPES, has_static_rows
-from ..losses.static_rows import MaskPlanner, planned_inputs, planned_loss
+from ..losses.static_rows import MaskPlanner, StaticRowLoss  # noqa: F401  (MaskPlanner: re-exported)
 from ..progress import progress_bar
 
 # Tokens per replicated forward with Monte Carlo batching: 8 x (16 x 1024) for RADD-small in bf16 on one
@@ -177,50 +177,6 @@ def make_loss_fn(model, noise, loss_type: str, sampling_eps: float = 1e-3, stati
                              time_sampler=time_sampler)
     return get_loss_fn(noise, model.vocab_size, train=False, sampling_eps=sampling_eps, loss_type=loss_type,
                        time_sampler=time_sampler)
-
-
-class StaticRowLoss:
-    """The static-row evaluation loss, ``fn(model, x [B, L]) -> [B]``, compiled and graphed per the policy.
-
-    Per batch shape the masked counts are drawn on the host (``MaskPlanner``) and the head rows
-    gathered into a buffer of static capacity C, so the whole loss (``planned_loss``) has one
-    shape per (B, L, C): compiled once and, from its second batch on, replayed from one CUDA
-    graph (``radd_fast.acceleration``). A draw that overflows C runs eagerly at its own size
-    (exact; counted in ``overflows``). capture: how a graph is made (tests emulate it). Always
-    without gradients: it scores, it never trains.
-    """
-
-    def __init__(self, model, noise, loss_type: str, sampling_eps: float, acceleration: Acceleration,
-                 capture=None, time_sampler: str | None = None):
-        self.model, self.noise, self.loss_type, self.sampling_eps = model, noise, loss_type, sampling_eps
-        self.time_sampler = time_sampler
-        self.planners: dict[int, MaskPlanner] = {}
-        self.graphs = GraphSet(acceleration.compiled(self._loss), model.device, acceleration.cuda_graphs,
-                               what="the static-row evaluation loss", capture=capture or CapturedGraph)
-        self.calls: dict[tuple[int, int, int], int] = {}
-        self.overflows = 0
-
-    def _loss(self, x, keys, counts, rate, capacity: int):
-        return planned_loss(self.model, self.loss_type, self.noise, x, keys, counts, rate, capacity)
-
-    @torch.no_grad()
-    def __call__(self, model, x: torch.Tensor) -> torch.Tensor:
-        B, L = x.shape
-        model.eval()  # as the eager evaluation loss does (get_loss_fn(train=False)): no dropout
-        check_batch(model, x, model.vocab_size)
-        if L not in self.planners:
-            self.planners[L] = MaskPlanner(self.loss_type, self.noise, L, self.sampling_eps, self.time_sampler)
-        planner = self.planners[L]
-        keys, counts, rate, capacity, overflowed = planned_inputs(planner.draw(B), (B, L), planner.capacity(B),
-                                                                  x.device)
-        if overflowed:  # rare: the exact path at the batch's own row count
-            self.overflows += 1
-            return self._loss(x, keys, counts, rate, capacity)
-        key = (B, L, capacity)
-        self.calls[key] = self.calls.get(key, 0) + 1
-        if self.calls[key] == 2:  # a shape seen twice is the run's shape: capture it (the first call warmed up)
-            self.graphs.prepare([(key, (x, keys, counts, rate), {"capacity": capacity})])
-        return self.graphs(key, x, keys, counts, rate, capacity=capacity)
 
 
 @torch.no_grad()

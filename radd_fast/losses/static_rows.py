@@ -24,8 +24,10 @@ The masked rows are gathered into a buffer of a static capacity C per micro-batc
 rows weighted 0 and left out of the per-sequence sums. A batch with N > C (the host knows)
 runs the same function at capacity N, the exact overflow path.
 
-A loss whose entry has no static-row form is refused by name (``registry.NoStaticRowForm``),
-never run here another way.
+``StaticRows`` is that sequence, plan -> device inputs -> capacity or overflow, once for the
+training step (training/step.py) and the evaluation loss (``StaticRowLoss``, compiled whole
+and replayed from CUDA graphs). A loss whose entry has no static-row form is refused by name
+(``registry.NoStaticRowForm``), never run here another way.
 
 Example::
 
@@ -40,16 +42,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from .common import per_sequence
+from ..acceleration import Acceleration, CapturedGraph, GraphSet
+from .common import check_batch, per_sequence
 from .registry import PLANNED_LOSS_TYPES, get_loss_spec
 from .time_samplers import get_time_sampler
 
-__all__ = ["PLANNED_LOSS_TYPES", "MaskPlan", "MaskPlanner", "planned_inputs", "planned_rows", "planned_loss",
-           "row_values"]
+__all__ = ["PLANNED_LOSS_TYPES", "MaskPlan", "MaskPlanner", "PlannedInputs", "StaticRows", "StaticRowLoss",
+           "planned_inputs", "planned_rows", "planned_loss", "row_values"]
 
 CAPACITY_SIGMAS = 8.0  # N > mean + 8 sd happens about once in 10^15 draws for a Gaussian N
 CAPACITY_MULTIPLE = 128  # matmul-friendly row counts
@@ -141,6 +144,73 @@ def planned_inputs(plan: MaskPlan, batch_shape: tuple[int, int], capacity: int, 
     return keys, counts, rate, (plan.total if overflowed else capacity), overflowed
 
 
+class PlannedInputs(NamedTuple):
+    """One batch's static-row inputs on the device (``StaticRows.inputs``): the arguments of
+    ``planned_loss`` after the batch, and whether N overflowed the static capacity."""
+
+    keys: torch.Tensor
+    counts: torch.Tensor
+    rate: torch.Tensor
+    capacity: int
+    overflowed: bool
+
+
+class StaticRows:
+    """The static-row sequence of one loss, plan -> device inputs -> static capacity or overflow,
+    for the training step (training/step.py) and the evaluation loss (``StaticRowLoss``) alike.
+
+    loss_type: a loss with a static-row form (else ``NoStaticRowForm``, here, before any batch);
+    noise, sampling_eps, time_sampler: as in ``MaskPlanner``. length: the one sequence length of
+    every plan (training: the model's, since its plans are drawn before the batch is seen), or None:
+    each batch's own (evaluation; one planner per length). capacity: a fixed row capacity for every
+    batch (tests force overflows with it); default the planner's. The caller runs
+    ``planned_loss(model, loss_type, noise, batch, *inputs[:4])`` its way (compiled, from graphs)
+    when the inputs did not overflow, eagerly at their own capacity when they did; ``overflows``
+    counts those batches.
+    """
+
+    def __init__(self, loss_type: str, noise, sampling_eps: float = 1e-3, time_sampler: str | None = None, *,
+                 length: int | None = None, capacity: int | None = None):
+        get_loss_spec(loss_type).static_row_form()  # NoStaticRowForm now, not at the first batch
+        self.loss_type, self.noise, self.sampling_eps, self.time_sampler = loss_type, noise, sampling_eps, time_sampler
+        self.length = length
+        self.fixed_capacity = capacity
+        self.planners: dict[int, MaskPlanner] = {}
+        self.overflows = 0
+        if length is not None:
+            self.planner(length)
+
+    def planner(self, length: int | None = None) -> MaskPlanner:
+        """The planner of sequences of ``length`` (the fixed length when one was given)."""
+        L = self.length or length
+        if L not in self.planners:
+            self.planners[L] = MaskPlanner(self.loss_type, self.noise, L, self.sampling_eps, self.time_sampler)
+        return self.planners[L]
+
+    def capacity(self, batch_size: int, length: int | None = None) -> int:
+        """Static head rows of a batch of ``batch_size`` sequences of ``length``."""
+        return self.fixed_capacity or self.planner(length).capacity(batch_size)
+
+    def plan(self, batch_size: int, length: int | None = None) -> MaskPlan:
+        """The host half of a batch's masking, from torch's default CPU generator (no device work)."""
+        return self.planner(length).draw(batch_size)
+
+    def inputs(self, batch: torch.Tensor, plan: MaskPlan | None = None, device=None,
+               to_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PlannedInputs:
+        """The device half of ``batch``'s plan (drawn here when None): keys, counts, rate, and the
+        static capacity, or the plan's own N when it overflows it (counted in ``overflows``).
+        device: where the keys are drawn (default the batch's); to_device: how host tensors move
+        (default ``.to``; training: pinned, non-blocking)."""
+        B, L = batch.shape
+        if plan is None:
+            plan = self.plan(B, L)
+        inputs = PlannedInputs(*planned_inputs(plan, (B, L), self.capacity(B, L),
+                                               batch.device if device is None else device,
+                                               to_device))
+        self.overflows += inputs.overflowed
+        return inputs
+
+
 def planned_rows(keys: torch.Tensor, counts: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The masked positions of a micro-batch, gathered into ``capacity`` rows with static shapes.
 
@@ -190,3 +260,51 @@ def row_values(loss_type: str, noise, logp, seq, rate, counts, length: int) -> t
     """Each row's loss term, by the eager loss's own formula: its entry's ``StaticRowForm.rows``."""
     return get_loss_spec(loss_type).static_row_form().rows(logp, seq, rate, counts, length, noise)
 
+
+class StaticRowLoss:
+    """The static-row evaluation loss, ``fn(model, x [B, L]) -> [B]``, compiled and graphed per the policy.
+
+    Per batch shape the masked counts are drawn on the host (``StaticRows``: a ``MaskPlanner`` per
+    length) and the head rows gathered into a buffer of static capacity C, so the whole loss
+    (``planned_loss``) has one shape per (B, L, C): compiled once and, from its second batch on,
+    replayed from one CUDA graph (``radd_fast.acceleration``). A draw that overflows C runs eagerly
+    at its own size (exact; counted in ``overflows``). capture: how a graph is made (tests emulate
+    it). Always without gradients: it scores, it never trains. A loss without a static-row form:
+    ``NoStaticRowForm`` (``evaluation.ppl.make_loss_fn`` scores such a loss with its own ``fn``).
+    """
+
+    def __init__(self, model, noise, loss_type: str, sampling_eps: float, acceleration: Acceleration,
+                 capture=None, time_sampler: str | None = None):
+        self.rows = StaticRows(loss_type, noise, sampling_eps, time_sampler)
+        self.model, self.noise, self.loss_type, self.sampling_eps = model, noise, loss_type, sampling_eps
+        self.time_sampler = time_sampler
+        self.graphs = GraphSet(acceleration.compiled(self._loss), model.device, acceleration.cuda_graphs,
+                               what="the static-row evaluation loss", capture=capture or CapturedGraph)
+        self.calls: dict[tuple[int, int, int], int] = {}
+
+    @property
+    def planners(self) -> dict[int, MaskPlanner]:
+        """The planner of each batch length seen."""
+        return self.rows.planners
+
+    @property
+    def overflows(self) -> int:
+        """Batches whose draw overflowed the capacity (run eagerly at their own size)."""
+        return self.rows.overflows
+
+    def _loss(self, x, keys, counts, rate, capacity: int):
+        return planned_loss(self.model, self.loss_type, self.noise, x, keys, counts, rate, capacity)
+
+    @torch.no_grad()
+    def __call__(self, model, x: torch.Tensor) -> torch.Tensor:
+        B, L = x.shape
+        model.eval()  # as the eager evaluation loss does (get_loss_fn(train=False)): no dropout
+        check_batch(model, x, model.vocab_size)
+        keys, counts, rate, capacity, overflowed = self.rows.inputs(x)
+        if overflowed:  # rare: the exact path at the batch's own row count
+            return self._loss(x, keys, counts, rate, capacity)
+        key = (B, L, capacity)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] == 2:  # a shape seen twice is the run's shape: capture it (the first call warmed up)
+            self.graphs.prepare([(key, (x, keys, counts, rate), {"capacity": capacity})])
+        return self.graphs(key, x, keys, counts, rate, capacity=capacity)

@@ -4,10 +4,10 @@
 for the device until ``read`` (once per ``log_freq`` steps, and before a checkpoint):
 
 - the losses with a static-row form in their registry entry draw their masking in two parts
-  (``losses.static_rows``): the B rates and masked counts on the host, the positions on the
-  device, so the host knows the number of head rows N and the loss runs at a static capacity
-  C per micro-batch shape. A batch with N > C runs the same function eagerly at capacity N
-  (exact; counted);
+  (``losses.static_rows.StaticRows``, the sequence evaluation's static-row loss uses too): the
+  B rates and masked counts on the host, the positions on the device, so the host knows the
+  number of head rows N and the loss runs at a static capacity C per micro-batch shape. A
+  batch with N > C runs the same function eagerly at capacity N (exact; counted);
 - the loss, its mean over the batch and the step's loss stay on the device; the token range
   check, the non-finite check and the gradient norm are device tensors read back by ``read``
   (a batch with an id outside [0, V - 1) is clamped, its update skipped, and ``read`` raises);
@@ -49,7 +49,7 @@ from ..distributed import DistEnv, all_reduce_mean
 from ..flops import executed_train_flops
 from ..losses.common import check_batch_layout
 from ..losses.registry import get_loss_spec
-from ..losses.static_rows import MaskPlan, MaskPlanner, planned_inputs, planned_loss
+from ..losses.static_rows import MaskPlan, StaticRows, planned_loss
 
 
 class PlannedLossModule(nn.Module):
@@ -113,8 +113,8 @@ class TrainStep:
     code generation); cuda_graphs: capture it per capacity (None: on when compiled on CUDA in one
     process; the ar_* losses are never captured). capacity: a fixed row capacity for every
     micro-batch (tests force overflows with it); default ``MaskPlanner.capacity``. The loss's
-    registry entry decides the path: its static-row form (``self.planner``), or its own ``fn``
-    where the entry says it has none (``LossSpec.no_static_rows``). wrap: a
+    registry entry decides the path: its static-row form (``self.rows``, ``self.planner``), or
+    its own ``fn`` where the entry says it has none (``LossSpec.no_static_rows``). wrap: a
     function of the loss module, e.g. DDP; world_size: the ranks of the run (graphs need one).
     """
 
@@ -125,27 +125,29 @@ class TrainStep:
         spec = get_loss_spec(loss_type)
         self.model, self.noise, self.loss_type = model, noise, loss_type
         self.device = model.device
-        self.planner = None
+        self.rows = self.planner = None
         if spec.static_rows is not None:  # else the entry's no_static_rows: fn itself is static already
-            self.planner = MaskPlanner(loss_type, noise, model.length, sampling_eps, time_sampler)
+            # plans are drawn before their batch is seen (``plan``): at the model's length
+            self.rows = StaticRows(loss_type, noise, sampling_eps, time_sampler, length=model.length,
+                                   capacity=capacity)
+            self.planner = self.rows.planner()
             module = PlannedLossModule(model, loss_type, noise)
         else:
             module = ExactLossModule(model, spec.fn, noise)
         self.module = wrap(module) if wrap is not None else module
-        if self.planner is None and cuda_graphs:
+        if self.rows is None and cuda_graphs:
             raise ValueError(f"cuda_graphs=True: {loss_type} runs L passes of Python control flow, never captured")
-        self.acceleration = resolve_acceleration(self.device, compile, False if self.planner is None else cuda_graphs,
+        self.acceleration = resolve_acceleration(self.device, compile, False if self.rows is None else cuda_graphs,
                                                  backend=backend, graphs_need_compile=True, world_size=world_size)
         self.cuda_graphs = self.acceleration.cuda_graphs
         self.compiled = self.module
-        if self.planner is None:  # the ar_* losses: compiled block by block
+        if self.rows is None:  # the ar_* losses: compiled block by block
             if self.acceleration.compile:
                 for block in model.blocks:
                     block.compile(backend=backend)
         else:
             mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead: inductor's CUDA graphs
             self.compiled = self.acceleration.compiled(self.module, mode=mode)
-        self.fixed_capacity = capacity
         self._grads_owned = False
         self._new_window()
         self._step_loss = None
@@ -155,22 +157,28 @@ class TrainStep:
 
     def _new_window(self) -> None:
         self._window: list[torch.Tensor] = []
-        self.overflows = 0
+        if self.rows is not None:
+            self.rows.overflows = 0
         self.flops = 0.0
         self.head_rows = 0
 
+    @property
+    def overflows(self) -> int:
+        """Micro-batches since the last read that took the exact overflow path."""
+        return self.rows.overflows if self.rows is not None else 0
+
     def capacity(self, batch_size: int) -> int:
         """Static head rows of a micro-batch of ``batch_size`` sequences."""
-        return self.fixed_capacity or self.planner.capacity(batch_size)
+        return self.rows.capacity(batch_size)
 
     # -- micro-batches ---------------------------------------------------------------------------
     def plan(self, batch_size: int) -> MaskPlan | None:
         """The host half of a micro-batch's masking (None for the ar_* losses): host tensors only,
         from torch's default CPU generator (which the loop seeds per micro-batch)."""
-        if self.planner is None:
+        if self.rows is None:
             return None
         self.capacity(batch_size)  # host work too: computed once per batch size, at the first plan
-        return self.planner.draw(batch_size)
+        return self.rows.plan(batch_size)
 
     def micro_batch(self, batch: torch.Tensor, weight: float, scaler=None, plan: MaskPlan | None = None) -> torch.Tensor:
         """Forward + backward of one micro-batch [B, L]; gradients accumulate with ``weight``
@@ -182,7 +190,7 @@ class TrainStep:
         # Out-of-range ids would fail inside the embedding or the head (a device-side assert on
         # CUDA): clamp them, skip the update (``update``) and raise at ``read``, naming the problem.
         batch = batch.clamp(0, vocab - 2)
-        if self.planner is not None:
+        if self.rows is not None:
             per_seq = self._planned(batch, plan if plan is not None else self.plan(batch.shape[0]))
         else:
             per_seq = self._exact(batch)
@@ -196,12 +204,9 @@ class TrainStep:
     def _planned(self, batch: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
         B, L = batch.shape
         # keys drawn eagerly: the same masks compiled or not
-        keys, counts, rate, capacity, overflowed = planned_inputs(plan, (B, L), self.capacity(B), self.device,
-                                                                  self._to_device)
-        run = self.compiled
-        if overflowed:  # rare: the exact path at the batch's own row count, uncompiled
-            run = self.module
-            self.overflows += 1
+        keys, counts, rate, capacity, overflowed = self.rows.inputs(batch, plan, self.device, self._to_device)
+        # rare overflow (counted by self.rows): the exact path at the batch's own row count, uncompiled
+        run = self.module if overflowed else self.compiled
         if run is not self.module:
             self.model.rotary_emb(L, self.device)  # fill the rotary cache eagerly: tracing a miss recompiles
             if self.cuda_graphs:
