@@ -10,6 +10,10 @@ A source is one of
   int32, dtype from the header) or ``.bin`` (raw uint16, the nanoGPT layout).
   It is used as is: it must already hold the EOS separators.
 
+Local files are read by ``sources.py``: malformed text, JSONL or token files (not UTF-8,
+a bad line, a partial id, an id outside the tokenizer's vocabulary) are a ``DataError``
+naming the file and the line or byte offset, before any training or evaluation.
+
 Text is detokenised (evaluation corpora, as published; a local file only when a
 ``detokenizer`` is passed, e.g. a stand-in for a corpus), tokenised, each document
 followed by EOS, all concatenated, and cut into blocks of ``length`` tokens; the
@@ -29,15 +33,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import UserError
 from ..hub import hub_offline, hub_reachable
 from .detokenizers import DETOKENIZERS, detokenizer_identity
+from .sources import DataError, jsonl_documents, map_token_file, read_text
 
 CACHE_VERSION = 1
-
-
-class DataError(UserError):
-    """A data source is unknown, unreadable, or too small."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def load_token_stream(source: str, split: str, tokenizer, cache_dir="data", deto
     """The flat token stream (documents + EOS, concatenated) of a source, memory-mapped."""
     path = Path(source).expanduser()
     if path.suffix in TOKEN_SUFFIXES and path.is_file():
-        return _map_token_file(path)
+        return map_token_file(path, tokenizer)
     if path.exists():
         if not (path.is_dir() or path.suffix in TEXT_SUFFIXES):
             raise DataError(f"{path}: unsupported file type; expected {TEXT_SUFFIXES + TOKEN_SUFFIXES} or a folder "
@@ -182,14 +182,6 @@ def _encode_chunk(texts: list[str], tokenizer) -> np.ndarray:
 
 
 # ---- sources --------------------------------------------------------------------------------------
-def _map_token_file(path: Path) -> np.ndarray:
-    tokens = np.load(path, mmap_mode="r") if path.suffix == ".npy" else np.memmap(path, dtype=np.uint16, mode="r")
-    if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32, np.int32, np.int64):
-        raise DataError(f"{path}: expected a flat uint16/uint32/int32 token stream, got {tokens.dtype} "
-                        f"{tokens.shape}")
-    return tokens
-
-
 def _file_stamp(path: Path) -> list:
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -201,17 +193,11 @@ def _local_documents(path: Path) -> Iterator[str]:
         if not files:
             raise DataError(f"folder {path} holds no .txt files")
         for f in files:
-            yield f.read_text(encoding="utf-8")
+            yield read_text(f)
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if "text" not in record:
-                        raise DataError(f"{path}:{n}: a .jsonl document needs a 'text' field")
-                    yield record["text"]
+        yield from jsonl_documents(path)
     else:
-        yield path.read_text(encoding="utf-8")
+        yield read_text(path)
 
 
 def _detokenised(documents: Iterable[str], detok) -> Iterator[str]:

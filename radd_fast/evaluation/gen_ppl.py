@@ -21,7 +21,6 @@ a constant sample has entropy 0.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..data.sources import DataError, jsonl_records
 from ..hub import hub_unreachable_hint
 from ..progress import progress_bar
 from .protocol import EvalError
@@ -38,23 +38,18 @@ SCORER_INSTEAD = "pass --scorer <local folder of a causal LM>"
 
 
 def read_samples(path) -> list[dict]:
-    """JSONL -> list of dicts, each with ``text`` and/or ``ids``; errors name the line."""
+    """JSONL -> list of dicts, each with ``text`` and/or ``ids``; a ``DataError`` names the file and line."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such samples file: {path}")
+    if not path.is_file():
+        raise DataError(f"no such samples file: {path}")
     samples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+    for n, item in jsonl_records(path):  # not UTF-8, not JSON: named with the line by the reader
         if not isinstance(item, dict) or not ("text" in item or "ids" in item):
-            raise ValueError(f"{path}:{n}: each line must be an object with 'text' and/or 'ids'")
+            raise DataError(f"{path}:{n}: each line must be an object with 'text' and/or 'ids', such as sample.py "
+                            f"--out writes")
         samples.append(item)
     if not samples:
-        raise ValueError(f"{path} holds no samples")
+        raise DataError(f"{path} holds no samples")
     return samples
 
 

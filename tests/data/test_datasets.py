@@ -32,10 +32,15 @@ def test_text_sources_documents_eos_blocks_remainder_dropped(tmp_path):
     blocks = load_blocks(str(jsonl), "train", tok, length=3, cache_dir=tmp_path / "c")
     assert blocks[np.arange(3)].ravel().tolist() == stream(tok, ["ab", "cde", "f"])[:9]
 
+class WideTokenizer(ByteTokenizer):
+    """Ids above 65535 (a token file's ids must be the tokenizer's)."""
+    name, vocab_size = "wide", 100_000
+
+
 def test_pretokenised_streams_are_memory_mapped(tmp_path):
     tokens = np.arange(100, dtype=np.uint32) * 1000  # ids above 65535 need uint32
     np.save(tmp_path / "toks.npy", tokens)
-    blocks = load_blocks(str(tmp_path / "toks.npy"), "train", ByteTokenizer(), length=10)
+    blocks = load_blocks(str(tmp_path / "toks.npy"), "train", WideTokenizer(), length=10)
     assert isinstance(blocks.tokens, np.memmap) and len(blocks) == 10
     assert blocks[np.array([9])].tolist() == [list(range(90_000, 100_000, 1000))]
     np.arange(50, dtype=np.uint16).tofile(tmp_path / "toks.bin")  # nanoGPT layout: raw uint16
