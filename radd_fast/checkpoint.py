@@ -3,16 +3,27 @@
 Layouts (docs/MODEL.md):
 - hub: ``config.json`` (the run config, nested) + ``model.safetensors`` (or ``pytorch_model.bin``);
 - run: ``.hydra/config.yaml`` + ``checkpoints-meta/checkpoint.pth`` holding
-  ``{model, ema, optimizer, step}``; inference serves the EMA weights.
+  ``{model, ema, optimizer, step}``, and ``checkpoints/checkpoint_<step>.pth`` snapshots;
+  inference serves the EMA weights.
 Pickled files are read with ``torch.load(weights_only=True)``: a checkpoint can
 never execute code. Every mismatch, and every unreadable file (truncated, empty, not
 JSON), raises ``CheckpointError`` naming the file and what is wrong with it.
+
+Checksums: a weights file with a ``<name>.sha256`` sidecar beside it (training writes one
+for every checkpoint; ``sha256sum -c`` reads it) is read only when its SHA-256 matches.
+A run folder is read through ``newest_intact``, the one fallback that resuming a run uses
+too: the meta checkpoint, else the newest intact snapshot, with a one-line warning naming
+what was wrong with each file it passed over.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -26,8 +37,13 @@ from .hub import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, hub_unreachable_hint, 
 from .model import RADD
 from .noise import Noise, get_noise
 
+log = logging.getLogger(__name__)
+
 RUN_CONFIG = Path(".hydra") / "config.yaml"
-RUN_CHECKPOINT = Path("checkpoints-meta") / "checkpoint.pth"
+RUN_CHECKPOINT = Path("checkpoints-meta") / "checkpoint.pth"  # the resume point (published name)
+RUN_SNAPSHOTS = Path("checkpoints")  # checkpoint_<step>.pth
+SIDECAR_SUFFIX = ".sha256"
+_SNAPSHOT = re.compile(r"^checkpoint_(\d+)\.pth$")
 # Prefixes that wrappers add to state-dict keys (DDP, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -52,7 +68,7 @@ def load_model(path_or_repo_id: str | os.PathLike, device="cpu", backend: str | 
         raise CheckpointError(f"load_model needs a hub repo id or a checkpoint folder, got {path_or_repo_id!r}")
     device = check_device(device)
     folder = _resolve_folder(path_or_repo_id)
-    if (folder / RUN_CONFIG).exists() or (folder / RUN_CHECKPOINT).exists():
+    if (folder / RUN_CONFIG).exists() or (folder / RUN_CHECKPOINT).exists() or snapshot_paths(folder):
         config, state, weights = _read_run_folder(folder)
     else:
         config, state, weights = _read_hub_folder(folder)
@@ -126,22 +142,98 @@ def _read_hub_folder(folder: Path) -> tuple[RADDConfig, dict, Path]:
 
 
 def _read_run_folder(folder: Path) -> tuple[RADDConfig, dict, Path]:
-    """(config, EMA state dict, the checkpoint file) of a training-run folder."""
-    for needed in (RUN_CONFIG, RUN_CHECKPOINT):
-        if not (folder / needed).exists():
-            raise CheckpointError(f"run folder {folder} is missing {needed}")
+    """(config, EMA state dict, the checkpoint file) of a training-run folder: its newest intact checkpoint."""
+    if not (folder / RUN_CONFIG).exists():
+        raise CheckpointError(f"run folder {folder} is missing {RUN_CONFIG}")
+    if not (folder / RUN_CHECKPOINT).exists() and not snapshot_paths(folder):
+        raise CheckpointError(f"run folder {folder} is missing {RUN_CHECKPOINT} (and holds no "
+                              f"{RUN_SNAPSHOTS}/checkpoint_<step>.pth)")
     config = _config_from(folder / RUN_CONFIG, _read_yaml(folder / RUN_CONFIG))
-    path = folder / RUN_CHECKPOINT
+    ckpt, path = newest_intact(folder, _read_run_checkpoint, "loading")
+    try:
+        return config, ema_state_dict(config, ckpt["model"], ckpt["ema"]), path
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _read_run_checkpoint(path: Path) -> dict:
+    """One run checkpoint, checksum-verified, with the entries inference needs."""
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a training checkpoint dict")
     for key in ("model", "ema"):
         if key not in ckpt:
             raise CheckpointError(f"{path} has no {key!r} entry (keys: {sorted(ckpt)})")
-    try:
-        return config, ema_state_dict(config, ckpt["model"], ckpt["ema"]), path
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    return ckpt
+
+
+# ---- checksums and the fallback over a run folder's checkpoints (resuming uses them too) ----------------
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """``<path>.sha256``: the checksum file written beside a checkpoint."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):  # 16 MiB at a time: a multi-GB checkpoint never sits in memory twice
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksum_problem(path: Path) -> str | None:
+    """Why the sidecar says ``path`` is not the file that was written, or None (matches, or no sidecar)."""
+    sidecar = sidecar_path(path)
+    if not sidecar.exists():
+        return None
+    fields = sidecar.read_text(errors="replace").split()
+    if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+        return f"its checksum file {sidecar.name} is unreadable"
+    if file_sha256(path) != fields[0]:
+        return f"its SHA-256 does not match {sidecar.name} (truncated or corrupted)"
+    return None
+
+
+def snapshot_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """checkpoints/checkpoint_<step>.pth of a run folder, newest step first."""
+    folder = Path(run_dir) / RUN_SNAPSHOTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), f) for f in folder.iterdir() if (m := _SNAPSHOT.match(f.name)) and f.is_file()]
+    return [f for _, f in sorted(found, reverse=True)]
+
+
+def newest_intact(run_dir: str | os.PathLike, read: Callable[[Path], dict], action: str) -> tuple[dict, Path] | None:
+    """``(read(path), path)`` for the first checkpoint of ``run_dir`` that ``read`` accepts; None when it holds none.
+
+    The meta checkpoint first, then the snapshots, newest first. ``read`` raises
+    ``CheckpointError`` for a file it cannot use (a checksum mismatch, truncation, ...). Passing
+    over a file logs one warning: what was wrong with each, and "<action> <path> (step N) instead".
+    When every file fails: one ``CheckpointError`` naming each file and its problem (that file's
+    own error when it was the only one).
+    """
+    run_dir = Path(run_dir)
+    meta = run_dir / RUN_CHECKPOINT
+    candidates = ([meta] if meta.exists() else []) + snapshot_paths(run_dir)
+    if not candidates:
+        return None
+    errors: list[CheckpointError] = []
+    problems = [] if meta.exists() else [f"{meta}: no such file"]
+    for path in candidates:
+        try:
+            ckpt = read(path)
+        except CheckpointError as e:
+            errors.append(e)
+            problems.append(str(e))
+            continue
+        if path != meta:
+            step = f" (step {int(ckpt['step'])})" if "step" in ckpt else ""
+            log.warning("%s; %s %s%s instead", "; ".join(problems), action, path, step)
+        return ckpt, path
+    if len(problems) == 1:
+        raise errors[0]
+    raise CheckpointError(f"no usable checkpoint in {run_dir}: " + "; ".join(problems))
 
 
 def _read_json(path: Path):
@@ -186,7 +278,7 @@ def ema_state_dict(config: RADDConfig, model_state: dict, ema_state: dict) -> di
 
 
 def _torch_load(path: Path) -> dict:
-    _check_not_empty(path)
+    _check_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling and zip errors come in many types; none may execute code
@@ -195,16 +287,20 @@ def _torch_load(path: Path) -> dict:
 
 
 def _safetensors_load(path: Path) -> dict:
-    _check_not_empty(path)
+    _check_file(path)
     try:
         return load_file(str(path))
     except Exception as e:  # SafetensorError, OSError, ...: the library does not name the file
         raise CheckpointError(f"could not read {path} as safetensors (truncated or corrupt?): {_describe(e)}") from e
 
 
-def _check_not_empty(path: Path) -> None:
+def _check_file(path: Path) -> None:
+    """Not empty, and the same bytes its ``.sha256`` sidecar names (when it has one)."""
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes; an interrupted write or copy?)")
+    problem = checksum_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
 
 
 def _describe(error: BaseException) -> str:

@@ -4,6 +4,7 @@ error (most compared whole: the message is the contract of a user error, docs/MO
 safety and portability settings of the file reads, offline.
 """
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,7 +19,17 @@ import radd_fast
 from radd_fast import RADD, CheckpointError, ExponentialMovingAverage, LogLinearNoise, load_model
 from radd_fast import checkpoint as ckpt_mod
 from radd_fast.config import ConfigError, RADDConfig
-from tests.support.checkpoints import TOKENS, D, H, check_parity, published_checkpoint, write_hub
+from radd_fast.training import state as training_state
+from tests.support.checkpoints import (
+    TOKENS,
+    D,
+    H,
+    check_parity,
+    flip_bytes,
+    published_checkpoint,
+    write_hub,
+    write_run_folder,
+)
 from tests.support.compare import assert_close
 from tests.support.published_model import published_config, published_state_dict
 
@@ -532,3 +543,89 @@ def test_every_shape_mismatch_is_listed(small_published):
         ckpt_mod.load_state_dict_checked(_model(cfg), bad)
     assert _message(e) == (f"shape mismatch: blocks.0.norm1.weight: expected ({D},), found (5,); "
                            f"blocks.0.mlp.0.bias: expected ({4 * D},), found (3, 2)")
+
+
+# ---------------------------------------------------------------------------- checksums (.sha256 sidecars)
+def _write_sidecar(path: Path) -> None:
+    """``sha256sum``'s line for ``path``, as training writes it beside every checkpoint."""
+    (path.parent / (path.name + ".sha256")).write_text(f"{ckpt_mod.file_sha256(path)}  {path.name}\n")
+
+
+def _assert_serves(model, shadow) -> None:
+    for p, s in zip(model.parameters(), shadow):
+        assert torch.equal(p.detach(), s)
+
+
+def test_hub_weights_that_match_their_sidecar_load(tmp_path, small_published):
+    cfg, state = small_published
+    folder = _hub(tmp_path / "hub", cfg, state)
+    _write_sidecar(folder / "model.safetensors")
+    model, _ = load_model(folder)
+    assert torch.equal(model.state_dict()["vocab_embed.embedding"], state["vocab_embed.embedding"])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_hub_weights_that_differ_from_their_sidecar_are_refused(tmp_path, small_published, fmt):
+    """64 inverted bytes inside the weights still load (different weights): the sidecar refuses them."""
+    cfg, state = small_published
+    folder = write_hub(tmp_path / "hub", cfg, state, fmt)
+    weights = folder / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+    _write_sidecar(weights)
+    flip_bytes(weights)
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert _message(e) == f"{weights}: its SHA-256 does not match {weights.name}.sha256 (truncated or corrupted)"
+    (folder / (weights.name + ".sha256")).write_text("not a checksum\n")
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert _message(e) == f"{weights}: its checksum file {weights.name}.sha256 is unreadable"
+
+
+def test_a_run_folder_serves_its_meta_checkpoint_when_intact(tmp_path, small_published):
+    shadows = write_run_folder(tmp_path / "run", _model(small_published[0]))
+    model, _ = load_model(tmp_path / "run")
+    _assert_serves(model, shadows[6])
+
+
+def test_a_corrupt_run_checkpoint_falls_back_to_the_newest_intact_snapshot(tmp_path, small_published, caplog):
+    """As a resume does (the same ``newest_intact``): one warning naming what was wrong and what is served."""
+    run = tmp_path / "run"
+    shadows = write_run_folder(run, _model(small_published[0]))
+    meta, newest = run / "checkpoints-meta" / "checkpoint.pth", run / "checkpoints" / "checkpoint_4.pth"
+    flip_bytes(meta)
+    with caplog.at_level(logging.WARNING, logger="radd_fast"):
+        model, _ = load_model(run)
+    _assert_serves(model, shadows[4])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{meta}: its SHA-256 does not match checkpoint.pth.sha256 (truncated or corrupted); "
+        f"loading {newest} (step 4) instead"]
+    flip_bytes(newest)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="radd_fast"):
+        model, _ = load_model(run)
+    _assert_serves(model, shadows[2])
+    assert "checkpoint_4.pth.sha256" in caplog.records[0].getMessage()
+
+
+def test_a_run_folder_without_an_intact_checkpoint_is_refused(tmp_path, small_published):
+    run = tmp_path / "run"
+    write_run_folder(run, _model(small_published[0]), snapshot_steps=())
+    meta = run / "checkpoints-meta" / "checkpoint.pth"
+    flip_bytes(meta)
+    with pytest.raises(CheckpointError) as e:  # one file: its own error
+        load_model(run)
+    assert _message(e) == f"{meta}: its SHA-256 does not match checkpoint.pth.sha256 (truncated or corrupted)"
+    write_run_folder(tmp_path / "run2", _model(small_published[0]), snapshot_steps=(2,))
+    for path in (tmp_path / "run2").rglob("checkpoint*.pth"):
+        flip_bytes(path)
+    with pytest.raises(CheckpointError) as e:  # several: each named
+        load_model(tmp_path / "run2")
+    meta2, snap2 = tmp_path / "run2" / "checkpoints-meta" / "checkpoint.pth", tmp_path / "run2" / "checkpoints" / "checkpoint_2.pth"
+    assert _message(e) == (f"no usable checkpoint in {tmp_path / 'run2'}: "
+                           f"{meta2}: its SHA-256 does not match checkpoint.pth.sha256 (truncated or corrupted); "
+                           f"{snap2}: its SHA-256 does not match checkpoint_2.pth.sha256 (truncated or corrupted)")
+
+
+def test_loading_and_resuming_share_one_fallback():
+    """Serving a run folder and resuming it pick the checkpoint with the same function."""
+    assert training_state.newest_intact is ckpt_mod.newest_intact and training_state.checksum_problem is ckpt_mod.checksum_problem

@@ -24,7 +24,9 @@ Reading (``find_resume_checkpoint``): ``checkpoints-meta/checkpoint.pth`` when i
 (its sidecar matches and it loads; without a sidecar -- a published run, or a kill between
 the two renames -- it must load); otherwise the newest intact
 ``checkpoints/checkpoint_<step>.pth``, with a warning naming both; a ``CheckpointError``
-saying what is wrong with each file when none is usable.
+saying what is wrong with each file when none is usable. The checksums and this fallback are
+``radd_fast.checkpoint``'s (``checksum_problem``, ``newest_intact``): ``load_model`` reads a run
+folder through the same ones.
 """
 from __future__ import annotations
 
@@ -37,18 +39,25 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_state_dict_checked
+from ..checkpoint import (  # noqa: F401  (sidecar_path, snapshot_paths: training's names for them too)
+    RUN_CHECKPOINT,
+    RUN_SNAPSHOTS,
+    CheckpointError,
+    checksum_problem,
+    load_state_dict_checked,
+    newest_intact,
+    sidecar_path,
+    snapshot_paths,
+)
 
 log = logging.getLogger(__name__)
 
-META = Path("checkpoints-meta") / "checkpoint.pth"  # for resuming (published name)
-SNAPSHOTS = Path("checkpoints")  # checkpoint_<step>.pth
-SIDECAR_SUFFIX = ".sha256"
+META = RUN_CHECKPOINT  # checkpoints-meta/checkpoint.pth: for resuming (published name)
+SNAPSHOTS = RUN_SNAPSHOTS  # checkpoint_<step>.pth
 REQUIRED_KEYS = ("model", "ema", "optimizer", "step")  # the published checkpoint's keys
 # Settings that give the saved weights and the saved data position their meaning: a resume
 # that changed one would load mismatched weights or read other batches than the run it continues.
 _TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # .checkpoint.pth.tmp<pid>, .checkpoint.pth.sha256.tmp<pid>
-_SNAPSHOT = re.compile(r"^checkpoint_(\d+)\.pth$")
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -64,11 +73,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.fh.flush()
-
-
-def sidecar_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
 def _temporary_path(path: Path) -> Path:
@@ -195,27 +199,6 @@ def all_finite(tensors) -> bool:
 
 
 # ---- reading -------------------------------------------------------------------------------------------
-def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):  # 16 MiB at a time: a multi-GB checkpoint never sits in memory twice
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sidecar_problem(path: Path) -> str | None:
-    """Why the sidecar says ``path`` is not the file that was written, or None (matches, or no sidecar)."""
-    sidecar = sidecar_path(path)
-    if not sidecar.exists():
-        return None
-    fields = sidecar.read_text(errors="replace").split()
-    if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
-        return f"its checksum file {sidecar.name} is unreadable"
-    if _file_sha256(path) != fields[0]:
-        return f"its SHA-256 does not match {sidecar.name} (truncated or corrupted)"
-    return None
-
-
 def load_checkpoint(path: str | os.PathLike, device) -> dict:
     """Read one training checkpoint, verified; ``CheckpointError`` naming the file when it is unusable."""
     path = Path(path)
@@ -223,7 +206,7 @@ def load_checkpoint(path: str | os.PathLike, device) -> dict:
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (zero bytes)")
-    problem = _sidecar_problem(path)
+    problem = checksum_problem(path)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     try:
@@ -239,37 +222,13 @@ def load_checkpoint(path: str | os.PathLike, device) -> dict:
     return ckpt
 
 
-def snapshot_paths(run_dir: str | os.PathLike) -> list[Path]:
-    """checkpoints/checkpoint_<step>.pth of a run folder, newest step first."""
-    folder = Path(run_dir) / SNAPSHOTS
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), f) for f in folder.iterdir() if (m := _SNAPSHOT.match(f.name)) and f.is_file()]
-    return [f for _, f in sorted(found, reverse=True)]
-
-
 def find_resume_checkpoint(run_dir: str | os.PathLike, device) -> tuple[dict, Path] | None:
     """The checkpoint a run in ``run_dir`` resumes from, and its path; None when the folder holds none.
 
     The meta checkpoint first (the resume point, written last at each step); when it is missing
-    or unusable, the newest intact snapshot, with a warning naming both.
+    or unusable, the newest intact snapshot, with a warning naming both (``checkpoint.newest_intact``).
     """
-    run_dir = Path(run_dir)
-    meta = run_dir / META
-    candidates = ([meta] if meta.exists() else []) + snapshot_paths(run_dir)
-    if not candidates:
-        return None
-    problems = [] if meta.exists() else [f"{meta}: no such file"]
-    for path in candidates:
-        try:
-            ckpt = load_checkpoint(path, device)
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        if path != meta:
-            log.warning("%s; resuming from %s (step %d) instead", "; ".join(problems), path, int(ckpt["step"]))
-        return ckpt, path
-    raise CheckpointError(f"no usable checkpoint in {run_dir}: " + "; ".join(problems))
+    return newest_intact(run_dir, lambda path: load_checkpoint(path, device), "resuming from")
 
 
 def check_resume_settings(ckpt: dict, settings: dict, path: Path) -> None:
