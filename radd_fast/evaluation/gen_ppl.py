@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..data.sources import DataError, jsonl_records
 from ..hub import hub_unreachable_hint
 from ..progress import progress_bar
+from .ppl import perplexity
 from .protocol import EvalError
 
 SCORER_INSTEAD = "pass --scorer <local folder of a causal LM>"
@@ -194,13 +195,15 @@ def score_samples(samples: list[dict], eval_model="gpt2-large", sample_tokenizer
     per_sample = []
     for s, toks, (total, count) in zip(samples, seqs, nll):
         own = s["ids"] if "ids" in s else toks
-        per_sample.append({"ppl": math.exp(total / count) if count else None, "nll": total / count if count else None,
+        per_sample.append({"ppl": perplexity(total, count) if count else None, "nll": total / count if count else None,
                            "scored_tokens": count, "entropy": unigram_entropy(own), "num_tokens": len(own)})
     ppls = sorted(p["ppl"] for p in per_sample if p["ppl"] is not None)
     if not ppls:
         raise ValueError("no sample has two or more scorer tokens: nothing to score")
     mean = sum(ppls) / len(ppls)
     std = math.sqrt(sum((p - mean) ** 2 for p in ppls) / (len(ppls) - 1)) if len(ppls) > 1 else 0.0
+    if math.isinf(mean):  # a sample past exp's range: its PPL is inf, and so are the mean and its spread
+        std = math.inf
     return {
         "eval_model": name,
         "num_samples": len(samples),

@@ -82,6 +82,24 @@ class PPLResult:
         return out
 
 
+def perplexity(loss: float, tokens: int = 1) -> float:
+    """``exp(loss / tokens)``: the perplexity of ``loss`` nats over ``tokens`` tokens, for any loss.
+
+    A finite loss past what a float's exp can hold (more than ~709 nats per token: a diverged or
+    corrupt model) gives ``inf``, never an OverflowError; NaN stays NaN. Every perplexity of the
+    package (sequence, suite and generative) goes through here.
+
+    Example::
+
+        perplexity(3.2 * 1024, 1024)   # 24.53...
+        perplexity(1e6)                # inf
+    """
+    try:
+        return math.exp(loss / tokens)
+    except OverflowError:
+        return math.inf
+
+
 def ppl_standard_error(batch_losses: list, batch_vars: list, length: int) -> float | None:
     """Monte Carlo standard error of ``exp(mean(batch_losses) / length)``.
 
@@ -91,7 +109,9 @@ def ppl_standard_error(batch_losses: list, batch_vars: list, length: int) -> flo
     if not batch_losses or len(batch_vars) != len(batch_losses) or any(math.isnan(v) for v in batch_vars):
         return None
     n = len(batch_losses)
-    ppl = math.exp(sum(batch_losses) / n / length)
+    ppl = perplexity(sum(batch_losses) / n, length)
+    if math.isinf(ppl):
+        return math.inf  # an infinite estimate has no finite error (and inf * 0 would be NaN)
     return ppl * math.sqrt(sum(batch_vars)) / n / length
 
 
@@ -249,7 +269,7 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
                 n_seq += x.shape[0]
                 bar.update(1)
                 if i % 10 == 0:
-                    bar.set_postfix(ppl=f"{math.exp(torch.stack(losses).mean().item() / length):.3f}")
+                    bar.set_postfix(ppl=f"{perplexity(torch.stack(losses).mean().item(), length):.3f}")
     finally:
         bar.close()
         model.train(was_training)
@@ -260,7 +280,7 @@ def evaluate_ppl(model, noise, dataloader: Iterable, loss_type: str = "lambda_DC
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     mean_loss = sum(batch_losses) / len(batch_losses)
-    return PPLResult(ppl=math.exp(mean_loss / length), mean_loss=mean_loss, length=length, loss_type=loss_type,
+    return PPLResult(ppl=perplexity(mean_loss, length), mean_loss=mean_loss, length=length, loss_type=loss_type,
                      mc_timesteps=mc_timesteps, num_batches=len(batch_losses), num_sequences=n_seq,
                      batch_losses=batch_losses, batch_vars=batch_vars, seconds=seconds, mc_per_forward=k,
                      scoring=("static rows, " if static_rows else "") + acceleration.describe())

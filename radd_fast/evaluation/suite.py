@@ -22,7 +22,15 @@ import torch
 
 from ..progress import progress_bar, write
 from .paper_numbers import DATASET_TITLES, SOURCE, ZERO_SHOT_NOTE, ZERO_SHOT_TABLE, paper_row
-from .ppl import batch_estimate, check_finite, check_loss_type, make_loss_fn, mc_per_forward, ppl_standard_error
+from .ppl import (
+    batch_estimate,
+    check_finite,
+    check_loss_type,
+    make_loss_fn,
+    mc_per_forward,
+    perplexity,
+    ppl_standard_error,
+)
 from .protocol import EvalError, derived_seed, write_json_atomic
 
 STATE_FILE = "zero_shot_state.json"
@@ -131,7 +139,7 @@ def column_summary(col: dict, length: int) -> dict:
     exact = col["mc_timesteps"] == 1 and col["loss_type"].startswith("ar_")
     stderr = 0.0 if exact else ppl_standard_error(losses, variances, length)
     return {"loss_type": col["loss_type"], "mc_timesteps": col["mc_timesteps"], "mean_loss": mean,
-            "ppl": math.exp(mean / length), "ppl_stderr": stderr, "num_batches": len(losses),
+            "ppl": perplexity(mean, length), "ppl_stderr": stderr, "num_batches": len(losses),
             "num_sequences": col["num_sequences"]}
 
 

@@ -151,3 +151,16 @@ def test_a_hub_scorer_offline_fails_at_once(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # not cached here
     with pytest.raises(EvalError, match="HF_HUB_OFFLINE is set; pass --scorer <local folder"):
         load_scorer("gpt2-large", "cpu")
+
+
+def test_an_absurd_finite_loss_gives_an_infinite_ppl(scorer_dir):
+    """A scorer whose output weights are scaled by 1e4: finite NLLs of thousands of nats per token, past
+    exp's range, give PPL inf per sample, in the mean and the spread, never an OverflowError."""
+    model, tok = load_scorer(str(scorer_dir), "cpu")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)
+    res = score_samples([{"text": t} for t in TEXTS], (model, tok), progress=False)
+    nll = [p["nll"] for p in res["per_sample"]]
+    assert all(math.isfinite(n) for n in nll) and max(nll) > 710, nll
+    assert res["mean_ppl"] == math.inf and res["std_ppl"] == math.inf and res["stderr_ppl"] == math.inf
+    assert [p["ppl"] for p in res["per_sample"]] == [math.exp(n) if n < 709 else math.inf for n in nll]

@@ -27,6 +27,7 @@ from radd_fast.evaluation.ppl import (
     check_loss_type,
     default_mc_batching,
     mc_per_forward,
+    perplexity,
     ppl_standard_error,
 )
 from radd_fast.losses import get_loss_fn
@@ -190,6 +191,27 @@ def test_nan_weights_raise_instead_of_a_nan_ppl(noise):
         m.output_layer.linear.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="batch 0 is nan"):
         evaluate_ppl(m, noise, eval_batches(), "lambda_DCE", 2, progress=False)
+
+def test_perplexity_of_any_finite_loss_is_a_number_or_inf():
+    """exp(loss / tokens), and inf (not an OverflowError) past what a float holds (~709.78 nats per token)."""
+    assert perplexity(3.0 * EVAL_LENGTH, EVAL_LENGTH) == math.exp(3.0)
+    assert perplexity(709.0) == math.exp(709.0) and perplexity(710.0) == math.inf
+    assert perplexity(1e300, 2) == math.inf and perplexity(-1e6) == 0.0
+    assert math.isnan(perplexity(math.nan))
+    assert ppl_standard_error([1e6, 2e6], [0.0, 0.0], 4) == math.inf  # not inf * 0 = nan
+
+
+def test_an_absurd_finite_loss_gives_an_infinite_ppl(noise):
+    """A head scaled by 1e5 (a corrupt checkpoint's kind of weights): a finite mean loss of millions of
+    nats, far past exp's range, reported as PPL inf with an infinite standard error."""
+    m = eval_model()
+    with torch.no_grad():
+        m.output_layer.linear.weight.mul_(1e5)
+        m.output_layer.linear.bias.mul_(1e5)
+    res = evaluate_ppl(m, noise, eval_batches(n=2), "lambda_DCE", 2, progress=False)
+    assert math.isfinite(res.mean_loss) and res.mean_loss / EVAL_LENGTH > 710
+    assert res.ppl == math.inf and res.ppl_stderr == math.inf
+
 
 def test_evaluate_ppl_errors(model, noise):
     with pytest.raises(ValueError, match="unknown loss type 'nope'"):

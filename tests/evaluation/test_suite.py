@@ -20,7 +20,7 @@ from radd_fast.data import ByteTokenizer, load_blocks
 from radd_fast.evaluation import cli
 from radd_fast.evaluation.paper_numbers import ZERO_SHOT_DATASETS, ZERO_SHOT_TABLE
 from radd_fast.evaluation.protocol import EvalError, derived_seed, detokenizer_of
-from radd_fast.evaluation.suite import STATE_FILE, run_zero_shot
+from radd_fast.evaluation.suite import STATE_FILE, column_summary, run_zero_shot
 from radd_fast.losses import get_loss_fn
 from radd_fast.noise import get_noise
 from tests.support.eval_inputs import SUITE_LENGTH, Stop, suite_argv, write_suite_corpus
@@ -107,3 +107,11 @@ def test_zero_shot_resumes_where_it_stopped(tmp_path):
     # the same folder with other settings is refused, naming what changed
     with pytest.raises(EvalError, match=r"other settings \(mc_timesteps\)"):
         run_zero_shot(model, noise, {**settings, "mc_timesteps": 4}, blocks_of, tmp_path / "cut", progress=False)
+
+
+def test_a_column_with_an_absurd_finite_loss_reports_an_infinite_ppl():
+    """Mean losses of millions of nats per block (a diverged or corrupt model): PPL inf, no OverflowError."""
+    col = {"batch_losses": [1e6, 2e6], "batch_vars": [1.0, 2.0], "loss_type": "lambda_DCE", "mc_timesteps": 2,
+           "num_sequences": 8}
+    summary = column_summary(col, SUITE_LENGTH)
+    assert summary["mean_loss"] == 1.5e6 and summary["ppl"] == math.inf and summary["ppl_stderr"] == math.inf
