@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from radd_fast.checkpoint import file_sha256
+from tests.support.checkpoints import flip_bytes
 from tests.support.eval_inputs import cli_args, write_eval_checkpoint
 from tests.support.models import EVAL_LENGTH, eval_model
 from tests.support.paths import REPO
@@ -56,3 +58,39 @@ def test_cli_nan_weights_fail_in_one_line(checkpoint, tmp_path):
     err_lines = proc.stderr.strip().splitlines()
     assert len(err_lines) == 1 and err_lines[0].startswith("error: the loss of batch 0 is nan"), proc.stderr
     assert "not finite" in err_lines[0] and "Traceback" not in proc.stderr and "Evaluation PPL" not in proc.stdout
+
+
+def _eval_with_model(checkpoint, tmp_path, model_dir) -> subprocess.CompletedProcess:
+    args = cli_args(checkpoint, tmp_path, "--monte_carlo_timesteps", "2")
+    args[args.index("--model_path") + 1] = str(model_dir)
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+
+
+def test_cli_an_absurd_finite_loss_prints_an_infinite_ppl(checkpoint, tmp_path):
+    """A head scaled by 1e5: a finite loss of millions of nats per block, far past exp's range.
+    The PPL is inf, printed and in the report; no OverflowError traceback."""
+    huge = eval_model()
+    with torch.no_grad():
+        huge.output_layer.linear.weight.mul_(1e5)
+        huge.output_layer.linear.bias.mul_(1e5)
+    huge.save_pretrained(tmp_path / "huge_model")
+    proc = _eval_with_model(checkpoint, tmp_path, tmp_path / "huge_model")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "Evaluation PPL: inf" in proc.stdout.splitlines()
+    result = json.loads((tmp_path / "out" / "eval_ppl_text_lambda_DCE.json").read_text())
+    assert result["ppl"] == math.inf and math.isfinite(result["mean_loss"])
+
+
+def test_cli_weights_that_differ_from_their_sidecar_fail_in_one_line(checkpoint, tmp_path):
+    """64 inverted bytes inside model.safetensors, which has a .sha256 sidecar: one error line naming the
+    file, exit 2, nothing evaluated."""
+    folder = tmp_path / "model"
+    eval_model().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    (folder / "model.safetensors.sha256").write_text(f"{file_sha256(weights)}  model.safetensors\n")
+    flip_bytes(weights)
+    proc = _eval_with_model(checkpoint, tmp_path, folder)
+    assert (proc.returncode, proc.stderr.splitlines()) == (
+        2, [f"error: {weights}: its SHA-256 does not match model.safetensors.sha256 (truncated or corrupted)"])
+    assert "Evaluation PPL" not in proc.stdout
