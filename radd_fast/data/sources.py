@@ -4,7 +4,8 @@ Every problem is a ``DataError`` (one ``error:`` line from the CLIs) found befor
 training or evaluation starts:
 - text (``.txt``, a folder of them, ``.jsonl``) must be UTF-8: the first byte that is not
   names its byte offset (and line), with an ``iconv`` command that converts the file; a
-  UTF-16 file and binary data (a NUL byte) are named as such;
+  UTF-16 file and binary data (a NUL byte, even in valid UTF-8: no text holds one, and it is
+  the byte tokenizer's end-of-text) are named as such;
 - each non-blank ``.jsonl`` line must be one JSON object with a string ``text`` field:
   ``<file>:<line>:`` says which line and what it holds instead;
 - a token file (``.bin``: raw uint16, the nanoGPT layout; ``.npy``: uint16 / uint32 /
@@ -25,6 +26,7 @@ from ..errors import UserError
 TOKEN_DTYPES = (np.uint16, np.uint32, np.int32, np.int64)
 BIN_DTYPE = np.uint16  # .bin: raw ids, the nanoGPT layout
 SCAN_CHUNK = 1 << 24  # ids per chunk when checking a token file's range (32-64 MiB read at a time)
+NEWLINE = b"\n"
 JSONL_EXAMPLE = '{"text": "..."}'
 
 
@@ -35,12 +37,27 @@ class DataError(UserError):
 # ---- text ---------------------------------------------------------------------------------------------
 def read_text(path: Path) -> str:
     """The whole UTF-8 text of ``path`` (one document)."""
-    data = _read_bytes(path)
+    return decode_text(path, _read_bytes(path), f"{path} is ", count_lines=True)
+
+
+def decode_text(path: Path, data: bytes, prefix: str, base: int = 0, count_lines: bool = False) -> str:
+    """``data`` (read from ``path`` at byte ``base``) as text; a ``DataError`` ``prefix + why``, with the fix,
+    when it is UTF-16, holds a NUL byte (binary data; the byte tokenizer's EOS), or is not UTF-8."""
+    out = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    if base == 0 and data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{prefix}UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8: convert it "
+                        f"with iconv -f utf-16 -t utf-8 {path} > {out}")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"{prefix}binary data, not text (byte 0x00 at byte offset {base + nul}): pass UTF-8 text "
+                        f"(.txt / .jsonl), or token ids as .npy or raw uint16 .bin")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path} is {not_utf8(path, data, e.start, f', line {line}')}") from None
+        line = f", line {data.count(NEWLINE, 0, e.start) + 1}" if count_lines else ""
+        raise DataError(f"{prefix}not UTF-8 (byte 0x{data[e.start]:02x} at byte offset {base + e.start}{line}): "
+                        f"convert it with iconv -f <its encoding> -t utf-8, e.g. iconv -f cp1252 -t utf-8 {path} > "
+                        f"{out} for Western-European text") from None
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
@@ -49,10 +66,7 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
     try:
         with path.open("rb") as fh:
             for n, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{n}: {not_utf8(path, raw, e.start, '', offset)}") from None
+                line = decode_text(path, raw, f"{path}:{n}: ", offset)
                 if line.strip():
                     yield n, _parse_line(path, n, line)
                 offset += len(raw)
@@ -87,21 +101,6 @@ def json_kind(value) -> str:
     if isinstance(value, bool) or value is None:
         return json.dumps(value)  # true / false / null
     return {int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(type(value), "value")
-
-
-def not_utf8(path: Path, data: bytes, start: int, where: str = "", base: int = 0) -> str:
-    """Why ``data`` (read from ``path`` at byte ``base``) is not UTF-8 at ``start``, and the fix."""
-    out = path.with_name(f"{path.stem}.utf8{path.suffix}")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return (f"UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8: convert it with "
-                f"iconv -f utf-16 -t utf-8 {path} > {out}")
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        return (f"binary data, not text (byte 0x00 at byte offset {base + nul}): pass UTF-8 text "
-                f"(.txt / .jsonl), or token ids as .npy or raw uint16 .bin")
-    return (f"not UTF-8 (byte 0x{data[start]:02x} at byte offset {base + start}{where}): convert it with "
-            f"iconv -f <its encoding> -t utf-8, e.g. iconv -f cp1252 -t utf-8 {path} > {out} for "
-            f"Western-European text")
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -282,3 +282,84 @@ def test_a_bad_flag_is_the_same_one_line_in_every_script(script_runs, kind, line
 def test_debug_shows_the_traceback(script_runs):
     result = script_runs["sample: --debug"]
     assert result.returncode != 0 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
+
+
+# -- malformed data: train.py and eval.py as subprocesses, each bad file one line before any work ----------
+JSONL_FIX = 'each line must be one JSON object such as {"text": "..."}'
+DATA_FILES = {  # name -> (bytes, the error message after "<path>" / "<path>:<line>")
+    "latin1.txt": ("first line\ncaf\xe9 au lait\n".encode("latin-1"),
+                   " is not UTF-8 (byte 0xe9 at byte offset 14, line 2): convert it with iconv -f <its encoding> -t "
+                   "utf-8, e.g. iconv -f cp1252 -t utf-8 {path} > {stem}.utf8.txt for Western-European text"),
+    "binary.txt": (b"\x7fELF\x02\x01\x01\x00" * 16,
+                   " is binary data, not text (byte 0x00 at byte offset 7): pass UTF-8 text (.txt / .jsonl), or "
+                   "token ids as .npy or raw uint16 .bin"),
+    "cut.jsonl": (b'{"text": "a first document"}\n{"text": "cut\n',
+                  ':2: not valid JSON (Unterminated string starting, column 10): ' + JSONL_FIX),
+    "number.jsonl": (b'{"text": "a first document"}\n42\n', ":2: a JSON number, not an object: " + JSONL_FIX),
+    "field.jsonl": (b'{"text": "a first document"}\n{"body": "x"}\n',
+                    ":2: the object has no 'text' field (its keys: ['body']): " + JSONL_FIX),
+    "odd.bin": (bytes(range(64)) + b"\x01",
+                ": 65 bytes is not a whole number of token ids (a .bin file is raw uint16, 2 bytes per id; the last "
+                "byte, at offset 64, is left over): a truncated copy? copy or write it again, or save ids of another "
+                "dtype as .npy"),
+    "wide.bin": (b"\x01\x00" * 40 + b"\x00\x01" + b"\x02\x00" * 40,  # id 256 at token 40
+                 ": token id 256 (token 40, byte offset 80) is outside the ids of tokenizer 'bytes', [0, 256): "
+                 "tokenised with another tokenizer? pass that one (tokenizer= / --tokenizer)"),
+}
+EVAL_DATA = ("latin1.txt", "number.jsonl", "odd.bin", "wide.bin")
+
+
+@pytest.fixture(scope="module")
+def data_runs(ckpts, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    tmp = tmp_path_factory.mktemp("bad_data")
+    text = write_text(tmp)
+    commands = {}
+    for name, (content, _) in DATA_FILES.items():
+        (tmp / name).write_bytes(content)
+        run = tmp / f"run_{name}"
+        commands[f"train {name}"] = (["train.py", "model=tiny", "tokenizer=bytes", "tokens=256",
+                                      f"data.train={tmp / name}", f"data.valid={text}",
+                                      f"data.cache_dir={tmp / f'cache_{name}'}", "model.length=16",
+                                      "training.batch_size=2", "training.accum=1", "training.n_iters=1",
+                                      "training.eval_freq=0", "training.snapshot_sampling=false",
+                                      "training.progress=false", f"hydra.run.dir={run}"], run)
+    for name in EVAL_DATA:
+        work = tmp / f"eval_{name}"
+        commands[f"eval {name}"] = (["eval.py", "--model_path", ckpts["good"], "--valid_dataset", str(tmp / name),
+                                     "--tokenizer", "bytes", "--device", "cpu", "--work_dir", str(work),
+                                     "--cache_dir", str(tmp / f"cache_{name}"), "--no_progress"], work)
+    (tmp / "samples.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    commands["eval --gen_ppl samples.jsonl"] = (["eval.py", "--gen_ppl", str(tmp / "samples.jsonl"), "--scorer",
+                                                 str(tmp / "no_scorer"), "--work_dir", str(tmp / "gen"),
+                                                 "--device", "cpu", "--no_progress"], tmp / "gen")
+    procs = {name: subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, (cmd, _) in commands.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err), commands[name][1])
+    return results, tmp
+
+
+@pytest.mark.parametrize("run", [f"train {name}" for name in DATA_FILES] + [f"eval {name}" for name in EVAL_DATA])
+def test_a_malformed_data_file_is_one_line_naming_it_and_where(data_runs, run):
+    """train.py and eval.py: the file, the line or byte offset and the fix in one line, exit 2, before any
+    model work (no training step, no checkpoint, no evaluation, no token cache)."""
+    results, tmp = data_runs
+    result, out_dir = results[run]
+    name = run.split(" ", 1)[1]
+    path = tmp / name
+    expected = f"error: {path}" + DATA_FILES[name][1].replace("{path}", str(path)).replace("{stem}", str(tmp / path.stem))
+    assert (result.returncode, result.stderr.splitlines()) == (2, [expected]), result.stderr
+    assert "training step" not in result.stdout and "Evaluation PPL" not in result.stdout
+    assert not list(out_dir.rglob("*.pth")) and not list(out_dir.rglob("*.json"))
+    assert not list((tmp / f"cache_{name}").glob("*.bin*"))
+
+
+def test_a_samples_file_not_utf8_is_one_line_naming_its_line(data_runs):
+    results, tmp = data_runs
+    result, _ = results["eval --gen_ppl samples.jsonl"]
+    path = tmp / "samples.jsonl"
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: {path}:2: not UTF-8 (byte 0xe9 at byte offset 30): convert it with iconv -f <its encoding> -t utf-8, "
+        f"e.g. iconv -f cp1252 -t utf-8 {path} > {tmp / 'samples.utf8.jsonl'} for Western-European text"]

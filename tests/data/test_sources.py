@@ -35,6 +35,11 @@ class TestText:
             f"{path} is binary data, not text (byte 0x00 at byte offset 4): pass UTF-8 text (.txt / .jsonl), "
             f"or token ids as .npy or raw uint16 .bin")
 
+    def test_a_nul_byte_in_valid_utf8_is_binary_too(self, tmp_path):
+        path = tmp_path / "program.txt"
+        path.write_bytes(b"\x7fELF\x02\x01\x01\x00" * 8)  # ASCII bytes only: valid UTF-8
+        assert blocks_error(path, tmp_path).startswith(f"{path} is binary data, not text (byte 0x00 at byte offset 7)")
+
     def test_a_utf16_file_is_named_utf16(self, tmp_path):
         path = tmp_path / "windows.txt"
         path.write_text("hello there", encoding="utf-16")
