@@ -11,7 +11,9 @@ and rank 0 tells the others where it is. Every user error (an unknown flag, a ba
 override key or value, a missing data file or load_dir, a ConfigError of the run
 config) is one ``error: ...`` line and exit code 2, as in sample.py and eval.py: the
 command line is read first by Hydra's own flags in the shared raising parser
-(``errors.ArgParser``); ``--debug`` or ``RADD_DEBUG=1`` shows the traceback.
+(``errors.ArgParser``); ``--debug`` or ``RADD_DEBUG=1`` shows the traceback. What Hydra
+would act on is checked before it starts: a ``load_dir`` that is not a run folder, and a
+run folder that another process is training in (``lock.py``; the run itself then holds the lock).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from omegaconf import OmegaConf
 from ..config import PRESETS, ConfigError
 from ..distributed import broadcast_object, cleanup, init_distributed
 from ..errors import ArgParser, UserError, run_cli
+from .lock import check_run_folder_free
 from .loop import train
 
 # configs/ sits beside the package in the checkout (train.py runs from there).
@@ -72,11 +75,15 @@ def _main(argv: list[str]) -> int:
     if not (CONFIG_DIR / f"{CONFIG_NAME}.yaml").exists():
         raise ConfigError(f"no {CONFIG_NAME}.yaml in {CONFIG_DIR}: train.py runs from a radd-fast checkout")
     build_parser().parse_args(argv)  # an unknown flag or a missing value: one line, before Hydra prints its usage
-    check_overrides(task_overrides(argv))
+    rank = int(os.environ.get("RANK", "0"))
+    composed = check_overrides(task_overrides(argv))
+    check_load_dir(composed.load_dir)  # before Hydra makes <load_dir>/resumes/...
+    if rank == 0:  # before Hydra writes .hydra/ into a folder that another run is writing
+        check_run_folder_free(composed.load_dir or composed.hydra.run.dir)
     failure: list[UserError] = []
     saved = sys.argv
     # @hydra.main reads its arguments from sys.argv: this call's, restored below.
-    sys.argv = [saved[0] if saved else "train.py", *hydra_arguments(argv, int(os.environ.get("RANK", "0")))]
+    sys.argv = [saved[0] if saved else "train.py", *hydra_arguments(argv, rank)]
     try:
         _hydra_entry(failure)
     finally:
@@ -112,13 +119,28 @@ def task_overrides(argv: list[str]) -> list[str]:
     return out
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Compose the config once with ``overrides``, so a bad key, value or group is one line."""
+def check_overrides(overrides: list[str]):
+    """Compose the config once with ``overrides``, so a bad key, value or group is one line; returns it
+    (with its ``hydra`` section: ``hydra.run.dir`` is the folder a new run will write)."""
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            compose(config_name=CONFIG_NAME, overrides=overrides)
+            return compose(config_name=CONFIG_NAME, overrides=overrides, return_hydra_config=True)
     except HydraException as e:
         raise ConfigError(describe_hydra_error(e)) from e
+
+
+def check_load_dir(load_dir) -> None:
+    """A ``load_dir`` (None: a new run) must be a run folder: one line naming it otherwise."""
+    if load_dir is None:
+        return
+    folder = Path(load_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"load_dir={load_dir} is a file; pass the run folder to resume (the one that holds "
+                          f".hydra/config.yaml)")
+    if not folder.is_dir():
+        raise ConfigError(f"load_dir={load_dir}: no such folder")
+    if not (folder / ".hydra" / "config.yaml").exists():
+        raise ConfigError(f"load_dir={load_dir}: no {folder / '.hydra' / 'config.yaml'}; is it a run folder?")
 
 
 def describe_hydra_error(error: HydraException) -> str:
@@ -169,12 +191,8 @@ def run(cfg) -> dict:
 
 def resume_config(load_dir: str):
     """The run's own config, with this call's command-line overrides (except load_dir) on top."""
-    folder = Path(load_dir)
-    if not folder.is_dir():
-        raise ConfigError(f"load_dir={load_dir}: no such folder")
-    saved = folder / ".hydra" / "config.yaml"
-    if not saved.exists():
-        raise ConfigError(f"load_dir={load_dir}: no {saved}; is it a run folder?")
+    check_load_dir(load_dir)
+    saved = Path(load_dir) / ".hydra" / "config.yaml"
     overrides = [o.lstrip("+") for o in HydraConfig.get().overrides.task
                  if not o.lstrip("+").startswith(("load_dir=", "hydra."))]
     return OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(overrides))

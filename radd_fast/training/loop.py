@@ -9,7 +9,8 @@ checkpoint step) reads the losses, the gradient norm and the non-finite flag bac
 
 Run folder (published layout): ``checkpoints/checkpoint_<step>.pth`` and
 ``samples/iter_<step>/`` every ``snapshot_freq`` steps, ``checkpoints-meta/checkpoint.pth``
-(the resume point) every ``snapshot_freq_for_preemption``, ``metrics.jsonl`` and ``logs``.
+(the resume point) every ``snapshot_freq_for_preemption``, ``metrics.jsonl`` and ``logs``;
+``train.lock`` while a run writes there (``lock.py``: a second process is refused).
 A folder that holds a checkpoint is resumed (state.py verifies it, and falls back to the
 newest intact snapshot). Faults lose nothing and leave no debris:
 - within a step the meta checkpoint is written last, so a run killed anywhere resumes at a
@@ -64,6 +65,7 @@ from ..flops import MFU_FORMULA, peak_flops
 from ..model import RADD
 from ..noise import get_noise
 from .config import RunConfig
+from .lock import run_folder_lock
 from .metrics import Metrics
 from .optim import build_optimizer, lr_at
 from .snapshot import snapshot_samples
@@ -140,14 +142,17 @@ def train(config, run_dir, device: str | None = None) -> dict:
     owns_group = not torch.distributed.is_initialized()
     env = init_distributed(device)
     run_dir = Path(run_dir)
-    handler = _setup_logging(run_dir, env)
     try:
-        with deterministic_algorithms(env.device):
-            return _train(cfg, run_dir, env)
+        with run_folder_lock(run_dir, enabled=env.is_main):  # one writer per folder: a second is refused
+            handler = _setup_logging(run_dir, env)
+            try:
+                with deterministic_algorithms(env.device):
+                    return _train(cfg, run_dir, env)
+            finally:
+                if handler is not None:
+                    logging.getLogger("radd_fast").removeHandler(handler)
+                    handler.close()
     finally:
-        if handler is not None:
-            logging.getLogger("radd_fast").removeHandler(handler)
-            handler.close()
         if owns_group:
             cleanup(env)
 

@@ -23,6 +23,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+import pytest
+
 import radd_fast
 from tests.support.paths import REPO
 from tests.support.runs import (
@@ -126,3 +128,65 @@ def test_train_py_runs_reproduce_bit_for_bit_straight_and_killed_then_resumed(tm
         assert metric_records(runs[name]) == reference, name  # losses, eval losses, grad norms: bit for bit
         assert run_files(runs[name]) == run_files(runs["a"]), name  # the same files, no debris
         assert_same_checkpoints(runs[name], runs["a"])  # weights, EMA, optimizer, data position
+
+
+# ---- one writer per run folder -------------------------------------------------------------------------------
+def small_command(text: Path, tmp: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "model=tiny", "tokenizer=bytes", "tokens=256", f"data.train={text}",
+            f"data.valid={text}", f"data.cache_dir={tmp / 'cache'}", "model.length=16", "training.batch_size=2",
+            "training.accum=1", "training.eval_freq=0", "training.snapshot_sampling=false", "training.progress=false",
+            "training.snapshot_freq=2", "training.snapshot_freq_for_preemption=2", "training.log_freq=1", *extra]
+
+
+def test_a_second_train_py_on_a_busy_run_folder_is_refused_in_one_line(tmp_path):
+    """While one train.py runs in a folder, a second one there (a new run or a resume) is refused in one
+    line naming the folder and the first one's pid, before Hydra touches the folder; after the first is
+    SIGKILLed, a resume takes the folder, and leaves no lock file when it ends."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello radd " * 400)
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    first = subprocess.Popen(small_command(text, tmp_path, ["training.n_iters=1000000", f"hydra.run.dir={run}"]),
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while logged_steps(run) < 1 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None and (run / "train.lock").read_text() == f"{first.pid}\n"
+        hydra_files = {p: p.read_bytes() for p in (run / ".hydra").iterdir()}
+        refusal = (f"error: run folder {run} is in use by another training process (pid {first.pid}), which holds "
+                   f"{run / 'train.lock'}: wait for it to end, or train into another folder")
+        for extra in ([f"hydra.run.dir={run}", "training.n_iters=3", "training.seed=5"],
+                      [f"load_dir={run}", "training.n_iters=3"]):
+            second = subprocess.run(small_command(text, tmp_path, extra), cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=300)
+            assert (second.returncode, second.stderr.splitlines()) == (2, [refusal]), second.stderr
+        assert {p: p.read_bytes() for p in (run / ".hydra").iterdir()} == hydra_files
+        assert not (run / "resumes").exists()
+    finally:
+        first.kill()
+        first.wait()
+    done = logged_steps(run)
+    resumed = subprocess.run(small_command(text, tmp_path, [f"load_dir={run}", f"training.n_iters={done + 2}"]),
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (run / "train.lock").exists()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, done + 3))  # each step once
+
+
+@pytest.mark.parametrize("kind", ["file", "missing"])
+def test_a_load_dir_that_is_not_a_folder_is_one_line_and_leaves_nothing(tmp_path, kind):
+    """Hydra would make <load_dir>/resumes/<time> before the run could look: a NotADirectoryError
+    traceback for a file, a new folder for a missing one. Refused first, in one line, exit 2."""
+    target = tmp_path / "not_a_run.txt"
+    if kind == "file":
+        target.write_text("a file\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=tiny", f"load_dir={target}"], cwd=tmp_path,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    message = {"file": f"error: load_dir={target} is a file; pass the run folder to resume (the one that holds "
+                       f".hydra/config.yaml)",
+               "missing": f"error: load_dir={target}: no such folder"}[kind]
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [message])
+    assert sorted(os.listdir(tmp_path)) == (["not_a_run.txt"] if kind == "file" else [])
