@@ -19,7 +19,8 @@ Text is detokenised (evaluation corpora, as published; a local file only when a
 followed by EOS, all concatenated, and cut into blocks of ``length`` tokens; the
 remainder is dropped. Tokenised text is cached once under ``cache_dir`` as a raw
 uint16/uint32 stream keyed by source, split, tokenizer and detokenizer, written
-to a temporary file, fsynced and renamed, so a half-written cache is never read.
+to a temporary file, fsynced and renamed (``radd_fast.files``), so a half-written cache
+is never read; a full disk is one error line naming the cache file.
 The blocks are views of the memory map: a 9B-token corpus costs no RAM.
 """
 from __future__ import annotations
@@ -33,11 +34,14 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..files import atomic_write
 from ..hub import hub_offline, hub_reachable
 from .detokenizers import DETOKENIZERS, detokenizer_identity
 from .sources import DataError, jsonl_documents, map_token_file, read_text
 
 CACHE_VERSION = 1
+CACHE_ADVICE = ("nothing is cached yet; free some space, or point data.cache_dir (train.py) / --cache_dir "
+                "(eval.py) at a folder with room")
 
 
 @dataclass(frozen=True)
@@ -148,17 +152,11 @@ def _cached(key, stem, split, tokenizer, cache_dir, pieces: Callable[[], Iterabl
     out = cache_path(key, stem, split, tokenizer, cache_dir)
     dtype = np.dtype(out.suffixes[-2][1:])
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        try:
-            with tmp.open("wb") as fh:  # streamed: the corpus is never held in memory
-                for piece in pieces():
-                    fh.write(piece.astype(dtype).tobytes())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        def write(fh):  # streamed: the corpus is never held in memory
+            for piece in pieces():
+                fh.write(piece.astype(dtype).tobytes())
+
+        atomic_write(out, write, advice=CACHE_ADVICE)
     if out.stat().st_size == 0:
         raise DataError(f"data source {stem!r} ({split}) is empty: no documents (cached at {out})")
     return np.memmap(out, dtype=dtype, mode="r")

@@ -49,13 +49,14 @@ from ..checkpoint import load_model
 from ..data.tokenizers import tokenizer_mismatch
 from ..distributed import DistEnv, shard, spawn_local_ranks
 from ..errors import ArgParser, run_cli
+from ..files import atomic_write_json
 from ..losses.registry import LOSS_TYPES
 from ..sampling.schedule import METHODS
 from .config import AR_COLUMNS, BACKENDS, HF_DATASETS, SAMPLING_DTYPES, SUITES, EvalConfig, check_dataset
 from .gen_ppl import load_scorer, read_samples, score_samples
 from .gen_suite import run_gen_suite
 from .ppl import compile_body, evaluate_ppl
-from .protocol import EvalError, detokenizer_of, json_safe, published_split, rank_batch_size
+from .protocol import PRINTED, EvalError, detokenizer_of, json_safe, published_split, rank_batch_size
 from .suite import run_zero_shot
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}  # the flags' defaults: EvalConfig's
@@ -202,10 +203,11 @@ def evaluate_rank(env: DistEnv, cfg: EvalConfig, blocks: torch.Tensor, loaded=No
         "environment": environment(env.device),
     }
     path = result_path(cfg)
-    path.write_text(json.dumps(out, indent=1))
     stderr = "" if res.ppl_stderr is None else f" (Monte Carlo s.e. {res.ppl_stderr:.4g})"
-    print(f"Evaluation PPL: {res.ppl}")
-    print(f"split {cfg.split}: {res.num_sequences} blocks in {res.num_batches} batches{stderr}; scored {res.scoring}")
+    print(f"Evaluation PPL: {res.ppl}", flush=True)  # before the file: a full disk loses no result
+    print(f"split {cfg.split}: {res.num_sequences} blocks in {res.num_batches} batches{stderr}; scored {res.scoring}",
+          flush=True)
+    atomic_write_json(path, out, advice=PRINTED)
     print(f"results written to {path}")
     return out
 
@@ -267,9 +269,9 @@ def run_gen_ppl(cfg: EvalConfig) -> dict:
     res["settings"] = cfg.samples_settings()
     res["environment"] = environment(torch.device(cfg.device))
     path = Path(cfg.work_dir) / f"gen_ppl_{_tag(cfg.gen_ppl)}.json"
-    path.write_text(json.dumps(res, indent=1))
-    print(f"Generative PPL: {res['mean_ppl']}")
-    print(f"Unigram entropy: {res['mean_entropy']}")
+    print(f"Generative PPL: {res['mean_ppl']}", flush=True)  # before the file: a full disk loses no result
+    print(f"Unigram entropy: {res['mean_entropy']}", flush=True)
+    atomic_write_json(path, res, advice=PRINTED)
     print(f"results written to {path}")
     return res
 

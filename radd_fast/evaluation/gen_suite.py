@@ -10,21 +10,23 @@ per step count, and one table (mean gen-PPL, its spread, unigram entropy, E-NFE,
 the paper's fp64 gen-PPL) written as JSON and markdown, with a plot of gen-PPL and
 entropy against steps when matplotlib is installed. Entropy is always printed
 beside gen-PPL: a sampler can buy a low gen-PPL with repetitive text
-(docs/EVALUATION.md).
+(docs/EVALUATION.md). Each result is printed before its file is written, and every
+file goes through ``radd_fast.files``: a full disk is one error line naming the file,
+and leaves whole sample lines and whole result files.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
+from ..files import LineFile, atomic_write, atomic_write_json, atomic_write_text
 from ..progress import write
 from ..sampling import generate
 from .gen_ppl import score_samples
 from .paper_numbers import FP32_COUNTEREXAMPLE, GEN_PPL_FP64, GEN_PPL_NOTE, SOURCE
-from .protocol import EvalError, derived_seed, write_json_atomic
+from .protocol import PRINTED, EvalError, derived_seed
 
 RESULT_STEM = "gen_ppl_suite"
 
@@ -52,14 +54,6 @@ def read_complete_lines(path: Path) -> list[dict]:
     return out
 
 
-def append_lines(path: Path, records: list[dict]) -> None:
-    """Append JSONL records in one write, flushed and fsynced."""
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in records))
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def sample_steps(model, noise, steps: int, settings: dict, work_dir, *, progress: bool = False,
                  on_chunk: Callable | None = None) -> list[dict]:
     """Draw (or finish drawing) the samples of one step count; returns all its records.
@@ -78,7 +72,8 @@ def sample_steps(model, noise, steps: int, settings: dict, work_dir, *, progress
         enfe, rows = stats.enfe.tolist(), tokens.cpu().tolist()  # one device-to-host copy per chunk
         new = [{"index": c * chunk + r, "steps": steps, "ids": rows[r], "enfe": int(enfe[r])}
                for r in range(len(records) - c * chunk, size)]
-        append_lines(path, new)
+        with LineFile(path, "a", fsync=True) as out:  # whole lines only, even on a full disk
+            out.write_lines(json.dumps(r) for r in new)
         records += new
         write(f"steps {steps}: {len(records)}/{n} samples in {path}")
         if on_chunk is not None:
@@ -103,7 +98,9 @@ def score_steps(records: list[dict], steps: int, scorer, sample_tokenizer, setti
            "enfe": sum(r["enfe"] for r in records) / len(records), "paper_fp64_gen_ppl": GEN_PPL_FP64.get(steps),
            "per_sample_ppl": [p["ppl"] for p in res["per_sample"]],
            "per_sample_entropy": [p["entropy"] for p in res["per_sample"]]}
-    write_json_atomic(path, row)
+    write(f"steps {steps}: gen-PPL {row['mean_ppl']:.2f}, entropy {row['mean_entropy']:.3f} nats, "
+          f"E-NFE {row['enfe']:.1f}")  # before the file: a full disk loses no result
+    atomic_write_json(path, row, advice=PRINTED)
     return row
 
 
@@ -126,10 +123,10 @@ def run_gen_suite(model, noise, settings: dict, scorer, sample_tokenizer, work_d
     results = {"settings": settings, "paper_source": f"{SOURCE}, {GEN_PPL_NOTE}",
                "paper_fp32_counterexample": FP32_COUNTEREXAMPLE,
                "rows": [{k: v for k, v in r.items() if not k.startswith("per_sample")} for r in rows]}
-    write_json_atomic(work_dir / f"{RESULT_STEM}.json", results)
     md = table_markdown(results)
-    (work_dir / f"{RESULT_STEM}.md").write_text(md, encoding="utf-8")
-    print(md)
+    print(md)  # before the files: a full disk loses no result
+    atomic_write_json(work_dir / f"{RESULT_STEM}.json", results, advice=PRINTED)
+    atomic_write_text(work_dir / f"{RESULT_STEM}.md", md, advice=PRINTED)
     plot = plot_results(results, work_dir / f"{RESULT_STEM}.png")
     print(f"plot written to {plot}" if plot else "plot skipped: matplotlib is not installed")
     return results
@@ -171,6 +168,6 @@ def plot_results(results: dict, path: Path) -> Path | None:
         ax.set_ylabel(label)
     ax1.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120), advice=PRINTED)
     plt.close(fig)
     return path

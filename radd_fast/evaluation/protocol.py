@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,10 @@ DEFAULT_SPLIT = "test"  # local files and anything else
 PAPER_LENGTH = 1024  # tokens per block in Table 1
 PAPER_MC_TIMESTEPS = 1024  # noise draws per batch for the diffusion losses
 DEFAULT_LOSS_TYPE = "lambda_DCE"  # the published CLI's default
+# What a failed write of a result file (a full disk) adds to its one error line (radd_fast.files): the
+# results are printed before they are written, and the suites' state file is replaced atomically.
+PRINTED = "the results are printed above; free some space (or pass another --work_dir) to keep them in a file"
+RESUME = "the state saved before it is unchanged; free some space and run the same command to resume"
 
 
 class EvalError(UserError):
@@ -77,17 +80,6 @@ def check_work_dir(work_dir) -> Path:
     except OSError as e:
         raise EvalError(f"cannot write results to --work_dir {path}: {e.strerror or e}") from e
     return path
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file, fsync, rename: a reader (or a resume) never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def derived_seed(*parts) -> int:

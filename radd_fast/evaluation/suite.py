@@ -9,7 +9,8 @@ variances) is written atomically to ``zero_shot_state.json`` in the work folder,
 and each batch's noise is seeded from (seed, dataset, column, batch index): a
 killed run restarts at the dataset and batch where it stopped and ends with
 exactly the numbers of an uninterrupted one. The table (ours, the paper's, the
-difference, the standard error of ours) is written as JSON and markdown.
+difference, the standard error of ours) is printed, then written as JSON and markdown
+(``radd_fast.files``: a full disk is one error line naming the file, after the table).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from ..files import atomic_write_json, atomic_write_text
 from ..progress import progress_bar, write
 from .paper_numbers import DATASET_TITLES, SOURCE, ZERO_SHOT_NOTE, ZERO_SHOT_TABLE, paper_row
 from .ppl import (
@@ -31,7 +33,7 @@ from .ppl import (
     perplexity,
     ppl_standard_error,
 )
-from .protocol import EvalError, derived_seed, write_json_atomic
+from .protocol import PRINTED, RESUME, EvalError, derived_seed
 
 STATE_FILE = "zero_shot_state.json"
 RESULT_STEM = "zero_shot"
@@ -97,7 +99,7 @@ def run_zero_shot(model, noise, settings: dict, blocks_of: Callable[[str], tuple
             _run_column(model, noise, settings, state, dataset, column, loss_type, mc, batches, work_dir,
                         progress, on_batch)
         entry["done"] = True
-        write_json_atomic(work_dir / STATE_FILE, state)
+        atomic_write_json(work_dir / STATE_FILE, state, advice=RESUME)
     results = summarize(state, settings)
     write_results(results, work_dir)
     return results
@@ -123,7 +125,7 @@ def _run_column(model, noise, settings, state, dataset, column, loss_type, mc, b
             col["batch_losses"].append(float(loss))
             col["batch_vars"].append(None if math.isnan(float(var)) else float(var))
             col["num_sequences"] += int(x.shape[0])
-            write_json_atomic(work_dir / STATE_FILE, state)
+            atomic_write_json(work_dir / STATE_FILE, state, advice=RESUME)
             bar.update(1)
             if on_batch is not None:
                 on_batch(dataset, column, i)
@@ -186,7 +188,7 @@ def table_markdown(results: dict) -> str:
 
 def write_results(results: dict, work_dir: Path) -> None:
     """``zero_shot.json`` and ``zero_shot.md`` in the work folder; the table printed."""
-    write_json_atomic(Path(work_dir) / f"{RESULT_STEM}.json", results)
     md = table_markdown(results)
-    (Path(work_dir) / f"{RESULT_STEM}.md").write_text(md, encoding="utf-8")
-    print(md)
+    print(md)  # before the files: a full disk loses no result
+    atomic_write_json(Path(work_dir) / f"{RESULT_STEM}.json", results, advice=PRINTED)
+    atomic_write_text(Path(work_dir) / f"{RESULT_STEM}.md", md, advice=PRINTED)

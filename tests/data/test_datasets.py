@@ -7,6 +7,8 @@ import pytest
 
 from radd_fast.data import ByteTokenizer, DataError, load_blocks, ptb_detokenizer
 from radd_fast.data import datasets as datasets_module
+from radd_fast.files import WriteError
+from tests.support.faults import full_disk
 
 
 def stream(tok, docs):
@@ -52,8 +54,8 @@ def test_cache_is_written_once_and_keyed_on_content(tmp_path, monkeypatch):
     path.write_text("abcdefgh" * 4)
     tok = ByteTokenizer()
     first = load_blocks(str(path), "train", tok, length=8, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.bin"))) == 1
-    assert not list((tmp_path / "cache").glob("*.tmp*"))  # no temporary left behind
+    files = list((tmp_path / "cache").iterdir())  # hidden ones too: no temporary left behind
+    assert len(files) == 1 and files[0].name.endswith(".uint16.bin")
 
     def boom(texts):
         raise AssertionError("re-tokenised a cached source")
@@ -98,6 +100,19 @@ def test_hub_corpus_without_network_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub client was called"))
     with pytest.raises(DataError, match="hub cannot be reached .*pass a local text file"):
         load_blocks("ptb", "test", ByteTokenizer(), length=4, cache_dir=tmp_path)
+
+def test_a_full_disk_while_caching_is_one_error_naming_the_cache_file(tmp_path, monkeypatch):
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefgh" * 4)
+    full_disk(monkeypatch, tmp_path / "cache", free=10)
+    with pytest.raises(WriteError) as e:
+        load_blocks(str(path), "train", ByteTokenizer(), length=8, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial cache, no temporary
+    target = datasets_module.cache_path({"source": str(path.resolve()), "stamp": datasets_module._file_stamp(path)},
+                                        "t", "train", ByteTokenizer(), tmp_path / "cache")
+    assert str(e.value) == (f"no space left on device while writing {target}: nothing is cached yet; free some space, "
+                            f"or point data.cache_dir (train.py) / --cache_dir (eval.py) at a folder with room")
+
 
 def test_data_errors(tmp_path):
     tok = ByteTokenizer()
