@@ -1,9 +1,11 @@
 """eval.py as a user runs it (a subprocess): a seeded evaluation end to end, its printed line and JSON,
-and a NaN checkpoint failing in one error line with no traceback."""
+and a NaN checkpoint failing in one error line with no traceback; a full disk (tests/support/faults.py)
+under --work_dir or --cache_dir is one error line naming the file, after the PPL, and leaves no file."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import torch
 from radd_fast.checkpoint import file_sha256
 from tests.support.checkpoints import flip_bytes
 from tests.support.eval_inputs import cli_args, write_eval_checkpoint
+from tests.support.faults import full_disk_env
 from tests.support.models import EVAL_LENGTH, eval_model
 from tests.support.paths import REPO
 
@@ -94,3 +97,32 @@ def test_cli_weights_that_differ_from_their_sidecar_fail_in_one_line(checkpoint,
     assert (proc.returncode, proc.stderr.splitlines()) == (
         2, [f"error: {weights}: its SHA-256 does not match model.safetensors.sha256 (truncated or corrupted)"])
     assert "Evaluation PPL" not in proc.stdout
+
+
+# ---- a full disk: the results are printed first, then one error line naming the file ----------------------
+def _eval_on_a_full_disk(checkpoint, tmp_path, folder) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **full_disk_env(tmp_path, folder)}
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"),
+                           *cli_args(checkpoint, tmp_path, "--monte_carlo_timesteps", "2")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+
+
+def test_cli_a_full_work_dir_prints_the_ppl_then_one_error_line_and_leaves_no_file(checkpoint, tmp_path):
+    proc = _eval_on_a_full_disk(checkpoint, tmp_path, tmp_path / "out")
+    report = tmp_path / "out" / "eval_ppl_text_lambda_DCE.json"
+    assert (proc.returncode, proc.stderr.splitlines()) == (
+        2, [f"error: no space left on device while writing {report}: the results are printed above; free some "
+            f"space (or pass another --work_dir) to keep them in a file"])
+    assert [s for s in proc.stdout.splitlines() if s.startswith("Evaluation PPL: ")], proc.stdout
+    assert "results written" not in proc.stdout
+    assert list((tmp_path / "out").iterdir()) == []  # no empty report, no temporary
+
+
+def test_cli_a_full_cache_dir_is_one_error_line_naming_the_cache_file(checkpoint, tmp_path):
+    proc = _eval_on_a_full_disk(checkpoint, tmp_path, tmp_path / "cache")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith(f"error: no space left on device while writing {tmp_path / 'cache'}/text-test-"), line
+    assert line.endswith(".uint16.bin: nothing is cached yet; free some space, or point data.cache_dir (train.py) "
+                         "/ --cache_dir (eval.py) at a folder with room"), line
+    assert "Evaluation PPL" not in proc.stdout and list((tmp_path / "cache").iterdir()) == []
