@@ -1,7 +1,8 @@
 """The hub layout on disk and the Hugging Face hub: writing it, uploading it, and failing fast offline.
 
 The hub layout is a folder with ``config.json`` (the run config, nested, as the
-published uploads carry it) and ``model.safetensors`` (older uploads:
+published uploads carry it, plus ``model_type: radd`` for ``transformers``' Auto
+classes) and ``model.safetensors`` (older uploads:
 ``pytorch_model.bin``). ``checkpoint.py`` reads it; this module writes it. It
 knows nothing of the model class: it takes anything with ``config.to_dict()`` and
 ``state_dict()``, so the model can call it without an import circle.
@@ -27,13 +28,18 @@ BIN_NAME = "pytorch_model.bin"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # One TCP connect is enough to tell "no network" from "slow network".
 PROBE_TIMEOUT_S = 3.0
+# The model type transformers' AutoConfig reads from config.json (radd_fast/integrations/transformers.py registers
+# it); the published class ignores the extra key. The published uploads have none.
+MODEL_TYPE = "radd"
 
 
 def save_pretrained(model, folder) -> None:
-    """Write the hub layout (config.json + model.safetensors, fp32) that the published class loads too."""
+    """Write the hub layout (config.json + model.safetensors, fp32) that the published class loads too,
+    and ``transformers.AutoModelForMaskedLM`` after ``import radd_fast`` (config.json names ``model_type``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2))
+    config = {**model.config.to_dict(), "model_type": MODEL_TYPE}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
 
