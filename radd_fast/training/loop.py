@@ -61,6 +61,7 @@ from ..distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distr
 from ..ema import ExponentialMovingAverage
 from ..errors import NonFiniteLossError
 from ..evaluation.ppl import make_loss_fn
+from ..files import atomic_write_text
 from ..flops import MFU_FORMULA, peak_flops
 from ..model import RADD
 from ..noise import get_noise
@@ -366,8 +367,7 @@ def _write_config(cfg: RunConfig, run_dir: Path) -> None:
     """Hydra writes .hydra/config.yaml; a run started from Python gets one too (load_model reads it)."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg.raw, sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(cfg.raw, sort_keys=False))
 
 
 def _setup_logging(run_dir: Path, env: DistEnv):

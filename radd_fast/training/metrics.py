@@ -8,7 +8,8 @@ that holds an MFU holds its formula too (``mfu_formula``).
 A resumed run starts at the checkpoint's step, so every record after that step was
 made by the interrupted process and is made again: they are dropped when the file is
 opened (``drop_records_after``), and TensorBoard purges its events after that step, so
-both read as one uninterrupted run.
+both read as one uninterrupted run. Lines are written whole (``radd_fast.files.LineFile``):
+a full disk stops the run with one error line naming the file, and leaves whole lines.
 """
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ import os
 import time
 from pathlib import Path
 
+from ..files import LineFile, atomic_write_text
 from ..progress import log_above_bars, progress_bar
 
 METRICS_FILE = "metrics.jsonl"
+# What a failed write in the run folder (a full disk) adds to its one error line (radd_fast.files).
+RESUME = "free some space and resume the run (load_dir=<run folder>): it continues from its last checkpoint"
 
 
 def drop_records_after(path: str | os.PathLike, step: int) -> int:
@@ -42,9 +46,7 @@ def drop_records_after(path: str | os.PathLike, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept), advice=f"it is unchanged; {RESUME}")
     return dropped
 
 
@@ -59,7 +61,7 @@ class Metrics:
         if not enabled:
             return
         drop_records_after(Path(run_dir) / METRICS_FILE, initial)
-        self.file = (Path(run_dir) / METRICS_FILE).open("a", encoding="utf-8")
+        self.file = LineFile(Path(run_dir) / METRICS_FILE, "a", advice=f"its earlier lines are kept whole; {RESUME}")
         if progress:
             self.bar = progress_bar(True, total=total, initial=initial, desc="train", unit="step")
             self._undo_logging = log_above_bars()  # evaluation / checkpoint lines above the bar, not inside it
@@ -77,8 +79,7 @@ class Metrics:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **values}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.file.write_lines([json.dumps(record)])  # on disk now; a full disk: one error line naming the file
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):

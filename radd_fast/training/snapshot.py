@@ -16,7 +16,9 @@ import torch
 from ..distributed import all_reduce_mean
 from ..errors import UserError
 from ..evaluation.gen_ppl import score_samples, scorer_problem
+from ..files import atomic_write_text
 from ..sampling import generate
+from .metrics import RESUME
 
 log = logging.getLogger(__name__)
 SEPARATOR = "=" * 92
@@ -37,9 +39,8 @@ def snapshot_samples(model, ema, noise, tokenizer, cfg, step: int, run_dir: Path
                              config=cfg.sampling.sampler(), progress=False)
     model.train(was_training)
     texts = tokenizer.batch_decode(tokens.tolist())
-    with (folder / f"sample_{env.rank}.txt").open("w", encoding="utf-8") as fh:
-        for text in texts:
-            fh.write(text + "\n" + SEPARATOR + "\n")
+    atomic_write_text(folder / f"sample_{env.rank}.txt", "".join(f"{text}\n{SEPARATOR}\n" for text in texts),
+                      advice=RESUME)
     if cfg.eval.perplexity:
         _log_generative_perplexity(texts, cfg, step, env, metrics)
     return texts
