@@ -43,7 +43,7 @@ from ..checkpoint import load_model
 from ..config import BACKENDS
 from ..data.tokenizers import default_tokenizer_name, get_tokenizer, tokenizer_mismatch
 from ..errors import UserError, run_cli
-from ..evaluation.ppl import check_loss_type, evaluate_ppl
+from ..evaluation.ppl import EXACT_LOSS_TYPES, check_loss_type, evaluate_ppl
 from ..evaluation.protocol import DEFAULT_LOSS_TYPE, PAPER_MC_TIMESTEPS, default_mc_timesteps
 from ..sampling import SamplerConfig, generate
 from .likelihood import (
@@ -132,12 +132,13 @@ class RADDLM(LM):
     def get_model_info(self) -> dict:
         """What each request type computed, recorded in the harness's results (``config``)."""
         L = self.model.length
+        bound = "exact NLL" if self.loss_type in EXACT_LOSS_TYPES else "ELBO"
         loglik = ("exact log-likelihood of the continuation revealed left to right (any-order, context visible)"
                   if self.likelihood == "exact" else
                   f"Monte Carlo any-order ELBO of the continuation given the context, {self.loglikelihood_mc} draws")
         return {"radd": {"pretrained": self.pretrained, "tokenizer": self._tokenizer_name, "length": L,
                          "loglikelihood": loglik,
-                         "loglikelihood_rolling": f"ELBO of {self.loss_type} over {self.rolling_mc} draws, "
+                         "loglikelihood_rolling": f"{bound} of {self.loss_type} over {self.rolling_mc} draws, "
                                                   f"windows of {L} tokens (evaluate_ppl)",
                          "generate_until": f"radd_fast.generate, {self._sampling_steps} steps, context as prefix",
                          "seed": self.seed, "backend": self.model.backend}}
@@ -223,16 +224,19 @@ def _generation_options(gen_kwargs) -> tuple[list[str], int, tuple]:
     until = kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
     max_toks = _whole(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS), "max_gen_toks")
-    temperature = kwargs.get("temperature")
-    if temperature is not None and float(temperature) not in (0.0, 1.0):
+    temperature = _number(kwargs.get("temperature"), "temperature")
+    if temperature not in (None, 0.0, 1.0):
         raise AdapterError(f"temperature={temperature}: the radd model samples at temperature 1 or, with 0 "
                            f"(or do_sample=False), takes the most likely token at each revealed position")
-    if kwargs.get("do_sample") is False or (temperature is not None and float(temperature) == 0.0):
+    if kwargs.get("do_sample") is False or temperature == 0.0:
         return until, max_toks, ("top_k", 1)
     if kwargs.get("top_k") is not None:
         return until, max_toks, ("top_k", _whole(kwargs["top_k"], "top_k"))
-    if kwargs.get("top_p") is not None:
-        return until, max_toks, ("top_p", float(kwargs["top_p"]))
+    top_p = _number(kwargs.get("top_p"), "top_p")
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise AdapterError(f"top_p={top_p}: expected a probability in (0, 1]")
+        return until, max_toks, ("top_p", top_p)
     return until, max_toks, ("direct", None)
 
 
@@ -240,6 +244,16 @@ def _cut(text: str, until: list[str]) -> str:
     """``text`` up to the first occurrence of any ``until`` string."""
     end = min((text.index(s) for s in until if s and s in text), default=len(text))
     return text[:end]
+
+
+def _number(value, name: str) -> float | None:
+    """None, or ``value`` as a float, else an AdapterError naming ``name``."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise AdapterError(f"{name}={value!r}: expected a number") from None
 
 
 def _whole(value, name: str, minimum: int = 1) -> int:

@@ -147,6 +147,8 @@ def test_a_bad_model_argument_is_one_line_naming_it(folders, tmp_path, args, nam
     ({"temperature": 0.7}, "temperature=0.7"),
     ({"max_gen_toks": 32}, "max_gen_toks=32"),
     ({"max_gen_toks": "lots"}, "max_gen_toks='lots'"),
+    ({"temperature": "warm"}, "temperature='warm'"),
+    ({"do_sample": True, "top_p": 1.5}, "top_p=1.5"),
 ])
 def test_a_bad_generation_option_is_one_line_naming_it(folders, gen_kwargs, named):
     lm = RADDLM(pretrained=str(folders.model), steps=2)
