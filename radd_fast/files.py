@@ -8,7 +8,8 @@ cache (data/datasets.py), sample.py's ``--out`` and the gen-PPL suite's samples.
   flushed, fsynced, renamed over ``path`` (``os.replace``), then the folder fsynced: a reader
   (or a resume) sees the old file or the new one, never half of one. On any failure,
   Ctrl-C included, the temporary is removed and ``path`` is as it was.
-  ``atomic_write_text`` / ``atomic_write_json`` are the two common cases.
+  ``atomic_write_text`` / ``atomic_write_json`` are the two common cases; ``atomic_save_as``
+  serves a library that writes by file name (safetensors).
 - ``LineFile(path)``: a streamed file of whole lines (JSONL): each ``write_lines`` is one
   unbuffered write, fsynced when asked; a write that fails (a full disk, Ctrl-C) is cut back to
   the last complete line, so the file always holds whole lines.
@@ -118,6 +119,27 @@ def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "wb", adv
     with write_errors(path, advice, error_type):
         path.parent.mkdir(parents=True, exist_ok=True)
         commit(write_temporary(path, write, mode), path)
+
+
+def atomic_save_as(path: str | os.PathLike, save: Callable[[Path], None], advice: str = REPLACED,
+                   error_type: type[UserError] = WriteError) -> None:
+    """``save(temporary path)``, for a library that writes by file name (safetensors' ``save_file``), then
+    fsync and rename as ``atomic_write`` does."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    with write_errors(path, advice, error_type):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            save(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        commit(tmp, path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, **kwargs) -> None:

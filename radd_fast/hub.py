@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 from safetensors.torch import save_file
 
+from .files import atomic_save_as, atomic_write_text
+
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
@@ -39,9 +41,9 @@ def save_pretrained(model, folder) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {**model.config.to_dict(), "model_type": MODEL_TYPE}
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2))  # each file whole, or as it was
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+    atomic_save_as(folder / SAFETENSORS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
 def push_to_hub(model, repo_id: str, private: bool = False, token: str | None = None) -> str:

@@ -1,11 +1,16 @@
-"""The hub layout (radd_fast/hub.py): save_pretrained writes what the published class loads, and
-push_to_hub uploads exactly that folder (a stand-in for the hub client), offline."""
+"""The hub layout (radd_fast/hub.py): save_pretrained writes what the published class loads (each file
+whole or absent, a full disk named), and push_to_hub uploads exactly that folder (a stand-in for the hub
+client), offline."""
+import errno
 import json
+import os
 
 import pytest
 
-from radd_fast import load_model
+from radd_fast import hub, load_model
+from radd_fast.files import REPLACED, WriteError
 from tests.support.checkpoints import TOKENS, D, check_parity, published_checkpoint, write_hub
+from tests.support.faults import full_disk
 
 
 @pytest.fixture
@@ -25,6 +30,30 @@ def test_save_pretrained_round_trip_keeps_published_layout(tmp_path, published):
     assert set(load_file(str(tmp_path / "b" / "model.safetensors"))) == set(state)
     again, _ = load_model(tmp_path / "b")
     check_parity(again, state, lengths=(3,))
+
+
+def test_save_pretrained_on_a_full_disk_leaves_each_file_whole_or_absent(tmp_path, published, monkeypatch):
+    """config.json through open, model.safetensors through safetensors' own writer: a full disk during
+    either is one error naming the file, and no partial file or temporary is left."""
+    cfg, state = published
+    model, _ = load_model(write_hub(tmp_path / "a", cfg, state))
+    with monkeypatch.context() as m:
+        full_disk(m, tmp_path / "b")
+        with pytest.raises(WriteError) as e:
+            model.save_pretrained(tmp_path / "b")
+    assert str(e.value) == f"no space left on device while writing {tmp_path / 'b' / 'config.json'}: {REPLACED}"
+    assert list((tmp_path / "b").iterdir()) == []
+
+    def half_written(state, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"\x00" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hub, "save_file", half_written)
+    with pytest.raises(WriteError) as e:
+        model.save_pretrained(tmp_path / "c")
+    assert str(e.value) == f"no space left on device while writing {tmp_path / 'c' / 'model.safetensors'}: {REPLACED}"
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["config.json"]
 
 
 def test_push_to_hub_uploads_the_hub_layout(monkeypatch, tmp_path, published):
