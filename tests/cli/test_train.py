@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import radd_fast
+from tests.support.faults import full_disk_env
 from tests.support.paths import REPO
 from tests.support.runs import (
     assert_same_checkpoints,
@@ -190,3 +191,19 @@ def test_a_load_dir_that_is_not_a_folder_is_one_line_and_leaves_nothing(tmp_path
                "missing": f"error: load_dir={target}: no such folder"}[kind]
     assert (proc.returncode, proc.stderr.splitlines()) == (2, [message])
     assert sorted(os.listdir(tmp_path)) == (["not_a_run.txt"] if kind == "file" else [])
+
+
+def test_a_full_cache_dir_is_one_error_line_naming_the_cache_file_before_training(tmp_path):
+    """data.cache_dir on a full disk (tests/support/faults.py): one line naming the cache file, exit 2, no
+    training step, no partial cache file."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello radd " * 400)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **full_disk_env(tmp_path, tmp_path / "cache"))
+    proc = subprocess.run(small_command(text, tmp_path, ["training.n_iters=2", f"hydra.run.dir={tmp_path / 'run'}"]),
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith(f"error: no space left on device while writing {tmp_path / 'cache'}/corpus-train-"), line
+    assert line.endswith(".uint16.bin: nothing is cached yet; free some space, or point data.cache_dir (train.py) "
+                         "/ --cache_dir (eval.py) at a folder with room"), line
+    assert list((tmp_path / "cache").iterdir()) == [] and not list((tmp_path / "run").rglob("*.pth"))
