@@ -23,7 +23,10 @@
 #   53-bit uniforms and adds them to fp64 scores (fp32 Gumbel tops out at ~16.6,
 #   which truncates the noise tail; lower precision lowers the effective
 #   temperature). Launches with N * n_vocab >= 2^31 are split into row chunks with
-#   derived keys (the Philox offset is int32).
+#   derived keys (the Philox offset is int32). `noise_ids=` [N] int64 keys each row
+#   by (seed, id) instead: the counter (col, id_lo, id_hi, 0), so a row's noise does
+#   not depend on its place in the launch (the sampler's ids are sample x position;
+#   radd_fast/philox.py draws the same bits in PyTorch and is the CPU fallback).
 #
 # Memory traffic saved (direct, N = 128, V = 50257, d = 768, bf16): the unfused
 #   head writes + reads [N, V] logits in bf16, fp32 log-softmax and probs
@@ -55,6 +58,7 @@ from radd_fast.kernels.utils import (
     require,
     triton_runs_on,
 )
+from radd_fast.philox import keyed_gumbel
 
 if HAS_TRITON:
     import triton
@@ -69,8 +73,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _gumbel(key, offsets, FP64: tl.constexpr):
-        # Standard Gumbel noise -log(-log(u)), u in (0, 1) strictly (no +-inf).
+        # Standard Gumbel noise at int32 offsets (the counter (offset, 0, 0, 0)).
         r0, r1, _r2, _r3 = tl.randint4x(key, offsets)
+        return _gumbel_of_bits(r0, r1, FP64)
+
+    @triton.jit
+    def _gumbel_keyed(key, ids, cols, FP64: tl.constexpr):
+        # Standard Gumbel noise of rows keyed by id: ids [BLOCK_N] int64, cols [BLOCK_V] ->
+        # [BLOCK_N, BLOCK_V] from the counter (col, id_lo, id_hi, 0): radd_fast.philox.keyed_gumbel.
+        zero = (ids[:, None] * 0 + cols[None, :] * 0).to(tl.uint32)
+        c0 = cols[None, :].to(tl.uint32) + zero
+        c1 = (ids & 0xFFFFFFFF)[:, None].to(tl.uint32) + zero
+        c2 = ((ids >> 32) & 0xFFFFFFFF)[:, None].to(tl.uint32) + zero
+        r0, r1, _r2, _r3 = tl.philox(key, c0, c1, c2, zero)
+        return _gumbel_of_bits(r0, r1, FP64)
+
+    @triton.jit
+    def _gumbel_of_bits(r0, r1, FP64: tl.constexpr):
+        # -log(-log(u)), u in (0, 1) strictly (no +-inf), from two random 32-bit words.
         r0 = r0.to(tl.uint32, bitcast=True)
         if FP64:
             r1 = r1.to(tl.uint32, bitcast=True)
@@ -84,13 +104,17 @@ if HAS_TRITON:
     @triton.jit
     def _gumbel_noise_kernel(
         out_ptr,  # [N, n_vocab] fp32 / fp64
+        ids_ptr,  # [N] int64 noise id of each row (read only when KEYED)
         key, N, n_vocab,
         stride_out,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, FP64: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, FP64: tl.constexpr, KEYED: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        g = _gumbel(key, rows[:, None] * n_vocab + cols[None, :], FP64)
+        if KEYED:
+            g = _gumbel_keyed(key, tl.load(ids_ptr + rows, mask=rows < N, other=0), cols, FP64)
+        else:
+            g = _gumbel(key, rows[:, None] * n_vocab + cols[None, :], FP64)
         ok = (rows < N)[:, None] & (cols < n_vocab)[None, :]
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], g, mask=ok)
 
@@ -100,12 +124,13 @@ if HAS_TRITON:
         w_ptr,  # [C, D] class weights; classes >= n_vocab are never read
         b_ptr,  # [C] bias
         noise_ptr,  # [N, n_vocab] explicit Gumbel noise (read only when NOISE_GIVEN)
+        ids_ptr,  # [N] int64 noise id of each row (read only when KEYED)
         val_ptr,  # [N, SPLITS] best score of each vocabulary split (fp32 / fp64)
         idx_ptr,  # [N, SPLITS] int32 class of that score
         key, N, D, n_vocab, tiles_per_split,
         stride_h, stride_w, stride_noise, stride_part,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        NOISE_GIVEN: tl.constexpr, FP64: tl.constexpr, EVEN_D: tl.constexpr,
+        NOISE_GIVEN: tl.constexpr, KEYED: tl.constexpr, FP64: tl.constexpr, EVEN_D: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -117,6 +142,10 @@ if HAS_TRITON:
         best = tl.full((BLOCK_N,), float("-inf"), score_dtype)
         best_idx = tl.zeros((BLOCK_N,), tl.int32)
         col0 = pid_s * tiles_per_split * BLOCK_V
+        if KEYED:
+            ids = tl.load(ids_ptr + rows_ld, mask=row_ok, other=0)
+        else:
+            ids = rows_ld  # unused
         for t in range(0, tiles_per_split):
             cols = col0 + t * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = cols < n_vocab
@@ -136,6 +165,8 @@ if HAS_TRITON:
             logits = acc + tl.load(b_ptr + cols_ld).to(tl.float32)[None, :]
             if NOISE_GIVEN:
                 g = tl.load(noise_ptr + rows_ld[:, None] * stride_noise + cols_ld[None, :])
+            elif KEYED:
+                g = _gumbel_keyed(key, ids, cols, FP64)
             else:
                 g = _gumbel(key, rows[:, None] * n_vocab + cols[None, :], FP64)
             score = logits.to(score_dtype) + g.to(score_dtype)
@@ -177,13 +208,14 @@ if HAS_TRITON:
     def _logits_argmax_kernel(
         logits_ptr,  # [N, n_vocab] fp32 logits (-inf = filtered out)
         noise_ptr,  # [N, n_vocab] explicit Gumbel noise (read only when NOISE_GIVEN)
+        ids_ptr,  # [N] int64 noise id of each row (read only when KEYED)
         dst_ptr,  # [N] int64 flat positions in x (read only when HAS_DST)
         x_ptr,  # [M] int64 flat token buffer (written only when HAS_DST)
         tok_ptr,  # [N] int64 sampled tokens
         key, N, n_vocab,
         stride_l, stride_noise,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-        NOISE_GIVEN: tl.constexpr, FP64: tl.constexpr, HAS_DST: tl.constexpr,
+        NOISE_GIVEN: tl.constexpr, KEYED: tl.constexpr, FP64: tl.constexpr, HAS_DST: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -191,6 +223,10 @@ if HAS_TRITON:
         score_dtype = tl.float64 if FP64 else tl.float32
         best = tl.full((BLOCK_N,), float("-inf"), score_dtype)
         best_idx = tl.zeros((BLOCK_N,), tl.int32)
+        if KEYED:
+            ids = tl.load(ids_ptr + rows_ld, mask=row_ok, other=0)
+        else:
+            ids = rows_ld  # unused
         for v0 in range(0, n_vocab, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < n_vocab
@@ -198,6 +234,8 @@ if HAS_TRITON:
             logit = tl.load(logits_ptr + rows_ld[:, None] * stride_l + cols_ld[None, :])
             if NOISE_GIVEN:
                 g = tl.load(noise_ptr + rows_ld[:, None] * stride_noise + cols_ld[None, :])
+            elif KEYED:
+                g = _gumbel_keyed(key, ids, cols, FP64)
             else:
                 g = _gumbel(key, rows[:, None] * n_vocab + cols[None, :], FP64)
             score = tl.where(col_ok[None, :], logit.to(score_dtype) + g.to(score_dtype), float("-inf"))
@@ -265,35 +303,65 @@ def _check_head(h, weight, bias, n_vocab: int) -> None:
     require(h.stride(1) == 1 and weight.stride(1) == 1 and bias.is_contiguous(), "h, weight need unit stride along d; bias contiguous")
 
 
-def _check_sample_args(dst, x_flat, noise, n_rows: int, n_vocab: int, fp64: bool, device) -> torch.Tensor:
-    """The checks both samplers share (destination, explicit noise); returns the [N] int64 token buffer."""
+def _check_noise_ids(noise_ids, noise, n_rows: int, device) -> None:
+    if noise_ids is None:
+        return
+    require(noise is None, "pass explicit noise or noise_ids, not both")
+    require(noise_ids.dtype == torch.int64 and tuple(noise_ids.shape) == (n_rows,) and noise_ids.is_contiguous(),
+            f"noise_ids must be a contiguous int64 [N={n_rows}], got {noise_ids.dtype} {tuple(noise_ids.shape)}")
+    require(noise_ids.device == device, f"noise_ids on {noise_ids.device}, inputs on {device}")
+
+
+def _check_sample_args(dst, x_flat, noise, noise_ids, n_rows: int, n_vocab: int, fp64: bool, device) -> torch.Tensor:
+    """The checks both samplers share (destination, explicit noise, noise ids); returns the [N] int64 token buffer."""
     _check_dst(dst, x_flat, n_rows, device)
     if noise is not None:
         _check_noise(noise, n_rows, n_vocab, fp64, device)
+    _check_noise_ids(noise_ids, noise, n_rows, device)
     return torch.empty(n_rows, dtype=torch.int64, device=device)
 
 
-def gumbel_noise(n_rows: int, n_vocab: int, seed: int, device, fp64: bool = False) -> torch.Tensor:
-    """The noise the kernels draw for ``seed``, materialised: [n_rows, n_vocab] fp32 (fp64 if ``fp64``)."""
+def gumbel_noise(n_rows: int, n_vocab: int, seed: int, device, fp64: bool = False,
+                 noise_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The noise the kernels draw for ``seed``, materialised: [n_rows, n_vocab] fp32 (fp64 if ``fp64``).
+
+    noise_ids: [n_rows] int64, row i's noise keyed by (seed, noise_ids[i]) alone (``philox.keyed_gumbel``)."""
     dtype = torch.float64 if fp64 else torch.float32
     out = torch.empty(n_rows, n_vocab, dtype=dtype, device=device)
+    _check_noise_ids(noise_ids, None, n_rows, out.device)
     if n_rows == 0:
         return out
     if not triton_runs_on(out):
-        return _torch_gumbel(n_rows, n_vocab, seed, out.device, dtype)
+        return _fallback_noise(None, noise_ids, n_rows, n_vocab, seed, out.device, fp64)
     bn = 16 if out.is_cuda else 128
     bv = min(1024 if out.is_cuda else 256, max(16, next_power_of_2(n_vocab)))
-    for r0, r1, key in row_chunks(n_rows, n_vocab, seed):
+    chunks = row_chunks(n_rows, n_vocab, seed) if noise_ids is None else [(0, n_rows, int(seed) & 0x7FFFFFFFFFFFFFFF)]
+    for r0, r1, key in chunks:
         grid = (triton.cdiv(r1 - r0, bn), triton.cdiv(n_vocab, bv))
-        _gumbel_noise_kernel[grid](out[r0:r1], key, r1 - r0, n_vocab, out.stride(0), BLOCK_N=bn, BLOCK_V=bv, FP64=fp64)
+        ids = out if noise_ids is None else noise_ids[r0:r1]  # out: an unused placeholder pointer
+        _gumbel_noise_kernel[grid](out[r0:r1], ids, key, r1 - r0, n_vocab, out.stride(0), BLOCK_N=bn, BLOCK_V=bv,
+                                   FP64=fp64, KEYED=noise_ids is not None)
     return out
 
 
-def _fallback_noise(noise, n_rows, n_vocab, seed, device, fp64: bool) -> torch.Tensor:
-    """The CPU fallback's Gumbel noise: the caller's, else torch's generator keyed by ``seed``."""
+def _launches(n_rows: int, n_vocab: int, seed: int, noise, noise_ids) -> list[tuple[int, int, int]]:
+    """(row_begin, row_end, philox_key) per launch: keyed rows need one; row offsets may need several."""
+    if noise is not None:
+        return [(0, n_rows, 0)]
+    if noise_ids is not None:
+        return [(0, n_rows, int(seed) & 0x7FFFFFFFFFFFFFFF)]
+    return row_chunks(n_rows, n_vocab, seed)
+
+
+def _fallback_noise(noise, noise_ids, n_rows, n_vocab, seed, device, fp64: bool) -> torch.Tensor:
+    """The CPU fallback's Gumbel noise: the caller's; else keyed by (seed, noise id), the kernels' own
+    numbers; else torch's generator keyed by ``seed``."""
+    dtype = torch.float64 if fp64 else torch.float32
     if noise is not None:
         return noise
-    return _torch_gumbel(n_rows, n_vocab, seed, device, torch.float64 if fp64 else torch.float32)
+    if noise_ids is not None:
+        return keyed_gumbel(int(seed) & 0x7FFFFFFFFFFFFFFF, noise_ids, n_vocab, dtype)
+    return _torch_gumbel(n_rows, n_vocab, seed, device, dtype)
 
 
 def gumbel_ref(shape, dtype: torch.dtype, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -380,36 +448,39 @@ def finalize_blocks(n_rows: int, splits: int) -> tuple[int, int]:
 
 def head_sample_update(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_vocab: int,
                        dst: torch.Tensor | None = None, x_flat: torch.Tensor | None = None, seed: int = 0,
-                       noise: torch.Tensor | None = None, fp64: bool = False) -> torch.Tensor:
+                       noise: torch.Tensor | None = None, fp64: bool = False,
+                       noise_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sample token[i] ~ softmax(h_i W[:n_vocab]^T + b[:n_vocab]) by Gumbel-max; write x_flat[dst[i]] = token[i].
 
     h: [N, d] final-normed rows (same dtype as weight [C, d] and bias [C]); dst: [N] int64 into the
     1-D int64 ``x_flat`` (optional); noise: explicit [N, n_vocab] Gumbel noise, else Philox keyed by
-    ``seed``. Returns tokens [N] int64. Example::
+    ``seed`` at row offsets, or with ``noise_ids`` [N] int64 by (seed, noise_ids[i]) alone, whatever
+    the row's place in the launch (``philox.keyed_gumbel``). Returns tokens [N] int64. Example::
 
         tok = head_sample_update(hn, W, b, n_vocab=W.shape[0] - 1, dst=flat_pos, x_flat=x.view(-1), seed=7)
     """
     _check_head(h, weight, bias, n_vocab)
     N, D = h.shape
-    tokens = _check_sample_args(dst, x_flat, noise, N, n_vocab, fp64, h.device)
+    tokens = _check_sample_args(dst, x_flat, noise, noise_ids, N, n_vocab, fp64, h.device)
     if N == 0:
         return tokens
     if not triton_runs_on(h):
-        noise = _fallback_noise(noise, N, n_vocab, seed, h.device, fp64)
+        noise = _fallback_noise(noise, noise_ids, N, n_vocab, seed, h.device, fp64)
         return head_sample_update_ref(h, weight, bias, n_vocab, dst, x_flat, noise, fp64)
     cfg = _head_config(N, D, n_vocab, fp64, h.dtype, h.device)
     splits = cfg.splits
     tiles_per_split = triton.cdiv(triton.cdiv(n_vocab, cfg.block_v), splits)
     vals = torch.empty(N, splits, dtype=torch.float64 if fp64 else torch.float32, device=h.device)
     idx = torch.empty(N, splits, dtype=torch.int32, device=h.device)
-    for r0, r1, key in row_chunks(N, n_vocab, seed) if noise is None else [(0, N, 0)]:
+    for r0, r1, key in _launches(N, n_vocab, seed, noise, noise_ids):
         nz = noise[r0:r1] if noise is not None else vals  # vals: an unused placeholder pointer
+        ids = noise_ids[r0:r1] if noise_ids is not None else idx  # idx: an unused placeholder pointer
         _head_argmax_kernel[(triton.cdiv(r1 - r0, cfg.block_n), splits)](
-            h[r0:r1], weight, bias, nz, vals[r0:r1], idx[r0:r1],
+            h[r0:r1], weight, bias, nz, ids, vals[r0:r1], idx[r0:r1],
             key, r1 - r0, D, n_vocab, tiles_per_split,
             h.stride(0), weight.stride(0), nz.stride(0), vals.stride(0),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, NOISE_GIVEN=noise is not None,
-            FP64=fp64, EVEN_D=D % cfg.block_d == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            KEYED=noise_ids is not None, FP64=fp64, EVEN_D=D % cfg.block_d == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     fb, fs = finalize_blocks(N, splits)
     _finalize_kernel[(triton.cdiv(N, fb),)](
@@ -420,31 +491,33 @@ def head_sample_update(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def logits_sample_update(logits: torch.Tensor, dst: torch.Tensor | None = None, x_flat: torch.Tensor | None = None,
-                         seed: int = 0, noise: torch.Tensor | None = None, fp64: bool = False) -> torch.Tensor:
+                         seed: int = 0, noise: torch.Tensor | None = None, fp64: bool = False,
+                         noise_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sample token[i] ~ softmax(logits[i]) by Gumbel-max (-inf logits never win); write x_flat[dst[i]].
 
-    logits: [N, n_vocab] fp32 (e.g. top-k / top-p filtered); dst, x_flat, seed, noise as in
+    logits: [N, n_vocab] fp32 (e.g. top-k / top-p filtered); dst, x_flat, seed, noise, noise_ids as in
     ``head_sample_update``. Returns tokens [N] int64.
     """
     require(logits.dim() == 2 and logits.dtype == torch.float32, f"logits must be fp32 [N, n_vocab], got {logits.dtype} {tuple(logits.shape)}")
     require(logits.stride(1) == 1 or logits.shape[1] <= 1, "logits need unit stride along the vocabulary")
     N, n_vocab = logits.shape
     require(n_vocab >= 1, "logits need at least one class")
-    tokens = _check_sample_args(dst, x_flat, noise, N, n_vocab, fp64, logits.device)
+    tokens = _check_sample_args(dst, x_flat, noise, noise_ids, N, n_vocab, fp64, logits.device)
     if N == 0:
         return tokens
     if not triton_runs_on(logits):
-        noise = _fallback_noise(noise, N, n_vocab, seed, logits.device, fp64)
+        noise = _fallback_noise(noise, noise_ids, N, n_vocab, seed, logits.device, fp64)
         return logits_sample_update_ref(logits, dst, x_flat, noise, fp64)
     bn = 16 if logits.is_cuda else 128  # interpreter: fewer, larger programs
     bv = min(256, max(16, next_power_of_2(n_vocab)))
-    for r0, r1, key in row_chunks(N, n_vocab, seed) if noise is None else [(0, N, 0)]:
+    for r0, r1, key in _launches(N, n_vocab, seed, noise, noise_ids):
         nz = noise[r0:r1] if noise is not None else logits[r0:r1]  # logits: an unused placeholder pointer
+        ids = noise_ids[r0:r1] if noise_ids is not None else tokens[r0:r1]  # tokens: an unused placeholder
         d = dst[r0:r1] if dst is not None else tokens[r0:r1]
         _logits_argmax_kernel[(triton.cdiv(r1 - r0, bn),)](
-            logits[r0:r1], nz, d, x_flat if x_flat is not None else tokens, tokens[r0:r1],
+            logits[r0:r1], nz, ids, d, x_flat if x_flat is not None else tokens, tokens[r0:r1],
             key, r1 - r0, n_vocab, logits.stride(0), nz.stride(0),
-            BLOCK_N=bn, BLOCK_V=bv, NOISE_GIVEN=noise is not None, FP64=fp64, HAS_DST=dst is not None, num_warps=4,
+            BLOCK_N=bn, BLOCK_V=bv, NOISE_GIVEN=noise is not None, KEYED=noise_ids is not None, FP64=fp64, HAS_DST=dst is not None, num_warps=4,
         )
     return tokens
 

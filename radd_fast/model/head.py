@@ -8,8 +8,9 @@ through it and never reach into ``model.output_layer`` or ``radd_fast.kernels``.
 - ``target_log_probs(h_rows, targets)``: log p(target) at selected rows only
   (losses, evaluation): [N] instead of the [B, L, V] log-softmax
   (``vocab_log_probs(h_rows)``: every real token's, [N, V-1]);
-- ``sampler(...).sample_at(h_rows, dst, x_flat, strategy, key)``: draw the
-  tokens of the revealed rows of one sampler evaluation and write them into x.
+- ``sampler(...).sample_at(h_rows, dst, x_flat, strategy, key, noise_ids)``: draw the
+  tokens of the revealed rows of one sampler evaluation and write them into x, each
+  row's Gumbel noise keyed by (key, its noise id) alone.
 
 The one backend policy: the head's kernels run when the model's backend is
 "fast" (``use_kernels`` overrides it for the sampler), and only where Triton can
@@ -34,6 +35,7 @@ from ..kernels.sampling_update import (
     mix64,
 )
 from ..kernels.utils import triton_runs_on
+from ..philox import keyed_gumbel
 from .precision import autocast
 
 __all__ = ["OutputHead", "RevealSampler", "gumbel", "noise_key"]
@@ -44,9 +46,10 @@ def gumbel(shape, dtype: torch.dtype, device, generator: torch.Generator | None 
     return gumbel_ref(shape, dtype, device, generator)
 
 
-def noise_key(seed: int, evaluation: int) -> int:
-    """The Philox key of one sampler evaluation: distinct and well spread for every (seed, evaluation)."""
-    return mix64(mix64(int(seed)) ^ int(evaluation))
+def noise_key(seed: int, stream: int) -> int:
+    """The Philox key of one random stream of a sampling run (e.g. the head's Gumbel noise, the reveal
+    schedule): distinct and well spread for every (seed, stream)."""
+    return mix64(mix64(int(seed)) ^ int(stream))
 
 
 class OutputHead:
@@ -89,10 +92,9 @@ class OutputHead:
         # validate=False: no host sync per call; callers (losses, eval) check token ids up front.
         return linear_log_softmax_gather(hn, w.to(self.dtype), b.to(self.dtype), targets, validate=False)[0]
 
-    def sampler(self, sampling_dtype: torch.dtype, generator: torch.Generator | None = None,
-                use_kernels: bool | None = None) -> "RevealSampler":
+    def sampler(self, sampling_dtype: torch.dtype, use_kernels: bool | None = None) -> "RevealSampler":
         """The head prepared for one sampling run (weights cast once); see ``RevealSampler``."""
-        return RevealSampler(self, sampling_dtype, generator, use_kernels)
+        return RevealSampler(self, sampling_dtype, use_kernels)
 
 
 class RevealSampler:
@@ -102,16 +104,15 @@ class RevealSampler:
       Gumbel-max (fused Triton kernel): the [P, V] logits never exist;
     - kernels, ``top_k`` / ``top_p``: [P, V-1] logits for the revealed rows only (P is small),
       filtered by the strategy, then the Gumbel-max + write kernel;
-    - no kernels: the same steps in PyTorch, Gumbel noise from the run's seeded ``generator``.
-    The kernels key their Philox noise with the evaluation's ``key`` (``noise_key``).
+    - no kernels: the same steps in PyTorch, with the same noise (``radd_fast.philox.keyed_gumbel``).
+    Row i's noise is Philox keyed by (``key``, ``noise_ids[i]``) alone, so a token's draw does not
+    depend on which rows share its evaluation.
     """
 
-    def __init__(self, head: OutputHead, sampling_dtype: torch.dtype, generator: torch.Generator | None,
-                 use_kernels: bool | None):
+    def __init__(self, head: OutputHead, sampling_dtype: torch.dtype, use_kernels: bool | None):
         self.head = head
         self.fp64 = sampling_dtype == torch.float64
         self.sampling_dtype = sampling_dtype
-        self.generator = generator
         linear = head.layer.linear
         self.use_kernels = self._decide_kernels(linear.weight, use_kernels)
         # The fused kernel reads W, b in the compute dtype: cast once, not per evaluation (and not at all
@@ -126,21 +127,24 @@ class RevealSampler:
             raise ValueError("use_kernels=True needs CUDA tensors or TRITON_INTERPRET=1")
         return bool(requested)
 
-    def sample_at(self, h_rows: torch.Tensor, dst: torch.Tensor, x_flat: torch.Tensor, strategy, key: int) -> None:
+    def sample_at(self, h_rows: torch.Tensor, dst: torch.Tensor, x_flat: torch.Tensor, strategy, key: int,
+                  noise_ids: torch.Tensor) -> None:
         """Draw a token per row and write x_flat[dst[i]] = token[i].
 
         h_rows: [P, d] hidden rows of the revealed positions (padding included); dst: [P] int64
         into the flat token buffer x_flat; strategy: a ``radd_fast.sampling.strategies.Strategy``
-        (``is_direct``, ``filter(logits)``); key: the evaluation's noise key.
+        (``is_direct``, ``filter(logits)``); key: the run's noise key; noise_ids: [P] int64, what
+        each row's noise is keyed by (the sampler's: sample index x length + position).
         """
         n_vocab = self.head.n_vocab
         if self.use_kernels and strategy.is_direct:
             hn = self.head.layer.norm_final(h_rows).to(self.weight.dtype)
-            head_sample_update(hn, self.weight, self.bias, n_vocab, dst, x_flat, seed=key, fp64=self.fp64)
+            head_sample_update(hn, self.weight, self.bias, n_vocab, dst, x_flat, seed=key, fp64=self.fp64,
+                               noise_ids=noise_ids)
             return
         logits = strategy.filter(self.head.logits(h_rows)[:, :n_vocab])
         if self.use_kernels:
-            logits_sample_update(logits, dst, x_flat, seed=key, fp64=self.fp64)
+            logits_sample_update(logits, dst, x_flat, seed=key, fp64=self.fp64, noise_ids=noise_ids)
             return
-        noise = gumbel(logits.shape, self.sampling_dtype, logits.device, self.generator)
+        noise = keyed_gumbel(key, noise_ids, n_vocab, self.sampling_dtype)
         logits_sample_update_ref(logits, dst, x_flat, noise, self.fp64)

@@ -33,6 +33,14 @@ class TickPlan:
     def ticks(self) -> int:
         return int(self.rows.shape[0])
 
+    def done_tick(self, n_rows: int) -> np.ndarray:
+        """The tick of each row's last evaluation: [n_rows] int64, -1 for a row that needs none
+        (rows are 0 .. n_rows-1; the padding row, n_rows, is left out)."""
+        done = np.full(n_rows, -1, dtype=np.int64)
+        t, j = np.nonzero(self.rows < n_rows)
+        np.maximum.at(done, self.rows[t, j], t)
+        return done
+
 
 NO_CAP = np.iinfo(np.int64).max  # bucket() without an upper bound
 

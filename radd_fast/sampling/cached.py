@@ -28,7 +28,6 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..model.head import noise_key
 from ..model.kv_cache import KVCache
 from .batching import NO_CAP, bucket, plan_ticks
 from .evaluator import body_shape, compact, token_buffers
@@ -120,7 +119,7 @@ class CachedWave:
         R, L = x0.shape
         self.R, self.L, self.refresh_every, self.cache = R, L, int(refresh_every), cache
         self.x_flat, self.x, self.grp, self.trash = token_buffers(x0, group)  # as in engine.Wave
-        K_host = K.cpu().numpy()
+        K_host = self.K_host = K.cpu().numpy()
         self.plan = plan_ticks(K_host, rows_in_flight, pad_row=R, buckets=buckets)  # host sync 1
         if cache.length != L or cache.slots < self.plan.rows.shape[1]:
             raise ValueError(f"the cache holds {cache.slots} rows of {cache.length} positions; "
@@ -199,8 +198,9 @@ class CachedWave:
         dst = torch.where(torch.arange(P, device=dst.device) < N, dst, torch.full_like(dst, self.trash))
         return h.reshape(Bb * S, -1).index_select(0, src), dst
 
-    def evaluate(self, t: int, body, head, strategy, key: int, prune: bool) -> None:
-        """Evaluation t: full rows, cached rows, then one head call at all the positions they reveal."""
+    def evaluate(self, t: int, body, head, strategy, key: int, first_id: int, prune: bool) -> None:
+        """Evaluation t: full rows, cached rows, then one head call at all the positions they reveal
+        (key, first_id: the noise keys, as in ``engine.Wave.evaluate``)."""
         parts = []
         if self.full_b[t]:
             parts.append(self._full(t, body, prune))
@@ -209,16 +209,18 @@ class CachedWave:
                 parts[0] = (parts[0][0].clone(), parts[0][1])
             parts.append(self._cached(t, body))
         h_rows, dst = parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        head.sample_at(h_rows, dst, self.x_flat, strategy, key)
+        head.sample_at(h_rows, dst, self.x_flat, strategy, key, dst + first_id)
 
-    def run(self, body, head, strategy, seed: int, first_evaluation: int, bar, prune: bool) -> torch.Tensor:
+    def run(self, body, head, strategy, key: int, first_id: int, bar, prune: bool, after=None) -> torch.Tensor:
         """Every evaluation of the wave, in plan order: tokens [R, L] (``body``: the engine's ``BodyRunner``,
-        made with this wave's cache)."""
+        made with this wave's cache; after: called with t after evaluation t)."""
         if self.ticks:
             body.prepare_cached(*self.shapes_used(prune))
         for t in range(self.ticks):
-            self.evaluate(t, body, head, strategy, noise_key(seed, first_evaluation + t), prune)
+            self.evaluate(t, body, head, strategy, key, first_id, prune)
             bar.update(1)
+            if after is not None:
+                after(t)
         return self.x[:self.R].clone()
 
 

@@ -13,6 +13,13 @@
 Host syncs: two per wave (the plan needs K and the per-evaluation head counts),
 one at the end (the no-MASK-left check); none inside the loop. Rows are processed
 in waves of ``wave_size`` (default max(32 x rows in flight, 4096)) to bound memory.
+``on_rows`` streams finished rows out in sample order while a wave runs (one sync per
+hand-over, at most one every ``on_rows_every`` seconds).
+
+Every random number of sample i is keyed by (seed, i) (``radd_fast.philox``): its reveal
+schedule by (seed, i) and position, its Gumbel noise by (seed, i, position, class). So a
+sample is the same whatever the rows in flight, the wave size, or which call or rank makes
+it: ``generate(n, seed=s, first_index=k)`` makes samples k .. k + n - 1 of the run seeded s.
 Every option lives in ``SamplerConfig`` (config.py). ``refresh_every=R`` (opt-in, approximate)
 swaps ``Wave`` for ``cached.CachedWave``, which reuses each row's keys and values between
 full evaluations (docs/SAMPLING.md, "Beyond exact"); None (the default) is this exact engine.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,6 +44,7 @@ import torch
 from ..acceleration import resolve_acceleration
 from ..model.head import noise_key
 from ..model.kv_cache import KVCache
+from ..philox import keyed_uniforms
 from ..progress import progress_bar
 from .batching import NO_CAP, bucket, plan_ticks
 from .cached import CachedWave
@@ -43,6 +52,10 @@ from .conditioning import initial_state
 from .config import SamplerConfig, auto_rows_in_flight, sampler_config
 from .evaluator import BodyRunner, body_shape, compact, token_buffers
 from .schedule import draw_reveal_steps, expected_enfe_exact, group_sizes, group_steps, ordered_groups, update_rates
+
+# A run's random streams, each keyed by noise_key(seed, stream); within a stream every number is keyed by
+# the sample's index (and position, and class): nothing depends on how the samples are split into work.
+HEAD_NOISE, REVEAL_SCHEDULE = 0, 1
 
 
 @dataclass
@@ -108,14 +121,21 @@ def _check_model(model) -> None:
 @torch.no_grad()
 def generate(model, noise, num_samples: int, length: int | None = None, steps: int | None = None,
              config: SamplerConfig | None = None, *, conditioning=None, seed: int | None = None,
-             progress: bool = True, summary: bool | None = None, **options) -> tuple[torch.Tensor, SamplingStats]:
+             first_index: int = 0, on_rows: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+             on_rows_every: float = 1.0, progress: bool = True, summary: bool | None = None,
+             **options) -> tuple[torch.Tensor, SamplingStats]:
     """Sample ``num_samples`` sequences: returns (tokens [num_samples, length] int64 on the model's device, stats).
 
     config: a ``SamplerConfig`` (method, steps, strategy, noise dtype, rows in flight, ...); keyword
     ``options`` override its fields (``batch_size`` is accepted for ``rows_in_flight``), and ``steps``
     overrides ``config.steps``. conditioning: fixed tokens, never changed (see conditioning.py);
-    seed: deterministic output on one device; progress: a tqdm bar over evaluations; summary: print
-    one summary line at the end (default: with ``progress``). ``refresh_every=R`` (an option) samples
+    seed: sample i's randomness is keyed by (seed, i), so the output does not depend on the rows in
+    flight or the wave size; first_index: the index of the first sample (``generate(n, first_index=k)``
+    makes samples k .. k + n - 1 of the same seed's run); on_rows: called as ``on_rows(index of the
+    first row, tokens [n, length] on the CPU, E-NFE [n])`` with the finished rows in sample order
+    while the run goes (at most once every ``on_rows_every`` seconds; one host sync each, and the
+    rest of a wave when it ends); progress: a tqdm bar over evaluations; summary: print one summary
+    line at the end (default: with ``progress``). ``refresh_every=R`` (an option) samples
     approximately, reusing keys and values for R - 1 evaluations of a row out of R (cached.py).
     """
     _check_model(model)
@@ -125,13 +145,16 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
         raise ValueError(f"length must be in [1, {model.length}] (the model's length), got {length}")
     if int(num_samples) < 0:
         raise ValueError(f"need num_samples >= 0, got {num_samples}")
+    if int(first_index) < 0:
+        raise ValueError(f"need first_index >= 0, got {first_index}")
     if cfg.needs_noise and noise is None:
         raise ValueError(f"method {cfg.method!r} needs the noise schedule (noise=...)")
     num_samples = int(num_samples)
     device = model.device
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+    head_key, schedule_key = noise_key(seed, HEAD_NOISE), noise_key(seed, REVEAL_SCHEDULE)
+    first_index = int(first_index)
     init = initial_state(conditioning, num_samples, length, model.mask_id, device)
     rates = update_rates(noise, cfg.steps, cfg.method, cfg.eps, device) if cfg.needs_noise else None
     cache_bytes = 0 if cfg.refresh_every is None else KVCache.bytes_per_row(model, length)
@@ -145,8 +168,9 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     model.validate_inputs = False  # its check syncs; the tokens written here are valid by construction
     cache = None if cfg.refresh_every is None else KVCache.allocate(model, rows, length)  # approximate: per row in flight
     body = BodyRunner(model, acceleration, cache)
-    head = model.output_head().sampler(cfg.noise_dtype, generator, cfg.use_kernels)
+    head = model.output_head().sampler(cfg.noise_dtype, cfg.use_kernels)
     out = torch.empty(num_samples, length, dtype=torch.int64, device=device)
+    stream = None if on_rows is None else RowStream(on_rows, on_rows_every)
     counters = Counters()
     enfe = []
     t0 = time.perf_counter()
@@ -154,15 +178,21 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     try:
         for w0 in range(0, num_samples, wave_size):
             x0 = init.expand(num_samples, length)[w0:w0 + wave_size]
-            group, K = _reveal_groups(x0 == model.mask_id, rates, cfg, generator)
+            first = first_index + w0  # the wave's first sample
+            ids = torch.arange(first, first + x0.shape[0], device=device)
+            group, K = _reveal_groups(x0 == model.mask_id, rates, cfg, schedule_key, ids)
             if cache is None:
                 wave = Wave(x0, group, K, rows, cfg.buckets)
             else:
                 wave = CachedWave(x0, group, K, rows, cfg.buckets, cfg.refresh_every, cache)
             bar = _grow(bar, wave.ticks, progress)
-            out[w0:w0 + x0.shape[0]] = wave.run(body, head, cfg.strategy_fn, seed, counters.evaluations, bar, cfg.prune_last_block)
+            after = None if stream is None else stream.start(wave, first)
+            out[w0:w0 + x0.shape[0]] = wave.run(body, head, cfg.strategy_fn, head_key, first * length, bar,
+                                                cfg.prune_last_block, after)
+            if stream is not None:
+                stream.finish()
             counters.add(wave)
-            enfe.append(K.cpu())
+            enfe.append(torch.from_numpy(wave.K_host))
     finally:
         model.train(was_training)
         model.validate_inputs = was_validating
@@ -193,11 +223,52 @@ def _grow(bar, ticks: int, enabled: bool):
     return bar
 
 
-def _reveal_groups(free: torch.Tensor, rates, cfg: SamplerConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each free token's evaluation index in its row (group [R, L], -1 where fixed) and E-NFE per row K [R]."""
+def _reveal_groups(free: torch.Tensor, rates, cfg: SamplerConfig, key: int,
+                   ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each free token's evaluation index in its row (group [R, L], -1 where fixed) and E-NFE per row K [R].
+
+    Row r's uniforms (its reveal steps, or its random order) are keyed by (key, ids[r]) alone."""
+    if rates is None and cfg.order is not None:
+        return ordered_groups(free, cfg.steps, cfg.order)  # a fixed order: nothing random
+    u = keyed_uniforms(key, ids, free.shape[1])
     if rates is not None:
-        return group_steps(draw_reveal_steps(rates, free, generator))
-    return ordered_groups(free, cfg.steps, cfg.order, generator)
+        return group_steps(draw_reveal_steps(rates, free, u=u))
+    return ordered_groups(free, cfg.steps, u=u)
+
+
+class RowStream:
+    """Hands a wave's finished rows to ``on_rows(index, tokens [n, L] CPU, E-NFE [n])`` in sample order.
+
+    After an evaluation (``after(t)``), at most once every ``every`` seconds: the rows whose every
+    row before them is done too (the plan says when, on the host), copied in one sync; ``finish``
+    sends the rest when the wave ends. A row is sent once.
+    """
+
+    def __init__(self, on_rows: Callable, every: float):
+        self.on_rows, self.every = on_rows, float(every)
+        self.last = time.monotonic()
+
+    def start(self, wave, first: int) -> Callable[[int], None]:
+        """Follow ``wave`` (its first sample is ``first``); returns the per-evaluation hook."""
+        self.wave, self.first, self.sent = wave, first, 0
+        self.ready_at = np.maximum.accumulate(wave.plan.done_tick(wave.R)) if wave.R else np.zeros(0, np.int64)
+        return self.after
+
+    def after(self, t: int) -> None:
+        if time.monotonic() - self.last < self.every:
+            return
+        n = int(np.searchsorted(self.ready_at, t, side="right"))  # rows 0 .. n-1 are done after evaluation t
+        if n > self.sent:
+            self._send(n)
+
+    def finish(self) -> None:
+        if self.wave.R > self.sent:
+            self._send(self.wave.R)
+
+    def _send(self, n: int) -> None:
+        a = self.sent
+        self.on_rows(self.first + a, self.wave.x[a:n].cpu(), torch.from_numpy(self.wave.K_host[a:n]))
+        self.sent, self.last = n, time.monotonic()
 
 
 # The exact work counts of a run (SamplingStats fields of the same names).
@@ -239,7 +310,8 @@ class Wave:
         device = x0.device
         self.R, self.L = R, L
         self.x_flat, self.x, self.grp, self.trash = token_buffers(x0, group)
-        self.plan = plan_ticks(K.cpu().numpy(), rows_in_flight, pad_row=R, buckets=buckets)  # host sync 1
+        self.K_host = K.cpu().numpy()  # host sync 1
+        self.plan = plan_ticks(self.K_host, rows_in_flight, pad_row=R, buckets=buckets)
         self.rows_d = torch.from_numpy(self.plan.rows).to(device)
         self.k_d = torch.from_numpy(self.plan.k).to(device)
         self.head_n = _head_rows_per_tick(self.grp, K, self.rows_d, self.k_d) if self.ticks else np.zeros(0, np.int64)
@@ -273,25 +345,29 @@ class Wave:
         last block is pruned: the CUDA graphs worth capturing."""
         return Counter(body_shape(b, self.L, p, prune) for b, p in zip(self.plan.batch, self.head_p))
 
-    def evaluate(self, t: int, body, head, strategy, key: int, prune: bool) -> None:
+    def evaluate(self, t: int, body, head, strategy, key: int, first_id: int, prune: bool) -> None:
         """Evaluation t: the body on its rows, the head + strategy at the positions it reveals.
 
-        prune: the body computes its last block at the revealed rows only (exact)."""
+        key: the run's head-noise key; first_id: the noise id of the wave's first token (a revealed
+        token's id is first_id + its flat index row * L + position). prune: the body computes its last
+        block at the revealed rows only (exact)."""
         Bb, N, P = int(self.plan.batch[t]), int(self.head_n[t]), int(self.head_p[t])
         rows, ks = self.rows_d[t, :Bb], self.k_d[t, :Bb]
         reveal = (self.grp.index_select(0, rows) == ks[:, None]).view(-1)
         src, dst = compact(reveal, rows, self.L, P, N, self.trash)
         x = self.x.index_select(0, rows)
         h_rows = body(x, src) if prune else body(x).reshape(Bb * self.L, -1).index_select(0, src)
-        head.sample_at(h_rows, dst, self.x_flat, strategy, key)
+        head.sample_at(h_rows, dst, self.x_flat, strategy, key, dst + first_id)
 
-    def run(self, body, head, strategy, seed: int, first_evaluation: int, bar, prune: bool) -> torch.Tensor:
-        """Every evaluation of the wave, in plan order: tokens [R, L]."""
+    def run(self, body, head, strategy, key: int, first_id: int, bar, prune: bool, after=None) -> torch.Tensor:
+        """Every evaluation of the wave, in plan order: tokens [R, L]. after: called with t after evaluation t."""
         if self.ticks:
             body.prepare(self.body_shapes(prune))
         for t in range(self.ticks):
-            self.evaluate(t, body, head, strategy, noise_key(seed, first_evaluation + t), prune)
+            self.evaluate(t, body, head, strategy, key, first_id, prune)
             bar.update(1)
+            if after is not None:
+                after(t)
         return self.x[:self.R].clone()
 
 

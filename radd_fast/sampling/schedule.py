@@ -96,11 +96,15 @@ def step_distribution(rates: torch.Tensor) -> torch.Tensor:
     return before * rates
 
 
-def draw_reveal_steps(rates: torch.Tensor, free: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Reveal step of every free token by inverse-CDF sampling: free [R, L] bool -> [R, L] int64, -1 where fixed."""
+def draw_reveal_steps(rates: torch.Tensor, free: torch.Tensor, generator: torch.Generator | None = None,
+                      u: torch.Tensor | None = None) -> torch.Tensor:
+    """Reveal step of every free token by inverse-CDF sampling: free [R, L] bool -> [R, L] int64, -1 where fixed.
+
+    u: the uniforms [R, L] float64 in [0, 1) (the engine's are keyed per sample); default: drawn from generator."""
     cdf = torch.cumsum(step_distribution(rates), dim=0)
     cdf[-1] = 1.0  # rounding: u < 1 always lands on a step
-    u = torch.rand(free.shape, dtype=torch.float64, device=free.device, generator=generator)
+    if u is None:
+        u = torch.rand(free.shape, dtype=torch.float64, device=free.device, generator=generator)
     step = torch.searchsorted(cdf, u, right=True).clamp_(max=rates.numel() - 1)
     return torch.where(free, step, torch.full_like(step, -1))
 
@@ -136,17 +140,22 @@ def group_sizes(grp: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def ordered_groups(free: torch.Tensor, steps: int, order: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator | None = None, shared: bool = False,
+                   u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Any-order AR schedule (docs/SAMPLING.md): free positions revealed in ``order``, in ``steps`` chunks.
 
     free [R, L] bool; order: a permutation of range(L) shared by all rows (fixed positions in it are
-    skipped), or None for a random one (per row, or one for all rows when ``shared``, as published).
+    skipped), or None for a random one (per row, or one for all rows when ``shared``, as published),
+    the positions sorted by uniforms ``u`` [R, L] when given (the engine's, keyed per sample), else
+    drawn from ``generator``.
     The n free positions of a row are split into K = min(steps, n) contiguous chunks of the order
     (one position per step when steps >= n). Returns (group [R, L] int32, -1 where fixed; K [R]).
     """
     R, L = free.shape
     device = free.device
-    if order is None:
+    if order is None and u is not None:
+        keys = u
+    elif order is None:
         keys = torch.rand(1 if shared else R, L, device=device, generator=generator).expand(R, L)
     else:
         order = torch.as_tensor(order, device=device).long().flatten()

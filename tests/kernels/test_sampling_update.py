@@ -461,3 +461,57 @@ def test_sampling_update_fallback_noise_is_seeded_fresh_gumbel(no_triton):
     counts = torch.bincount(tok, minlength=4).double()
     assert bool(((counts - 1250).abs() < 5 * math.sqrt(1250 * 0.75)).all()), counts.tolist()
     assert not torch.equal(tok, su.logits_sample_update(logits, seed=10))
+
+
+# -------- noise keyed per row (noise_ids): the sampler's, independent of a row's place in the launch
+@pytest.mark.parametrize("path", ["kernel", "fallback"])
+@pytest.mark.parametrize("fp64", [False, True])
+def test_keyed_noise_is_philox_keyed_gumbel_of_each_rows_id(monkeypatch, path, fp64):
+    """gumbel_noise(noise_ids=...) is radd_fast.philox.keyed_gumbel (the kernel's Philox bits; the log
+    rounds in its own library, within an ulp), ids past 2^32 included."""
+    from radd_fast.philox import keyed_gumbel
+
+    take_path(monkeypatch, su, path)
+    ids = torch.tensor([0, 5, 2**33 + 7, 12345678901, 5], dtype=torch.int64)
+    dtype = torch.float64 if fp64 else torch.float32
+    noise = su.gumbel_noise(5, 300, seed=2**40 + 3, device="cpu", fp64=fp64, noise_ids=ids)
+    want = keyed_gumbel(2**40 + 3, ids, 300, dtype)
+    assert noise.dtype == dtype and torch.allclose(noise, want, rtol=0, atol=4 * torch.finfo(dtype).eps * 20)
+    assert torch.equal(noise[1], noise[4]) and not torch.equal(noise[0], noise[1])  # the same id, the same row
+    assert ks_gumbel(su.gumbel_noise(64, 300, seed=1, device="cpu", fp64=fp64, noise_ids=torch.arange(64))) \
+        < ks_critical(64 * 300)
+
+
+@pytest.mark.parametrize("path", ["kernel", "fallback"])
+@pytest.mark.parametrize("fp64", [False, True])
+def test_keyed_rows_draw_the_same_token_wherever_they_sit(monkeypatch, path, fp64):
+    """With noise_ids, shuffling the rows of a launch shuffles the tokens and nothing else (both samplers),
+    and the tokens are argmax(logits + the keyed noise)."""
+    take_path(monkeypatch, su, path)
+    g = torch.Generator().manual_seed(4)
+    N, d, V = 37, 16, 40
+    h, w, b = torch.randn(N, d, generator=g), torch.randn(V + 1, d, generator=g), torch.randn(V + 1, generator=g)
+    logits = h @ w[:V].t() + b[:V]
+    ids = torch.randint(0, 2**40, (N,), generator=g)
+    perm = torch.randperm(N, generator=g)
+    noise = su.gumbel_noise(N, V, seed=9, device="cpu", fp64=fp64, noise_ids=ids)
+    expected = (logits.to(noise.dtype) + noise).argmax(-1)
+    tok = su.logits_sample_update(logits, seed=9, fp64=fp64, noise_ids=ids)
+    assert torch.equal(tok, expected)
+    assert torch.equal(su.logits_sample_update(logits[perm], seed=9, fp64=fp64, noise_ids=ids[perm]), tok[perm])
+    head = su.head_sample_update(h, w, b, V, seed=9, fp64=fp64, noise_ids=ids)
+    assert (head == expected).float().mean() > 0.95  # the head's fp32 logits round apart at near-ties only
+    assert torch.equal(su.head_sample_update(h[perm], w, b, V, seed=9, fp64=fp64, noise_ids=ids[perm]), head[perm])
+    x = torch.zeros(2 * N, dtype=torch.int64)
+    dst = torch.arange(N) * 2
+    su.head_sample_update(h, w, b, V, dst, x, seed=9, fp64=fp64, noise_ids=ids)
+    assert torch.equal(x[dst], head)
+
+
+def test_keyed_noise_messages():
+    ids = torch.arange(3)
+    logits = torch.zeros(3, 5)
+    assert "noise_ids must be a contiguous int64 [N=3]" in error_of(su.logits_sample_update, logits,
+                                                                     noise_ids=ids.int())
+    assert "pass explicit noise or noise_ids, not both" in error_of(su.logits_sample_update, logits,
+                                                                    noise=torch.zeros(3, 5), noise_ids=ids)

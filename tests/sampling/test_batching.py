@@ -65,3 +65,10 @@ def test_plan_ticks_defaults_to_buckets_and_takes_float_counts():
     assert plan.batch.tolist() == [4, 4]
     as_float = plan_ticks(np.array([3.0, 1.0, 2.0]), batch_size=2, pad_row=3)  # counts from a float tensor
     assert as_float.rows.tolist() == [[0, 1], [0, 2], [0, 2]] and as_float.rows.dtype == np.int64
+
+
+def test_done_tick_is_each_rows_last_evaluation():
+    plan = plan_ticks(np.array([3, 1, 2, 0]), batch_size=2, pad_row=4)
+    # row 0 at ticks 0-2; row 1 at tick 0, row 2 takes its slot at ticks 1-2; row 3 needs no evaluation
+    assert plan.done_tick(4).tolist() == [2, 0, 2, -1]
+    assert plan_ticks(np.zeros(2, np.int64), 2, pad_row=2).done_tick(2).tolist() == [-1, -1]

@@ -6,7 +6,7 @@ import torch
 
 from radd_fast import LogLinearNoise
 from radd_fast.acceleration import Acceleration
-from radd_fast.model.head import RevealSampler, noise_key
+from radd_fast.model.head import RevealSampler
 from radd_fast.model.kv_cache import KVCache
 from radd_fast.sampling import SamplerConfig, engine, evaluator, generate
 from radd_fast.sampling.batching import plan_ticks
@@ -53,12 +53,12 @@ def test_engine_cached_evaluations_see_the_exact_rows_on_a_one_block_model(monke
     original = RevealSampler.sample_at
     checked = []
 
-    def checking(self, h_rows, dst, x_flat, strategy, key):
+    def checking(self, h_rows, dst, x_flat, strategy, key, noise_ids):
         real = dst < x_flat.numel() - 1  # padded head rows write to the trash cell
         want = model.hidden(x_flat[:-1].view(-1, 11)).reshape(-1, h_rows.shape[1]).index_select(0, dst[real])
         assert_close(h_rows[real], want, atol=1e-5, rtol=1e-5, name="head rows")
         checked.append(int(real.sum()))
-        return original(self, h_rows, dst, x_flat, strategy, key)
+        return original(self, h_rows, dst, x_flat, strategy, key, noise_ids)
 
     monkeypatch.setattr(RevealSampler, "sample_at", checking)
     _, stats = generate(model, LogLinearNoise(), 13, steps=9, refresh_every=3, rows_in_flight=4, wave_size=6,
@@ -237,7 +237,7 @@ def test_assign_slots_on_a_hand_plan():
     assert slot.tolist() == [0, 1, 1, 9, 9, 9]  # row 2 takes the slot row 1 freed; R + 1 entries, the last the dump
 
 
-def test_every_evaluation_advances_the_bar_once():
+def test_every_evaluation_advances_the_bar_once_and_calls_after():
     class Bar:
         n = 0
 
@@ -250,12 +250,11 @@ def test_every_evaluation_advances_the_bar_once():
 
     wave = _hand_wave(R=2, rows_in_flight=2)
     calls = []
-    wave.evaluate = lambda t, body, head, strategy, key, prune: calls.append((t, key, prune))
-    bar = Bar()
-    wave.run(Body(), None, None, seed=3, first_evaluation=10, bar=bar, prune=True)
-    assert bar.n == wave.ticks == len(calls)
-    assert [key for _, key, _ in calls] == [noise_key(3, 10 + t) for t in range(wave.ticks)]
-    assert all(prune is True for _, _, prune in calls)
+    wave.evaluate = lambda t, body, head, strategy, key, first_id, prune: calls.append((t, key, first_id, prune))
+    bar, after = Bar(), []
+    wave.run(Body(), None, None, key=3, first_id=10, bar=bar, prune=True, after=after.append)
+    assert bar.n == wave.ticks == len(calls) and after == list(range(wave.ticks))
+    assert [call[1:] for call in calls] == [(3, 10, True)] * wave.ticks  # one key, one first id per wave
 
 
 def test_emulated_graphs_of_the_cached_sampler_are_all_replayed(monkeypatch):

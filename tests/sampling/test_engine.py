@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from radd_fast import GeometricNoise, LogLinearNoise
-from radd_fast.model.head import noise_key
 from radd_fast.sampling import DiffusionSampler, OrderedSampler, SamplerConfig, engine, generate
 from radd_fast.sampling.conditioning import initial_state, projection
 from radd_fast.sampling.engine import Counters, SamplingStats
@@ -389,22 +388,30 @@ class RecordingBody:
 
 class RecordingHead:
     def __init__(self):
-        self.keys = []
+        self.keys, self.ids = [], []
 
-    def sample_at(self, h_rows, dst, x_flat, strategy, key):
+    def sample_at(self, h_rows, dst, x_flat, strategy, key, noise_ids):
         self.keys.append(key)
+        self.ids.append(noise_ids[dst < x_flat.numel() - 1].sort().values.tolist())  # padded rows: the trash cell
         x_flat[dst] = 0  # any valid token
 
 
 @pytest.mark.parametrize("prune", [True, False])
-def test_a_wave_prepares_its_shapes_prunes_as_asked_and_keys_each_evaluation(model, prune, monkeypatch):
+def test_a_wave_prepares_its_shapes_prunes_as_asked_and_keys_each_token_by_its_place_in_the_run(model, prune,
+                                                                                              monkeypatch):
+    """One key for the run; a revealed token's noise id is its sample's index x L + its position
+    (first_id: the wave's first token's), whatever the evaluation that reveals it."""
     wave, body, head = hand_wave(True), RecordingBody(model), RecordingHead()
     monkeypatch.setattr(model, "hidden", lambda x, rows=None: torch.zeros(
         (x.shape[0] * x.shape[1] if rows is None else rows.numel(), 4)))
-    out = wave.run(body, head, None, seed=9, first_evaluation=3, bar=engine.progress_bar(False), prune=prune)
+    after = []
+    out = wave.run(body, head, None, key=9, first_id=12, bar=engine.progress_bar(False), prune=prune,
+                   after=after.append)
     assert body.prepared == [wave.body_shapes(prune)]
     assert body.calls == [prune, prune]  # the pruned body is given the revealed rows
-    assert head.keys == [noise_key(9, 3), noise_key(9, 4)]  # evaluation numbers continue across waves
+    assert head.keys == [9, 9] and after == [0, 1]
+    # row 0 (ids 12..15) reveals positions 0-2 then 3; row 1 (ids 16..19) positions 0-1 then 2-3
+    assert head.ids == [[12, 13, 14, 16, 17], [15, 18, 19]]
     assert out.shape == (2, 4) and not (out == 7).any()
 
 
@@ -509,3 +516,57 @@ def test_engine_samples_do_not_change_with_pruning(strategy, para):
     a, sa = generate(model, LogLinearNoise(), 24, config=cfg, seed=2, progress=False)
     b, sb = generate(model, LogLinearNoise(), 24, config=cfg.replace(prune_last_block=False), seed=2, progress=False)
     assert torch.equal(a, b) and torch.equal(sa.enfe, sb.enfe)
+
+
+# ---- each sample keyed by (seed, index): the same samples however the work is split -------------------------------
+SPLIT_CASES = {  # name: generate options
+    "tweedie-direct-torch": dict(use_kernels=False),
+    "tweedie-direct-kernel-fp64": dict(use_kernels=True, sampling_dtype="float64"),
+    "euler-top_k-kernel": dict(method="euler", strategy="top_k", strategy_para=3, use_kernels=True),
+    "ordered-random-top_p-torch": dict(method="ordered", strategy="top_p", strategy_para=0.8, use_kernels=False),
+    "approximate-refresh-2": dict(refresh_every=2, use_kernels=False),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_a_sample_is_the_same_whatever_the_rows_in_flight_the_wave_size_or_the_split(model, case):
+    """Sample i's schedule and noise are keyed by (seed, i): one call of 11 equals calls of 4 and 7 with
+    first_index, other rows in flight and waves, and conditioning shared or per row."""
+    opts = dict(SPLIT_CASES[case], conditioning={2: 5}, seed=21, progress=False)
+    whole, s_whole = generate(model, LogLinearNoise(), 11, 10, 7, rows_in_flight=4, **opts)
+    head, s_head = generate(model, LogLinearNoise(), 4, 10, 7, rows_in_flight=1, **opts)
+    tail, s_tail = generate(model, LogLinearNoise(), 7, 10, 7, rows_in_flight=8, wave_size=3, first_index=4, **opts)
+    assert torch.equal(whole, torch.cat([head, tail])), case
+    assert torch.equal(s_whole.enfe, torch.cat([s_head.enfe, s_tail.enfe]))
+    assert not torch.equal(whole[:4], tail[:4])  # other indices, other samples
+
+
+def test_the_kernel_and_torch_heads_draw_the_same_samples(model):
+    """Both heads key the noise the same way (radd_fast.philox): on an fp32 model, the same tokens."""
+    kw = dict(seed=4, rows_in_flight=5, progress=False, sampling_dtype="float64")
+    torch_head, _ = generate(model, LogLinearNoise(), 20, 12, 8, use_kernels=False, **kw)
+    kernel_head, _ = generate(model, LogLinearNoise(), 20, 12, 8, use_kernels=True, **kw)
+    assert torch.equal(torch_head, kernel_head)
+
+
+def test_on_rows_hands_over_every_row_once_in_sample_order(model):
+    """Finished rows stream out in sample order while the waves run (every time here: on_rows_every=0),
+    each once, with the tokens and E-NFE generate returns; first_index numbers them."""
+    got = []
+    tokens, stats = generate(model, LogLinearNoise(), 13, 9, 6, rows_in_flight=3, wave_size=5, first_index=100,
+                             seed=2, progress=False, on_rows=lambda i, t, e: got.append((i, t, e)), on_rows_every=0)
+    starts = [i for i, _, _ in got]
+    assert starts[0] == 100 and len(got) > 3  # more hand-overs than waves: rows left before their wave ended
+    assert all(i + len(t) == j for (i, t, _), j in zip(got, starts[1:] + [113]))
+    assert all(t.device.type == "cpu" for _, t, _ in got)
+    assert torch.equal(torch.cat([t for _, t, _ in got]), tokens.cpu())
+    assert torch.equal(torch.cat([e for _, _, e in got]), stats.enfe)
+    few = []
+    generate(model, LogLinearNoise(), 13, 9, 6, rows_in_flight=3, wave_size=5, seed=2, progress=False,
+             on_rows=lambda i, t, e: few.append(i), on_rows_every=3600)
+    assert few == [0, 5, 10]  # a long interval: each wave's rows at its end
+
+
+def test_first_index_must_not_be_negative(model):
+    with pytest.raises(ValueError, match="need first_index >= 0, got -1"):
+        generate(model, LogLinearNoise(), 2, 5, 3, first_index=-1, progress=False)
