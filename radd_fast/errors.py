@@ -80,7 +80,8 @@ def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None = None)
     """Run ``main(args)`` and turn a ``UserError`` into one line on stderr and exit code 2.
 
     Anything else is a bug and keeps its traceback. ``KeyboardInterrupt`` exits with 130
-    after one line, so an interrupted run does not print a traceback either.
+    after one line, ``interrupted`` (``interrupted: <what was kept>`` when the interrupt carries
+    that), so an interrupted run does not print a traceback either.
     """
     debug = debug_requested(argv)
     args = strip_debug_flag(argv)
@@ -91,8 +92,9 @@ def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None = None)
             raise
         print(one_line(e), file=sys.stderr)
         return USAGE_EXIT_CODE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print("interrupted", file=sys.stderr)
+        detail = " ".join(str(e).split())
+        print(f"interrupted: {detail}" if detail else "interrupted", file=sys.stderr)
         return 130

@@ -68,3 +68,17 @@ def test_one_non_finite_loss_error_for_training_and_evaluation():
     assert training.NonFiniteLossError is evaluation.NonFiniteLossError is NonFiniteLossError
     assert loop.NonFiniteLossError is ppl.NonFiniteLossError is NonFiniteLossError
     assert not hasattr(evaluation, "NonFiniteLoss") and not hasattr(ppl, "NonFiniteLoss")
+
+
+@pytest.mark.parametrize("interrupt, line", [
+    (KeyboardInterrupt(), "interrupted"),
+    (KeyboardInterrupt("12 samples in s.jsonl,\n whole lines"), "interrupted: 12 samples in s.jsonl, whole lines"),
+])
+def test_ctrl_c_is_one_line_and_exit_130_saying_what_was_kept(capsys, monkeypatch, interrupt, line):
+    monkeypatch.delenv("RADD_DEBUG", raising=False)
+
+    def main(args):
+        raise interrupt
+
+    assert run_cli(main, []) == 130
+    assert capsys.readouterr().err.splitlines() == [line]

@@ -16,21 +16,22 @@ published CLI's 0.8 for top_p (``PUBLISHED_CLI_TOP_P``; the library's default, u
 
 Prints each sample, then one summary line: what was sampled (method, steps, strategy, the
 Gumbel dtype: float64 by default, the paper's protocol; ``--sampling_dtype float32`` draws
-the published code's noise), E-NFE (model evaluations per sample), tokens/s and wall time.
-The fast engine samples in chunks of a wave (``SamplerConfig.planned_wave_size``), chunk c
-seeded from (``--seed``, c), so every chunk is written as soon as it is done. ``--loop`` picks the sampling
+the published code's noise), the seed, E-NFE (model evaluations per sample), tokens/s and wall
+time. The fast loop keys sample i's randomness by (``--seed``, i), so the samples do not depend
+on ``--rows_in_flight``, ``--wave_size`` or the number of ranks, and it hands each sample over as
+soon as it and every sample before it are done (at most a second later; output.py). Under
+torchrun rank r makes samples [r N / world, (r + 1) N / world). ``--loop`` picks the sampling
 loop: ``fast`` (default) runs ``radd_fast.sampling.generate``; ``published_api`` the published
-DiffusionSampler / OrderedSampler loop (``sampling/published_api.py``). ``--engine fast|reference``, its old
-name, still works and warns in one line.
-``--out`` writes JSONL, one object per sample, flushed as each is written:
-{"index", "text", "ids", "enfe", "sampler"}. Every bad flag or file is one ``error: ...`` line and
-exit code 2, found before any sampling (``--debug`` or ``RADD_DEBUG=1``: the traceback).
+DiffusionSampler / OrderedSampler loop (``sampling/published_api.py``; its samples depend on
+``--rows_in_flight``). ``--engine fast|reference``, its old name, still works and warns in one line.
+``--out`` writes JSONL, one object per sample, in whole lines (Ctrl-C or a full disk keeps every
+sample written before it): {"index", "text", "ids", "enfe", "sampler"}. Every bad flag or file is
+one ``error: ...`` line and exit code 2, found before any sampling (``--debug`` or
+``RADD_DEBUG=1``: the traceback).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 import time
@@ -44,11 +45,13 @@ from ..config import parse_dtype
 from ..data.tokenizers import default_tokenizer_name, get_tokenizer, tokenizer_mismatch
 from ..distributed import DistEnv, broadcast_object, cleanup, gather_objects, init_distributed
 from ..errors import ArgParser, UserError, run_cli
+from ..files import WriteError
 from ..model.kv_cache import KVCache
 from ..progress import progress_bar
 from .conditioning import initial_state, projection, text_conditioning
 from .config import SamplerConfig, auto_rows_in_flight
 from .engine import generate
+from .output import SampleWriter, rank_path
 from .published_api import DiffusionSampler, OrderedSampler
 from .schedule import METHODS
 from .strategies import PUBLISHED_CLI_TOP_P, PUBLISHED_LIBRARY_TOP_K, STRATEGIES
@@ -113,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="APPROXIMATE: reuse each row's keys/values, a full evaluation every R of its evaluations "
                         "(docs/SAMPLING.md); omit for exact sampling")
     p.add_argument("--wave_size", type=int, default=None,
-                   help="samples planned and written together (default: max(32 x rows in flight, 4096))")
+                   help="samples planned together, to bound memory (default: max(32 x rows in flight, 4096)); "
+                        "samples are written as they finish whatever it is")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -156,36 +160,86 @@ def _join_ranks(run: Run) -> DistEnv:
 
 
 def _sample(run: Run, env: DistEnv) -> int:
-    out_path = check_output(run.args.out) if env.is_main else None  # before any work
+    # Before any work; ranks > 0 stream into <out>.rank<r> beside it (rank 0's check covers the folder).
+    out_path = check_output(run.args.out) if env.is_main else run.args.out and Path(run.args.out).expanduser()
     model, noise = _with_flag("--model_path", load_model, run.args.model_path, device=run.device,
                               backend=_backend(run), dtype=run.args.dtype)
     check_finite_weights(model, run.args.model_path)
     tok = _with_flag("--tokenizer", load_tokenizer, run.args.tokenizer, model.config)
     length = check_length(run.args.length, model.length)
     init, cond = _conditioning(run, tok, length, model.mask_id)
+    first, count = rank_share(run.num_samples, env)
     cache_bytes = KVCache.bytes_per_row(model, length) if run.sampler.refresh_every else 0
-    rows = run.sampler.rows_in_flight or auto_rows_in_flight(run.num_samples, length, model.config.model.hidden_size,
+    rows = run.sampler.rows_in_flight or auto_rows_in_flight(max(count, 1), length, model.config.model.hidden_size,
                                                              run.device, cache_bytes)
     sampler = run.sampler.replace(order=_order(run, length), rows_in_flight=rows)
-    out = open_output(out_path)  # only now: a run refused above leaves an existing file as it was
+    seed = broadcast_object(run.args.seed if run.args.seed is not None else int(torch.randint(0, 2**62, ())), env)
+    # Only now: a run refused above leaves an existing file as it was.
+    writer = SampleWriter(None if out_path is None else rank_path(out_path, env.rank), tok, sampler.describe(),
+                          echo=env.is_main)
+    kept = []  # this rank's samples: (first index, tokens [n, L], E-NFE [n]), for the summary and rank 0
+
+    def deliver(start: int, tokens: torch.Tensor, enfe) -> None:
+        writer.write(start, tokens, enfe)
+        kept.append((start, tokens, [int(e) for e in enfe]))
+
     try:
         t0 = time.perf_counter()
-        enfe_all: list[int] = []
-        chunks = _fast(run, sampler, model, noise, length, cond, env) if run.loop == "fast" else \
-            _published_api(run, sampler, model, noise, length, init)
-        for first, tokens, enfe in chunks:
-            if env.is_main:
-                write_samples(out, tok, first, tokens, enfe, sampler.describe())
-            enfe_all += [int(e) for e in enfe]
+        if run.loop == "fast":
+            _fast(run, sampler, model, noise, length, cond, seed, first, count, env, deliver)
+        else:
+            _published_api(run, sampler, model, noise, length, init, seed, deliver)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         wall = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        writer.close()
+        raise KeyboardInterrupt(f"{writer.note()}, whole lines{_others_kept(out_path, env)}") from None
+    except BaseException:
+        writer.close()
+        raise
+    try:
+        shares = gather_objects(kept if not env.is_main else [], env)
+        if env.world > 1:
+            _merge_ranks(writer, shares, out_path, env)
     finally:
-        if out is not None:
-            out.close()
+        writer.close()
+    counts = gather_objects(count, env)
     if env.is_main:
-        print(summary_line(run, sampler, length, init, model.mask_id, enfe_all, wall, env.world))
+        enfe_all = [e for share in [kept, *shares[1:]] for _, _, enfe in share for e in enfe]
+        print(summary_line(run, sampler, length, init, model.mask_id, enfe_all, wall, counts, seed))
     return 0
+
+
+def rank_share(num_samples: int, env: DistEnv) -> tuple[int, int]:
+    """(first sample, count) of this rank: the contiguous [r N / world, (r + 1) N / world), so every rank
+    makes num_samples / world of them, give or take one."""
+    first, end = env.rank * num_samples // env.world, (env.rank + 1) * num_samples // env.world
+    return first, end - first
+
+
+def _merge_ranks(writer: SampleWriter, shares: list, out_path: Path | None, env: DistEnv) -> None:
+    """Rank 0 appends (and prints) the other ranks' samples in rank order; then each rank removes its
+    own ``<out>.rank<r>``, which kept them in case the run stopped. A failed append leaves them."""
+    error = None
+    if env.is_main:
+        try:
+            for share in shares[1:]:
+                for start, tokens, enfe in share:
+                    writer.write(start, tokens, enfe)
+        except WriteError as e:
+            error = e
+    merged = broadcast_object(error is None, env)
+    if merged and out_path is not None and not env.is_main:
+        rank_path(out_path, env.rank).unlink(missing_ok=True)
+    if error is not None:
+        raise error
+
+
+def _others_kept(out_path: Path | None, env: DistEnv) -> str:
+    if env.world == 1 or out_path is None:
+        return ""
+    return f" (ranks 1-{env.world - 1}: {out_path.name}.rank<r>)"
 
 
 # -- checks before any work -----------------------------------------------------------------------
@@ -274,16 +328,6 @@ def check_output(path: str | None) -> Path | None:
     return target
 
 
-def open_output(target: Path | None):
-    """The checked JSONL path opened for writing, or None."""
-    if target is None:
-        return None
-    try:
-        return target.open("w", encoding="utf-8")
-    except OSError as e:  # e.g. a read-only file system, which os.access does not see
-        raise SampleArgError(f"--out {target} cannot be written: {e.strerror}") from None
-
-
 def load_tokenizer(name: str | None, config):
     """The tokenizer for ``config``; its ids must be exactly the model's real tokens."""
     if name is None:
@@ -341,39 +385,22 @@ def _order(run: Run, length: int):
     return torch.arange(length) if run.args.method == "ordered" and run.args.order == "left_to_right" else None
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The seed of sampling chunk ``chunk`` of a run seeded ``seed``: the same on any device or rank."""
-    digest = hashlib.blake2b(f"{int(seed)}:{int(chunk)}:sample".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**62 - 1)
+def _fast(run: Run, cfg: SamplerConfig, model, noise, length: int, cond, seed: int, first: int, count: int,
+          env: DistEnv, deliver) -> None:
+    """This rank's samples first .. first + count - 1 from ``generate``, sample i keyed by (seed, i), each
+    given to ``deliver(index, tokens [n, L], E-NFE [n])`` in sample order as soon as it and every sample
+    before it are done (``generate``'s ``on_rows``, at most once a second).
 
-
-def _fast(run: Run, cfg: SamplerConfig, model, noise, length: int, cond, env: DistEnv):
-    """``generate`` one wave-sized chunk at a time, chunk c seeded from (--seed, c), each yielded when done.
-
-    Over several ranks chunk c goes to rank c mod world and every round's chunks come back to every
-    rank in chunk order, so the samples (and rank 0's file) are the ones a single process makes.
     The engine's own summary line is off: this CLI prints one, the same for both loops."""
-    seed = run.args.seed if run.args.seed is not None else int(torch.randint(0, 2**62, ()))
-    seed = broadcast_object(seed, env)  # one run, one seed: rank 0's
-    chunk = cfg.planned_wave_size(cfg.rows_in_flight)
-    starts = list(range(0, run.num_samples, chunk))
-    for round_start in range(0, len(starts), env.world):
-        c = round_start + env.rank
-        mine = None
-        if c < len(starts):
-            n = min(chunk, run.num_samples - starts[c])
-            tokens, stats = generate(model, noise, n, length, config=cfg, conditioning=cond, seed=chunk_seed(seed, c),
-                                     progress=not run.args.no_progress and env.is_main, summary=False)
-            mine = (starts[c], tokens.cpu(), stats.enfe.tolist())
-        for item in gather_objects(mine, env):
-            if item is not None:
-                yield item
+    generate(model, noise, count, length, config=cfg, conditioning=cond, seed=seed, first_index=first,
+             on_rows=deliver, progress=not run.args.no_progress and env.is_main, summary=False)
 
 
-def _published_api(run: Run, cfg: SamplerConfig, model, noise, length: int, init):
-    """The published-API loop, ``cfg.rows_in_flight`` samples at a time; each chunk is yielded when done."""
+def _published_api(run: Run, cfg: SamplerConfig, model, noise, length: int, init, seed: int, deliver) -> None:
+    """The published-API loop, ``cfg.rows_in_flight`` samples at a time, each chunk delivered when done
+    (chunk b0 seeded seed + b0, as before: its samples depend on the rows in flight)."""
     args, rows = run.args, cfg.rows_in_flight
-    gen_seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()))
+    gen_seed = seed
     bar = progress_bar(not args.no_progress, total=run.num_samples, desc="sampling", unit="sample")
     try:
         for b0 in range(0, run.num_samples, rows):
@@ -388,33 +415,22 @@ def _published_api(run: Run, cfg: SamplerConfig, model, noise, length: int, init
             start = init if init.shape[0] == 1 else init[b0:b0 + B]
             tokens = sampler.sample(cfg.steps, projection(start, model.mask_id))
             bar.update(B)
-            yield b0, tokens, sampler.last_row_nfe.tolist()
+            deliver(b0, tokens.cpu(), sampler.last_row_nfe.tolist())
     finally:
         bar.close()
 
 
 # -- output --------------------------------------------------------------------------------------
-def write_samples(out, tok, first: int, tokens: torch.Tensor, enfe, sampler: str = "") -> None:
-    """Print each sample and append it to ``out`` (JSONL), flushed, so an interrupted run keeps it.
-    ``sampler``: ``SamplerConfig.describe()``, recorded in every line."""
-    for i, ids in enumerate(tokens.cpu().tolist()):
-        text = tok.decode(ids)
-        print(f"{'=' * 30} sample {first + i} {'=' * 30}\n{text}", flush=True)
-        if out is not None:
-            record = {"index": first + i, "text": text, "ids": ids, "enfe": int(enfe[i]), "sampler": sampler}
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-
-
 def summary_line(run: Run, cfg: SamplerConfig, length: int, init, mask_id: int, enfe: list[int], wall: float,
-                 ranks: int = 1) -> str:
-    """The one summary of a call: what was sampled, E-NFE per sample, sampled tokens per second, wall time."""
+                 counts: list[int], seed: int) -> str:
+    """The one summary of a call: what was sampled (over how many ranks, how many each), the seed,
+    E-NFE per sample, sampled tokens per second, wall time."""
     n_free = int((init == mask_id).sum()) * (run.num_samples if init.shape[0] == 1 else 1)
     mean_enfe = sum(enfe) / max(len(enfe), 1)
-    where = f" on {ranks} ranks" if ranks > 1 else ""
+    where = f" on {len(counts)} ranks ({' + '.join(map(str, counts))} samples)" if len(counts) > 1 else ""
     return (f"loop {run.loop}{where} | {cfg.describe()} | {run.num_samples} samples x {length} tokens | "
-            f"E-NFE {mean_enfe:.1f} "
-            f"per sample | {n_free / max(wall, 1e-9):,.0f} tokens/s | wall {wall:.2f} s")
+            f"seed {seed} | E-NFE {mean_enfe:.1f} per sample | {n_free / max(wall, 1e-9):,.0f} tokens/s | "
+            f"wall {wall:.2f} s")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
-"""torchrun sample.py: the samples split over ranks (gloo on CPU), one --out file in sample order, and
-the same samples one process makes with the same seed; a run folder whose meta checkpoint fails its
-checksum, sampled from its newest intact snapshot with one warning line."""
+"""sample.py as a user runs it: torchrun splits the samples over ranks (gloo on CPU) into one --out file
+in sample order, the same samples one process makes with the same seed; Ctrl-C keeps every finished
+sample in whole lines; a full disk is one error line and whole lines; a run folder whose meta
+checkpoint fails its checksum, sampled from its newest intact snapshot with one warning line."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.checkpoints import flip_bytes, write_run_folder
+from tests.support.faults import full_disk_env
 from tests.support.models import random_head_model
 from tests.support.paths import REPO
 
@@ -41,21 +45,76 @@ def _args(ckpt: str, out: Path) -> list[str]:
             "--out", str(out)]
 
 
-def test_two_ranks_make_the_samples_of_one_process(ckpt, tmp_path):
+def _torchrun(ranks: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+            "127.0.0.1", "--master_port", str(_free_port())]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("samples, split", [(6, "3 + 3"), (7, "3 + 4")])
+def test_two_ranks_make_the_samples_of_one_process(ckpt, tmp_path, samples, split):
+    """Rank r makes samples [r N / 2, (r + 1) N / 2), sample i keyed by (--seed, i): the summary reports
+    each rank's count, the file holds the one-process samples in order (made with other rows in flight),
+    and the ranks' part files are gone."""
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    single = subprocess.run([sys.executable, *_args(ckpt, one)], cwd=ROOT, env=_env(), capture_output=True,
-                            text=True, timeout=300)
+    count = ["--batch_size", str(samples)]
+    single = subprocess.run([sys.executable, *_args(ckpt, one), *count, "--rows_in_flight", "4"], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port())]
-    ranks = subprocess.run([*launcher, *_args(ckpt, two)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                           timeout=300)
+    ranks = subprocess.run([*_torchrun(2), *_args(ckpt, two), *count], cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=300)
     assert ranks.returncode == 0, ranks.stderr
-    a = [json.loads(line) for line in one.read_text().splitlines()]
-    b = [json.loads(line) for line in two.read_text().splitlines()]
-    assert [r["index"] for r in b] == list(range(7))
+    a, b = _records(one), _records(two)
+    assert [r["index"] for r in b] == list(range(samples))
     assert [r["ids"] for r in a] == [r["ids"] for r in b]
-    assert "on 2 ranks" in ranks.stdout and ranks.stdout.count("E-NFE") == 1  # rank 0 alone prints the summary
+    summary = [line for line in ranks.stdout.splitlines() if "E-NFE" in line]
+    assert len(summary) == 1 and summary[0].startswith(f"loop fast on 2 ranks ({split} samples) | ")  # rank 0 alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]
+
+
+def test_ctrl_c_keeps_every_finished_sample_in_whole_lines(ckpt, tmp_path):
+    """SIGINT to a real sample.py in the middle of a long run: exit 130, one line saying what was kept,
+    and the file holds samples 0 .. n-1, each a whole JSONL line."""
+    out = tmp_path / "s.jsonl"
+    cmd = [sys.executable, "sample.py", "--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "100000",
+           "--rows_in_flight", "4", "--steps", "5", "--seed", "1", "--device", "cpu", "--no_progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while (not out.exists() or out.stat().st_size < 2000) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    text = out.read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    n = len(records)
+    assert proc.returncode == 130 and text.endswith("\n") and n >= 1
+    assert [r["index"] for r in records] == list(range(n))
+    assert err.splitlines() == [f"interrupted: {n} samples in {out}, whole lines"]
+
+
+def test_a_full_disk_is_one_error_line_and_whole_lines(ckpt, tmp_path):
+    """The disk under --out fills up in the middle of a line: one line naming the file and what is kept,
+    exit 2, and the file is cut back to the samples written before, whole lines."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    out = folder / "s.jsonl"
+    env = {**_env(), **full_disk_env(tmp_path, folder, free=1000)}
+    result = subprocess.run([sys.executable, *_args(ckpt, out), "--batch_size", "40"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    text = out.read_text()
+    n = len(text.splitlines())
+    assert result.returncode == 2 and 0 < len(text) <= 1000 and text.endswith("\n")
+    assert [r["index"] for r in _records(out)] == list(range(n))
+    assert result.stderr.splitlines() == [
+        f"error: no space left on device while writing {out}: the {n} samples written before are kept, whole "
+        "lines; free some space (or pass another --out) and run again"]
 
 
 def test_a_corrupt_run_checkpoint_samples_from_the_newest_intact_snapshot(tmp_path):

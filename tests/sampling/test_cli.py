@@ -133,28 +133,43 @@ def test_cli_errors(ckpt, capsys, extra, message):
     assert message in err
 
 
-def test_chunks_are_written_as_they_finish_and_every_record_says_how_it_was_sampled(ckpt, tmp_path, monkeypatch,
-                                                                                   capsys):
-    """The fast engine samples one wave-sized chunk at a time (chunk c seeded from (--seed, c)); each chunk's
-    lines are on disk before the next chunk starts; fp64 Gumbel unless --sampling_dtype float32."""
+def test_samples_are_written_as_they_finish_and_every_record_says_how_it_was_sampled(ckpt, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The fast loop hands finished samples over while it runs (here at every chance: on_rows_every=0) and
+    each hand-over is on disk, in whole lines, before the run goes on; fp64 Gumbel unless --sampling_dtype
+    float32; the summary names the seed."""
     out = tmp_path / "s.jsonl"
     seen = []
     real = sample_cli.generate
 
-    def spy(*args, **kwargs):
-        seen.append(len(out.read_text().splitlines()))  # lines written before this chunk starts
-        return real(*args, **kwargs)
+    def spy(*args, on_rows, **kwargs):
+        def rows(first, tokens, enfe):
+            seen.append((first, len(out.read_text().splitlines())))  # lines on disk before this hand-over
+            on_rows(first, tokens, enfe)
+        return real(*args, on_rows=rows, on_rows_every=0, **kwargs)
 
     monkeypatch.setattr(sample_cli, "generate", spy)
-    monkeypatch.setattr(sample_cli.SamplerConfig, "planned_wave_size", lambda self, rows: 4)
     assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "10", "--steps", "4",
-                        "--seed", "3", "--out", str(out), "--no_progress", "--device", "cpu"]) == 0
-    assert seen == [0, 4, 8]
+                        "--rows_in_flight", "2", "--seed", "3", "--out", str(out), "--no_progress",
+                        "--device", "cpu"]) == 0
+    assert len(seen) > 2 and all(first == lines for first, lines in seen)  # every earlier sample already written
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(10))
     assert all("fp64 Gumbel" in r["sampler"] for r in rows)
-    assert "fp64 Gumbel" in capsys.readouterr().out.splitlines()[-1]
-    assert sample_cli.chunk_seed(3, 0) != sample_cli.chunk_seed(3, 1) == sample_cli.chunk_seed(3, 1)
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert "fp64 Gumbel" in summary and "| seed 3 |" in summary
+
+
+def test_samples_do_not_depend_on_rows_in_flight_or_wave_size(ckpt, tmp_path):
+    """Sample i is keyed by (--seed, i): other --rows_in_flight / --wave_size, the same file."""
+    def ids(*extra):
+        out = tmp_path / "k.jsonl"
+        assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "7", "--steps", "6",
+                            "--seed", "5", "--out", str(out), "--no_progress", "--device", "cpu", *extra]) == 0
+        return [json.loads(line)["ids"] for line in out.read_text().splitlines()]
+
+    assert ids("--rows_in_flight", "2", "--wave_size", "3") == ids("--rows_in_flight", "7") == ids()
+    assert ids("--num_samples", "3") == ids()[:3]  # the first samples of a longer run
 
 
 def test_refresh_every_is_labelled_approximate_everywhere(ckpt, tmp_path, capsys):
