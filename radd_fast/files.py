@@ -13,6 +13,7 @@ cache (data/datasets.py), sample.py's ``--out`` and the gen-PPL suite's samples.
 - ``LineFile(path)``: a streamed file of whole lines (JSONL): each ``write_lines`` is one
   unbuffered write, fsynced when asked; a write that fails (a full disk, Ctrl-C) is cut back to
   the last complete line, so the file always holds whole lines.
+- ``LineLogHandler(path)``: a ``logging`` handler over a ``LineFile`` (a run's ``logs``).
 - ``write_errors(path)``: a full disk (ENOSPC), an exceeded quota (EDQUOT), a read-only file
   system (EROFS) or a refused permission (EACCES / EPERM) anywhere in the exception chain (torch
   wraps its writer's OSError in a RuntimeError) becomes a ``WriteError`` (a ``UserError``: one
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -204,3 +206,25 @@ class LineFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+class LineLogHandler(logging.Handler):
+    """A ``logging`` handler that appends each record to a ``LineFile``: a failed write raises its
+    ``WriteError`` to the code that logged (``logging.FileHandler`` would print a traceback per record
+    and go on, and fail again when closed)."""
+
+    def __init__(self, path: str | os.PathLike, advice: str = KEPT, level: int = logging.NOTSET):
+        super().__init__(level)
+        self.file = LineFile(path, "a", advice=advice)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # a bad format string is logging's own problem: its usual report
+            self.handleError(record)
+            return
+        self.file.write_lines([text])
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 
 import pytest
@@ -12,7 +13,16 @@ import torch
 
 from radd_fast import files
 from radd_fast.errors import UserError
-from radd_fast.files import KEPT, REPLACED, LineFile, WriteError, atomic_write, atomic_write_json, write_errors
+from radd_fast.files import (
+    KEPT,
+    REPLACED,
+    LineFile,
+    LineLogHandler,
+    WriteError,
+    atomic_write,
+    atomic_write_json,
+    write_errors,
+)
 from tests.support.faults import disk_full, full_disk
 
 
@@ -140,3 +150,24 @@ class TestLineFile:
         monkeypatch.setattr(type(tmp_path), "open", read_only)
         with pytest.raises(WriteError, match=f"^read-only file system while writing {tmp_path / 's.jsonl'}: "):
             LineFile(tmp_path / "s.jsonl", "w")
+
+
+class TestLineLogHandler:
+    def test_records_are_whole_lines_and_a_full_disk_reaches_the_caller(self, tmp_path, monkeypatch, capsys):
+        path = tmp_path / "logs"
+        full_disk(monkeypatch, tmp_path, free=30)
+        handler = LineLogHandler(path, advice="advice")
+        log = logging.getLogger("radd_fast.test_files")
+        log.addHandler(handler)
+        log.propagate = False
+        try:
+            log.warning("first record")  # 12 bytes
+            with pytest.raises(WriteError) as e:
+                log.warning("a second record, too long to fit")
+        finally:
+            log.removeHandler(handler)
+            log.propagate = True
+            handler.close()  # nothing left to flush: no second error
+        assert str(e.value) == f"no space left on device while writing {path}: advice"
+        assert path.read_text() == "first record\n"
+        assert "Logging error" not in capsys.readouterr().err
