@@ -253,6 +253,10 @@ def restore(ckpt: dict, path: Path, model, ema, optimizer, scaler) -> int:
         raise CheckpointError(f"cannot resume from {path}: {e}") from e
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    # The saved groups hold the saving run's kernel choice (fused / foreach); this run's build_optimizer
+    # decides it: a checkpoint of an unfused run must not switch off the fused step's device gate.
+    for group in optimizer.param_groups:
+        group.update({k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults})
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     return int(ckpt["step"])

@@ -248,7 +248,8 @@ class TrainStep:
         update unless this step or an earlier one was not finite; then zero the gradients.
 
         ``optimizer`` must be fused Adam / AdamW (``fused=True``), whose step takes the device
-        flag ``found_inf``; another optimizer gets a host check here (one sync per step).
+        flag ``found_inf`` (``optim.build_optimizer`` builds one wherever torch has the kernels,
+        CPU included); another optimizer gets a host check here (one sync per step).
         """
         if self._step_loss is None:
             raise RuntimeError("update() before any micro_batch() of the step")
@@ -266,7 +267,7 @@ class TrainStep:
             _fold_into_scaler(scaler, optimizer, skip)
             scaler.step(optimizer)
             scaler.update()
-        elif optimizer.defaults.get("fused"):
+        elif all(group.get("fused") for group in optimizer.param_groups):  # the groups run the step, not defaults
             optimizer.found_inf = skip  # fused Adam(W): no update (and no step count) where 1
             try:
                 optimizer.step()

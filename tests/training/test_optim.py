@@ -1,12 +1,15 @@
 """The optimizer and its schedule (radd_fast/training/optim.py) against hand-computed values: the
-warmed-up lr, the first Adam / AdamW step in closed form, the fused kernels on CUDA only."""
+warmed-up lr, the first Adam / AdamW step in closed form, the fused kernels wherever torch has them
+(CPU included), decided by asking torch, and the for-each optimizer with a log line where it has not."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 
 from radd_fast.training.config import OptimConfig
-from radd_fast.training.optim import build_optimizer, lr_at
+from radd_fast.training.optim import build_optimizer, fused_available, lr_at
 
 
 def test_warmup_schedule():
@@ -47,10 +50,16 @@ def test_first_adam_step_in_closed_form(kind):
     assert p.grad is None
 
 
-def test_fused_optimizer_exactly_on_cuda():
-    """Fused AdamW / Adam on CUDA, the for-each one elsewhere (the flag is read off a CPU build:
-    torch's fused kernels also exist for CPU tensors, so no GPU is needed to check it)."""
+def test_fused_wherever_torch_has_the_kernels(caplog):
+    """Fused AdamW / Adam on CPU (torch >= 2.4 has the kernels): the update path the GPU takes. A device
+    without them (meta here; CUDA in a CPU build) gets the for-each optimizer, said in one log line."""
     for kind in ("AdamW", "Adam"):
         cfg = OptimConfig(optimizer=kind)
-        assert build_optimizer([torch.nn.Parameter(torch.ones(2))], cfg, torch.device("cpu")).defaults["fused"] is False
-        assert build_optimizer([torch.nn.Parameter(torch.ones(2))], cfg, torch.device("cuda")).defaults["fused"] is True
+        assert build_optimizer([torch.nn.Parameter(torch.ones(2))], cfg, torch.device("cpu")).defaults["fused"] is True
+        with caplog.at_level(logging.INFO, logger="radd_fast.training.optim"):
+            opt = build_optimizer([torch.nn.Parameter(torch.ones(2, device="meta"))], cfg, torch.device("meta"))
+        assert opt.defaults["fused"] is False
+        assert caplog.messages[-1] == (f"no fused {kind} kernels for meta in torch {torch.__version__}: the update "
+                                       f"checks for a non-finite step on the host (one sync per step)")
+    assert fused_available(torch.device("cpu")) and not fused_available(torch.device("meta"))
+    assert fused_available(torch.device("cuda")) == torch.cuda.is_available()

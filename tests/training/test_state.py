@@ -20,11 +20,15 @@ import pytest
 import torch
 
 import radd_fast
+from radd_fast import RADD, ExponentialMovingAverage
 from radd_fast.checkpoint import CheckpointError
 from radd_fast.training import loop as loop_module
 from radd_fast.training import state as state_module
 from radd_fast.training import train
+from radd_fast.training.config import OptimConfig
+from radd_fast.training.optim import build_optimizer
 from radd_fast.training.state import atomic_save, find_resume_checkpoint, remove_stale_temporaries, sidecar_path
+from tests.support.models import tiny_config as tiny_radd_config
 from tests.support.runs import (
     Killed,
     assert_same_checkpoints,
@@ -276,6 +280,31 @@ def test_a_published_format_checkpoint_resumes_from_the_first_batch(five_steps, 
     with caplog.at_level(logging.WARNING, logger="radd_fast"):
         assert train(tiny_config(tmp_path), run)["step"] == 6
     assert any("holds no data position (published format)" in m for m in caplog.messages)
+
+
+def test_a_cpu_run_trains_with_fused_adamw(five_steps):
+    """The update path of a GPU run (fused Adam(W), its device gate): recorded in the checkpoint."""
+    groups = load_meta(five_steps / "run")["optimizer"]["param_groups"]
+    assert [g["fused"] for g in groups] == [True] * len(groups)
+
+
+def test_a_resume_keeps_this_runs_fused_update_whatever_the_checkpoint_used(tmp_path):
+    """A checkpoint of an unfused run (CPU runs before fused AdamW was used there) restored into the
+    fused optimizer leaves it fused: the saved groups' kernel flags would otherwise switch the step to
+    the for-each kernel, which ignores the device gate (found_inf) that TrainStep.update sets."""
+    model = RADD(tiny_radd_config(tokens=8, length=4))
+    params = list(model.parameters())
+    old = torch.optim.AdamW(params, lr=1e-3, fused=False)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    old.step()
+    ema = ExponentialMovingAverage(params, 0.9)
+    ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": old.state_dict(), "step": 1}
+    new = build_optimizer(params, OptimConfig(), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert state_module.restore(ckpt, tmp_path / "checkpoint.pth", model, ema, new, scaler) == 1
+    assert [(g["fused"], g["foreach"]) for g in new.param_groups] == [(True, None)]
+    assert torch.equal(new.state[params[0]]["exp_avg"], old.state[params[0]]["exp_avg"])  # the moments restored
 
 
 # ---- disk full -----------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ What ``read`` reports (losses, FLOPs, head rows, overflows, a fresh window after
 update gate (a bad batch or a non-finite step applies no update, that step and every later one),
 the learning rate set per step and the exact messages, all against hand-computed values; micro-batch
 accumulation equal to the global-batch gradient and the clipped update; the compiled step equal to
-the eager one; and the step's host syncs: none between log intervals, for every loss type, one per
-read. On CUDA every op ``SyncCounter`` counts makes the host wait for the device; counting them on
+the eager one; and the step's host syncs with the optimizer training builds (fused AdamW, on CPU
+too): none between log intervals, for every loss type, one per read. On CUDA every op ``SyncCounter`` counts makes the host wait for the device; counting them on
 CPU finds the same call sites (radd_fast/sync_counter.py). The sync tests run under the loop's CPU
 deterministic algorithms too, as in training.
 """
@@ -29,7 +29,8 @@ from radd_fast.losses.registry import get_loss_spec
 from radd_fast.losses.static_rows import MaskPlanner
 from radd_fast.sync_counter import SyncCounter
 from radd_fast.training import step as step_mod
-from radd_fast.training.config import TrainingConfig
+from radd_fast.training.config import OptimConfig, TrainingConfig
+from radd_fast.training.optim import build_optimizer
 from radd_fast.training.step import StepReport, TrainStep
 from tests.support.compare import assert_close
 from tests.support.models import LOSS_TOKENS, loss_model
@@ -605,8 +606,12 @@ def tiny(dropout=0.02, seed=0):
     return RADD(cfg)
 
 
-def fused_adamw(model):
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+def shipped_optimizer(model):
+    """The optimizer training builds (``optim.build_optimizer``): fused AdamW on CPU too, so these
+    counts are the shipped update's, not a stand-in's."""
+    optimizer = build_optimizer(model.parameters(), OptimConfig(lr=1e-3), model.device)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    return optimizer
 
 
 def host_plans(stepper, steps, micro=2):
@@ -631,7 +636,7 @@ def test_no_sync_between_log_intervals(loss_type):
     """From the first step on (optimizer state created lazily included): zero syncs, then one read.
     The ar_* losses (L passes each) take one step of one micro-batch, the others two of two."""
     model = tiny()
-    stepper, optimizer = TrainStep(model, LogLinearNoise(), loss_type), fused_adamw(model)
+    stepper, optimizer = TrainStep(model, LogLinearNoise(), loss_type), shipped_optimizer(model)
     steps, micro = (1, 1) if loss_type.startswith("ar_") else (2, 2)
     torch.manual_seed(1)
     with deterministic():
@@ -655,10 +660,24 @@ def deterministic():
         torch.use_deterministic_algorithms(False)
 
 
+def test_an_unfused_update_would_wait_for_the_device_every_step():
+    """Why training builds fused Adam(W) on every device that has it: with the for-each optimizer the
+    update asks the host whether to step (one sync per step), and torch's non-fused Adam reads each
+    parameter's step counter on the host (on CPU: one more per parameter and step)."""
+    model = tiny()
+    stepper = TrainStep(model, LogLinearNoise(), "lambda_DCE")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
+    plans = host_plans(stepper, steps=2)
+    with SyncCounter() as syncs:
+        run_steps(stepper, optimizer, model, steps=2, plans=plans)
+    n_params = len(list(model.parameters()))
+    assert set(syncs.by_op) == {"aten._local_scalar_dense"} and syncs.total >= 2 * (1 + n_params)
+
+
 def test_overflow_path_adds_no_sync():
     """A batch past the static capacity runs the exact eager path: still no sync, and counted."""
     model = tiny()
-    stepper, optimizer = TrainStep(model, LogLinearNoise(), "k_DCE", capacity=1), fused_adamw(model)
+    stepper, optimizer = TrainStep(model, LogLinearNoise(), "k_DCE", capacity=1), shipped_optimizer(model)
     plans = host_plans(stepper, steps=2)
     with SyncCounter() as syncs:
         run_steps(stepper, optimizer, model, steps=2, plans=plans)
@@ -670,7 +689,7 @@ def test_non_finite_step_is_never_applied_and_named():
     """A NaN gradient at step 2: no update from step 2 on (weights stay those of step 1), and the
     read names step 2."""
     model = tiny(dropout=0.0)
-    stepper, optimizer = TrainStep(model, LogLinearNoise(), "lambda_DCE"), fused_adamw(model)
+    stepper, optimizer = TrainStep(model, LogLinearNoise(), "lambda_DCE"), shipped_optimizer(model)
     torch.manual_seed(0)
     run_steps(stepper, optimizer, model, steps=1)
     after_first = [p.detach().clone() for p in model.parameters()]
@@ -690,7 +709,7 @@ def test_non_finite_step_is_never_applied_and_named():
 
 def test_token_out_of_range_is_reported_at_read():
     model = tiny()
-    stepper, optimizer = TrainStep(model, LogLinearNoise(), "lambda_DCE"), fused_adamw(model)
+    stepper, optimizer = TrainStep(model, LogLinearNoise(), "lambda_DCE"), shipped_optimizer(model)
     stepper.micro_batch(torch.full((B, LENGTH), model.mask_id), weight=1.0)  # the mask id is no clean token
     stepper.update(optimizer, list(model.parameters()), lr=1e-3, max_norm=1.0, step=1)
     with pytest.raises(DataError, match="token ids outside"):
