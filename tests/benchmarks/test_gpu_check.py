@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 from tests.support.paths import REPO
 from tests.support.published_code import published_checkout
@@ -15,7 +16,15 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     with the published provider, one micro-benchmark, the summary (kept small: a few steps)."""
     source = published_checkout()
     third, out = tmp_path / "third_party", tmp_path / "out"
-    env = {**os.environ, "RADD_THIRD_PARTY": str(third), "GPU_CHECK_FETCH_WHEELS": "0",
+    # PYTHON: the interpreter running these tests (a venv's, activated or not); the python and python3 first
+    # on PATH here fail, as an interpreter without the packages would
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for name in ("python", "python3"):
+        (shims / name).write_text("#!/bin/sh\necho 'not the interpreter of the tests' >&2\nexit 97\n")
+        (shims / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHON": sys.executable,
+           "RADD_THIRD_PARTY": str(third), "GPU_CHECK_FETCH_WHEELS": "0",
            "GPU_CHECK_TESTS": "tests/benchmarks/test_run.py", "MICRO_ONLY": "rotary",
            "E2E_ARGS": "--sections sampling,eval --steps 8 --eval_mc 2"}
     proc = subprocess.run(["bash", "benchmarks/gpu_check", "--dry-run", "--published", str(source), str(out)],
