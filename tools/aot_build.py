@@ -47,6 +47,7 @@ from radd_fast.kernels import layer_norm as ln  # noqa: E402
 from radd_fast.kernels import linear_log_softmax as lls  # noqa: E402
 from radd_fast.kernels import rotary as rot  # noqa: E402
 from radd_fast.kernels import sampling_update as su  # noqa: E402
+from radd_fast.kernels import token_stats as ts  # noqa: E402
 from radd_fast.kernels.registry import KERNELS  # noqa: E402
 from radd_fast.kernels.utils import CARD_CAPABILITIES, next_power_of_2, smem_limit_of  # noqa: E402
 
@@ -58,6 +59,7 @@ HEAD_DIMS = (32, 64, 128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOSS_ROWS = 4133  # masked rows of a training batch: deliberately not a multiple of 16
 SAMPLER_ROWS = (1, 16, 128)  # positions revealed per evaluation
+DECODER_ROWS = (1, 128, 16384)  # masked positions an adaptive decoder's evaluation scores (16 x 1024 at most)
 # SMs of a representative card per target (the sampling head splits the vocabulary by it)
 SM_COUNT = {80: 108, 89: 58, 90: 132}
 CARD_NAMES = {80: "A100", 89: "L4 / L40S / RTX 4090", 90: "H100 / H200"}
@@ -242,6 +244,41 @@ def sampling_specs(cc: int) -> list[Spec]:
     return specs
 
 
+# ----------------------------------------------------------------------------- token statistics
+def token_stats_specs(cc: int) -> list[Spec]:
+    cap, limit = CARD_CAPABILITIES[cc], smem_limit_of(CARD_CAPABILITIES[cc])
+    n_vocab = VOCAB - 1
+    f32, f64, i32, i64 = (_ptr(t) for t in (torch.float32, torch.float64, torch.int32, torch.int64))
+    specs = []
+    for dname, dtype in DTYPES.items():
+        h = _ptr(dtype)
+        for model, d in MODEL_WIDTHS.items():
+            # bf16 at every row count; the other dtypes (the same code) at the largest
+            for n in DECODER_ROWS if dtype == torch.bfloat16 else (max(DECODER_ROWS),):
+                for fp64 in (False, True):
+                    cfg = ts.token_stats_config_for(cap, limit, dtype, n, d, n_vocab, fp64, SM_COUNT[cc])
+                    tiles_per_split = -(-(-(-n_vocab // cfg.block_v)) // cfg.splits)
+                    for keyed in (True, False):  # noise keyed by row ids (the decoders'), or by row offsets
+                        specs.append(Spec(
+                            ts._stats_partial_kernel,
+                            f"{dname} N={n} FP64={int(fp64)} KEYED={int(keyed)} {cfg.block_n}x{cfg.block_v}x"
+                            f"{cfg.block_d} splits={cfg.splits} w{cfg.num_warps} s{cfg.num_stages}",
+                            (h, h, h, i64, f32, f32, f32, f64 if fp64 else f32, i32, f32, 12345, n, d, n_vocab,
+                             tiles_per_split, d, d, cfg.splits),
+                            dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, KEYED=keyed,
+                                 FP64=fp64, EVEN_D=d % cfg.block_d == 0, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages),
+                            [f"{model} d{d}"], su.head_smem_bytes(cfg, cap, dtype), asdict(cfg),
+                            dict(dtype=dname, n_rows=n, d=d, n_vocab=n_vocab, fp64=fp64, sm_count=SM_COUNT[cc])))
+                    fb, fs = ts.finalize_blocks(n, cfg.splits)
+                    specs.append(Spec(
+                        ts._stats_finalize_kernel,
+                        f"N={n} FP64={int(fp64)} SPLITS={cfg.splits} BLOCK_N={fb} BLOCK_S={fs}",
+                        (f32, f32, f32, f64 if fp64 else f32, i32, f32, i64, f32, f32, n, cfg.splits, cfg.splits),
+                        dict(BLOCK_N=fb, BLOCK_S=fs), [f"{dname} {model} d{d}"]))
+    return specs
+
+
 # ----------------------------------------------------------------------------- layer norm, rotary
 def layer_norm_specs(cc: int) -> list[Spec]:
     N = 64 * SEQ_LEN  # rows of a batch of 64 sequences
@@ -305,7 +342,7 @@ def rotary_specs(cc: int) -> list[Spec]:
 # The spec builder of each family a kernel of the table (radd_fast/kernels/registry.py) names.
 SPEC_BUILDERS: dict[str, Callable[[int], list[Spec]]] = {
     "attention": attention_specs, "loss_head": loss_head_specs, "sampling": sampling_specs,
-    "layer_norm": layer_norm_specs, "rotary": rotary_specs,
+    "layer_norm": layer_norm_specs, "rotary": rotary_specs, "token_stats": token_stats_specs,
 }
 
 

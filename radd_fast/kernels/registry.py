@@ -93,4 +93,7 @@ KERNELS: dict[str, KernelSpec] = {k.name: k for k in (
     # timed inside the sampler (bench_sampling); it has no backward to micro-benchmark
     KernelSpec("sampling_update", "head_sample_update", "head_sample_update_ref", "model/head.py", "sampling",
                configs=("head_config_for",), aot_family="sampling"),
+    # the adaptive decoders' head: forward only (no backward to micro-benchmark); bench_token_stats times it
+    KernelSpec("token_stats", "token_stats", "token_stats_ref", "model/head.py", "token_stats",
+               configs=("token_stats_config_for",), aot_family="token_stats"),
 )}

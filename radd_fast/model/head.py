@@ -10,7 +10,10 @@ through it and never reach into ``model.output_layer`` or ``radd_fast.kernels``.
   (``vocab_log_probs(h_rows)``: every real token's, [N, V-1]);
 - ``sampler(...).sample_at(h_rows, dst, x_flat, strategy, key, noise_ids)``: draw the
   tokens of the revealed rows of one sampler evaluation and write them into x, each
-  row's Gumbel noise keyed by (key, its noise id) alone.
+  row's Gumbel noise keyed by (key, its noise id) alone;
+- ``sampler(...).token_stats(h_rows, strategy, key, noise_ids)``: per masked position
+  a drawn token, its log-probability and the entropy of its distribution (what the
+  adaptive decoders rank positions by), in one pass over the vocabulary.
 
 The one backend policy: the head's kernels run when the model's backend is
 "fast" (``use_kernels`` overrides it for the sampler), and only where Triton can
@@ -28,12 +31,14 @@ import torch
 
 from ..kernels.linear_log_softmax import linear_log_softmax_gather
 from ..kernels.sampling_update import (
+    gumbel_noise,
     gumbel_ref,
     head_sample_update,
     logits_sample_update,
     logits_sample_update_ref,
     mix64,
 )
+from ..kernels.token_stats import TokenStats, logits_token_stats_ref, token_stats
 from ..kernels.utils import triton_runs_on
 from ..philox import keyed_gumbel
 from .precision import autocast
@@ -106,7 +111,8 @@ class RevealSampler:
       filtered by the strategy, then the Gumbel-max + write kernel;
     - no kernels: the same steps in PyTorch, with the same noise (``radd_fast.philox.keyed_gumbel``).
     Row i's noise is Philox keyed by (``key``, ``noise_ids[i]``) alone, so a token's draw does not
-    depend on which rows share its evaluation.
+    depend on which rows share its evaluation. ``token_stats`` draws the same tokens and adds their
+    log-probabilities and the entropies (one pass over the vocabulary with the kernels, ``direct``).
     """
 
     def __init__(self, head: OutputHead, sampling_dtype: torch.dtype, use_kernels: bool | None):
@@ -148,3 +154,24 @@ class RevealSampler:
             return
         noise = keyed_gumbel(key, noise_ids, n_vocab, self.sampling_dtype)
         logits_sample_update_ref(logits, dst, x_flat, noise, self.fp64)
+
+    def token_stats(self, h_rows: torch.Tensor, strategy, key: int, noise_ids: torch.Tensor) -> TokenStats:
+        """Per row: a drawn token, its log-probability and the entropy of the distribution it is drawn from.
+
+        h_rows: [P, d] hidden rows of the masked positions; strategy, key, noise_ids: as in ``sample_at``
+        (the same key and ids draw the same tokens). Returns ``TokenStats(tokens [P] int64, log_prob [P]
+        fp32, entropy [P] fp32)``; under top_k / top_p, of the filtered and renormalised distribution.
+        - kernels, ``direct``: one pass over the vocabulary (kernels/token_stats.py), no [P, V] tensor;
+        - top_k / top_p (their kept set needs the sorted distribution: no one pass), or no kernels:
+          [P, V-1] logits, the strategy's filter, the same keyed noise, ``logits_token_stats_ref``.
+        """
+        n_vocab = self.head.n_vocab
+        if self.use_kernels and strategy.is_direct:
+            hn = self.head.layer.norm_final(h_rows).to(self.weight.dtype)
+            return token_stats(hn, self.weight[:n_vocab], self.bias[:n_vocab], key, self.fp64, noise_ids=noise_ids)
+        logits = strategy.filter(self.head.logits(h_rows)[:, :n_vocab])
+        if self.use_kernels:  # the kernel draws the noise on the GPU; the same bits as keyed_gumbel
+            noise = gumbel_noise(logits.shape[0], n_vocab, key, logits.device, self.fp64, noise_ids=noise_ids)
+        else:
+            noise = keyed_gumbel(key, noise_ids, n_vocab, self.sampling_dtype)
+        return logits_token_stats_ref(logits, noise, self.fp64)

@@ -1,12 +1,16 @@
 """The output head (radd_fast/model/head.py): its PyTorch Gumbel noise is standard Gumbel
 (Kolmogorov-Smirnov against the CDF) and fresh between draws and positions; its two log-probs at
-selected rows, every real token's ([N, V-1]) and the targets' ([N]), under their own names."""
+selected rows, every real token's ([N, V-1]) and the targets' ([N]), under their own names; the
+adaptive decoders' token statistics (token, log-probability, entropy) on the kernel and torch paths."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from radd_fast.model.head import gumbel
+from radd_fast.kernels.utils import triton_runs_on
+from radd_fast.model import head as head_module
+from radd_fast.model.head import gumbel, noise_key
+from radd_fast.sampling.strategies import make_strategy
 from tests.support.stats import ks_critical, ks_gumbel
 
 
@@ -39,3 +43,62 @@ def test_vocab_and_target_log_probs_say_what_they_return(tiny_model):
     assert torch.equal(tiny_model.target_log_probs(h, targets), chosen)
     for old in ("log_probs", "log_probs_at"):
         assert not hasattr(head, old) and not hasattr(tiny_model, old)
+
+
+# ---------------------------------------------------------------- the adaptive decoders' statistics
+needs_kernel_path = pytest.mark.skipif(not triton_runs_on(torch.empty(0)),
+                                       reason="the kernel path needs TRITON_INTERPRET=1 on the CPU")
+
+
+def _rows_and_ids(model, P: int = 12):
+    """P hidden rows of the tiny model and their noise ids (sample x length + position, as the engine's)."""
+    torch.manual_seed(1)
+    x = torch.randint(0, model.vocab_size - 1, (2, model.length))
+    h = model.hidden(x).reshape(-1, model.config.model.hidden_size)[3:3 + P].detach()
+    return h, torch.arange(P) * 5 + 3
+
+
+@pytest.mark.parametrize("use_kernels", [pytest.param(True, marks=needs_kernel_path), False],
+                         ids=["kernels", "torch"])
+@pytest.mark.parametrize("strategy", [("direct", None), ("top_k", 3), ("top_p", 0.8)], ids=lambda s: s[0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_stats_are_sample_ats_tokens_with_their_log_probs_and_entropies(tiny_model, use_kernels, strategy,
+                                                                              dtype):
+    """token_stats(h, strategy, key, ids) draws the tokens sample_at writes for that key and ids, with the
+    log-probability and entropy of the distribution they are drawn from (the filtered one under top_k /
+    top_p), against a float64 log-softmax of the head's logits."""
+    head = tiny_model.output_head()
+    sampler = head.sampler(dtype, use_kernels=use_kernels)
+    h, ids = _rows_and_ids(tiny_model)
+    chosen = make_strategy(*strategy)
+    key = noise_key(3, 1)
+    with torch.no_grad():
+        stats = sampler.token_stats(h, chosen, key, ids)
+        x_flat = torch.full((len(ids),), -1)
+        sampler.sample_at(h, torch.arange(len(ids)), x_flat, chosen, key, ids)
+        logp = chosen.filter(head.logits(h)[:, :head.n_vocab]).double().log_softmax(-1)
+    assert torch.equal(stats.tokens, x_flat)
+    assert stats.log_prob.dtype == stats.entropy.dtype == torch.float32
+    assert torch.allclose(stats.log_prob.double(), logp.gather(-1, stats.tokens[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+    entropy = -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
+    assert torch.allclose(stats.entropy.double(), entropy, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel_path
+def test_token_stats_take_the_one_pass_kernel_for_direct_only(tiny_model, monkeypatch):
+    """With the kernels, direct goes through kernels/token_stats.py (the kernel refuses top_k / top_p,
+    which go through the filtered logits); the kernel and the torch path draw the same tokens."""
+    calls = []
+    real = head_module.token_stats
+    monkeypatch.setattr(head_module, "token_stats", lambda *a, **k: calls.append(k["noise_ids"]) or real(*a, **k))
+    head = tiny_model.output_head()
+    h, ids = _rows_and_ids(tiny_model)
+    with torch.no_grad():
+        fused = head.sampler(torch.float32, use_kernels=True).token_stats(h, make_strategy("direct"), 11, ids)
+        assert len(calls) == 1 and torch.equal(calls[0], ids)
+        head.sampler(torch.float32, use_kernels=True).token_stats(h, make_strategy("top_k", 4), 11, ids)
+        plain = head.sampler(torch.float32, use_kernels=False).token_stats(h, make_strategy("direct"), 11, ids)
+    assert len(calls) == 1
+    assert torch.equal(fused.tokens, plain.tokens)
+    assert torch.allclose(fused.entropy, plain.entropy, atol=1e-5) and torch.allclose(fused.log_prob, plain.log_prob,
+                                                                                        atol=1e-5)
