@@ -1,5 +1,5 @@
 """Per-card launch configurations of every kernel (flash attention, the fused loss head, the sampler's
-head): every choice fits its card's shared memory, sm_90's are unchanged, and the smaller tiles the
+head, the decoders' token statistics): every choice fits its card's shared memory, sm_90's are unchanged, and the smaller tiles the
 other cards get compute what sm_90's do.
 
 The choices are pure functions of (capability, shared memory limit, dtype, shape), so these run on
@@ -24,6 +24,7 @@ import torch
 from radd_fast.kernels import flash_attention as fa
 from radd_fast.kernels import linear_log_softmax as lls
 from radd_fast.kernels import sampling_update as su
+from radd_fast.kernels import token_stats as ts
 from radd_fast.kernels import utils
 from radd_fast.kernels.attention import attention_ref
 from tests.support.compare import assert_close
@@ -77,6 +78,18 @@ def test_sampling_head_choices_fit(card):
                     cfg = su.head_config_for(cap, limit, dtype, n, d, V_HEAD, fp64, sm_count=108)
                     assert su.head_smem_bytes(cfg, cap, dtype) <= limit, (dtype, n, d, fp64)
                     assert 1 <= cfg.splits <= -(-V_HEAD // cfg.block_v)
+
+
+@pytest.mark.parametrize("card", CARDS, ids=_id)
+def test_token_stats_choices_fit_and_are_the_sampling_heads(card):
+    """The token statistics kernel walks the sampling head's loop: its tiles are the head's on every card."""
+    cap, limit = card
+    for dtype in DTYPES.values():
+        for n in SAMPLER_ROWS + (16384,):
+            for fp64 in (False, True):
+                cfg = ts.token_stats_config_for(cap, limit, dtype, n, 768, V_HEAD, fp64, sm_count=108)
+                assert cfg == su.head_config_for(cap, limit, dtype, n, 768, V_HEAD, fp64, sm_count=108)
+                assert su.head_smem_bytes(cfg, cap, dtype) <= limit, (dtype, n, fp64)
 
 
 def test_small_cards_get_smaller_tiles_where_the_tuned_ones_overflow():
@@ -171,6 +184,8 @@ def _chosen(row):
         return fa.bwd_config_for(cap, limit, dtype, c["head_dim"], c["rotary"])
     if row["kernel"] in ("_lse_partial_kernel", "_dlogits_kernel"):
         return lls.tile_config_for(cap, limit, dtype, c["backward"])
+    if row["kernel"] == "_stats_partial_kernel":
+        return ts.token_stats_config_for(cap, limit, dtype, c["n_rows"], c["d"], c["n_vocab"], c["fp64"], c["sm_count"])
     return su.head_config_for(cap, limit, dtype, c["n_rows"], c["d"], c["n_vocab"], c["fp64"], c["sm_count"])
 
 
@@ -196,6 +211,7 @@ def _estimate(row):
         return fa.dq_smem_bytes(fa.BwdConfig(**cfg), cap, dtype, c["head_dim"], c["rotary"])
     if kernel in ("_lse_partial_kernel", "_dlogits_kernel"):
         return lls.tile_smem_bytes(lls.TileConfig(**cfg), cap, dtype)
+    # the sampling head and the token statistics: one loop, one estimate
     return su.head_smem_bytes(su.HeadConfig(**cfg), cap, dtype)
 
 
@@ -310,3 +326,21 @@ def test_sampling_head_tiles_of_each_card_draw_the_reference_tokens(card, fp64, 
     expected = su.head_sample_update_ref(h, w, b, V, dst, x_ref, noise, fp64)
     assert torch.equal(tokens, expected) and torch.equal(x_flat, x_ref), chosen[-1]
     assert chosen[-1].splits > 1  # the card's vocabulary splits and their reduction ran (the interpreter's own: 1)
+
+
+# -- the decoders' token statistics
+@cpu_only
+@pytest.mark.parametrize("card", list(CAPABILITY_OF))
+@pytest.mark.parametrize("N", [1, 33])
+def test_token_stats_tiles_of_each_card_match_the_reference(card, N):
+    d, V = 64, 211
+    cfg = ts.token_stats_config_for(CAPABILITY_OF[card], _limit(card), torch.bfloat16, N, d, V, False,
+                                    SMS.get(card, DEFAULT_SMS))
+    assert cfg.splits > 1  # the card's vocabulary splits and their merge run (the interpreter's own: 1)
+    torch.manual_seed(3)
+    h, w, b = torch.randint(-2, 3, (N, d)).float(), torch.randint(-1, 2, (V, d)).float(), torch.randn(V)
+    got = ts.token_stats(h, w, b, key=6, config=cfg)
+    ref = ts.token_stats_ref(h, w, b, key=6)
+    assert torch.equal(got.tokens, ref.tokens), cfg
+    assert_close(got.log_prob, ref.log_prob, atol=1e-5, rtol=1e-5, name=f"{card} log_prob {cfg}")
+    assert_close(got.entropy, ref.entropy, atol=1e-5, rtol=1e-5, name=f"{card} entropy {cfg}")
