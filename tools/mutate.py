@@ -81,6 +81,8 @@ MODULE_TESTS: dict[str, list[str]] = {
                                              "tests/kernels/test_card_configs.py"],
     "radd_fast/kernels/layer_norm.py": ["tests/kernels/test_layer_norm.py"],
     "radd_fast/kernels/rotary.py": ["tests/kernels/test_rotary.py"],
+    "radd_fast/kernels/token_stats.py": ["tests/kernels/test_token_stats.py", "tests/kernels/test_card_configs.py",
+                                         "tests/model/test_head.py"],
 }
 # Per-module pytest -k filters: leave out slow end-to-end tests that reach the module but are not
 # what guards it (the sampling engine runs schedule.py and strategies.py in every test).
@@ -110,7 +112,8 @@ MODULE_FILTERS: dict[str, str] = {
     **{m: "not torch_compile and not opcheck and not aot_build and not estimates_bound" for m in (
         "radd_fast/kernels/layer_norm.py", "radd_fast/kernels/rotary.py",
         "radd_fast/kernels/sampling_update.py", "radd_fast/kernels/linear_log_softmax.py",
-        "radd_fast/kernels/attention.py", "radd_fast/kernels/flash_attention.py")},
+        "radd_fast/kernels/attention.py", "radd_fast/kernels/flash_attention.py",
+        "radd_fast/kernels/token_stats.py")},
 }
 # The modules `--all` (and `make mutate`) runs, in order: every mapped one (about 4 hours on 2 cores;
 # one module takes 1-35 minutes, so a change is usually checked with MODULE=... alone).
@@ -124,7 +127,7 @@ KERNEL_LAUNCH = r"_kernel\["
 MODULE_SKIP_PATTERNS: dict[str, list[str]] = {
     m: [KERNEL_LAUNCH] for m in ("radd_fast/kernels/layer_norm.py", "radd_fast/kernels/rotary.py",
                                  "radd_fast/kernels/sampling_update.py", "radd_fast/kernels/linear_log_softmax.py",
-                                 "radd_fast/kernels/flash_attention.py")
+                                 "radd_fast/kernels/flash_attention.py", "radd_fast/kernels/token_stats.py")
 }
 # Functions whose mutants are not worth running: Triton kernels (mutmut's trampoline cannot wrap a
 # @triton.jit function), torch.library registrations and CUDA-only code. Matched against mutant names.
