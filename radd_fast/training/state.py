@@ -11,14 +11,14 @@ a string or a list/dict of those, so ``torch.load(weights_only=True)`` reads it 
 No generator state is saved: the loop reseeds every generator before each use
 (``loop.seed_for``), so a resumed run draws what the uninterrupted run drew without one.
 
-Writing (``atomic_save``): the data goes to ``.<name>.tmp<pid>`` in the same folder, hashed
-(SHA-256) while it is written, fsynced, and renamed over the target; then the sidecar
+Writing (``atomic_save``, through ``radd_fast.files``): the data goes to ``.<name>.tmp<pid>`` in
+the same folder, hashed (SHA-256) while it is written, fsynced, and renamed over the target; then the sidecar
 ``<name>.sha256`` (``sha256sum -c`` reads it) is written the same way. The old sidecar is
 removed just before the rename, so at every instant the folder holds a matching pair or a
 checkpoint without a sidecar, never a checkpoint with someone else's checksum. A kill leaves
 at worst a temporary file, removed at the next start (``remove_stale_temporaries``). A full
-disk raises a ``CheckpointError`` that starts with "no space left on device"; the
-checkpoint already there is untouched.
+disk (or quota, read-only folder) raises a ``CheckpointError`` that starts with "no space left
+on device while writing <path>"; the checkpoint already there is untouched.
 
 Reading (``find_resume_checkpoint``): ``checkpoints-meta/checkpoint.pth`` when it is intact
 (its sidecar matches and it loads; without a sidecar -- a published run, or a kill between
@@ -30,7 +30,6 @@ folder through the same ones.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -49,6 +48,7 @@ from ..checkpoint import (  # noqa: F401  (sidecar_path, snapshot_paths: trainin
     sidecar_path,
     snapshot_paths,
 )
+from ..files import commit, write_errors, write_temporary
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ SNAPSHOTS = RUN_SNAPSHOTS  # checkpoint_<step>.pth
 REQUIRED_KEYS = ("model", "ema", "optimizer", "step")  # the published checkpoint's keys
 # Settings that give the saved weights and the saved data position their meaning: a resume
 # that changed one would load mismatched weights or read other batches than the run it continues.
-_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # .checkpoint.pth.tmp<pid>, .checkpoint.pth.sha256.tmp<pid>
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # files.temporary_path: .checkpoint.pth.tmp<pid>, ....sha256.tmp<pid>
+CHECKPOINT_KEPT = "the checkpoint already there (if any) is unchanged; free some space and resume from it"
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -75,62 +76,18 @@ class _HashingWriter:
         self.fh.flush()
 
 
-def _temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _write_temporary(path: Path, write) -> Path:
-    """``write(fh)`` into this process's temporary beside ``path``, flushed and fsynced; returns it."""
-    tmp = _temporary_path(path)
-    try:
-        with tmp.open("wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the renames themselves durable
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file, then its checksum sidecar."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    try:
-        tmp = _write_temporary(path, lambda fh: torch.save(obj, _HashingWriter(fh, digest)))
+    with write_errors(path, CHECKPOINT_KEPT, CheckpointError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = write_temporary(path, lambda fh: torch.save(obj, _HashingWriter(fh, digest)))
         sidecar_path(path).unlink(missing_ok=True)  # from here until the new sidecar: no sidecar at all
-        os.replace(tmp, path)
+        commit(tmp, path)
         line = f"{digest.hexdigest()}  {path.name}\n".encode()
-        os.replace(_write_temporary(sidecar_path(path), lambda fh: fh.write(line)), sidecar_path(path))
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as e:
-        if _is_disk_full(e):
-            raise CheckpointError(f"no space left on device while writing {path}: the checkpoint already there "
-                                  f"(if any) is unchanged; free some space and resume from it") from e
-        raise
-
-
-def _is_disk_full(error: BaseException) -> bool:
-    """ENOSPC anywhere in the chain (torch wraps the OSError of its writer in a RuntimeError)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        if "no space left on device" in str(error).lower():
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+        sidecar = sidecar_path(path)
+        commit(write_temporary(sidecar, lambda fh: fh.write(line)), sidecar)
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
