@@ -7,7 +7,8 @@ CLI's ``main`` goes through ``run_cli``, which prints ``error: <message>`` on
 one line and exits with code 2; ``RADD_DEBUG=1`` (or ``--debug``) shows the
 traceback instead. Every CLI reads its flags with ``ArgParser``, argparse that
 raises instead of printing its usage, so a bad flag (unknown, missing value,
-invalid choice) is that same one line. Library errors (safetensors, json, zip)
+invalid choice) is that same one line; an on/off flag is a ``Switch``
+(``--x`` / ``--no_x``, and argparse's ``--no-x``). Library errors (safetensors, json, zip)
 are wrapped into a ``UserError`` naming the file where they are raised, never
 passed through raw.
 """
@@ -56,6 +57,28 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise self.error_type(message)
+
+
+class Switch(argparse.Action):
+    """An on/off flag: ``--name`` sets True, ``--no_name`` (the spelling the docs use) and ``--no-name``
+    (argparse's ``BooleanOptionalAction`` spelling) set False; the default (None: decided later) otherwise.
+
+    Example: ``parser.add_argument("--cuda_graphs", action=Switch, default=None, help=...)``.
+    """
+
+    def __init__(self, option_strings, dest, default=None, required=False, help=None):
+        names = []
+        for option in option_strings:
+            names.append(option)
+            if option.startswith("--"):
+                names += [f"--no_{option[2:]}", f"--no-{option[2:]}"]
+        super().__init__(names, dest, nargs=0, default=default, required=required, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no"))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

@@ -82,3 +82,16 @@ def test_ctrl_c_is_one_line_and_exit_130_saying_what_was_kept(capsys, monkeypatc
 
     assert run_cli(main, []) == 130
     assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_a_switch_takes_both_off_spellings_and_keeps_its_default():
+    from radd_fast.errors import Switch
+
+    p = ArgParser(prog="tool.py")
+    p.add_argument("--graphs", action=Switch, default=None, help="on / off")
+    assert [p.parse_args(a).graphs for a in ([], ["--graphs"], ["--no_graphs"], ["--no-graphs"])] == \
+        [None, True, False, False]
+    assert p.parse_args(["--graphs", "--no_graphs"]).graphs is False  # the last one wins
+    assert "[--graphs | --no_graphs | --no-graphs]" in p.format_usage()
+    with pytest.raises(UsageError, match="ignored explicit argument 'yes'"):
+        p.parse_args(["--graphs=yes"])

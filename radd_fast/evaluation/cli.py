@@ -48,7 +48,7 @@ from .. import data
 from ..checkpoint import load_model
 from ..data.tokenizers import tokenizer_mismatch
 from ..distributed import DistEnv, shard, spawn_local_ranks
-from ..errors import ArgParser, run_cli
+from ..errors import ArgParser, Switch, run_cli
 from ..files import atomic_write_json
 from ..losses.registry import LOSS_TYPES
 from ..sampling.schedule import METHODS
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dataset split (default: the published one: train for wikitext2, else test)")
     ap.add_argument("--backend", choices=BACKENDS, default=None,
                     help="kernels: fast (Triton, fused loss head; default on CUDA) or reference (plain PyTorch)")
-    ap.add_argument("--mc_batching", action=argparse.BooleanOptionalAction, default=None,
+    ap.add_argument("--mc_batching", action=Switch, default=None,
                     help="several noise draws per forward (default on for CUDA); --no_mc_batching: published loop")
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # removed: a clear error names the new flags
     ap.add_argument("--max_batches", type=int, default=None, help="stop after this many batches (per rank / dataset)")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the training step's static-capacity masked rows (static shapes; same law, other draws)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile: with --static_rows the whole loss, else the model body (static shapes)")
-    ap.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+    ap.add_argument("--cuda_graphs", action=Switch, default=None,
                     help="replay the --static_rows loss from CUDA graphs (default on for CUDA with --static_rows)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     # Suites.
@@ -174,13 +174,18 @@ def run_ppl(cfg: EvalConfig) -> dict:
 
 
 def report_blocks(cfg: EvalConfig, blocks: torch.Tensor) -> None:
-    """Say which split and how many blocks are evaluated (a truncated run says so too)."""
+    """Say which split and how much is evaluated before it starts (a truncated run says so too): blocks,
+    batches, Monte Carlo draws; the progress bar gives the time left (tqdm's rate and ETA)."""
     rank_bs = rank_batch_size(cfg.batch_size, cfg.ngpus)
     n_batches = math.ceil(len(blocks) / rank_bs)
     used = n_batches if cfg.max_batches is None else min(n_batches, cfg.max_batches * cfg.ngpus)
     n_blocks = min(len(blocks), used * rank_bs)
+    notes = ["the bar shows the time left from the first batch on"] if cfg.progress else []
+    if cfg.max_batches is None:
+        notes.append("--max_batches N stops after N batches")
     print(f"{cfg.valid_dataset}: split {cfg.split}, {len(blocks)} blocks of {cfg.length} tokens; evaluating "
-          f"{n_blocks} blocks in {used} batches of {rank_bs} per rank on {cfg.ngpus} rank(s)")
+          f"{n_blocks} blocks in {used} batches of {rank_bs} per rank on {cfg.ngpus} rank(s), "
+          f"{cfg.monte_carlo_timesteps} Monte Carlo draws each" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def evaluate_rank(env: DistEnv, cfg: EvalConfig, blocks: torch.Tensor, loaded=None) -> dict | None:

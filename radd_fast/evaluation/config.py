@@ -108,8 +108,8 @@ class EvalConfig:
         object.__setattr__(self, "datasets", tuple(self.datasets))
         object.__setattr__(self, "steps", tuple(self.steps))
         object.__setattr__(self, "dataset_files", dict(self.dataset_files))
-        for name in ("max_batches", "token_budget", "gen_batch_size", "num_samples", "sample_chunk",
-                     "rows_in_flight", "length"):
+        for name in ("monte_carlo_timesteps", "max_batches", "token_budget", "gen_batch_size", "num_samples",
+                     "sample_chunk", "rows_in_flight", "length"):
             _check_count(name, getattr(self, name))
         _choice("backend", self.backend, BACKENDS)
         _choice("suite", self.suite, SUITES)

@@ -44,7 +44,7 @@ from ..checkpoint import check_device, load_model
 from ..config import parse_dtype
 from ..data.tokenizers import default_tokenizer_name, get_tokenizer, tokenizer_mismatch
 from ..distributed import DistEnv, broadcast_object, cleanup, gather_objects, init_distributed
-from ..errors import ArgParser, UserError, run_cli
+from ..errors import ArgParser, Switch, UserError, run_cli
 from ..files import WriteError
 from ..model.kv_cache import KVCache
 from ..progress import progress_bar
@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=tuple(ENGINE_TO_LOOP), default=None,
                    help="deprecated: the old name of --loop (--engine reference is --loop published_api)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (--loop fast)")
-    p.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay the evaluations from CUDA graphs (--loop fast; default on for CUDA)")
+    p.add_argument("--cuda_graphs", action=Switch, default=None,
+                   help="replay the evaluations from CUDA graphs (--loop fast; default on for CUDA); --no_cuda_graphs: "
+                        "eager")
     p.add_argument("--sampling_dtype", choices=("float32", "float64"), default="float64",
                    help="Gumbel noise dtype: float64 (the paper's protocol) or float32 (the published code's noise)")
     p.add_argument("--out", default=None, help="JSONL output path (its folder must exist)")
@@ -258,6 +259,9 @@ def check_args(args: argparse.Namespace) -> Run:
     if args.cuda_graphs and torch.device(device).type != "cuda":
         raise SampleArgError(f"--cuda_graphs needs a CUDA --device (got {device}); leave it unset or pass "
                              "--no_cuda_graphs")
+    if args.strategy == "direct" and args.strategy_para is not None:
+        raise SampleArgError(f"--strategy_para {args.strategy_para:g} does nothing with --strategy direct (it is p for "
+                             "top_p, k for top_k): pass --strategy top_p or top_k, or drop --strategy_para")
     infill = [parse_infill(spec) for spec in args.infill]
     num_samples = args.num_samples or args.batch_size
     try:

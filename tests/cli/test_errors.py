@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +223,13 @@ def script_runs(ckpts, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "sample: --debug": ["sample.py", "--model_path", ckpts["missing"], *sample_common, "--debug"],
         "sample: --cuda_graphs without CUDA": ["sample.py", "--model_path", ckpts["good"], *sample_common,
                                                "--cuda_graphs"],
+        "sample: --no_cuda_graphs, as that error says": ["sample.py", "--model_path", ckpts["good"], *sample_common,
+                                                         "--no_cuda_graphs"],
+        "sample: --strategy_para with direct": ["sample.py", "--model_path", ckpts["good"], *sample_common,
+                                                "--strategy", "direct", "--strategy_para", "0.5"],
+        "eval: --monte_carlo_timesteps 0": ["eval.py", "--model_path", ckpts["good"], "--valid_dataset", str(text),
+                                            "--device", "cpu", "--work_dir", str(tmp / "eval"),
+                                            "--monte_carlo_timesteps", "0"],
         "eval: --cuda_graphs without --static_rows": ["eval.py", "--model_path", ckpts["good"], "--valid_dataset",
                                                       str(text), "--device", "cpu", "--work_dir", str(tmp / "eval"),
                                                       "--cuda_graphs"],
@@ -277,6 +286,24 @@ def test_a_bad_flag_is_the_same_one_line_in_every_script(script_runs, kind, line
         result = script_runs[f"{script}: {kind}"]
         assert (result.returncode, result.stderr.splitlines()) == (2, [line.format(flag=flag)]), (script, result.stderr)
         assert result.stdout == ""
+
+
+@pytest.mark.parametrize("name, line", [
+    ("sample: --strategy_para with direct", "error: --strategy_para 0.5 does nothing with --strategy direct (it is p "
+     "for top_p, k for top_k): pass --strategy top_p or top_k, or drop --strategy_para"),
+    ("eval: --monte_carlo_timesteps 0", "error: --monte_carlo_timesteps must be >= 1, got 0"),
+])
+def test_a_flag_that_would_mean_something_else_is_one_exact_line(script_runs, name, line):
+    """--strategy_para is ignored by direct and 0 draws used to mean 1024: both refused, not reinterpreted."""
+    result = script_runs[name]
+    assert (result.returncode, result.stderr.splitlines()) == (2, [line])
+
+
+def test_the_spelling_an_error_suggests_is_accepted(script_runs):
+    """sample.py's --cuda_graphs error says to pass --no_cuda_graphs (documented in README and --help): it runs."""
+    assert "or pass --no_cuda_graphs" in script_runs["sample: --cuda_graphs without CUDA"].stderr
+    result = script_runs["sample: --no_cuda_graphs, as that error says"]
+    assert result.returncode == 0 and "E-NFE" in result.stdout, result.stderr
 
 
 def test_debug_shows_the_traceback(script_runs):
@@ -363,3 +390,94 @@ def test_a_samples_file_not_utf8_is_one_line_naming_its_line(data_runs):
     assert result.returncode == 2 and result.stderr.splitlines() == [
         f"error: {path}:2: not UTF-8 (byte 0xe9 at byte offset 30): convert it with iconv -f <its encoding> -t utf-8, "
         f"e.g. iconv -f cp1252 -t utf-8 {path} > {tmp / 'samples.utf8.jsonl'} for Western-European text"]
+
+
+# -- every flag the README and docs/*.md name is accepted by its CLI -----------------------------------------------------
+FLAG = re.compile(r"(?<![\w-])--[a-zA-Z][\w-]*")
+ARGS = r"((?:[ \t]+(?:\"[^\"]*\"|'[^']*'|[^\s`#;|)]+))*)"  # a command's arguments, up to a comment or a backtick
+CLI_COMMAND = re.compile(r"\b(sample|eval|train)\.py" + ARGS)
+# Commands of other tools in the docs (torchrun, the benchmarks, tools/, lm_eval, pip, make): their flags are theirs.
+OTHER_COMMAND = re.compile(r"(?:python\s+-m\s+[\w.]+|python\s+(?:tools|benchmarks)/\S+|bash\s+\S+|lm_eval|make|pip|"
+                           r"pytest|torchrun)" + ARGS)
+# Flags of other tools that the prose names outside a command, with the tool (nothing else may be unknown).
+OTHER_TOOLS = {"--nnodes": "torchrun", "--node_rank": "torchrun", "--rdzv_endpoint": "torchrun",
+               "--sizes": "benchmarks/bench_*.py", "--sweep": "benchmarks/bench_*.py", "--dry-run": "benchmarks/gpu_check",
+               "--max_batch_size": "lm_eval", "--families": "tools/aot_build.py", "--jobs": "tools/aot_build.py",
+               "--resources-from": "tools/aot_build.py", "--workdir": "tools/mutate.py", "--report": "tools/mutate.py"}
+DEBUG = "--debug"  # every CLI takes it (errors.run_cli strips it before parsing)
+
+
+def _documents() -> dict[str, str]:
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    return {f.name: f.read_text(encoding="utf-8").replace("\\\n", " ") for f in files}  # continuation lines joined
+
+
+def _parsers() -> dict:
+    from radd_fast.evaluation.cli import build_parser as eval_parser
+    from radd_fast.training.cli import build_parser as train_parser
+
+    return {"sample": sample_cli.build_parser(), "eval": eval_parser(), "train": train_parser()}
+
+
+LINE_START = re.compile(r"^\s*(?:\$\s*)?(?:python|torchrun\b.*)\s+$")  # what precedes a command on a code line
+
+
+def _documented_commands() -> list[tuple[str, str, str, bool]]:
+    """(document, CLI, arguments, whole) of every sample.py / eval.py / train.py command in the docs; whole:
+    a code line as a user types it (``python eval.py ...``), not a fragment of prose (``--refresh_every R``)."""
+    out = []
+    for name, text in _documents().items():
+        for m in CLI_COMMAND.finditer(text):
+            before = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
+            out.append((name, m.group(1), m.group(2), bool(LINE_START.match(before))))
+    return out
+
+
+class TestDocumentedFlags:
+    """The README, --help and docs/EVALUATION.md named --no_cuda_graphs and --no_mc_batching, which
+    did not exist: every flag the docs name now parses, in its CLI when it is part of a command."""
+
+    def test_the_docs_name_commands_of_every_cli(self):
+        whole = {cli for _, cli, _, is_whole in _documented_commands() if is_whole}
+        assert whole == {"sample", "eval", "train"}
+
+    def test_every_flag_of_a_documented_command_is_its_clis(self):
+        parsers = _parsers()
+        unknown = [(doc, cli, flag) for doc, cli, args, _ in _documented_commands() for flag in FLAG.findall(args)
+                   if flag != DEBUG and flag not in parsers[cli]._option_string_actions]
+        assert not unknown, unknown
+
+    def test_every_documented_command_line_parses(self):
+        """A whole command as the docs write it (a code line, not a prose fragment with placeholders):
+        sample.py / eval.py through their parsers, train.py through Hydra's flags and the composed config."""
+        from radd_fast.training import cli as train_cli
+
+        parsers = _parsers()
+        whole = [(cli, args) for _, cli, args, is_whole in _documented_commands() if is_whole]
+        assert len(whole) >= 10
+        for cli, args in whole:
+            argv = shlex.split(args)
+            if cli == "train":
+                parsers[cli].parse_args(argv)
+                train_cli.check_overrides(train_cli.task_overrides(argv))
+            else:
+                parsers[cli].parse_args(argv)
+
+    def test_every_flag_the_prose_names_is_accepted_by_a_cli(self):
+        """Outside commands: a flag of sample.py, eval.py or train.py, or of a tool whose command the docs show."""
+        accepted = set().union(*(set(p._option_string_actions) for p in _parsers().values()), {DEBUG}, OTHER_TOOLS)
+        for text in _documents().values():
+            for m in OTHER_COMMAND.finditer(text):
+                accepted |= set(FLAG.findall(CLI_COMMAND.split(m.group(1))[0]))
+        unknown = sorted({(doc, flag) for doc, text in _documents().items() for flag in FLAG.findall(text)
+                          if flag not in accepted})
+        assert not unknown, unknown
+
+    @pytest.mark.parametrize("cli, flags, dest, value", [
+        ("sample", ["--no_cuda_graphs"], "cuda_graphs", False), ("sample", ["--no-cuda_graphs"], "cuda_graphs", False),
+        ("sample", ["--cuda_graphs"], "cuda_graphs", True), ("sample", [], "cuda_graphs", None),
+        ("eval", ["--no_mc_batching"], "mc_batching", False), ("eval", ["--no-mc_batching"], "mc_batching", False),
+        ("eval", ["--mc_batching"], "mc_batching", True), ("eval", ["--no_cuda_graphs"], "cuda_graphs", False),
+    ])
+    def test_both_spellings_of_an_off_switch(self, cli, flags, dest, value):
+        assert getattr(_parsers()[cli].parse_args(flags), dest) is value

@@ -46,6 +46,34 @@ def test_cli_end_to_end(checkpoint, tmp_path):
     assert f"split test, {n_blocks} blocks of {EVAL_LENGTH} tokens; evaluating {n_blocks} blocks in " in proc.stdout
     assert result["num_sequences"] == n_blocks and result["ppl_stderr"] > 0
 
+@pytest.mark.parametrize("extra, tail", [
+    ([], " (--max_batches N stops after N batches)"),
+    (["--max_batches", "2"], ""),
+])
+def test_cli_says_how_much_it_will_evaluate_before_it_starts(checkpoint, tmp_path, extra, tail):
+    """Before the first batch: the blocks, the batches and the Monte Carlo draws (a whole training file can
+    take long), and how to bound it when it is not bounded; --max_batches 2 evaluates 2 batches."""
+    cmd = [sys.executable, str(ROOT / "eval.py"), *cli_args(checkpoint, tmp_path, "--monte_carlo_timesteps", "2",
+                                                             *extra)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    n_blocks = len((checkpoint / "text.txt").read_bytes()) // EVAL_LENGTH
+    used = 2 if extra else -(-n_blocks // 4)
+    first = proc.stdout.splitlines()[0]
+    assert first == (f"{checkpoint / 'text.txt'}: split test, {n_blocks} blocks of {EVAL_LENGTH} tokens; evaluating "
+                     f"{min(n_blocks, 4 * used)} blocks in {used} batches of 4 per rank on 1 rank(s), 2 Monte Carlo "
+                     f"draws each{tail}")
+    result = json.loads((tmp_path / "out" / "eval_ppl_text_lambda_DCE.json").read_text())
+    assert result["num_batches"] == used
+
+
+def test_cli_max_batches_must_be_a_count(checkpoint, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *cli_args(checkpoint, tmp_path, "--max_batches",
+                                                                           "0")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, ["error: --max_batches must be >= 1, got 0"])
+
+
 def test_cli_nan_weights_fail_in_one_line(checkpoint, tmp_path):
     """As a user meets it (a subprocess): a NaN checkpoint gives no 'Evaluation PPL: nan' but one error
     line, exit code 2, no traceback."""
