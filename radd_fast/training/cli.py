@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from omegaconf import OmegaConf
 from ..config import PRESETS, ConfigError
 from ..distributed import broadcast_object, cleanup, init_distributed
 from ..errors import ArgParser, UserError, run_cli
-from .lock import check_run_folder_free
+from .lock import LOCK_NAME, check_run_folder_free
 from .loop import train
 
 # configs/ sits beside the package in the checkout (train.py runs from there).
@@ -78,8 +79,12 @@ def _main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     composed = check_overrides(task_overrides(argv))
     check_load_dir(composed.load_dir)  # before Hydra makes <load_dir>/resumes/...
+    run_dir = Path(str(composed.hydra.run.dir))  # resolved once (its ${now:...}): Hydra is told this folder
+    made = None
     if rank == 0:  # before Hydra writes .hydra/ into a folder that another run is writing
-        check_run_folder_free(composed.load_dir or composed.hydra.run.dir)
+        check_run_folder_free(composed.load_dir or run_dir)
+        made = first_missing_folder(run_dir)
+        argv = pin_run_dir(argv, run_dir)
     failure: list[UserError] = []
     saved = sys.argv
     # @hydra.main reads its arguments from sys.argv: this call's, restored below.
@@ -89,8 +94,40 @@ def _main(argv: list[str]) -> int:
     finally:
         sys.argv = saved
     if failure:  # raised inside the task, where Hydra would print it with a traceback
+        if made is not None:
+            remove_if_unstarted(made, run_dir)
         raise failure[0]
     return 0
+
+
+def pin_run_dir(argv: list[str], run_dir: Path) -> list[str]:
+    """The arguments with ``hydra.run.dir`` set to the folder resolved before Hydra starts (quoted for
+    Hydra's override grammar), so the folder that is checked (and removed if refused) is Hydra's."""
+    quoted = "'" + str(run_dir).replace("'", "\\'") + "'"
+    return [a for a in argv if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={quoted}"]
+
+
+def first_missing_folder(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (``path`` itself included) that does not exist yet: what a run
+    creates there. None when ``path`` exists."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+# What Hydra and the loop write before the first training step (the config, an empty log, the lock).
+STARTED_NOTHING = {".hydra", "logs", LOCK_NAME}
+
+
+def remove_if_unstarted(made: Path, run_dir: Path) -> None:
+    """A refused run leaves nothing: remove ``made`` (the folders this call created, ``run_dir`` inside
+    them) when ``run_dir`` holds only what is written before the first step; a run that saved a step or a
+    checkpoint keeps its folder (its error says how to resume)."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= STARTED_NOTHING:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def build_parser() -> ArgParser:

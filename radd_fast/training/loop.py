@@ -170,9 +170,11 @@ def _train(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
         remove_stale_temporaries(run_dir)
 
     tokenizer = get_tokenizer(cfg.tokenizer)
-    problem = tokenizer_mismatch(tokenizer.vocab_size, cfg.model.tokens, cfg.tokenizer, exact=False)
+    # Exact, as sample.py needs: a model with more tokens than its tokenizer has ids trains, but cannot be sampled.
+    problem = tokenizer_mismatch(tokenizer.vocab_size, cfg.model.tokens, cfg.tokenizer, exact=True)
     if problem:
-        raise ConfigError(f"{problem}: set tokens={tokenizer.vocab_size}")
+        raise ConfigError(f"{problem}: set tokens={tokenizer.vocab_size} (sample.py decodes only a model whose "
+                          "tokens are its tokenizer's ids)")
     length = cfg.model.model.length
     train_loader = ResumableLoader(_blocks(cfg, cfg.data.train, "train", tokenizer, env), t.batch_size, t.seed,
                                    env.rank, env.world, t.accum, device)

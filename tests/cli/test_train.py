@@ -207,3 +207,34 @@ def test_a_full_cache_dir_is_one_error_line_naming_the_cache_file_before_trainin
     assert line.endswith(".uint16.bin: nothing is cached yet; free some space, or point data.cache_dir (train.py) "
                          "/ --cache_dir (eval.py) at a folder with room"), line
     assert list((tmp_path / "cache").iterdir()) == [] and not list((tmp_path / "run").rglob("*.pth"))
+
+
+def test_a_refused_run_leaves_no_folder(tmp_path):
+    """Refusals found after Hydra made the run folder leave nothing: a model whose tokens are not its
+    tokenizer's ids (sample.py could not decode it), a bad config number in the default runs/<date>/<time>
+    folder, a resume that changes the batch (no <load_dir>/resumes/<time>). One line each, exit 2."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello radd " * 400)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+
+    def refused(extra: list[str], message: str, drop: str = "") -> None:
+        cmd = [a for a in small_command(text, tmp_path, extra) if a != drop]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert (proc.returncode, proc.stderr.splitlines()) == (2, [message])
+
+    refused([f"hydra.run.dir={runs / 'new'}"], "error: the model has 50257 tokens but tokenizer 'bytes' decodes only "
+            "256 ids: set tokens=256 (sample.py decodes only a model whose tokens are its tokenizer's ids)",
+            drop="tokens=256")
+    refused(["optim.lr=nan"], "error: optim.lr must be finite, got nan")  # the default folder: runs/<date>/<time>
+    assert list(runs.iterdir()) == []
+    run = tmp_path / "run"
+    done = subprocess.run(small_command(text, tmp_path, ["training.n_iters=1", f"hydra.run.dir={run}"]), cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = sorted(p.name for p in run.iterdir())
+    refused([f"load_dir={run}", "training.batch_size=4"], f"error: cannot resume from {run}/checkpoints-meta/"
+            "checkpoint.pth: the run changed training.batch_size=2 -> 4 (checkpoint -> now); resume with the "
+            "checkpoint's values or start a new run folder")
+    assert sorted(p.name for p in run.iterdir()) == before and "resumes" not in before

@@ -36,3 +36,38 @@ def test_train_cli_arguments_per_rank():
     assert train_cli.task_overrides(argv) == ["model=tiny", "optim.lr=1e-3"]
     with pytest.raises(ConfigError, match="Could not find 'model/huge'; Available options in 'model': medium"):
         train_cli.check_overrides(["model=huge"])
+
+
+# -- a refused run leaves no folder ---------------------------------------------------------------------------------
+def test_the_run_folder_is_pinned_for_hydra_quoted_for_its_grammar(tmp_path):
+    """Hydra is told the folder resolved before it starts (its ${now:...} resolved once), replacing the
+    user's, in quotes: a comma, a space or a quote in the path stays one path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    folder = tmp_path / "a b,c" / "it's"
+    argv = train_cli.pin_run_dir(["model=tiny", "hydra.run.dir=elsewhere", "optim.lr=1e-3"], folder)
+    assert argv[:2] == ["model=tiny", "optim.lr=1e-3"] and argv[2].startswith("hydra.run.dir='")
+    assert OverridesParser.create().parse_override(argv[2]).value() == str(folder)
+
+
+def test_first_missing_folder_is_the_outermost_one_a_run_creates(tmp_path):
+    assert train_cli.first_missing_folder(tmp_path) is None
+    assert train_cli.first_missing_folder(tmp_path / "a" / "b" / "c") == tmp_path / "a"
+    (tmp_path / "a").mkdir()
+    assert train_cli.first_missing_folder(tmp_path / "a" / "b" / "c") == tmp_path / "a" / "b"
+
+
+def test_only_a_run_that_saved_nothing_is_removed(tmp_path):
+    """The folder goes when it holds only what is written before the first step (.hydra, an empty log,
+    the lock); a run that logged a step or saved a checkpoint keeps it (its error says how to resume)."""
+    made = tmp_path / "date"
+    run = made / "time"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "logs").write_text("")
+    train_cli.remove_if_unstarted(made, run)
+    assert not made.exists()
+    for kept in ("metrics.jsonl", "checkpoints-meta"):
+        (run / ".hydra").mkdir(parents=True, exist_ok=True)
+        (run / kept).mkdir() if kept.startswith("checkpoints") else (run / kept).write_text("{}\n")
+        train_cli.remove_if_unstarted(made, run)
+        assert (run / kept).exists()
