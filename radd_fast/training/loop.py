@@ -61,13 +61,13 @@ from ..distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distr
 from ..ema import ExponentialMovingAverage
 from ..errors import NonFiniteLossError
 from ..evaluation.ppl import make_loss_fn
-from ..files import atomic_write_text
+from ..files import LineLogHandler, atomic_write_text
 from ..flops import MFU_FORMULA, peak_flops
 from ..model import RADD
 from ..noise import get_noise
 from .config import RunConfig
 from .lock import run_folder_lock
-from .metrics import Metrics
+from .metrics import RESUME, Metrics
 from .optim import build_optimizer, lr_at
 from .snapshot import snapshot_samples
 from .state import (
@@ -377,7 +377,7 @@ def _setup_logging(run_dir: Path, env: DistEnv):
     if not env.is_main:
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "logs")
+    handler = LineLogHandler(run_dir / "logs", advice=RESUME)  # a full disk: one error line, not a traceback each
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     pkg = logging.getLogger("radd_fast")
     pkg.addHandler(handler)

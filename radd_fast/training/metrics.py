@@ -23,7 +23,7 @@ from ..progress import log_above_bars, progress_bar
 
 METRICS_FILE = "metrics.jsonl"
 # What a failed write in the run folder (a full disk) adds to its one error line (radd_fast.files).
-RESUME = "free some space and resume the run (load_dir=<run folder>): it continues from its last checkpoint"
+RESUME = "free some space and run again (load_dir=<run folder> resumes a run from its last checkpoint)"
 
 
 def drop_records_after(path: str | os.PathLike, step: int) -> int:

@@ -27,7 +27,6 @@ def test_a_full_disk_stops_the_log_in_one_error_and_keeps_whole_lines(tmp_path, 
     metrics.close()
     path = tmp_path / "metrics.jsonl"
     assert str(e.value) == (f"no space left on device while writing {path}: its earlier lines are kept whole; free "
-                            f"some space and resume the run (load_dir=<run folder>): it continues from its last "
-                            f"checkpoint")
+                            f"some space and run again (load_dir=<run folder> resumes a run from its last checkpoint)")
     text = path.read_text()
     assert text.endswith("\n") and [json.loads(line)["step"] for line in text.splitlines()] == [1]
