@@ -671,7 +671,7 @@ def test_train_removes_and_closes_its_log_handler(tmp_path):
         mp.setattr(loop_module, "_setup_logging", spy)
         train(tiny_config(tmp_path, training={"n_iters": 1, "eval_freq": 0}), tmp_path / "run")
     assert pkg.handlers == before and logging.getLogger().handlers.count(opened[0]) == 0
-    assert opened[0].stream is None  # closed: the run folder's log file is not held open
+    assert opened[0].file.fh.closed  # closed: the run folder's log file is not held open
 
 
 @pytest.mark.parametrize("initialized_before", [False, True])
