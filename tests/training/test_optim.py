@@ -1,6 +1,7 @@
 """The optimizer and its schedule (radd_fast/training/optim.py) against hand-computed values: the
 warmed-up lr, the first Adam / AdamW step in closed form, the fused kernels wherever torch has them
-(CPU included), decided by asking torch, and the for-each optimizer with a log line where it has not."""
+(CPU included), decided by asking torch, and the for-each optimizer with a log line where it has not.
+The schedule as applied: the lr the optimizer steps with during real runs, a resumed one included."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +9,11 @@ import logging
 import pytest
 import torch
 
+from radd_fast.training import loop as loop_module
+from radd_fast.training import train
 from radd_fast.training.config import OptimConfig
 from radd_fast.training.optim import build_optimizer, fused_available, lr_at
+from tests.support.runs import metric_records, tiny_config
 
 
 def test_warmup_schedule():
@@ -63,3 +67,65 @@ def test_fused_wherever_torch_has_the_kernels(caplog):
                                        f"checks for a non-finite step on the host (one sync per step)")
     assert fused_available(torch.device("cpu")) and not fused_available(torch.device("meta"))
     assert fused_available(torch.device("cuda")) == torch.cuda.is_available()
+
+
+# ---- the schedule as applied: the lr the optimizer used, read back during real runs ---------------------------
+class TestScheduleAsApplied:
+    """``lr_at`` alone cannot see a loop that passes it the wrong step, sets the lr after the update, or
+    restarts the warm-up on a resume. Here the lr of every parameter group is read off the optimizer at the
+    moment it steps (a step pre-hook on the optimizer ``train`` builds), during in-process runs of the tiny
+    config: warm-up 5 over 6 steps, so step 1, the last warm-up step (5) and one after it (6) are all seen,
+    and a resume from step 2 lands inside the warm-up."""
+
+    LR, WARMUP, STEPS = 4e-3, 5, 6
+
+    def config(self, folder, n_iters: int) -> dict:
+        cfg = tiny_config(folder, optim={"lr": self.LR, "warmup": self.WARMUP})
+        cfg["training"].update(n_iters=n_iters, eval_freq=0, snapshot_freq=self.STEPS, snapshot_freq_for_preemption=2)
+        return cfg
+
+    def expected(self, steps) -> list:
+        return [self.LR * min(s / self.WARMUP, 1.0) for s in steps]
+
+    @staticmethod
+    def recording(monkeypatch) -> list:
+        """The lrs each optimizer ``train`` builds steps with, one list of per-group lrs per step."""
+        used = []
+
+        def build(*args, **kwargs):
+            optimizer = build_optimizer(*args, **kwargs)
+            optimizer.register_step_pre_hook(
+                lambda opt, a, kw: used.append([float(g["lr"]) for g in opt.param_groups]))
+            return optimizer
+
+        monkeypatch.setattr(loop_module, "build_optimizer", build)
+        return used
+
+    def test_the_optimizer_steps_with_the_warmed_up_lr(self, tmp_path, monkeypatch):
+        used = self.recording(monkeypatch)
+        run = tmp_path / "run"
+        history = train(self.config(tmp_path, self.STEPS), run)
+        assert history["step"] == self.STEPS and len(used) == self.STEPS  # one optimizer step per training step
+        want = self.expected(range(1, self.STEPS + 1))
+        assert [lrs[0] for lrs in used] == pytest.approx(want, rel=1e-12, abs=0.0)
+        assert all(len(set(lrs)) == 1 for lrs in used), f"parameter groups disagree: {used}"
+        assert used[0][0] == pytest.approx(self.LR / self.WARMUP, rel=1e-12)  # step 1: lr / warmup, not 0
+        assert used[self.WARMUP - 1][0] == used[self.WARMUP][0] == pytest.approx(self.LR, rel=1e-12)
+        logged = {step: value for step, key, value in metric_records(run, keys=("lr",))}
+        assert logged == {s: pytest.approx(w, rel=1e-12) for s, w in zip(range(1, self.STEPS + 1), want)}
+
+    def test_a_resumed_run_continues_the_schedule(self, tmp_path, monkeypatch):
+        """Stopped at step 2 and resumed: steps 3..6 step with lr_at(3..6), the LRs an uninterrupted run uses."""
+        used = self.recording(monkeypatch)
+        run = tmp_path / "run"
+        train(self.config(tmp_path, 2), run)
+        first = [lrs[0] for lrs in used]
+        used.clear()
+        history = train(self.config(tmp_path, self.STEPS), run)
+        resumed = [lrs[0] for lrs in used]
+        assert [s for s, _ in history["losses"]] == list(range(3, self.STEPS + 1))
+        assert first == pytest.approx(self.expected([1, 2]), rel=1e-12, abs=0.0)
+        assert resumed == pytest.approx(self.expected(range(3, self.STEPS + 1)), rel=1e-12, abs=0.0)
+        logged = {step: value for step, key, value in metric_records(run, keys=("lr",))}
+        assert logged == {s: pytest.approx(w, rel=1e-12) for s, w in zip(range(1, self.STEPS + 1),
+                                                                            self.expected(range(1, self.STEPS + 1)))}
