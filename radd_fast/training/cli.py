@@ -17,6 +17,7 @@ run folder that another process is training in (``lock.py``; the run itself then
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -34,6 +35,7 @@ from omegaconf import OmegaConf
 from ..config import PRESETS, ConfigError
 from ..distributed import broadcast_object, cleanup, init_distributed
 from ..errors import ArgParser, UserError, run_cli
+from ..files import write_errors
 from .lock import LOCK_NAME, check_run_folder_free
 from .loop import train
 
@@ -42,6 +44,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_NAME = "config"
 # Ranks > 0 compose the same config but write nothing: no .hydra folder, no run folder of their own.
 QUIET_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra.run.dir=.")
+# A full disk while Hydra writes .hydra/ (before the first step): the one line's advice.
+HYDRA_FILES_ADVICE = "nothing was trained; free some space and run again"
 # Hydra's own flags that take the next argument as their value (not an override).
 HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                           "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
@@ -90,7 +94,10 @@ def _main(argv: list[str]) -> int:
     # @hydra.main reads its arguments from sys.argv: this call's, restored below.
     sys.argv = [saved[0] if saved else "train.py", *hydra_arguments(argv, rank)]
     try:
-        _hydra_entry(failure)
+        with hydra_raises(), write_errors(run_dir / ".hydra", HYDRA_FILES_ADVICE):
+            _hydra_entry(failure)
+    except UserError as e:  # Hydra's own writes of .hydra/ on a full disk
+        failure.append(e)
     finally:
         sys.argv = saved
     if failure:  # raised inside the task, where Hydra would print it with a traceback
@@ -98,6 +105,21 @@ def _main(argv: list[str]) -> int:
             remove_if_unstarted(made, run_dir)
         raise failure[0]
     return 0
+
+
+@contextlib.contextmanager
+def hydra_raises():
+    """Hydra prints an exception of its job (its own writes of .hydra/ included) as a traceback and exits
+    1; with HYDRA_FULL_ERROR set it raises it to us instead, where a full disk is one line."""
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
 
 
 def pin_run_dir(argv: list[str], run_dir: Path) -> list[str]:

@@ -242,13 +242,13 @@ def test_a_refused_run_leaves_no_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def full_run_folder(tmp_path_factory) -> dict:
-    """train.py with the disk full under one file or folder of the run (logs, metrics.jsonl, the
-    snapshots), three processes side by side."""
+    """train.py with the disk full under one file or folder of the run (.hydra, logs, metrics.jsonl, the
+    snapshots), four processes side by side."""
     tmp = tmp_path_factory.mktemp("full_run")
     text = tmp / "corpus.txt"
     text.write_text("hello radd " * 400)
     procs = {}
-    for target in ("logs", "metrics.jsonl", "checkpoints"):
+    for target in (".hydra", "logs", "metrics.jsonl", "checkpoints"):
         run = tmp / f"run_{target}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", **full_disk_env(tmp, run / target))
         procs[target] = (run, subprocess.Popen(small_command(text, tmp, ["training.n_iters=4", f"hydra.run.dir={run}"]),
@@ -265,13 +265,15 @@ RUN_AGAIN = "free some space and run again (load_dir=<run folder> resumes a run 
 
 
 @pytest.mark.parametrize("target, written, advice", [
+    (".hydra", ".hydra", "nothing was trained; free some space and run again"),  # Hydra's own writer
     ("logs", "logs", RUN_AGAIN),
     ("metrics.jsonl", "metrics.jsonl", f"its earlier lines are kept whole; {RUN_AGAIN}"),
     ("checkpoints", "checkpoints/checkpoint_2.pth",
      "the checkpoint already there (if any) is unchanged; free some space and resume from it"),
 ])
 def test_a_full_run_folder_stops_training_in_one_line_naming_the_file(full_run_folder, target, written, advice):
-    """logs (a logging handler: no 'Logging error' traceback per record), metrics.jsonl, a checkpoint."""
+    """Hydra's .hydra/ (its traceback before), logs (a logging handler: no 'Logging error' traceback per
+    record), metrics.jsonl, a checkpoint."""
     run, code, err = full_run_folder[target]
     assert (code, err.splitlines()) == (2, [f"error: no space left on device while writing {run / written}: {advice}"])
     if (run / target).is_file():
