@@ -14,6 +14,8 @@ command line is read first by Hydra's own flags in the shared raising parser
 (``errors.ArgParser``); ``--debug`` or ``RADD_DEBUG=1`` shows the traceback. What Hydra
 would act on is checked before it starts: a ``load_dir`` that is not a run folder, and a
 run folder that another process is training in (``lock.py``; the run itself then holds the lock).
+A full disk while Hydra writes ``.hydra/`` is one line too (``hydra_raises``; every other file of
+the run is written through ``radd_fast.files``).
 """
 from __future__ import annotations
 
