@@ -131,7 +131,7 @@ def map_token_file(path: Path, tokenizer) -> np.ndarray:
         tokens = np.memmap(path, dtype=BIN_DTYPE, mode="r")
     if tokens.ndim != 1 or tokens.dtype not in TOKEN_DTYPES:
         raise DataError(f"{path}: expected a flat uint16/uint32/int32/int64 token stream, got {tokens.dtype} "
-                        f"{tokens.shape}: save the ids as one flat array")
+                        f"{tokens.shape}: save the ids as one flat array of one of those dtypes")
     check_ids(path, tokens, tokenizer)
     return tokens
 

@@ -139,5 +139,12 @@ class TestTokenFiles:
         assert blocks_error(cut, tmp_path).startswith(f"{cut}: not a readable .npy array (")
         assert blocks_error(cut, tmp_path).endswith("): truncated? write it again with numpy.save")
 
+    def test_a_float_or_2d_array_is_named_with_its_dtype_and_shape(self, tmp_path):
+        path = tmp_path / "train.npy"
+        np.save(path, np.zeros((4, 3), dtype=np.float32))
+        assert blocks_error(path, tmp_path) == (
+            f"{path}: expected a flat uint16/uint32/int32/int64 token stream, got float32 (4, 3): save the ids as "
+            f"one flat array of one of those dtypes")
+
     def test_data_error_is_one_class(self):
         assert sources.DataError is DataError
