@@ -205,17 +205,18 @@ def sampling_specs(cc: int) -> list[Spec]:
                     cfg = su.head_config_for(cap, limit, dtype, n, d, n_vocab, fp64, SM_COUNT[cc])
                     tiles_per_split = -(-(-(-n_vocab // cfg.block_v)) // cfg.splits)
                     vals = f64 if fp64 else f32
-                    for noise in (False, True) if n == max(SAMPLER_ROWS) else (False,):  # explicit noise: tests
-                        nz = (f64 if fp64 else f32) if noise else vals
+                    # noise: "keyed" (the sampler's: noise_ids), "offset" (row offsets), "given" (tests)
+                    for noise in ("keyed", "offset", "given") if n == max(SAMPLER_ROWS) else ("keyed",):
+                        nz = (f64 if fp64 else f32) if noise == "given" else vals
                         specs.append(Spec(
                             su._head_argmax_kernel,
-                            f"{dname} N={n} FP64={int(fp64)} NOISE={int(noise)} {cfg.block_n}x{cfg.block_v}x"
+                            f"{dname} N={n} FP64={int(fp64)} NOISE={noise} {cfg.block_n}x{cfg.block_v}x"
                             f"{cfg.block_d} splits={cfg.splits} w{cfg.num_warps} s{cfg.num_stages}",
-                            (h, h, h, nz, vals, i32, 12345, n, d, n_vocab, tiles_per_split, d, d,
-                             n_vocab if noise else cfg.splits, cfg.splits),
-                            dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, NOISE_GIVEN=noise,
-                                 FP64=fp64, EVEN_D=d % cfg.block_d == 0, num_warps=cfg.num_warps,
-                                 num_stages=cfg.num_stages),
+                            (h, h, h, nz, i64 if noise == "keyed" else i32, vals, i32, 12345, n, d, n_vocab,
+                             tiles_per_split, d, d, n_vocab if noise == "given" else cfg.splits, cfg.splits),
+                            dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                                 NOISE_GIVEN=noise == "given", KEYED=noise == "keyed", FP64=fp64,
+                                 EVEN_D=d % cfg.block_d == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                             [f"{model} d{d}"], su.head_smem_bytes(cfg, cap, dtype), asdict(cfg),
                             dict(dtype=dname, n_rows=n, d=d, n_vocab=n_vocab, fp64=fp64, sm_count=SM_COUNT[cc])))
                     fb, fs = su.finalize_blocks(n, cfg.splits)
@@ -226,20 +227,23 @@ def sampling_specs(cc: int) -> list[Spec]:
                             (vals, i32, i64, i64, i64, n, cfg.splits, cfg.splits),
                             dict(BLOCK_N=fb, BLOCK_S=fs, HAS_DST=has_dst), [f"{dname} {model} d{d}"]))
     for fp64 in (False, True):  # the materialised noise (references, tests)
-        for n in SAMPLER_ROWS:
-            specs.append(Spec(su._gumbel_noise_kernel, f"N={n} FP64={int(fp64)} 16x1024",
-                              (f64 if fp64 else f32, 12345, n, n_vocab, n_vocab),
-                              dict(BLOCK_N=16, BLOCK_V=1024, FP64=fp64), [f"V-1={n_vocab}"]))
+        for keyed in (False, True):
+            for n in SAMPLER_ROWS:
+                out = f64 if fp64 else f32
+                specs.append(Spec(su._gumbel_noise_kernel, f"N={n} FP64={int(fp64)} KEYED={int(keyed)} 16x1024",
+                                  (out, i64 if keyed else out, 12345, n, n_vocab, n_vocab),
+                                  dict(BLOCK_N=16, BLOCK_V=1024, FP64=fp64, KEYED=keyed), [f"V-1={n_vocab}"]))
     for fp64 in (False, True):  # the top-k / top-p path from given logits
-        for noise in (False, True):
+        for noise in ("keyed", "offset", "given"):
             for has_dst in (True, False):
                 for n in (min(SAMPLER_ROWS), max(SAMPLER_ROWS)):
-                    nz = (f64 if fp64 else f32) if noise else f32
+                    nz = (f64 if fp64 else f32) if noise == "given" else f32
                     specs.append(Spec(
                         su._logits_argmax_kernel,
-                        f"N={n} FP64={int(fp64)} NOISE={int(noise)} HAS_DST={int(has_dst)} 16x256 w4",
-                        (f32, nz, i64, i64, i64, 12345, n, n_vocab, n_vocab, n_vocab),
-                        dict(BLOCK_N=16, BLOCK_V=256, NOISE_GIVEN=noise, FP64=fp64, HAS_DST=has_dst, num_warps=4),
+                        f"N={n} FP64={int(fp64)} NOISE={noise} HAS_DST={int(has_dst)} 16x256 w4",
+                        (f32, nz, i64, i64, i64, i64, 12345, n, n_vocab, n_vocab, n_vocab),
+                        dict(BLOCK_N=16, BLOCK_V=256, NOISE_GIVEN=noise == "given", KEYED=noise == "keyed",
+                             FP64=fp64, HAS_DST=has_dst, num_warps=4),
                         [f"V-1={n_vocab}"]))
     return specs
 
