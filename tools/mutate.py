@@ -70,6 +70,8 @@ MODULE_TESTS: dict[str, list[str]] = {
     "radd_fast/sampling/cached.py": ["tests/sampling/test_cached.py", "tests/model/test_kv_cache.py",
                                      "tests/test_acceleration.py", "tests/benchmarks/test_bench_cache_quality.py"],
     "radd_fast/sampling/engine.py": ["tests/sampling/test_engine.py", "tests/sampling/test_config.py"],
+    "radd_fast/sampling/decoders.py": ["tests/sampling/test_decoders.py"],
+    "radd_fast/sampling/adaptive.py": ["tests/sampling/test_adaptive.py", "tests/sampling/test_decoders.py"],
     "radd_fast/sampling/published_api.py": ["tests/sampling/test_published_api.py", "tests/sampling/test_engine.py"],
     "radd_fast/kernels/sampling_update.py": ["tests/kernels/test_sampling_update.py",
                                              "tests/kernels/test_card_configs.py"],

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -81,3 +83,36 @@ def plan_ticks(K: np.ndarray, batch_size: int, pad_row: int, buckets: bool = Tru
     active = (rows != pad_row).sum(axis=1)
     batch = bucket(active, B) if buckets else active.copy()
     return TickPlan(rows, k, active, batch)
+
+
+class PlannedWave:
+    """What a wave planned up front reports (``engine.Wave``, ``cached.CachedWave``): its head counts and
+    its finished rows, from ``plan``, ``R``, ``x`` [R + 1, L], ``K_host`` [R] and the per-evaluation
+    head rows ``head_n`` / ``head_p`` (padded) of the subclass. The adaptive decoders' wave
+    (adaptive.py) gives the same names from what it learns while it runs."""
+
+    @property
+    def head_rows(self) -> int:
+        return int(self.head_n.sum())
+
+    @property
+    def head_rows_padded(self) -> int:
+        return int(self.head_p.sum())
+
+    @property
+    def tokens_revealed(self) -> int:
+        """The exact samplers run the head at the revealed positions only: one row per token."""
+        return self.head_rows
+
+    @cached_property
+    def _ready_at(self) -> np.ndarray:
+        """[R]: the evaluation after which row r and every row before it are done."""
+        return np.maximum.accumulate(self.plan.done_tick(self.R)) if self.R else np.zeros(0, np.int64)
+
+    def leading_rows_done(self, t: int) -> int:
+        """n such that rows 0 .. n-1 are all done after evaluation t (the plan says when, on the host)."""
+        return int(np.searchsorted(self._ready_at, t, side="right"))
+
+    def rows_out(self, a: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows a .. n-1 for a caller: (tokens [n - a, L] on the CPU, evaluations [n - a] int64)."""
+        return self.x[a:n].cpu(), torch.from_numpy(self.K_host[a:n])

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..model.kv_cache import KVCache
-from .batching import NO_CAP, bucket, plan_ticks
+from .batching import NO_CAP, PlannedWave, bucket, plan_ticks
 from .evaluator import body_shape, compact, token_buffers
 from .schedule import group_sizes
 
@@ -104,7 +104,7 @@ def _by_slot(rows: np.ndarray, k: np.ndarray, take: np.ndarray, slot: np.ndarray
     return by_rows, by_k
 
 
-class CachedWave:
+class CachedWave(PlannedWave):
     """One wave of rows sampled with key/value caching: the same buffers, plan and ``run`` as ``engine.Wave``.
 
     x0 [R, L], group [R, L], K [R] as in ``Wave``; refresh_every R >= 1; cache: a ``KVCache`` with at
@@ -231,13 +231,19 @@ def pushed_positions(g: torch.Tensor, ks: torch.Tensor, refresh_every: int, S: i
     -> positions [B, S] int64 (groups k0 .. k in position order, then the first of them repeated)
     and valid [B, S] bool. No host sync (a scatter, not a boolean index).
     """
-    B, L = g.shape
     k = ks.long()[:, None]
     k0 = k - k % refresh_every
-    push = (g >= k0) & (g <= k) & (k >= 0)
+    return pack_positions((g >= k0) & (g <= k) & (k >= 0), S)
+
+
+def pack_positions(push: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions where ``push`` [B, L] is true, in position order, packed into S slots per row (at most
+    S true per row) -> positions [B, S] int64 (padding: the row's first pushed position, or 0) and valid
+    [B, S] bool. No host sync (a scatter, not a boolean index)."""
+    B, L = push.shape
     rank = push.cumsum(dim=1) - 1
-    ar = torch.arange(L, device=g.device)
+    ar = torch.arange(L, device=push.device)
     dest = torch.where(push, rank, S + ar)  # distinct dump slots beyond S: no duplicate-index writes
-    packed = torch.zeros(B, S + L, dtype=torch.int64, device=g.device).scatter_(1, dest, ar.expand(B, L))[:, :S]
-    valid = torch.arange(S, device=g.device)[None, :] < push.sum(dim=1, keepdim=True)
+    packed = torch.zeros(B, S + L, dtype=torch.int64, device=push.device).scatter_(1, dest, ar.expand(B, L))[:, :S]
+    valid = torch.arange(S, device=push.device)[None, :] < push.sum(dim=1, keepdim=True)
     return torch.where(valid, packed, packed[:, :1]), valid

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .decoders import DECODERS, Decoder, make_decoder
 from .schedule import METHOD_SPECS, check_method, check_steps
 from .strategies import Strategy, make_strategy, sampling_dtype
 
@@ -44,7 +45,11 @@ class SamplerConfig:
     Approximate (opt-in, changes the samples): refresh_every: None (exact, the default) or R >= 1: a
     row's every R-th evaluation is exact and fills a cache of its keys and values, the R - 1 between
     push only the positions changed since then and those revealed now (sampling/cached.py;
-    docs/SAMPLING.md, "Beyond exact"); R = 1 gives the exact samples.
+    docs/SAMPLING.md, "Beyond exact"); R = 1 gives the exact samples. decoder / decoder_para: None (the
+    method's schedule, the default) or an adaptive decoder that reveals what the model is confident of
+    (sampling/decoders.py: 'confidence' tau, 'entropy_bound' gamma, 'low_confidence' with the method's
+    reveal counts; the knob's default when None); decoder_check_every: its rows in flight are checked
+    for finished ones every this many evaluations (one host sync each, adaptive.py).
     """
 
     steps: int = 1024
@@ -62,7 +67,11 @@ class SamplerConfig:
     use_kernels: bool | None = None
     prune_last_block: bool = True
     refresh_every: int | None = None
+    decoder: str | None = None
+    decoder_para: Any = None
+    decoder_check_every: int = 4
     _strategy: Strategy = field(init=False, repr=False, compare=False)
+    _decoder: Decoder | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "steps", check_steps(self.steps))
@@ -78,6 +87,15 @@ class SamplerConfig:
             raise ValueError(f"wave_size must be >= 1, got {self.wave_size!r}")
         if self.refresh_every is not None:
             object.__setattr__(self, "refresh_every", _check_refresh_every(self.refresh_every))
+        if self.decoder is None and self.decoder_para is not None:
+            raise ValueError(f"decoder_para {self.decoder_para!r} needs a decoder (one of {DECODERS})")
+        object.__setattr__(self, "_decoder", None if self.decoder is None else make_decoder(self.decoder,
+                                                                                              self.decoder_para))
+        if self._decoder is not None:
+            object.__setattr__(self, "decoder_para", self._decoder.para)
+        if not _whole(self.decoder_check_every) or int(self.decoder_check_every) < 1:
+            raise ValueError(f"decoder_check_every must be a whole number >= 1, got {self.decoder_check_every!r}")
+        object.__setattr__(self, "decoder_check_every", int(self.decoder_check_every))
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"compile must be true, false or 'auto', got {self.compile!r}")
 
@@ -87,8 +105,18 @@ class SamplerConfig:
         return self._strategy
 
     @property
+    def decoder_fn(self) -> Decoder | None:
+        """The adaptive decoder bound to its checked parameter (None: the method's schedule)."""
+        return self._decoder
+
+    @property
+    def uses_schedule(self) -> bool:
+        """Whether the method's reveal schedule is drawn (not for confidence / entropy_bound)."""
+        return self._decoder is None or self._decoder.uses_schedule
+
+    @property
     def needs_noise(self) -> bool:
-        return METHOD_SPECS[self.method].needs_noise
+        return METHOD_SPECS[self.method].needs_noise and self.uses_schedule
 
     @property
     def noise_dtype(self) -> torch.dtype:
@@ -104,21 +132,26 @@ class SamplerConfig:
     def describe(self) -> str:
         """One line for summaries and JSONL records: what was sampled, and how the noise was drawn."""
         para = "" if self.strategy_para is None else f"={self.strategy_para}"
-        approximate = "" if self.refresh_every is None else f", approximate (refresh every {self.refresh_every})"
-        return (f"{self.method}, {self.steps} steps, {self.strategy}{para}, "
-                f"{self.sampling_dtype.replace('float', 'fp')} Gumbel{approximate}")
+        approximate = "" if self._decoder is None else f", {self._decoder.label}"
+        approximate += "" if self.refresh_every is None else f", approximate (refresh every {self.refresh_every})"
+        schedule = f"{self.method}, {self.steps} steps, " if self.uses_schedule else ""  # a decoder's own pace
+        return f"{schedule}{self.strategy}{para}, {self.sampling_dtype.replace('float', 'fp')} Gumbel{approximate}"
 
     @property
     def approximate(self) -> bool:
-        """True when the samples do not follow the model exactly (key/value caching is on)."""
-        return self.refresh_every is not None
+        """True when the samples do not follow the model exactly (key/value caching or a decoder is on)."""
+        return self.refresh_every is not None or self._decoder is not None
+
+
+def _whole(value) -> bool:
+    """A whole number (bools and fractions refused: a typo must not silently round)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and value == int(value)
 
 
 def _check_refresh_every(value) -> int:
-    """A whole number >= 1 (bools and fractions refused: a typo must not silently round)."""
-    whole = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
-        and value == int(value)
-    if not whole or int(value) < 1:
+    """A whole number >= 1."""
+    if not _whole(value) or int(value) < 1:
         raise ValueError(f"refresh_every must be a whole number >= 1 (or None for the exact sampler), got {value!r}")
     return int(value)
 

@@ -46,23 +46,26 @@ from ..model.head import noise_key
 from ..model.kv_cache import KVCache
 from ..philox import keyed_uniforms
 from ..progress import progress_bar
-from .batching import NO_CAP, bucket, plan_ticks
+from .adaptive import DecoderWave
+from .batching import NO_CAP, PlannedWave, bucket, plan_ticks
 from .cached import CachedWave
 from .conditioning import initial_state
 from .config import SamplerConfig, auto_rows_in_flight, sampler_config
+from .decoders import max_samples
 from .evaluator import BodyRunner, body_shape, compact, token_buffers
 from .schedule import draw_reveal_steps, expected_enfe_exact, group_sizes, group_steps, ordered_groups, update_rates
 
 # A run's random streams, each keyed by noise_key(seed, stream); within a stream every number is keyed by
-# the sample's index (and position, and class): nothing depends on how the samples are split into work.
-HEAD_NOISE, REVEAL_SCHEDULE = 0, 1
+# the sample's index (and position, and class; a decoder's candidates also by the row's evaluation): nothing
+# depends on how the samples are split into work.
+HEAD_NOISE, REVEAL_SCHEDULE, DECODER_NOISE = 0, 1, 2
 
 
 @dataclass
 class SamplingStats:
     enfe: torch.Tensor  # [num_samples] int64 (CPU): evaluations of each row = its distinct reveal steps
     enfe_theory: float | None  # expected E-NFE per row under the schedule (None for "ordered")
-    head_rows: int  # positions the output head ran at (= tokens revealed)
+    head_rows: int  # positions the output head ran at (exact samplers: the tokens revealed; decoders: every masked one)
     head_rows_padded: int  # the same, with the padding of the static shapes
     eval_rows: int  # rows through the transformer body (= enfe.sum())
     eval_rows_padded: int
@@ -79,7 +82,9 @@ class SamplingStats:
     body_token_rows_padded: int = 0  # the same, with the padding of the static shapes
     body_token_rows_exact: int = 0  # what the exact engine computes for the same evaluations (L per row evaluation)
     refresh_every: int | None = None  # None: exact; R: the approximate sampler (cached.py)
-    acceleration: str = ""  # the policy's decision: "eager", "CUDA graphs", "compiled (inductor) + CUDA graphs"
+    acceleration: str = ""
+    tokens_revealed: int = 0  # positions sampled (free positions of the rows)
+    decoder: str | None = None  # None: the method's schedule; else the adaptive decoder's label (decoders.py)  # the policy's decision: "eager", "CUDA graphs", "compiled (inductor) + CUDA graphs"
 
     @property
     def body_fraction(self) -> float:
@@ -96,18 +101,24 @@ class SamplingStats:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.head_rows / max(self.wall_time, 1e-12)
+        return self.tokens_revealed / max(self.wall_time, 1e-12)
+
+    @property
+    def head_rows_per_evaluation(self) -> float:
+        """Head rows per row evaluation (exact samplers: the tokens it reveals; decoders: its masked positions)."""
+        return self.head_rows / max(self.eval_rows, 1)
 
     def summary(self) -> str:
-        """The one summary line of a run."""
+        """The one summary line of a run (its ``sampler`` says what was sampled, ``approximate (...)`` when not exact)."""
         body = "" if self.refresh_every is None else f" | body token-rows {100 * self.body_fraction:.0f}% of exact"
-        return (f"{self.sampler} | E-NFE {self.enfe_mean:.1f} per sample{body} | {self.tokens_per_s:,.0f} tokens/s | "
-                f"{self.samples_per_s:.2f} samples/s | {self.wall_time:.2f} s")
+        head = "" if self.decoder is None else f" | head rows {self.head_rows_per_evaluation:.1f} per evaluation"
+        return (f"{self.sampler} | E-NFE {self.enfe_mean:.1f} per sample{body}{head} | {self.tokens_per_s:,.0f} tokens/s"
+                f" | {self.samples_per_s:.2f} samples/s | {self.wall_time:.2f} s")
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "enfe"}
         out.update(enfe_mean=self.enfe_mean, samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s,
-                   body_fraction=self.body_fraction)
+                   body_fraction=self.body_fraction, head_rows_per_evaluation=self.head_rows_per_evaluation)
         return out
 
 
@@ -136,7 +147,10 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
     while the run goes (at most once every ``on_rows_every`` seconds; one host sync each, and the
     rest of a wave when it ends); progress: a tqdm bar over evaluations; summary: print one summary
     line at the end (default: with ``progress``). ``refresh_every=R`` (an option) samples
-    approximately, reusing keys and values for R - 1 evaluations of a row out of R (cached.py).
+    approximately, reusing keys and values for R - 1 evaluations of a row out of R (cached.py);
+    ``decoder="confidence" | "entropy_bound" | "low_confidence"`` (with ``decoder_para``) picks the
+    positions each evaluation reveals from the model's confidence instead (decoders.py, adaptive.py):
+    approximate too, and combinable with ``refresh_every``.
     """
     _check_model(model)
     cfg = sampler_config(config, **options, **({} if steps is None else {"steps": steps}))
@@ -155,6 +169,12 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
         seed = int(torch.randint(0, 2**62, ()))
     head_key, schedule_key = noise_key(seed, HEAD_NOISE), noise_key(seed, REVEAL_SCHEDULE)
     first_index = int(first_index)
+    decoder = cfg.decoder_fn
+    if decoder is not None:
+        head_key = noise_key(seed, DECODER_NOISE)
+        if first_index + num_samples > max_samples(length):
+            raise ValueError(f"a decoder run keys samples 0 .. {max_samples(length) - 1} at length {length}; "
+                             f"got up to {first_index + num_samples - 1}")
     init = initial_state(conditioning, num_samples, length, model.mask_id, device)
     rates = update_rates(noise, cfg.steps, cfg.method, cfg.eps, device) if cfg.needs_noise else None
     cache_bytes = 0 if cfg.refresh_every is None else KVCache.bytes_per_row(model, length)
@@ -180,8 +200,12 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
             x0 = init.expand(num_samples, length)[w0:w0 + wave_size]
             first = first_index + w0  # the wave's first sample
             ids = torch.arange(first, first + x0.shape[0], device=device)
-            group, K = _reveal_groups(x0 == model.mask_id, rates, cfg, schedule_key, ids)
-            if cache is None:
+            group, K = (None, None) if decoder is not None and not decoder.uses_schedule else \
+                _reveal_groups(x0 == model.mask_id, rates, cfg, schedule_key, ids)
+            if decoder is not None:
+                wave = DecoderWave(x0, group, rows, cfg.buckets, decoder, cfg.decoder_check_every, model.mask_id, cache,
+                                   cfg.refresh_every)
+            elif cache is None:
                 wave = Wave(x0, group, K, rows, cfg.buckets)
             else:
                 wave = CachedWave(x0, group, K, rows, cfg.buckets, cfg.refresh_every, cache)
@@ -208,7 +232,7 @@ def generate(model, noise, num_samples: int, length: int | None = None, steps: i
                           num_samples=num_samples, length=length, steps=cfg.steps, cuda_graphs=body.captured,
                           sampler=cfg.describe(), rows_in_flight=rows, refresh_every=cfg.refresh_every,
                           capture_time=body.capture_seconds, acceleration=acceleration.describe(),
-                          **counters.as_dict())
+                          decoder=None if decoder is None else decoder.label, **counters.as_dict())
     if progress if summary is None else summary:
         print(stats.summary())
     return out, stats
@@ -251,13 +275,12 @@ class RowStream:
     def start(self, wave, first: int) -> Callable[[int], None]:
         """Follow ``wave`` (its first sample is ``first``); returns the per-evaluation hook."""
         self.wave, self.first, self.sent = wave, first, 0
-        self.ready_at = np.maximum.accumulate(wave.plan.done_tick(wave.R)) if wave.R else np.zeros(0, np.int64)
         return self.after
 
     def after(self, t: int) -> None:
         if time.monotonic() - self.last < self.every:
             return
-        n = int(np.searchsorted(self.ready_at, t, side="right"))  # rows 0 .. n-1 are done after evaluation t
+        n = self.wave.leading_rows_done(t)  # rows 0 .. n-1 are done after evaluation t (known on the host)
         if n > self.sent:
             self._send(n)
 
@@ -267,13 +290,13 @@ class RowStream:
 
     def _send(self, n: int) -> None:
         a = self.sent
-        self.on_rows(self.first + a, self.wave.x[a:n].cpu(), torch.from_numpy(self.wave.K_host[a:n]))
+        self.on_rows(self.first + a, *self.wave.rows_out(a, n))
         self.sent, self.last = n, time.monotonic()
 
 
 # The exact work counts of a run (SamplingStats fields of the same names).
-WORK_COUNTS = ("evaluations", "eval_rows", "eval_rows_padded", "head_rows", "head_rows_padded", "body_token_rows",
-               "body_token_rows_padded", "body_token_rows_exact")
+WORK_COUNTS = ("evaluations", "eval_rows", "eval_rows_padded", "head_rows", "head_rows_padded", "tokens_revealed",
+               "body_token_rows", "body_token_rows_padded", "body_token_rows_exact")
 
 
 class Counters:
@@ -287,16 +310,16 @@ class Counters:
         return self.totals["evaluations"]
 
     def add(self, wave) -> None:
-        """A finished wave: a ``Wave`` or a ``cached.CachedWave`` (both give these counts)."""
-        derived = {"evaluations": wave.ticks, "head_rows": wave.head_n.sum(), "head_rows_padded": wave.head_p.sum()}
+        """A finished wave: a ``Wave``, a ``cached.CachedWave`` or an ``adaptive.DecoderWave`` (all give these
+        counts; ``evaluations`` is a wave's ``ticks``)."""
         for name in WORK_COUNTS:
-            self.totals[name] += int(derived[name] if name in derived else getattr(wave, name))
+            self.totals[name] += int(wave.ticks if name == "evaluations" else getattr(wave, name))
 
     def as_dict(self) -> dict:
         return dict(self.totals)
 
 
-class Wave:
+class Wave(PlannedWave):
     """One wave of rows: its token buffer, reveal groups and evaluation plan.
 
     x0 [R, L] (MASK where free), group [R, L] (evaluation index of each free token, -1 fixed),

@@ -168,14 +168,16 @@ def test_engine_on_cuda_matches_the_published_api(strategy, para, sdtype):
 def stats_of(**fields) -> SamplingStats:
     base = dict(enfe=torch.tensor([2, 4], dtype=torch.int64), enfe_theory=2.5, head_rows=30, head_rows_padded=32,
                 eval_rows=6, eval_rows_padded=8, evaluations=4, wall_time=2.0, num_samples=2, length=16, steps=8,
-                cuda_graphs=0, sampler="tweedie, 8 steps", body_token_rows=60, body_token_rows_exact=96)
+                cuda_graphs=0, sampler="tweedie, 8 steps", body_token_rows=60, body_token_rows_exact=96,
+                tokens_revealed=30)
     return SamplingStats(**(base | fields))
 
 
 def test_stats_rates_and_fraction():
     s = stats_of()
     assert s.enfe_mean == 3.0 and s.samples_per_s == 1.0 and s.tokens_per_s == 15.0
-    assert s.body_fraction == 60 / 96
+    assert s.body_fraction == 60 / 96 and s.head_rows_per_evaluation == 5.0
+    assert stats_of(head_rows=90, decoder="approximate (confidence tau=0.9)").tokens_per_s == 15.0  # tokens, not head rows
     assert stats_of(enfe=torch.zeros(0, dtype=torch.int64)).enfe_mean == 0.0
     zero = stats_of(wall_time=0.0, body_token_rows=0, body_token_rows_exact=0)
     assert zero.samples_per_s == 2 / 1e-12 and zero.tokens_per_s == 30 / 1e-12 and zero.body_fraction == 0.0
@@ -183,8 +185,10 @@ def test_stats_rates_and_fraction():
 
 
 def test_summary_line_exact_and_approximate():
-    assert stats_of(wall_time=0.5, head_rows=12345).summary() == (
+    assert stats_of(wall_time=0.5, tokens_revealed=12345).summary() == (
         "tweedie, 8 steps | E-NFE 3.0 per sample | 24,690 tokens/s | 4.00 samples/s | 0.50 s")
+    assert stats_of(head_rows=60, decoder="approximate (entropy_bound gamma=2)").summary() == (
+        "tweedie, 8 steps | E-NFE 3.0 per sample | head rows 10.0 per evaluation | 15 tokens/s | 1.00 samples/s | 2.00 s")
     assert stats_of(refresh_every=4).summary() == (
         "tweedie, 8 steps | E-NFE 3.0 per sample | body token-rows 62% of exact | 15 tokens/s | 1.00 samples/s | 2.00 s")
 
@@ -203,18 +207,17 @@ def test_counters_sum_every_count_over_waves():
     class FakeWave:
         def __init__(self, k):
             self.ticks = k
-            self.head_n, self.head_p = np.array([k, 1]), np.array([k + 1, 2])
-            for i, name in enumerate(("eval_rows", "eval_rows_padded", "body_token_rows", "body_token_rows_padded",
-                                      "body_token_rows_exact")):
+            for i, name in enumerate(("eval_rows", "eval_rows_padded", "head_rows", "head_rows_padded", "tokens_revealed",
+                                      "body_token_rows", "body_token_rows_padded", "body_token_rows_exact")):
                 setattr(self, name, 10 * k + i)
 
     c = Counters()
     c.add(FakeWave(1))
     c.add(FakeWave(3))
     assert c.evaluations == 4
-    assert c.as_dict() == {"evaluations": 4, "eval_rows": 40, "eval_rows_padded": 42, "head_rows": 6,
-                           "head_rows_padded": 10, "body_token_rows": 44, "body_token_rows_padded": 46,
-                           "body_token_rows_exact": 48}
+    assert c.as_dict() == {"evaluations": 4, "eval_rows": 40, "eval_rows_padded": 42, "head_rows": 44,
+                           "head_rows_padded": 46, "tokens_revealed": 48, "body_token_rows": 50,
+                           "body_token_rows_padded": 52, "body_token_rows_exact": 54}
     assert all(type(v) is int for v in c.as_dict().values())
 
 
@@ -222,7 +225,7 @@ def test_a_run_reports_its_sizes_and_counts_over_several_waves(model):
     tokens, s = generate(model, LogLinearNoise(), 10, 6, 5, rows_in_flight=4, wave_size=4, seed=1, progress=False)
     assert (s.num_samples, s.length, s.steps, s.rows_in_flight) == (10, 6, 5, 4)
     assert s.enfe.shape == (10,) and s.eval_rows == int(s.enfe.sum())
-    assert s.head_rows == 60 and s.body_token_rows == s.eval_rows * 6 == s.body_token_rows_exact
+    assert s.head_rows == s.tokens_revealed == 60 and s.body_token_rows == s.eval_rows * 6 == s.body_token_rows_exact
     assert s.eval_rows_padded * 6 == s.body_token_rows_padded and s.refresh_every is None
     assert s.cuda_graphs == 0 and s.capture_time == 0.0 and s.acceleration == "eager"
     assert s.sampler == "tweedie, 5 steps, direct, fp64 Gumbel"  # the default noise dtype
