@@ -24,6 +24,9 @@ torchrun rank r makes samples [r N / world, (r + 1) N / world). ``--loop`` picks
 loop: ``fast`` (default) runs ``radd_fast.sampling.generate``; ``published_api`` the published
 DiffusionSampler / OrderedSampler loop (``sampling/published_api.py``; its samples depend on
 ``--rows_in_flight``). ``--engine fast|reference``, its old name, still works and warns in one line.
+``--decoder confidence|entropy_bound|low_confidence`` with ``--decoder_para X`` (opt-in, fast loop) reveals
+the positions the model is most confident of instead of the schedule's random ones: approximate, and
+labelled ``approximate (<decoder> <knob>)`` in the summary and in every record.
 ``--out`` writes JSONL, one object per sample, in whole lines (Ctrl-C or a full disk keeps every
 sample written before it): {"index", "text", "ids", "enfe", "sampler"}. Every bad flag or file is
 one ``error: ...`` line and exit code 2, found before any sampling (``--debug`` or
@@ -50,6 +53,7 @@ from ..model.kv_cache import KVCache
 from ..progress import progress_bar
 from .conditioning import initial_state, projection, text_conditioning
 from .config import SamplerConfig, auto_rows_in_flight
+from .decoders import DECODERS
 from .engine import generate
 from .output import SampleWriter, rank_path
 from .published_api import DiffusionSampler, OrderedSampler
@@ -116,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh_every", type=int, default=None, metavar="R",
                    help="APPROXIMATE: reuse each row's keys/values, a full evaluation every R of its evaluations "
                         "(docs/SAMPLING.md); omit for exact sampling")
+    p.add_argument("--decoder", choices=DECODERS, default=None,
+                   help="APPROXIMATE: reveal what the model is confident of instead of the schedule's random "
+                        "positions (docs/SAMPLING.md, 'Adaptive decoders'); omit for exact sampling")
+    p.add_argument("--decoder_para", type=float, default=None, metavar="X",
+                   help="the decoder's knob: tau for confidence (default 0.9), gamma for entropy_bound (default 1.0); "
+                        "low_confidence has none (--steps sets its pace)")
     p.add_argument("--wave_size", type=int, default=None,
                    help="samples planned together, to bound memory (default: max(32 x rows in flight, 4096)); "
                         "samples are written as they finish whatever it is")
@@ -256,6 +266,10 @@ def check_args(args: argparse.Namespace) -> Run:
     loop = resolve_loop(args.loop, args.engine)
     if args.refresh_every is not None and loop != "fast":
         raise SampleArgError("--refresh_every (approximate key/value reuse) needs --loop fast")
+    if args.decoder is not None and loop != "fast":
+        raise SampleArgError(f"--decoder {args.decoder} (an approximate adaptive decoder) needs --loop fast")
+    if args.decoder_para is not None and args.decoder is None:
+        raise SampleArgError(f"--decoder_para {args.decoder_para:g} needs --decoder (one of {', '.join(DECODERS)})")
     if args.cuda_graphs and torch.device(device).type != "cuda":
         raise SampleArgError(f"--cuda_graphs needs a CUDA --device (got {device}); leave it unset or pass "
                              "--no_cuda_graphs")
@@ -269,10 +283,19 @@ def check_args(args: argparse.Namespace) -> Run:
                                 strategy_para=_cli_para(args.strategy, args.strategy_para),
                                 sampling_dtype=args.sampling_dtype, compile=args.compile, cuda_graphs=args.cuda_graphs,
                                 rows_in_flight=args.rows_in_flight,  # None: settled once the model is loaded
-                                wave_size=args.wave_size, refresh_every=args.refresh_every)
+                                wave_size=args.wave_size, refresh_every=args.refresh_every, decoder=args.decoder,
+                                decoder_para=args.decoder_para)
     except ValueError as e:
-        raise SampleArgError(f"{e} (--strategy_para)" if "strategy_para" in str(e) else str(e)) from None
+        raise SampleArgError(_flag_named(str(e))) from None
     return Run(args, device, loop, num_samples, infill, sampler)
+
+
+def _flag_named(message: str) -> str:
+    """A SamplerConfig error with the flag that set the value named, if the message does not name it."""
+    for field in ("strategy_para", "decoder_para"):
+        if field in message:
+            return f"{message} (--{field})"
+    return message
 
 
 def resolve_loop(loop: str | None, engine: str | None) -> str:

@@ -75,6 +75,30 @@ def test_two_ranks_make_the_samples_of_one_process(ckpt, tmp_path, samples, spli
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]
 
 
+def test_a_decoder_run_is_labelled_approximate_and_two_ranks_make_its_samples(ckpt, tmp_path):
+    """--decoder confidence: every record and the summary say ``approximate (confidence tau=0.6)``; sample i
+    keyed by (--seed, i) and its evaluations, so two ranks write the one-process samples; a bad knob is one
+    error line, exit 2."""
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    flags = ["--decoder", "confidence", "--decoder_para", "0.6", "--prefix", "ab"]
+    single = subprocess.run([sys.executable, *_args(ckpt, one), *flags, "--rows_in_flight", "3"], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ranks = subprocess.run([*_torchrun(2), *_args(ckpt, two), *flags], cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr
+    a, b = _records(one), _records(two)
+    assert [r["ids"] for r in a] == [r["ids"] for r in b] and len(a) == 7
+    assert all("approximate (confidence tau=0.6)" in r["sampler"] and r["ids"][:2] == list(b"ab") for r in a)
+    assert "approximate (confidence tau=0.6)" in single.stdout.splitlines()[-1]
+    bad = subprocess.run([sys.executable, *_args(ckpt, tmp_path / "bad.jsonl"), "--decoder", "entropy_bound",
+                          "--decoder_para", "-2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        "error: entropy_bound needs decoder_para gamma >= 0 (nats of summed entropy per evaluation), got -2.0 "
+        "(--decoder_para)"]
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
 def test_ctrl_c_keeps_every_finished_sample_in_whole_lines(ckpt, tmp_path):
     """SIGINT to a real sample.py in the middle of a long run: exit 130, one line saying what was kept,
     and the file holds samples 0 .. n-1, each a whole JSONL line."""

@@ -183,3 +183,35 @@ def test_refresh_every_is_labelled_approximate_everywhere(ckpt, tmp_path, capsys
     assert sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--refresh_every", "4", "--loop",
                         "published_api", "--device", "cpu"]) == 2
     assert "--refresh_every (approximate key/value reuse) needs --loop fast" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decoder,para,label", [("confidence", "0.5", "approximate (confidence tau=0.5)"),
+                                                ("entropy_bound", "2", "approximate (entropy_bound gamma=2)"),
+                                                ("low_confidence", None, "approximate (low_confidence)")])
+def test_a_decoder_is_labelled_approximate_everywhere_and_keeps_the_conditioning(ckpt, tmp_path, capsys, decoder,
+                                                                                para, label):
+    out = tmp_path / "d.jsonl"
+    args = ["--model_path", ckpt, "--tokenizer", "bytes", "--batch_size", "4", "--steps", "6", "--rows_in_flight", "3",
+            "--decoder", decoder, "--prefix", "ab", "--infill", "9:xy", "--seed", "0", "--out", str(out),
+            "--no_progress", "--device", "cpu"] + ([] if para is None else ["--decoder_para", para])
+    assert sample.main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(4)) and all(label in r["sampler"] for r in rows)
+    assert all(r["ids"][:2] == list(b"ab") and r["ids"][9:11] == list(b"xy") and 1 <= r["enfe"] <= 14 for r in rows)
+    assert label in capsys.readouterr().out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--decoder", "beam"], "argument --decoder: invalid choice: 'beam'"),
+    (["--decoder_para", "0.9"], "--decoder_para 0.9 needs --decoder (one of confidence, entropy_bound, low_confidence)"),
+    (["--decoder", "confidence", "--decoder_para", "0"], "confidence needs decoder_para tau > 0"),
+    (["--decoder", "entropy_bound", "--decoder_para", "-1"], "gamma >= 0"),
+    (["--decoder", "low_confidence", "--decoder_para", "2"], "low_confidence has no decoder_para"),
+    (["--decoder", "confidence", "--loop", "published_api"], "--decoder confidence (an approximate adaptive decoder) "
+                                                             "needs --loop fast"),
+])
+def test_bad_decoder_flags_are_one_line_naming_the_flag(ckpt, capsys, extra, message):
+    code = sample.main(["--model_path", ckpt, "--tokenizer", "bytes", "--device", "cpu", "--no_progress"] + extra)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert "--decoder" in err
