@@ -16,8 +16,10 @@ from radd_fast import load_model
 from radd_fast.data import get_tokenizer
 from radd_fast.evaluation import cli
 from radd_fast.evaluation.gen_ppl import load_scorer, unigram_entropy
-from radd_fast.evaluation.gen_suite import run_gen_suite, samples_path
+from radd_fast.evaluation.gen_suite import run_gen_suite, sample_steps, samples_path
+from radd_fast.files import WriteError
 from tests.support.eval_inputs import CORPUS_TEXTS, Stop, write_suite_corpus
+from tests.support.faults import full_disk
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +105,25 @@ def test_gen_ppl_suite_fails_fast_on_a_missing_scorer(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: scorer ") and "is not a folder; pass --scorer" in err and "Traceback" not in err
     assert not list((tmp_path / "w").glob("samples_*.jsonl"))  # refused before any sampling
+
+
+def test_a_full_disk_while_sampling_keeps_whole_lines_and_resumes_to_the_same_samples(corpus, tmp_path, monkeypatch):
+    """The samples file on a full disk: one error naming it, whole lines only; with space again the
+    suite resumes to exactly the samples of an uninterrupted run."""
+    model, noise = load_model(str(corpus / "model"))
+    settings = {"num_samples": 5, "chunk": 2, "length": 16, "method": "tweedie", "sampling_dtype": "float64",
+                "rows_in_flight": 4, "seed": 3}
+    for folder in ("whole", "cut"):
+        (tmp_path / folder).mkdir()
+    whole = sample_steps(model, noise, 2, settings, tmp_path / "whole")
+    first_chunk = sum(len(json.dumps(r)) + 1 for r in whole[:2])
+    with monkeypatch.context() as m:
+        full_disk(m, tmp_path / "cut", free=first_chunk + 40)  # the second chunk's first line is cut
+        with pytest.raises(WriteError) as e:
+            sample_steps(model, noise, 2, settings, tmp_path / "cut")
+    path = samples_path(tmp_path / "cut", 2)
+    assert str(e.value) == (f"no space left on device while writing {path}: the lines written before are kept "
+                            f"whole; free some space (or write elsewhere) and run again")
+    assert [json.loads(s) for s in path.read_text().splitlines(keepends=True)] == whole[:2]
+    assert sample_steps(model, noise, 2, settings, tmp_path / "cut") == whole
+    assert path.read_text() == samples_path(tmp_path / "whole", 2).read_text()

@@ -20,10 +20,12 @@ from radd_fast.data import ByteTokenizer, load_blocks
 from radd_fast.evaluation import cli
 from radd_fast.evaluation.paper_numbers import ZERO_SHOT_DATASETS, ZERO_SHOT_TABLE
 from radd_fast.evaluation.protocol import EvalError, derived_seed, detokenizer_of
-from radd_fast.evaluation.suite import STATE_FILE, column_summary, run_zero_shot
+from radd_fast.evaluation.suite import STATE_FILE, column_summary, run_zero_shot, table_markdown, write_results
+from radd_fast.files import WriteError
 from radd_fast.losses import get_loss_fn
 from radd_fast.noise import get_noise
 from tests.support.eval_inputs import SUITE_LENGTH, Stop, suite_argv, write_suite_corpus
+from tests.support.faults import full_disk
 from tests.support.models import suite_model
 
 
@@ -57,6 +59,21 @@ def test_zero_shot_table_on_local_stand_ins(corpus, tmp_path, capsys):
     assert header in md and header in out
     assert "| WikiText2 | train | 8 |" in md and "| 1BW | test | 8 |" in md
     assert "wikitext2: split train, 8 blocks of 8 tokens in 2 batches" in out
+
+def test_a_full_work_dir_prints_the_table_before_the_one_error(corpus, tmp_path, capsys, monkeypatch):
+    assert cli.main(suite_argv(corpus, tmp_path / "w")) == 0
+    results = json.loads((tmp_path / "w" / "zero_shot.json").read_text())
+    capsys.readouterr()
+    full = tmp_path / "full"
+    full.mkdir()
+    full_disk(monkeypatch, full)
+    with pytest.raises(WriteError) as e:
+        write_results(results, full)
+    assert table_markdown(results) in capsys.readouterr().out
+    assert str(e.value) == (f"no space left on device while writing {full / 'zero_shot.json'}: the results are "
+                            f"printed above; free some space (or pass another --work_dir) to keep them in a file")
+    assert list(full.iterdir()) == []
+
 
 def test_zero_shot_standard_errors_match_an_independent_computation(corpus, tmp_path):
     """The published loop by hand (one draw per forward, the suite's per-batch seeds), then the delta
