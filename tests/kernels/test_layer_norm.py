@@ -22,7 +22,6 @@ from tests.support.compare import DEVICE, HAS_CUDA, assert_close, assert_within_
 from tests.support.kernel_paths import PATHS, take_path, with_interpreter
 from tests.support.messages import error_of
 
-
 ROWS = [1, 7, 13]
 DIMS = [64, 96, 768]
 

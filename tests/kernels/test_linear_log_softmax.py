@@ -28,7 +28,6 @@ from tests.support.kernel_inputs import loss_head_problem
 from tests.support.kernel_paths import needs_triton_on_cpu, with_interpreter
 from tests.support.launches import LaunchRecorder
 
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(
     not (HAS_TRITON and triton_runs_on(torch.empty(0, device=DEVICE))),

@@ -129,7 +129,6 @@ def test_aot_family_builds_the_modules_triton_kernels(k):
     if not HAS_TRITON:
         pytest.skip("no Triton")
     import triton
-
     from triton.runtime.interpreter import InterpretedFunction
 
     module = importlib.import_module(k.module)

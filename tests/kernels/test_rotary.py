@@ -22,7 +22,6 @@ from radd_fast.kernels.rotary import (
 from tests.support.compare import DEVICE, HAS_CUDA, assert_close, assert_within_torch_error, needs_cuda, poison_like
 from tests.support.kernel_paths import PATHS, take_path, with_interpreter
 
-
 # (B, T, h, hd): T = 1 and primes, odd head counts, head dims whose half is not a power of two
 SHAPES = [(1, 1, 1, 32), (2, 7, 3, 64), (1, 13, 12, 64), (2, 5, 2, 96), (1, 3, 5, 16)]
 
