@@ -1,7 +1,9 @@
 """The output head (radd_fast/model/head.py): its PyTorch Gumbel noise is standard Gumbel
 (Kolmogorov-Smirnov against the CDF) and fresh between draws and positions; its two log-probs at
 selected rows, every real token's ([N, V-1]) and the targets' ([N]), under their own names; the
-adaptive decoders' token statistics (token, log-probability, entropy) on the kernel and torch paths."""
+adaptive decoders' token statistics (token, log-probability, entropy) on the kernel and torch paths;
+the sampler's noise keys distinct over seeds and streams, and each (key, noise id) drawing noise of its
+own on both paths."""
 from __future__ import annotations
 
 import pytest
@@ -12,6 +14,8 @@ from radd_fast.model import head as head_module
 from radd_fast.model.head import gumbel, noise_key
 from radd_fast.sampling.strategies import make_strategy
 from tests.support.stats import ks_critical, ks_gumbel
+from tests.support.uniform_head import LENGTH as UNIFORM_LENGTH
+from tests.support.uniform_head import assert_iid_uniform, assert_independent_pairs, uniform_model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -102,3 +106,42 @@ def test_token_stats_take_the_one_pass_kernel_for_direct_only(tiny_model, monkey
     assert torch.equal(fused.tokens, plain.tokens)
     assert torch.allclose(fused.entropy, plain.entropy, atol=1e-5) and torch.allclose(fused.log_prob, plain.log_prob,
                                                                                         atol=1e-5)
+
+
+# ---- the keys of the sampler's noise ------------------------------------------------------------------------------
+def test_noise_keys_are_distinct_over_seeds_and_streams():
+    """noise_key(seed, stream) keys a run's streams (head noise, reveal schedule, decoders): no two (seed, stream)
+    pairs of a grid share a key (a key shared between one seed's schedule and another seed's head would tie
+    two runs that should be independent), consecutive and far-apart seeds alike, and every key fits Philox's 64 bits."""
+    seeds = [*range(2048), 2**31 - 1, 2**31, 2**32, 2**32 + 1, 2**62 - 1, 2**63 - 1]
+    keys = {(seed, stream): noise_key(seed, stream) for seed in seeds for stream in range(4)}
+    assert len(set(keys.values())) == len(keys)
+    assert all(0 <= key < 2**64 for key in keys.values())
+
+
+@pytest.mark.parametrize("use_kernels", [pytest.param(True, marks=needs_kernel_path), False],
+                         ids=["kernels", "torch"])
+@pytest.mark.parametrize("strategy", [("direct", None), ("top_k", 8)], ids=lambda s: s[0])
+def test_each_key_and_noise_id_draws_noise_of_its_own(use_kernels, strategy):
+    """On a uniform head the token is the noise's argmax: rows with the same (key, id) draw the same token and
+    any other pair independent ones, whatever the id's place in the launch (ids past 2^32 included: a kernel
+    that kept only the low 32 bits would repeat them), under another key, or the next ids along."""
+    head = uniform_model().output_head()
+    sampler = head.sampler(torch.float32, use_kernels=use_kernels)
+    chosen = make_strategy(*strategy)
+    n = 32 * UNIFORM_LENGTH
+    h = torch.zeros(n, head.layer.linear.weight.shape[1])
+
+    def draw(key, ids):
+        x_flat = torch.full((n,), -1)
+        with torch.no_grad():
+            sampler.sample_at(h, torch.arange(n), x_flat, chosen, key, ids)
+        return x_flat.view(32, UNIFORM_LENGTH)
+
+    ids = torch.arange(n)
+    base = draw(noise_key(5, 0), ids)
+    assert_iid_uniform(base, "one launch")
+    assert torch.equal(draw(noise_key(5, 0), ids.flip(0)), base.flatten().flip(0).view(32, UNIFORM_LENGTH))
+    for name, key, other in (("the next ids", noise_key(5, 0), ids + n), ("ids + 2^32", noise_key(5, 0), ids + 2**32),
+                             ("another stream", noise_key(5, 1), ids), ("another seed", noise_key(6, 0), ids)):
+        assert_independent_pairs(base, draw(key, other), f"{strategy[0]}, kernels={use_kernels}: {name}")

@@ -1,4 +1,6 @@
-"""The approximate sampler (refresh_every): exact where it must be, counts in closed form, labelled."""
+"""The approximate sampler (refresh_every): exact where it must be, counts in closed form, labelled; fresh
+noise for every token across waves, splits and cached evaluations (the recorded keys, and the tokens
+of consecutive waves on a uniform head)."""
 
 import numpy as np
 import pytest
@@ -15,7 +17,10 @@ from radd_fast.sync_counter import SyncCounter
 from tests.support.compare import assert_close
 from tests.support.graphs import EmulatedGraph
 from tests.support.models import normal_head_model, random_head_model
+from tests.support.noise_streams import assert_fresh_noise, record_noise
 from tests.support.sync_budgets import ENGINE_SYNCS_AT_END, ENGINE_SYNCS_PER_WAVE
+from tests.support.uniform_head import LENGTH as UNIFORM_LENGTH
+from tests.support.uniform_head import SAMPLES, assert_iid_uniform, assert_independent_pairs, uniform_model
 
 # -- R = 1 is the exact engine ------------------------------------------------------------------------
 EXACT_CASES = {
@@ -286,3 +291,51 @@ def test_sub_batches_keep_plan_order_at_any_width():
         n = int(take[t].sum())
         assert sub_rows[t, :n].tolist() == np.nonzero(take[t])[0].tolist()
         assert bool((sub_rows[t, n:] == 99).all()) and bool((sub_k[t, n:] == -2).all()) and sub_k.dtype == np.int32
+
+
+# -- fresh noise across waves, splits and cached evaluations --------------------------------------------------------
+NOISE_CASES = {  # name: generate options of the approximate sampler (the keys a head is given do not depend
+    "direct": dict(),  # on its backend; the kernels' use of them is the uniform-head test's below)
+    "top_k": dict(strategy="top_k", strategy_para=3),
+}
+
+
+@pytest.mark.parametrize("case", list(NOISE_CASES))
+def test_no_two_tokens_draw_the_same_noise_across_waves_splits_and_cached_evaluations(monkeypatch, case):
+    """Every (key, noise id) the head draws a revealed token with, and every schedule row, is drawn once in a
+    run of several waves with cached evaluations, and once over two calls that split the samples as ranks do
+    (first_index); the head and the schedule never share a key, and another seed shares none of them."""
+    options = dict(NOISE_CASES[case], use_kernels=False)
+    model = random_head_model(tokens=8, length=8)
+    log = record_noise(monkeypatch, model.mask_id)
+    kw = dict(steps=4, refresh_every=2, rows_in_flight=3, wave_size=4, progress=False, **options)
+    whole, _ = generate(model, LogLinearNoise(), 10, 8, seed=6, **kw)
+    assert_fresh_noise(log, tokens=10 * 8, samples=10, name=f"{case}: one run of three waves")
+    pairs = set(log.head)
+    log.clear()
+    head, _ = generate(model, LogLinearNoise(), 6, 8, seed=6, **kw)
+    tail, _ = generate(model, LogLinearNoise(), 4, 8, seed=6, first_index=6, **kw)
+    assert_fresh_noise(log, tokens=10 * 8, samples=10, name=f"{case}: samples 0-5 and 6-9 (two ranks)")
+    assert set(log.head) == pairs and torch.equal(torch.cat([head, tail]), whole)
+    log.clear()
+    generate(model, LogLinearNoise(), 10, 8, seed=7, **kw)
+    assert not pairs & set(log.head), f"{case}: seeds 6 and 7 share head noise"
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("kernels", [False, True])
+def test_consecutive_waves_and_splits_of_the_cached_sampler_are_independent(steps, kernels):
+    """On a uniform head the tokens are the noise's argmax: with one or two steps a wave's tokens come from
+    one or two head calls, so noise repeated in the next wave (or in the next rank's samples) would pair
+    sample i of one with sample i of the other (equal tokens at every position), which the chi-square of
+    the pairs against the uniform product, and the no-equal-samples check, would show."""
+    if kernels:
+        pytest.importorskip("triton")
+    model = uniform_model()
+    kw = dict(refresh_every=2, rows_in_flight=SAMPLES, use_kernels=kernels, progress=False)  # few head calls
+    x, _ = generate(model, LogLinearNoise(), 2 * SAMPLES, UNIFORM_LENGTH, steps, seed=8, wave_size=SAMPLES, **kw)
+    assert_iid_uniform(x, f"{steps} steps, kernels={kernels}")
+    assert_independent_pairs(x[:SAMPLES], x[SAMPLES:], f"{steps} steps, kernels={kernels}: waves 1 and 2")
+    rank_1, _ = generate(model, LogLinearNoise(), SAMPLES, UNIFORM_LENGTH, steps, seed=8, first_index=SAMPLES, **kw)
+    rank_0, _ = generate(model, LogLinearNoise(), SAMPLES, UNIFORM_LENGTH, steps, seed=8, **kw)
+    assert_independent_pairs(rank_0, rank_1, f"{steps} steps, kernels={kernels}: first_index 0 and {SAMPLES}")

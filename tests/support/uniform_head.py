@@ -50,3 +50,19 @@ def assert_iid_uniform(x: torch.Tensor, name: str) -> None:
     assert_rate(x[:, 1:] == x[:, :-1], 1 / N_REAL, f"{name}: equal neighbours")
     assert_rate(x[1:] == x[:-1], 1 / N_REAL, f"{name}: agreement of consecutive samples")
     assert_rate(x[:, ::2] == x[:, 1::2].flip(1), 1 / N_REAL, f"{name}: agreement of mirrored positions")
+
+
+def assert_independent_pairs(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    """Samples x, y [R, L] of a uniform head (R * L at least a few hundred), cell by cell independent: the
+    counts of the N_REAL^2 pairs (x[r, j], y[r, j]) against the product of the uniform marginals (a
+    chi-square), and no sample of x equal to one of y (two independent samples agree with
+    probability N_REAL^-L). Noise repeated between the runs (or waves) of x and y shows in both."""
+    assert x.shape == y.shape, f"{name}: shapes {tuple(x.shape)} and {tuple(y.shape)}"
+    counts = torch.bincount((x * N_REAL + y).flatten(), minlength=N_REAL ** 2).double()
+    expected = x.numel() / N_REAL ** 2
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    p = chi2_sf(stat, N_REAL ** 2 - 1)
+    assert p > ALPHA, f"{name}: pairs not independent (chi2 {stat:.0f}, df {N_REAL ** 2 - 1}, p {p:.2g}; " \
+                      f"equal cells {float((x == y).double().mean()):.3f}, independent: {1 / N_REAL:.3f})"
+    same = (x[:, None, :] == y[None, :, :]).all(-1)
+    assert not same.any(), f"{name}: sample pairs equal token for token: {same.nonzero()[:5].tolist()}"
