@@ -21,7 +21,7 @@ from radd_fast.losses.masking import RATE_MASKING, MaskingLaw
 from radd_fast.losses.registry import LOSSES, PLANNED_LOSS_TYPES, LossSpec, NoStaticRowForm, StaticRowForm
 from radd_fast.losses.static_rows import MaskPlanner, StaticRowLoss, StaticRows, planned_loss
 from radd_fast.training.step import ExactLossModule, PlannedLossModule, TrainStep
-from tests.support.models import LOSS_TOKENS, loss_model, perturbed_model
+from tests.support.models import LOSS_TOKENS, loss_model, zero_head_model
 
 N_REAL = 6
 V = N_REAL + 1
@@ -30,9 +30,7 @@ B, L = 8, 12
 
 @pytest.fixture(scope="module")
 def model():
-    m = perturbed_model(N_REAL, 16, zero_head=True).eval()  # the published init: a zero output layer
-    assert not m.output_layer.linear.weight.detach().any()
-    return m
+    return zero_head_model(N_REAL)
 
 
 @pytest.fixture

@@ -101,3 +101,11 @@ def fallback_model(backend: str) -> RADD:
     with torch.no_grad():
         model.output_layer.linear.weight.normal_(0, 0.5)
     return model.eval()
+
+
+def zero_head_model(tokens: int, length: int = 16) -> RADD:
+    """The published init (a zero output layer: -log p = log(tokens) at every masked token), in eval mode:
+    the losses' closed-form tests."""
+    model = perturbed_model(tokens, length, zero_head=True).eval()
+    assert not model.output_layer.linear.weight.detach().any()
+    return model
