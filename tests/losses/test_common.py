@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import radd_fast
-from radd_fast import LogLinearNoise
+from radd_fast import GeometricNoise, LogLinearNoise
 from radd_fast.losses import LOSS_TYPES, get_loss_fn
 from radd_fast.losses.common import per_sequence
 from tests.support.compare import assert_close, rel_err
@@ -106,19 +106,21 @@ def test_per_sequence_of_no_rows_and_under_torch_compile():
 # ---- the fused head ------------------------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("radd_fast.kernels.linear_log_softmax") is None,
                     reason="radd_fast/kernels/linear_log_softmax.py (fused head) not present yet")
-@pytest.mark.parametrize("loss_type,whole_model", [("t_DSE", False), ("lambda_DCE", False), ("k_DCE", False),
-                                                   ("lambda_DCE", True)])
-def test_fast_backend_loss_matches_reference(loss_type, whole_model):
+@pytest.mark.parametrize("loss_type,whole_model,tokens,length", [
+    ("t_DSE", False, 50, 8), ("lambda_DCE", False, 50, 8), ("k_DCE", False, 50, 8), ("lambda_DCE", True, 50, 8),
+    # away from the defaults: a vocabulary past one tile (257, odd) and an odd length, t_DCE at another noise
+    ("t_DCE", False, 257, 7), ("lambda_DCE", False, 257, 7)])
+def test_fast_backend_loss_matches_reference(loss_type, whole_model, tokens, length):
     """backend='fast' routes the masked rows through the fused linear + log-softmax kernel
     (Triton interpreter on CPU): same values and gradients as the reference, fp32. First the
     head alone (blocks stay reference), then the whole fast model (Triton blocks too)."""
-    ref, noise = loss_model(tokens=50, length=8), LogLinearNoise(EPS)
-    fast = loss_model(tokens=50, length=8)
+    noise = LogLinearNoise(EPS) if tokens == 50 else GeometricNoise(0.3, 5.0)
+    ref, fast = loss_model(tokens=tokens, length=length), loss_model(tokens=tokens, length=length)
     if whole_model:
         fast.set_backend("fast")
     else:
         fast.backend = "fast"  # the head only: the loss head is what is under test
-    batch = torch.randint(0, 50, (3, 8))
+    batch = torch.randint(0, tokens, (3, length))
     values, gs = [], []
     for model in (ref, fast):
         torch.manual_seed(5)

@@ -20,8 +20,8 @@ from radd_fast.losses.masking import mask_k_random
 from radd_fast.losses.registry import has_static_rows
 from radd_fast.losses.static_rows import PLANNED_LOSS_TYPES, MaskPlanner, planned_loss, planned_rows
 from radd_fast.training.step import TrainStep
-from tests.support.compare import assert_close
-from tests.support.models import LOSS_TOKENS, loss_model, perturbed_model, tiny_config
+from tests.support.compare import assert_close, rel_err
+from tests.support.models import LOSS_TOKENS, loss_model, tiny_config, zero_head_model
 from tests.support.stats import two_sample_chi2
 
 EPS = 1e-3
@@ -164,6 +164,27 @@ def test_planned_loss_equals_eager_loss_at_other_parameters(loss_type, case):
     static = planned_loss(model, loss_type, noise, batch, keys, plan.counts, plan.rate, plan.total + 5)
     eager = EAGER[loss_type](twin, batch, noise, plan, mask_k_random(batch, plan.counts, twin.mask_id, keys))
     assert_close(static, eager, rtol=1e-5, atol=1e-5, name=f"{loss_type} ({case})")
+
+
+@pytest.mark.parametrize("loss_type", PLANNED_LOSS_TYPES)
+def test_planned_loss_on_the_fused_head_equals_the_reference_head(loss_type):
+    """The static-row loss as CUDA runs it, its rows through the fused linear + log-softmax head (Triton
+    interpreter on CPU), against the reference head: a vocabulary past one tile (257), an odd length and
+    padding rows (capacity above N) at another noise; the same values and gradients, fp32."""
+    B, L, tokens, noise = 3, 7, 257, GeometricNoise(0.3, 5.0)
+    ref, fast = loss_model(tokens=tokens, length=L), loss_model(tokens=tokens, length=L)
+    fast.backend = "fast"  # the head only: the loss head is what is under test
+    planner = MaskPlanner(loss_type, noise, L, sampling_eps=0.2)
+    torch.manual_seed(42)
+    batch = torch.randint(0, tokens, (B, L))
+    plan = planner.draw(B)
+    keys = torch.rand(B, L, dtype=torch.float64)
+    values = [planned_loss(m, loss_type, noise, batch, keys, plan.counts, plan.rate, plan.total + 9) for m in (ref, fast)]
+    assert_close(values[1], values[0], rtol=1e-5, atol=1e-5, name=loss_type)
+    for m, value in zip((ref, fast), values):
+        value.sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):  # relative RMS, as the loss tests do
+        assert rel_err(q.grad, p.grad) < 1e-5, f"grad {name}: rel err {rel_err(q.grad, p.grad):.3g}"
 
 
 # ---- the capacity --------------------------------------------------------------------------------------------
@@ -362,7 +383,7 @@ def test_each_masked_row_gets_the_eager_weight(path, loss_type, case, noise, sam
     count is the weight of its rows alone (1 / lam, L / k, the t-losses' function of sigma(t)): its law,
     jointly with the count, must be the eager loss's."""
     B, draws = 1024, 3
-    model = perturbed_model(LOSS_TOKENS, LAW_L, zero_head=True)
+    model = zero_head_model(LOSS_TOKENS, LAW_L)
     batch = torch.randint(0, LOSS_TOKENS, (B, LAW_L), generator=torch.Generator().manual_seed(21))
     seen = SeenMasks(model)
     torch.manual_seed(22)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from radd_fast import LogLinearNoise
+from radd_fast import GeometricNoise, LogLinearNoise
 from radd_fast.acceleration import Acceleration
 from radd_fast.model.head import RevealSampler
 from radd_fast.model.kv_cache import KVCache
@@ -30,19 +30,25 @@ EXACT_CASES = {
     "no-buckets-waves": dict(use_kernels=False, buckets=False, wave_size=7),
     "ordered": dict(use_kernels=False, method="ordered"),
     "kernel": dict(use_kernels=True),
+    # away from the defaults: another method, noise and strategy, one step, few ordered steps
+    "euler-geometric-top_p": dict(use_kernels=False, method="euler", strategy="top_p", strategy_para=0.8,
+                                  noise=GeometricNoise(1e-2, 4.0)),
+    "tweedie-1-step-kernel": dict(use_kernels=True, steps=1, noise=LogLinearNoise(0.1)),
+    "ordered-3-steps-top_k": dict(use_kernels=False, method="ordered", steps=3, strategy="top_k", strategy_para=2),
 }
 
 
 @pytest.mark.parametrize("case", list(EXACT_CASES))
 def test_refresh_every_one_is_the_exact_engine_bit_for_bit(case):
-    options = EXACT_CASES[case]
+    options = dict(EXACT_CASES[case])
+    noise = options.pop("noise", LogLinearNoise())
     if options.get("use_kernels"):
         pytest.importorskip("triton")
     model = normal_head_model(n_blocks=2, length=10)
-    cfg = SamplerConfig(steps=7, rows_in_flight=4, **options)
+    cfg = SamplerConfig(**{"steps": 7, "rows_in_flight": 4, **options})
     n = 6 if options.get("use_kernels") else 18  # the kernels run in the Triton interpreter on CPU
-    exact, s_exact = generate(model, LogLinearNoise(), n, config=cfg, conditioning={2: 5}, seed=5, progress=False)
-    one, s_one = generate(model, LogLinearNoise(), n, config=cfg.replace(refresh_every=1), conditioning={2: 5},
+    exact, s_exact = generate(model, noise, n, config=cfg, conditioning={2: 5}, seed=5, progress=False)
+    one, s_one = generate(model, noise, n, config=cfg.replace(refresh_every=1), conditioning={2: 5},
                           seed=5, progress=False)
     assert torch.equal(exact, one) and torch.equal(s_exact.enfe, s_one.enfe)
     assert (s_one.head_rows, s_one.head_rows_padded, s_one.eval_rows, s_one.eval_rows_padded) == \
@@ -51,9 +57,21 @@ def test_refresh_every_one_is_the_exact_engine_bit_for_bit(case):
 
 
 # -- the cached evaluation in the engine -------------------------------------------------------------
-def test_engine_cached_evaluations_see_the_exact_rows_on_a_one_block_model(monkeypatch):
+ONE_BLOCK_CASES = {  # name: (noise, generate options)
+    "tweedie-R3": (LogLinearNoise(), dict(steps=9, refresh_every=3, conditioning={4: 2})),
+    "euler-geometric-top_k-R2": (GeometricNoise(1e-2, 4.0), dict(steps=5, refresh_every=2, method="euler",
+                                                                 strategy="top_k", strategy_para=3,
+                                                                 conditioning={0: 1, 10: 3})),
+    "ordered-R4": (None, dict(steps=11, refresh_every=4, method="ordered", conditioning={4: 2})),
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_BLOCK_CASES))
+def test_engine_cached_evaluations_see_the_exact_rows_on_a_one_block_model(monkeypatch, case):
     """End to end (slots, pushed groups, padding, waves): every hidden row the head gets equals
-    model.hidden of the current tokens, since one-block caching is exact."""
+    model.hidden of the current tokens, since one-block caching is exact; at the defaults and at another
+    method, noise, strategy, refresh period and conditioning."""
+    noise, options = ONE_BLOCK_CASES[case]
     model = random_head_model(tokens=8, length=11)
     original = RevealSampler.sample_at
     checked = []
@@ -66,9 +84,9 @@ def test_engine_cached_evaluations_see_the_exact_rows_on_a_one_block_model(monke
         return original(self, h_rows, dst, x_flat, strategy, key, noise_ids)
 
     monkeypatch.setattr(RevealSampler, "sample_at", checking)
-    _, stats = generate(model, LogLinearNoise(), 13, steps=9, refresh_every=3, rows_in_flight=4, wave_size=6,
-                        use_kernels=False, conditioning={4: 2}, seed=1, progress=False)
-    assert sum(checked) == stats.head_rows == 13 * 10
+    _, stats = generate(model, noise, 13, rows_in_flight=4, wave_size=6, use_kernels=False, seed=1, progress=False,
+                        **options)
+    assert sum(checked) == stats.head_rows == 13 * (11 - len(options["conditioning"]))
     assert stats.body_token_rows < stats.body_token_rows_exact
 
 

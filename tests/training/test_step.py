@@ -17,13 +17,13 @@ import math
 import pytest
 import torch
 
-from radd_fast import RADD, LogLinearNoise, ModelConfig, RADDConfig
+from radd_fast import RADD, GeometricNoise, LogLinearNoise, ModelConfig, RADDConfig
 from radd_fast.acceleration import Acceleration, resolve_acceleration
 from radd_fast.config import ConfigError
 from radd_fast.data import DataError
 from radd_fast.distributed import DistEnv
 from radd_fast.flops import executed_train_flops
-from radd_fast.losses import LOSS_TYPES, t_dce
+from radd_fast.losses import LOSS_TYPES
 from radd_fast.losses.masking import mask_k_random
 from radd_fast.losses.registry import get_loss_spec
 from radd_fast.losses.static_rows import MaskPlanner
@@ -37,6 +37,10 @@ from tests.support.models import LOSS_TOKENS, loss_model
 
 B, L = 3, 4
 EPS = 1e-3
+STEP_PARAMETERS = {  # name: (noise, sampling_eps, time sampler of the losses that take one)
+    "published": (LogLinearNoise(), EPS, None),
+    "geometric-eps0.2-naive": (GeometricNoise(0.3, 5.0), 0.2, "naive"),
+}
 TOKENS, LENGTH = 10, 8  # the sync tests' model and batch (B sequences of LENGTH tokens)
 
 
@@ -165,20 +169,32 @@ class TestBookkeepingAndGuards:
             tight.micro_batch(_batch(i), weight=1 / 3)
         assert tight.overflows == 3
 
-    def test_planned_time_loss_is_the_eager_loss_on_the_same_masks(self):
-        """t_DCE needs the noise schedule: the step's loss on a plan is the published t_DCE of the same
-        rates and masked positions (keys drawn from the generator right after the plan)."""
-        noise = LogLinearNoise()
+    @pytest.mark.parametrize("loss_type", ["t_DSE", "t_DCE", "lambda_DCE", "k_DCE"])
+    @pytest.mark.parametrize("case", list(STEP_PARAMETERS))
+    def test_planned_loss_is_the_eager_loss_on_the_same_masks(self, loss_type, case):
+        """The step's loss on a plan is the published loss of the same rates and masked positions (keys drawn
+        from the generator right after the plan), at the defaults and at another noise (its schedule weights
+        the t-losses' rows), sampling_eps and time sampler; each sequence's loss read off the loss module."""
+        noise, eps, sampler = STEP_PARAMETERS[case]
+        spec = get_loss_spec(loss_type)
         model, twin = loss_model(length=L), loss_model(length=L)
-        stepper = TrainStep(model, noise, "t_DCE")
+        stepper = TrainStep(model, noise, loss_type, sampling_eps=eps,
+                            time_sampler=sampler if spec.time_sampler else None)
+        per_seq = []
+        stepper.module.register_forward_hook(lambda module, args, out: per_seq.append(out.detach()))
         x = _batch(5)
         torch.manual_seed(0)
         plan = stepper.plan(B)
+        if spec.uses_sampling_eps:
+            assert (plan.rate >= eps).all(), plan.rate
         torch.manual_seed(1)
         loss = stepper.micro_batch(x, weight=1.0, plan=plan)
         torch.manual_seed(1)
-        keys = torch.rand(B, L, dtype=torch.float64)
-        eager = t_dce(twin, x, noise, t=plan.rate, perturbed=mask_k_random(x, plan.counts, twin.mask_id, keys))
+        perturbed = mask_k_random(x, plan.counts, twin.mask_id, torch.rand(B, L, dtype=torch.float64))
+        rate = {"t_DSE": "t", "t_DCE": "t", "lambda_DCE": "lam", "k_DCE": "k"}[loss_type]
+        value = plan.counts if loss_type == "k_DCE" else plan.rate
+        eager = spec.fn(twin, x, noise, perturbed=perturbed, **{rate: value})
+        assert_close(per_seq[0], eager, rtol=1e-5, atol=1e-5, name=f"{loss_type} ({case})")
         assert loss.item() == pytest.approx(eager.double().mean().item(), rel=1e-5)
 
     def test_default_capacity_is_the_planners(self):
@@ -554,14 +570,25 @@ def test_train_step_clips_to_max_norm_and_reports_the_pre_clip_norm(max_norm):
 
 
 # ---- the compiled step ---------------------------------------------------------------------------------------
-def test_compiled_step_equals_eager_step():
+COMPILED_CASES = {  # name: (loss type, noise, TrainStep keywords: a capacity that some micro-batches overflow)
+    "lambda_DCE": ("lambda_DCE", LogLinearNoise(EPS), dict(capacity=30)),
+    "t_DCE-geometric-eps0.2-naive": ("t_DCE", GeometricNoise(0.3, 5.0),
+                                     dict(capacity=50, sampling_eps=0.2, time_sampler="naive")),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILED_CASES))
+def test_compiled_step_equals_eager_step(case):
     """Four steps of two micro-batches, mask counts varying, a capacity small enough that some
     micro-batches overflow: compiled (aot_eager: the traced graph without code generation, fast
-    on CPU; CUDA runs inductor) and eager give the same losses, gradients and weights."""
-    B, L, noise = 4, 16, LogLinearNoise(EPS)
+    on CPU; CUDA runs inductor) and eager give the same losses, gradients and weights; at the
+    defaults and for a t-loss whose schedule (a geometric noise), sampling_eps and sampler are not."""
+    loss_type, noise, options = COMPILED_CASES[case]
+    B, L = 4, 16
     eager_model, compiled_model = loss_model(length=L), loss_model(length=L)
-    eager = TrainStep(eager_model, noise, "lambda_DCE", capacity=30)
-    compiled = TrainStep(compiled_model, noise, "lambda_DCE", capacity=30, compile=True, backend="aot_eager")
+    eager = TrainStep(eager_model, noise, loss_type, **options)
+    compiled = TrainStep(compiled_model, noise, loss_type, compile=True, backend="aot_eager", **options)
+    capacity = options["capacity"]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (eager_model, compiled_model)]
     totals = []
     for step in range(1, 5):
@@ -579,8 +606,8 @@ def test_compiled_step_equals_eager_step():
         for stepper, opt, m in zip((eager, compiled), opts, (eager_model, compiled_model)):
             stepper.update(opt, list(m.parameters()), lr=1e-2, max_norm=1.0, step=step)
     reports = [eager.read(), compiled.read()]
-    assert len(set(totals)) > 1 and any(n > 30 for n in totals) and any(n <= 30 for n in totals)
-    assert reports[0].overflows == reports[1].overflows == sum(n > 30 for n in totals)
+    assert len(set(totals)) > 1 and any(n > capacity for n in totals) and any(n <= capacity for n in totals)
+    assert reports[0].overflows == reports[1].overflows == sum(n > capacity for n in totals)
     assert_close(torch.tensor(reports[1].losses), torch.tensor(reports[0].losses), rtol=1e-5, atol=1e-5)
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         assert_close(q, p, rtol=1e-5, atol=1e-5)
