@@ -408,7 +408,7 @@ def test_shipped_masked_total_has_the_eager_law_per_time_sampler(path, loss_type
     naive: none), which the per-sequence law cannot see: under each sampler other than the loss's own, the
     batch's total masked count N must have the eager loss's law (two-sample chi-square, and its variance;
     a tiny model: the counts are all that is looked at)."""
-    B, L, draws = 8, 8, 400
+    B, L, draws = 8, 8, 300
     torch.manual_seed(0)
     model = RADD(tiny_config(LOSS_TOKENS, L, hidden_size=8))
     batch = torch.randint(0, LOSS_TOKENS, (B, L), generator=torch.Generator().manual_seed(31))
