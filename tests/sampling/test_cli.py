@@ -5,10 +5,12 @@ import json
 import pytest
 
 import sample
+from radd_fast.distributed import DistEnv
 from radd_fast.sampling import SamplerConfig
 from radd_fast.sampling import cli as sample_cli
 from radd_fast.sampling.strategies import PUBLISHED_CLI_TOP_P, PUBLISHED_LIBRARY_TOP_P
 from tests.support.models import random_head_model
+from tests.support.noise_streams import assert_fresh_noise, record_noise
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +217,40 @@ def test_bad_decoder_flags_are_one_line_naming_the_flag(ckpt, capsys, extra, mes
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert "--decoder" in err
+
+
+# ---- ranks: each its own samples, none of another's noise --------------------------------------------------------
+@pytest.mark.parametrize("num_samples", [0, 1, 7, 12])
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_rank_shares_cover_the_samples_once(num_samples, world):
+    """The ranks' (first, count) shares are contiguous, disjoint, in rank order and cover 0 .. N - 1, each
+    N / world give or take one."""
+    shares = [sample_cli.rank_share(num_samples, DistEnv(rank=r, world=world)) for r in range(world)]
+    assert [i for first, count in shares for i in range(first, first + count)] == list(range(num_samples))
+    assert max(c for _, c in shares) - min(c for _, c in shares) <= 1
+
+
+def test_two_ranks_draw_other_samples_with_noise_of_their_own(ckpt, monkeypatch):
+    """sample.py's two ranks, run in process one after the other (the collectives answer as one rank alone
+    would): they sample with the one seed, and every token of the run draws its own (key, noise id) and
+    every sample its own schedule row, ranks together; their samples are other samples (first_index)."""
+    log = record_noise(monkeypatch, mask_id=256)  # the checkpoint's: 256 byte tokens, then MASK
+    calls = []
+    real_generate = sample_cli.generate
+
+    def generate(*args, **kwargs):
+        tokens, stats = real_generate(*args, **kwargs)
+        calls.append((kwargs["seed"], kwargs["first_index"], tokens))
+        return tokens, stats
+
+    monkeypatch.setattr(sample_cli, "generate", generate)
+    monkeypatch.setattr(sample_cli, "broadcast_object", lambda obj, env: obj)
+    monkeypatch.setattr(sample_cli, "gather_objects", lambda obj, env: [obj] * env.world)
+    argv = ["--model_path", ckpt, "--tokenizer", "bytes", "--num_samples", "7", "--steps", "3", "--seed", "4",
+            "--rows_in_flight", "2", "--no_progress", "--device", "cpu"]
+    for rank in (0, 1):
+        run = sample_cli.check_args(sample_cli.build_parser().parse_args(argv))
+        assert sample_cli._sample(run, DistEnv(rank=rank, world=2)) == 0
+    assert [(seed, first) for seed, first, _ in calls] == [(4, 0), (4, 3)]
+    assert [len(tokens) for _, _, tokens in calls] == [3, 4]
+    assert_fresh_noise(log, tokens=7 * 16, samples=7, name="two ranks of sample.py")
