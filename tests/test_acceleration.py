@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from radd_fast import LogLinearNoise, acceleration
+from radd_fast import GeometricNoise, LogLinearNoise, acceleration
 from radd_fast.acceleration import Acceleration, GraphSet, resolve_acceleration
 from radd_fast.evaluation import ppl
 from radd_fast.evaluation.ppl import StaticRowLoss, evaluate_ppl
@@ -179,13 +179,21 @@ def _static_losses(loss: StaticRowLoss, model, x, draws: int) -> list:
     return out
 
 
-@pytest.mark.parametrize("loss_type", ["lambda_DCE", "t_DCE"])
-def test_static_row_evaluation_from_graphs_equals_eager(loss_type):
-    model, noise = normal_head_model(n_blocks=2, length=12), LogLinearNoise()
+@pytest.mark.parametrize("loss_type, noise, sampling_eps, time_sampler", [
+    ("lambda_DCE", LogLinearNoise(), 1e-3, None), ("t_DCE", LogLinearNoise(), 1e-3, None),
+    ("t_DSE", GeometricNoise(0.3, 5.0), 0.2, "naive"), ("k_DCE", GeometricNoise(0.3, 5.0), 0.2, None)],
+    ids=["lambda_DCE", "t_DCE", "t_DSE-geometric-eps0.2-naive", "k_DCE-geometric"])
+def test_static_row_evaluation_from_graphs_equals_eager(loss_type, noise, sampling_eps, time_sampler):
+    """Replayed graphs give the eager static-row loss's values, at the defaults and at another noise,
+    sampling_eps and time sampler (what a graph holds fixed must not be what the run's options set)."""
+    model = normal_head_model(n_blocks=2, length=12)
     x = torch.randint(0, 10, (3, 12))
+    kw = dict(time_sampler=time_sampler)
     with torch.no_grad():
-        eager = _static_losses(StaticRowLoss(model, noise, loss_type, 1e-3, Acceleration(False, False)), model, x, 4)
-        graphed_loss = StaticRowLoss(model, noise, loss_type, 1e-3, Acceleration(False, True), capture=EmulatedGraph)
+        eager = _static_losses(StaticRowLoss(model, noise, loss_type, sampling_eps, Acceleration(False, False), **kw),
+                               model, x, 4)
+        graphed_loss = StaticRowLoss(model, noise, loss_type, sampling_eps, Acceleration(False, True),
+                                     capture=EmulatedGraph, **kw)
         graphed = _static_losses(graphed_loss, model, x, 4)
     assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
     (key, graph), = graphed_loss.graphs.graphs.items()
