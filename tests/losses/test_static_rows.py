@@ -299,8 +299,8 @@ def step_draws(model, batch, loss_type, noise, sampling_eps, time_sampler, draws
     means = [stepper.micro_batch(batch, weight=1.0) for _ in range(draws)]
     handle.remove()
     assert len(out) == draws
-    for mean, per_seq in zip(means, out):
-        assert float(mean) == pytest.approx(float(per_seq.mean()), rel=1e-6)
+    for mean, per_seq in zip(means, out):  # fp32 means: to their rounding, relative to the values' size
+        assert abs(float(mean) - float(per_seq.mean())) <= 1e-6 * float(per_seq.abs().mean()) + 1e-9
     return torch.cat(out)
 
 
