@@ -32,6 +32,7 @@ rows form a [Bf, L] batch, the cached rows a [B, S] batch at their cache slots, 
 from __future__ import annotations
 
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +42,19 @@ from .batching import NO_CAP, bucket
 from .cached import pack_positions
 from .decoders import Decoder, noise_ids
 from .evaluator import body_shape, compact, token_buffers
+
+
+class Part(NamedTuple):
+    """One sub-batch of an evaluation, through the body, waiting for the head: E rows of W columns
+    (full rows: the L positions; cached rows: the S positions pushed)."""
+
+    rows: torch.Tensor  # [E] wave rows (padding: the padding row R)
+    masked: torch.Tensor  # [E, W] bool: the masked columns
+    src: torch.Tensor  # [P] flat indices into [E * W] of the masked columns (static P; padding reads 0)
+    dst: torch.Tensor  # [P] where each one's token goes in the flat token buffer (padding: the trash cell)
+    n: torch.Tensor  # () the masked columns (on the device: the host never reads it)
+    h: torch.Tensor  # [P, d] their hidden rows
+    work: torch.Tensor  # [E] positions each row pushed through the blocks
 
 
 def _pow2(n, buckets: bool) -> int:
@@ -67,7 +81,8 @@ class DecoderWave:
         device = x0.device
         self.R, self.L, self.mask_id, self.decoder, self.buckets = R, L, int(mask_id), decoder, buckets
         self.check_every, self.cache, self.refresh_every = int(check_every), cache, refresh_every
-        self.x_flat, self.x, self.grp, self.trash = token_buffers(x0, torch.full_like(x0, -1) if group is None else group)
+        group = torch.full_like(x0, -1) if group is None else group  # confidence / entropy_bound: no schedule
+        self.x_flat, self.x, self.grp, self.trash = token_buffers(x0, group)
         self.x[R] = 0  # the padding row: valid tokens, nothing masked (the exact engine's keeps MASKs, never revealed)
         self.n_free = (x0 == mask_id).sum(dim=1).cpu().numpy()  # host sync 1
         self.width = max(1, min(int(rows_in_flight), int((self.n_free > 0).sum())))
@@ -75,7 +90,8 @@ class DecoderWave:
             raise ValueError(f"the cache holds {cache.slots} rows of {cache.length} positions; "
                              f"this wave needs {self.width} of {L}")
         # per row on the device (row R: padding): evaluations, head rows, body token-rows so far
-        self.evals_d, self.head_d, self.body_d = (torch.zeros(R + 1, dtype=torch.int64, device=device) for _ in range(3))
+        self.evals_d, self.head_d, self.body_d = (torch.zeros(R + 1, dtype=torch.int64, device=device)
+                                                  for _ in range(3))
         slots = self.width if cache is None else cache.slots
         self.fill_mask = torch.zeros(slots + 1, L, dtype=torch.bool, device=device)  # masked at each slot's last fill
         # the host's view: the row in each slot (R: empty), its evaluations so far, masked and fill counts
@@ -157,8 +173,8 @@ class DecoderWave:
         body.prepare_cached(fills, cached)
 
     # -- one evaluation ----------------------------------------------------------------------------
-    def _full(self, c: int, body, prune: bool):
-        """Evaluation c's full rows through the body: the part (rows, masked [E, L], src, dst, n, h, work)."""
+    def _full(self, c: int, body, prune: bool) -> Part:
+        """Evaluation c's full rows through the body (filling their caches when there is one)."""
         Bb, P = self.full_b[c], self.full_P[c]
         rows = self.plan_d[0, c, :Bb]
         x = self.x.index_select(0, rows)
@@ -169,13 +185,14 @@ class DecoderWave:
             h = body(x, src) if prune else body(x).reshape(Bb * self.L, -1).index_select(0, src)
         else:
             slots = self.plan_d[1, c, :Bb]
-            h = body.filling(x, slots, src) if prune else body.filling(x, slots).reshape(Bb * self.L, -1).index_select(0, src)
+            h = body.filling(x, slots, src) if prune else \
+                body.filling(x, slots).reshape(Bb * self.L, -1).index_select(0, src)
             self.fill_mask.index_copy_(0, slots, masked)
-        return rows, masked, src, dst, n, h, torch.full_like(rows, self.L)
+        return Part(rows, masked, src, dst, n, h, torch.full_like(rows, self.L))
 
-    def _cached(self, c: int, body):
+    def _cached(self, c: int, body) -> Part:
         """Evaluation c's cached rows (row b at cache slot b): the positions masked at their fill through the
-        blocks against the cache; the part as in ``_full``, over those S positions."""
+        blocks against the cache; the part's columns are those S positions."""
         B, S, P = self.width, self.cached_S[c], self.cached_P[c]
         rows = self.plan_d[2, c]
         push = self.fill_mask[:B] & (rows < self.R)[:, None]
@@ -189,7 +206,7 @@ class DecoderWave:
         src, _ = compact(masked.view(-1), rows, S, P, n, self.trash)
         dst = rows.index_select(0, src // S) * self.L + positions.view(-1).index_select(0, src)
         dst = torch.where(torch.arange(P, device=dst.device) < n, dst, torch.full_like(dst, self.trash))
-        return rows, masked, src, dst, n, h.reshape(B * S, -1).index_select(0, src), valid.sum(dim=1)
+        return Part(rows, masked, src, dst, n, h.reshape(B * S, -1).index_select(0, src), valid.sum(dim=1))
 
     def evaluate(self, c: int, body, head, strategy, key: int, first_id: int, prune: bool) -> None:
         """Evaluation c of the chunk: the body, the head's statistics at every masked position, the decoder's
@@ -199,37 +216,40 @@ class DecoderWave:
             parts.append(self._full(c, body, prune))
         if self.cached_S[c]:
             if parts:  # a graph's output lives in the shared pool until the next replay: keep a copy
-                parts[0] = (*parts[0][:5], parts[0][5].clone(), parts[0][6])
+                parts[0] = parts[0]._replace(h=parts[0].h.clone())
             parts.append(self._cached(c, body))
-        ks = [self.evals_d.index_select(0, part[0]) for part in parts]  # each row's evaluation index, before counting
-        ids = torch.cat([noise_ids(first_id + dst, k.index_select(0, src // masked.shape[1]), self.L)
-                         for (_, masked, src, dst, *_), k in zip(parts, ks)])
-        h = parts[0][5] if len(parts) == 1 else torch.cat([part[5] for part in parts])
-        stats = head.token_stats(h, strategy, key, ids)
+        ks = [self.evals_d.index_select(0, part.rows) for part in parts]  # each row's evaluation index, before counting
+        ids = torch.cat([noise_ids(first_id + part.dst, k.index_select(0, part.src // part.masked.shape[1]), self.L)
+                         for part, k in zip(parts, ks)])
+        h = parts[0].h if len(parts) == 1 else torch.cat([part.h for part in parts])
+        stats = _token_stats(head, h, strategy, key, ids)  # one head pass for both parts
         start = 0
-        for (rows, masked, src, dst, n, _, work), k in zip(parts, ks):
-            P = src.shape[0]
-            self._keep(rows, masked, src, dst, n, k, [s[start:start + P] for s in stats])
-            has = masked.any(dim=1).long()
-            self.evals_d.index_add_(0, rows, has)
-            self.head_d.index_add_(0, rows, masked.sum(dim=1))
-            self.body_d.index_add_(0, rows, has * work)
+        for part, k in zip(parts, ks):
+            P = part.src.shape[0]
+            self._keep(part, k, [s[start:start + P] for s in stats])
+            has = part.masked.any(dim=1).long()
+            self.evals_d.index_add_(0, part.rows, has)
+            self.head_d.index_add_(0, part.rows, part.masked.sum(dim=1))
+            self.body_d.index_add_(0, part.rows, has * part.work)
             start += P
 
-    def _keep(self, rows, masked, src, dst, n, k, stats) -> None:
-        """The decoder's rule on one part's dense [E, W] layout, then the kept tokens written into x."""
+    def _keep(self, part: Part, k: torch.Tensor, stats) -> None:
+        """The decoder's rule on one part's dense [E, W] layout, then the kept tokens written into x
+        (k [E]: each row's evaluation index; stats: the head's tokens, log-probs, entropies at part.src)."""
         tokens, log_prob, entropy = stats
+        rows, masked, src = part.rows, part.masked, part.src
         E, W = masked.shape
-        valid = torch.arange(src.shape[0], device=src.device) < n
+        valid = torch.arange(src.shape[0], device=src.device) < part.n
         at = torch.where(valid, src, E * W)  # padding entries to a dump cell
 
-        def dense(values, fill):
-            return torch.full((E * W + 1,), fill, dtype=values.dtype, device=values.device).scatter_(0, at, values)[:-1].view(E, W)
+        def dense(values, fill):  # [P] at the masked columns -> [E, W], ``fill`` elsewhere
+            out = torch.full((E * W + 1,), fill, dtype=values.dtype, device=values.device)
+            return out.scatter_(0, at, values)[:-1].view(E, W)
 
         count = (self.grp.index_select(0, rows) == k[:, None]).sum(dim=1) if self.decoder.uses_schedule else None
         reveal = self.decoder.select(dense(log_prob, float("-inf")), dense(entropy, float("inf")), masked, count)
         kept = reveal.view(-1).index_select(0, src) & valid
-        self.x_flat.index_copy_(0, dst, torch.where(kept, tokens, torch.full_like(tokens, self.mask_id)))
+        self.x_flat.index_copy_(0, part.dst, torch.where(kept, tokens, torch.full_like(tokens, self.mask_id)))
 
     # -- the wave ----------------------------------------------------------------------------------
     def run(self, body, head, strategy, key: int, first_id: int, bar, prune: bool, after=None) -> torch.Tensor:
@@ -263,6 +283,21 @@ class DecoderWave:
         """Rows a .. n-1 (all done): (tokens [n - a, L] on the CPU, evaluations [n - a]), in one copy."""
         both = torch.cat([self.x[a:n], self.evals_d[a:n, None]], dim=1).cpu()
         return both[:, :-1], both[:, -1]
+
+
+# top_k / top_p rank the whole distribution: the head makes [rows, V-1] logits for them (the direct kernel makes
+# none), so a decoder's every masked position goes through it in slices of at most this many rows (GPT-2's
+# vocabulary: 0.8 GB of fp32 logits a slice, and the filter's sort beside them).
+FILTERED_ROWS_PER_CALL = 4096
+
+
+def _token_stats(head, h: torch.Tensor, strategy, key: int, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The head's (tokens, log_prob, entropy) at the rows h [P, d]; filtered strategies in slices of rows."""
+    step = h.shape[0] if strategy.is_direct else FILTERED_ROWS_PER_CALL
+    if h.shape[0] <= step:
+        return list(head.token_stats(h, strategy, key, ids))
+    slices = [head.token_stats(h[i:i + step], strategy, key, ids[i:i + step]) for i in range(0, h.shape[0], step)]
+    return [torch.cat(parts) for parts in zip(*slices)]
 
 
 def _pow2_cap(n, cap: int, buckets: bool) -> int:

@@ -59,7 +59,8 @@ def _select_entropy_bound(log_prob: torch.Tensor, entropy: torch.Tensor, masked:
 def _select_low_confidence(log_prob: torch.Tensor, entropy: torch.Tensor, masked: torch.Tensor, count, para):
     conf = torch.where(masked, log_prob, float("-inf"))
     order = conf.sort(dim=1, descending=True, stable=True).indices  # most confident first, ties by position
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    places = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, places)  # each position's place in that order
     return masked & (rank < count[:, None])
 
 

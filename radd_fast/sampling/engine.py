@@ -82,9 +82,9 @@ class SamplingStats:
     body_token_rows_padded: int = 0  # the same, with the padding of the static shapes
     body_token_rows_exact: int = 0  # what the exact engine computes for the same evaluations (L per row evaluation)
     refresh_every: int | None = None  # None: exact; R: the approximate sampler (cached.py)
-    acceleration: str = ""
+    acceleration: str = ""  # the policy's decision: "eager", "CUDA graphs", "compiled (inductor) + CUDA graphs"
     tokens_revealed: int = 0  # positions sampled (free positions of the rows)
-    decoder: str | None = None  # None: the method's schedule; else the adaptive decoder's label (decoders.py)  # the policy's decision: "eager", "CUDA graphs", "compiled (inductor) + CUDA graphs"
+    decoder: str | None = None  # None: the method's schedule; else the adaptive decoder's label (decoders.py)
 
     @property
     def body_fraction(self) -> float:
@@ -109,10 +109,11 @@ class SamplingStats:
         return self.head_rows / max(self.eval_rows, 1)
 
     def summary(self) -> str:
-        """The one summary line of a run (its ``sampler`` says what was sampled, ``approximate (...)`` when not exact)."""
+        """The one summary line of a run (``sampler`` says what was sampled, ``approximate (...)`` when not exact)."""
         body = "" if self.refresh_every is None else f" | body token-rows {100 * self.body_fraction:.0f}% of exact"
         head = "" if self.decoder is None else f" | head rows {self.head_rows_per_evaluation:.1f} per evaluation"
-        return (f"{self.sampler} | E-NFE {self.enfe_mean:.1f} per sample{body}{head} | {self.tokens_per_s:,.0f} tokens/s"
+        return (f"{self.sampler} | E-NFE {self.enfe_mean:.1f} per sample{body}{head} | "
+                f"{self.tokens_per_s:,.0f} tokens/s"
                 f" | {self.samples_per_s:.2f} samples/s | {self.wall_time:.2f} s")
 
     def as_dict(self) -> dict:

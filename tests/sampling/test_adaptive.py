@@ -210,3 +210,16 @@ def test_emulated_graphs_replay_every_shape_and_give_the_eager_samples(monkeypat
     assert min(replays.values()) >= 1, replays
     if refresh:
         assert {key[0] for key in replays} == {"fill", "cached"}
+
+
+def test_filtered_strategies_go_through_the_head_in_slices_with_the_same_samples(model, monkeypatch):
+    """top_k / top_p make [rows, V-1] logits: a decoder's masked positions go in slices of rows, same samples."""
+    from radd_fast.sampling import adaptive
+
+    whole, _ = run(model, 6, strategy="top_k", strategy_para=3)
+    monkeypatch.setattr(adaptive, "FILTERED_ROWS_PER_CALL", 5)
+    calls = []
+    real = adaptive._token_stats
+    monkeypatch.setattr(adaptive, "_token_stats", lambda head, h, *a: calls.append(h.shape[0]) or real(head, h, *a))
+    sliced, _ = run(model, 6, strategy="top_k", strategy_para=3)
+    assert torch.equal(whole, sliced) and max(calls) > 5
