@@ -248,6 +248,16 @@ LAW_CASES = law_cases()
 LAW_IDS = [f"{c[0]}-{c[1]}" for c in LAW_CASES]
 
 
+@pytest.fixture
+def one_thread():
+    """The law tests run many small forward and backward passes: on one intra-op thread (on tensors this small
+    a second thread only adds synchronisation, several times slower on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def count_law(loss_type: str, length: int, noise, sampling_eps: float) -> np.ndarray:
     """P(n = k), k = 0..L, of one sequence's masked count under the published law (closed form in u,
     integrated on a midpoint grid; every time sampler's draw is marginally uniform on [0, 1)).
@@ -345,6 +355,7 @@ def assert_same_law(eager: torch.Tensor, shipped: torch.Tensor, name: str) -> No
     assert ks > 1e-4, f"{name}: distribution differs from the eager loss's (two-sample KS p = {ks:.2g})"
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("path", list(SHIPPED_PATHS))
 @pytest.mark.parametrize("loss_type, case, noise, sampling_eps, time_sampler", LAW_CASES, ids=LAW_IDS)
 def test_shipped_loss_has_the_eager_law(path, loss_type, case, noise, sampling_eps, time_sampler):
@@ -374,6 +385,7 @@ def test_shipped_loss_has_the_eager_law(path, loss_type, case, noise, sampling_e
     assert count_pvalue(shipped_counts, law) > 1e-4, f"{name}: masked counts per sequence differ from the law"
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("path", list(SHIPPED_PATHS))
 @pytest.mark.parametrize("loss_type, case, noise, sampling_eps, time_sampler",
                          [c for c in LAW_CASES if has_static_rows(c[0])],
@@ -399,6 +411,7 @@ def test_each_masked_row_gets_the_eager_weight(path, loss_type, case, noise, sam
     assert_same_law(eager, shipped, f"{name}: masked count x weight")  # the weight jointly with the count
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("path", list(SHIPPED_PATHS))
 @pytest.mark.parametrize("loss_type, time_sampler", [(name, sampler) for name in LOSS_TYPES
                                                      for sampler in ("naive", "vdm", "decoupled")
