@@ -577,6 +577,16 @@ COMPILED_CASES = {  # name: (loss type, noise, TrainStep keywords: a capacity th
 }
 
 
+@pytest.fixture
+def one_thread():
+    """Small passes on one intra-op thread (a second only adds synchronisation on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("case", list(COMPILED_CASES))
 def test_compiled_step_equals_eager_step(case):
     """Four steps of two micro-batches, mask counts varying, a capacity small enough that some
