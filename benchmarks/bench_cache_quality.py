@@ -91,6 +91,26 @@ def train(model: RADD, stream: np.ndarray, seconds: float, batch: int, lr: float
     return history
 
 
+def model_for(args, stream: np.ndarray, device: torch.device) -> tuple[RADD, object, list[float]]:
+    """The benchmark's model: ``args.model_path`` loaded, else the small byte model trained here for
+    ``args.train_seconds`` on ``stream`` (or reloaded from ``args.checkpoint``, which a training run
+    writes). Returns (model in eval mode, noise, training loss per step; [] when loaded)."""
+    if args.model_path:
+        model, noise = load_model(args.model_path, device=device)
+        return model.eval(), noise, []
+    model = small_model(args.length).to(device)
+    if args.checkpoint and os.path.exists(args.checkpoint):  # a model this benchmark trained before
+        saved = torch.load(args.checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(saved["state"])
+        history = saved["history"].tolist()
+    else:
+        print(f"training on {len(stream):,} bytes of licence text for {args.train_seconds:.0f} s")
+        history = train(model, stream, args.train_seconds, batch=args.train_batch, lr=2e-3, seed=args.seed)
+        if args.checkpoint:
+            torch.save(dict(state=model.state_dict(), history=torch.tensor(history)), args.checkpoint)
+    return model.eval(), LogLinearNoise(), history
+
+
 # -- (a) teacher-forced KL ---------------------------------------------------------------------------------
 class TeacherForced:
     """One refresh period r along the exact trajectory: its cache, and the KL and work it accumulates."""
@@ -173,10 +193,15 @@ def nll_per_byte(model, samples: torch.Tensor, seed: int, draws: int) -> tuple[f
 
 def unigram_entropy_bits(samples: torch.Tensor, vocab: int) -> float:
     """Entropy (bits) of each sample's token histogram, averaged over samples."""
+    return float(unigram_entropy_per_sample(samples, vocab).mean())
+
+
+def unigram_entropy_per_sample(samples: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Entropy (bits) of each sample's token histogram: [n] float64."""
     counts = torch.zeros(samples.shape[0], vocab, dtype=torch.float64)
     counts.scatter_add_(1, samples.cpu(), torch.ones(samples.shape, dtype=torch.float64))
     p = counts / counts.sum(1, keepdim=True)
-    return float(-(p * torch.log2(p.clamp_min(1e-300))).sum(1).mean())
+    return -(p * torch.log2(p.clamp_min(1e-300))).sum(1)
 
 
 def free_running(model, noise, n: int, length: int, steps: int, period, rows: int, seed: int, draws: int) -> dict:
@@ -267,22 +292,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     periods = [NEVER if p == NEVER else int(p) for p in args.periods.split(",")]
     stream, names = licence_bytes()
-    noise = LogLinearNoise()
-    if args.model_path:
-        model, noise = load_model(args.model_path, device=device)
-        history = []
-    else:
-        model = small_model(args.length).to(device)
-        if args.checkpoint and os.path.exists(args.checkpoint):  # a model this benchmark trained before
-            saved = torch.load(args.checkpoint, map_location=device, weights_only=True)
-            model.load_state_dict(saved["state"])
-            history = saved["history"].tolist()
-        else:
-            print(f"training on {len(stream):,} bytes of licence text for {args.train_seconds:.0f} s")
-            history = train(model, stream, args.train_seconds, batch=args.train_batch, lr=2e-3, seed=args.seed)
-            if args.checkpoint:
-                torch.save(dict(state=model.state_dict(), history=torch.tensor(history)), args.checkpoint)
-    model.eval()
+    model, noise, history = model_for(args, stream, device)
     L = args.length
     print("teacher-forced KL along the exact trajectories")
     kl = teacher_forced_kl(model, noise, args.kl_samples, L, args.steps, periods, args.seed + 10)
