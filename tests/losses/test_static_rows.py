@@ -32,24 +32,6 @@ EAGER = {"t_DSE": lambda m, x, n, plan, p: t_dse(m, x, n, t=plan.rate, perturbed
 
 
 # ---- the masking law -----------------------------------------------------------------------------------------
-def pooled_count_law(loss_type: str, length: int, noise) -> np.ndarray:
-    """P(n = k), k = 0..L, for one sequence with its rate drawn by the loss's sampler.
-
-    Every sampler's rate is marginally uniform on [0, 1) (naive: iid; vdm: a shifted grid; decoupled:
-    a uniform stratum), so n ~ Binomial(L, p(u)), u ~ U[0, 1), integrated on a fine midpoint grid;
-    k_DCE: uniform on 1..L."""
-    k = np.arange(length + 1)
-    if loss_type == "k_DCE":
-        return np.where(k >= 1, 1.0 / length, 0.0)
-    u = (np.arange(200_000) + 0.5) / 200_000
-    if loss_type == "lambda_DCE":
-        p = u
-    else:
-        t = torch.tensor((1 - EPS) * u + EPS)
-        p = (-torch.expm1(-noise(t)[0])).numpy()
-    return stats.binom.pmf(k[:, None], length, p[None, :]).mean(-1)
-
-
 def chi_square_pvalue(observed: np.ndarray, expected_prob: np.ndarray) -> float:
     """Goodness of fit, cells with fewer than 5 expected draws merged into one."""
     expected = expected_prob * observed.sum()
@@ -69,7 +51,7 @@ def test_masked_count_law(loss_type):
     counts = torch.cat([planner.draw(8).counts for _ in range(4000)]).numpy()
     observed = np.bincount(counts, minlength=L + 1)
     assert counts.min() >= 0 and counts.max() <= L
-    assert chi_square_pvalue(observed, pooled_count_law(loss_type, L, noise)) > 1e-4
+    assert chi_square_pvalue(observed, count_law(loss_type, L, noise, EPS)) > 1e-4
 
 
 def test_counts_given_the_rate_are_binomial():
